@@ -1,0 +1,230 @@
+//! The device host's HTTP contract (request and response bodies, error codes) and a client for
+//! it. The worker sends through it; the CLI uses it for status, pairing and simulator control.
+//! Every call carries the bearer token; the message id is the idempotency key of a send.
+
+use crate::config::Secret;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRequest {
+    pub message_id: i64,
+    pub tenant_id: Uuid,
+    pub device_id: Uuid,
+    pub to: String,
+    pub text: String,
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResponse {
+    pub provider_message_id: String,
+    /// True when this message id had already been sent: nothing was sent this time.
+    pub duplicate: bool,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable: see [`code`].
+    pub error: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// Error codes of the host API.
+pub mod code {
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const INVALID_PAYLOAD: &str = "invalid_payload";
+    pub const UNKNOWN_DEVICE: &str = "unknown_device";
+    pub const NOT_ON_WHATSAPP: &str = "not_on_whatsapp";
+    pub const BAD_IMAGE: &str = "bad_image";
+    pub const DEVICE_OFFLINE: &str = "device_offline";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const IN_PROGRESS: &str = "in_progress";
+    pub const PROVIDER_ERROR: &str = "provider_error";
+    pub const INTERNAL: &str = "internal";
+    pub const UNREACHABLE: &str = "host_unreachable";
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatusBody {
+    pub device_id: Uuid,
+    pub status: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// What a user scans (QR) or types (pair code) to link a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingBody {
+    pub device_id: Uuid,
+    /// `qr` or `code`.
+    pub method: String,
+    pub code: String,
+    pub expires_in_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairRequest {
+    pub tenant_id: Uuid,
+    /// Present for a phone-number pair code; absent for a QR code.
+    #[serde(default)]
+    pub phone: Option<String>,
+}
+
+/// How a send ended, as the worker branches on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    Sent {
+        provider_message_id: String,
+        duplicate: bool,
+    },
+    /// Retrying cannot help (`reason` is a machine code).
+    Permanent { reason: String, detail: String },
+    /// Retrying later may help.
+    Transient { reason: String, detail: String },
+}
+
+#[derive(Clone)]
+pub struct HostClient {
+    http: reqwest::Client,
+    base: String,
+    token: Secret,
+}
+
+impl HostClient {
+    pub fn new(base_url: &str, token: Secret, timeout: Duration) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(3))
+            .pool_max_idle_per_host(64)
+            .build()?;
+        Ok(Self {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    pub async fn send(&self, req: &SendRequest) -> SendOutcome {
+        let resp = self
+            .http
+            .post(format!("{}/v1/send", self.base))
+            .bearer_auth(self.token.expose())
+            .json(req)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                return SendOutcome::Transient {
+                    reason: code::UNREACHABLE.into(),
+                    detail: e.to_string(),
+                }
+            }
+        };
+        let status = resp.status();
+        if status.is_success() {
+            return match resp.json::<SendResponse>().await {
+                Ok(b) => SendOutcome::Sent {
+                    provider_message_id: b.provider_message_id,
+                    duplicate: b.duplicate,
+                },
+                // The host accepted but its answer was lost: the send record decides later.
+                Err(e) => SendOutcome::Transient {
+                    reason: code::PROVIDER_ERROR.into(),
+                    detail: format!("unreadable success body: {e}"),
+                },
+            };
+        }
+        match resp.json::<ErrorBody>().await {
+            Ok(b) if b.retryable => SendOutcome::Transient {
+                reason: b.error,
+                detail: b.message,
+            },
+            Ok(b) => SendOutcome::Permanent {
+                reason: b.error,
+                detail: b.message,
+            },
+            Err(_) if status.is_server_error() || status.as_u16() == 429 => {
+                SendOutcome::Transient {
+                    reason: code::PROVIDER_ERROR.into(),
+                    detail: format!("HTTP {status}"),
+                }
+            }
+            Err(_) => SendOutcome::Permanent {
+                reason: code::INVALID_PAYLOAD.into(),
+                detail: format!("HTTP {status}"),
+            },
+        }
+    }
+
+    async fn call<T: for<'de> Deserialize<'de>>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let resp = req.bearer_auth(self.token.expose()).send().await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp.json().await?);
+        }
+        match resp.json::<ErrorBody>().await {
+            Ok(b) => anyhow::bail!("device host: {} ({})", b.message, b.error),
+            Err(_) => anyhow::bail!("device host answered HTTP {status}"),
+        }
+    }
+
+    pub async fn device_status(
+        &self,
+        tenant: Uuid,
+        device: Uuid,
+    ) -> anyhow::Result<DeviceStatusBody> {
+        self.call(
+            self.http
+                .get(format!("{}/v1/devices/{device}/status", self.base))
+                .query(&[("tenant_id", tenant.to_string())]),
+        )
+        .await
+    }
+
+    pub async fn start_pairing(
+        &self,
+        tenant: Uuid,
+        device: Uuid,
+        phone: Option<String>,
+    ) -> anyhow::Result<PairingBody> {
+        self.call(
+            self.http
+                .post(format!("{}/v1/devices/{device}/pair", self.base))
+                .json(&PairRequest {
+                    tenant_id: tenant,
+                    phone,
+                }),
+        )
+        .await
+    }
+
+    /// Simulator only: take a device offline or bring it back.
+    pub async fn simulate_connection(
+        &self,
+        tenant: Uuid,
+        device: Uuid,
+        online: bool,
+    ) -> anyhow::Result<DeviceStatusBody> {
+        let action = if online { "online" } else { "offline" };
+        self.call(
+            self.http
+                .post(format!("{}/v1/sim/devices/{device}/{action}", self.base))
+                .query(&[("tenant_id", tenant.to_string())]),
+        )
+        .await
+    }
+
+    pub async fn health(&self) -> anyhow::Result<serde_json::Value> {
+        self.call(self.http.get(format!("{}/healthz", self.base)))
+            .await
+    }
+}

@@ -1,0 +1,417 @@
+//! The work queue between the processor and the worker. It carries ids only ([`WorkItem`]);
+//! PostgreSQL holds every message's state. The [`Queue`] trait is shaped like SQS FIFO (message
+//! groups, deduplication ids, visibility timeout, receive count, dead-letter after N receives) so
+//! that the Redis implementation here and the SQS one are interchangeable by configuration.
+//!
+//! The Redis implementation keeps those semantics with one Lua script per operation, so each
+//! operation is atomic however many processors, emulators or tests share the Redis:
+//! - `g:<group>` lists the group's undeleted messages in order; a group with messages in flight
+//!   is locked (its score in `ready` lies in the future) until they are deleted or their
+//!   visibility timeout passes, which gives per-group order like SQS FIFO;
+//! - a message received more than `max_receives` times goes to the dead-letter list instead;
+//! - `dedup:<id>` remembers a deduplication id for five minutes, as SQS does.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// What the processor enqueues for one message: ids only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkItem {
+    pub message_id: i64,
+    pub tenant_id: Uuid,
+    pub device_id: Uuid,
+}
+
+impl WorkItem {
+    /// FIFO group: one device sends one message at a time, in order.
+    pub fn group_id(&self) -> String {
+        self.device_id.to_string()
+    }
+
+    /// Deduplication id: the message id plus how many times it was enqueued, so a rescue
+    /// re-enqueue is a new message while a repeated send of the same enqueue is dropped.
+    pub fn dedup_id(&self, enqueue_count: i32) -> String {
+        format!("{}-{}", self.message_id, enqueue_count)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingMessage {
+    pub group_id: String,
+    pub dedup_id: String,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    pub message_id: String,
+    pub receipt_handle: String,
+    pub body: String,
+    pub group_id: String,
+    pub dedup_id: String,
+    pub receive_count: u32,
+    pub sent_timestamp_ms: i64,
+    pub first_receive_timestamp_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct QueueStats {
+    /// Messages waiting to be received.
+    pub visible: u64,
+    /// Messages received and neither deleted nor past their visibility timeout.
+    pub in_flight: u64,
+    /// Messages moved to the dead-letter queue.
+    pub dead_letter: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+    #[error("queue answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Enqueues messages (an implementation batches as its backend allows). Returns how many were
+    /// accepted as new; duplicates within the deduplication window are accepted silently, as SQS does.
+    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<usize, QueueError>;
+    /// Receives up to `max` (at most 10) messages, hiding them for `visibility`.
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError>;
+    /// Deletes a received message. A stale receipt (the message was received again since) is ignored.
+    async fn delete(&self, receipt_handle: &str) -> Result<(), QueueError>;
+    /// Makes a received message visible again after `timeout` (0 = now).
+    async fn change_visibility(
+        &self,
+        receipt_handle: &str,
+        timeout: Duration,
+    ) -> Result<(), QueueError>;
+    async fn stats(&self) -> Result<QueueStats, QueueError>;
+}
+
+/// Enqueues work items with their FIFO group and deduplication id.
+pub async fn enqueue_items(
+    queue: &dyn Queue,
+    items: &[(WorkItem, i32)],
+) -> Result<usize, QueueError> {
+    let messages: Vec<OutgoingMessage> = items
+        .iter()
+        .map(|(item, enqueue_count)| {
+            Ok(OutgoingMessage {
+                group_id: item.group_id(),
+                dedup_id: item.dedup_id(*enqueue_count),
+                body: serde_json::to_string(item)
+                    .map_err(|e| QueueError::Protocol(e.to_string()))?,
+            })
+        })
+        .collect::<Result<_, QueueError>>()?;
+    queue.send_batch(&messages).await
+}
+
+/// Settings that SQS keeps on the queue itself (redrive policy, deduplication window).
+#[derive(Debug, Clone)]
+pub struct RedisQueueConfig {
+    pub url: String,
+    /// Key prefix: one queue per prefix, so tests can share a Redis.
+    pub prefix: String,
+    /// Receives after which a message goes to the dead-letter list (SQS `maxReceiveCount`).
+    pub max_receives: u32,
+    pub dedup_window: Duration,
+}
+
+const ENQUEUE: &str = r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local accepted = 0
+for i = 3, #ARGV, 3 do
+  local group, dedup, body = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('SET', p .. ':dedup:' .. dedup, '1', 'NX', 'PX', ARGV[2]) then
+    local id = redis.call('INCR', p .. ':seq')
+    redis.call('HSET', p .. ':m:' .. id, 'body', body, 'group', group, 'dedup', dedup, 'rc', 0, 'sent', now, 'first', 0)
+    redis.call('RPUSH', p .. ':g:' .. group, id)
+    redis.call('ZADD', p .. ':ready', 'NX', now, group)
+    redis.call('INCR', p .. ':count')
+    accepted = accepted + 1
+  end
+end
+return accepted
+"#;
+
+const RECEIVE: &str = r#"
+local p, max, vis, maxrc = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+local groups = redis.call('ZRANGEBYSCORE', p .. ':ready', '-inf', now, 'LIMIT', 0, max)
+for _, g in ipairs(groups) do
+  if #out >= max then break end
+  local glist = p .. ':g:' .. g
+  local taken, idx = 0, 0
+  while #out < max do
+    local id = redis.call('LINDEX', glist, idx)
+    if not id then break end
+    local mk = p .. ':m:' .. id
+    local rc = tonumber(redis.call('HGET', mk, 'rc'))
+    if rc >= maxrc then
+      local h = redis.call('HMGET', mk, 'body', 'dedup')
+      redis.call('LREM', glist, 1, id)
+      redis.call('RPUSH', p .. ':dlq', cjson.encode({id = id, group = g, body = h[1], dedup = h[2], receive_count = rc, at = now}))
+      redis.call('DEL', mk)
+      redis.call('ZREM', p .. ':ifl', id)
+      redis.call('DECR', p .. ':count')
+    else
+      rc = rc + 1
+      redis.call('HSET', mk, 'rc', rc)
+      if rc == 1 then redis.call('HSET', mk, 'first', now) end
+      redis.call('ZADD', p .. ':ifl', now + vis, id)
+      local h = redis.call('HMGET', mk, 'body', 'dedup', 'sent', 'first')
+      table.insert(out, {id = id, receipt = id .. ':' .. rc, body = h[1], group = g, dedup = h[2],
+        rc = rc, sent = tonumber(h[3]), first = tonumber(h[4])})
+      taken = taken + 1
+      idx = idx + 1
+    end
+  end
+  if taken > 0 then
+    redis.call('ZADD', p .. ':ready', now + vis, g)
+    redis.call('HSET', p .. ':gin', g, taken)
+  elseif redis.call('LLEN', glist) == 0 then
+    redis.call('ZREM', p .. ':ready', g)
+    redis.call('HDEL', p .. ':gin', g)
+  end
+end
+if #out == 0 then return '[]' end
+return cjson.encode(out)
+"#;
+
+const DELETE: &str = r#"
+local p = ARGV[1]
+local id, rc = string.match(ARGV[2], '^(%d+):(%d+)$')
+if not id then return -1 end
+local mk = p .. ':m:' .. id
+local cur = redis.call('HGET', mk, 'rc')
+if (not cur) or cur ~= rc then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local g = redis.call('HGET', mk, 'group')
+local glist = p .. ':g:' .. g
+redis.call('LREM', glist, 1, id)
+redis.call('DEL', mk)
+redis.call('ZREM', p .. ':ifl', id)
+redis.call('DECR', p .. ':count')
+local n = redis.call('HINCRBY', p .. ':gin', g, -1)
+if n <= 0 then
+  redis.call('HDEL', p .. ':gin', g)
+  if redis.call('LLEN', glist) > 0 then
+    redis.call('ZADD', p .. ':ready', now, g)
+  else
+    redis.call('ZREM', p .. ':ready', g)
+  end
+end
+return 1
+"#;
+
+const CHANGE_VISIBILITY: &str = r#"
+local p = ARGV[1]
+local id, rc = string.match(ARGV[2], '^(%d+):(%d+)$')
+if not id then return -1 end
+local mk = p .. ':m:' .. id
+local cur = redis.call('HGET', mk, 'rc')
+if (not cur) or cur ~= rc then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local at = now + tonumber(ARGV[3])
+local g = redis.call('HGET', mk, 'group')
+redis.call('ZADD', p .. ':ifl', at, id)
+redis.call('ZADD', p .. ':ready', 'XX', at, g)
+return 1
+"#;
+
+const STATS: &str = r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local total = tonumber(redis.call('GET', p .. ':count') or '0')
+local ifl = redis.call('ZCOUNT', p .. ':ifl', '(' .. now, '+inf')
+local dlq = redis.call('LLEN', p .. ':dlq')
+return {total, ifl, dlq}
+"#;
+
+/// The queue on Redis, with SQS FIFO semantics.
+#[derive(Clone)]
+pub struct RedisQueue {
+    conn: redis::aio::ConnectionManager,
+    config: RedisQueueConfig,
+    enqueue: redis::Script,
+    receive: redis::Script,
+    delete: redis::Script,
+    change_visibility: redis::Script,
+    stats: redis::Script,
+}
+
+#[derive(Deserialize)]
+struct LuaReceived {
+    id: String,
+    receipt: String,
+    body: String,
+    group: String,
+    dedup: String,
+    rc: u32,
+    sent: i64,
+    first: i64,
+}
+
+fn unavailable(e: redis::RedisError) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+impl RedisQueue {
+    pub async fn connect(config: RedisQueueConfig) -> Result<Self, QueueError> {
+        let client = redis::Client::open(config.url.as_str()).map_err(unavailable)?;
+        let conn = redis::aio::ConnectionManager::new(client)
+            .await
+            .map_err(unavailable)?;
+        Ok(Self {
+            conn,
+            config,
+            enqueue: redis::Script::new(ENQUEUE),
+            receive: redis::Script::new(RECEIVE),
+            delete: redis::Script::new(DELETE),
+            change_visibility: redis::Script::new(CHANGE_VISIBILITY),
+            stats: redis::Script::new(STATS),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.config.prefix
+    }
+
+    /// The dead-letter entries, oldest first (for the status view and tests).
+    pub async fn dead_letters(&self, max: usize) -> Result<Vec<String>, QueueError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("LRANGE")
+            .arg(format!("{}:dlq", self.config.prefix))
+            .arg(0)
+            .arg(max.saturating_sub(1) as i64)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<usize, QueueError> {
+        let mut accepted = 0usize;
+        for chunk in messages.chunks(500) {
+            let mut inv = self.enqueue.prepare_invoke();
+            inv.arg(&self.config.prefix)
+                .arg(self.config.dedup_window.as_millis() as u64);
+            for m in chunk {
+                inv.arg(&m.group_id).arg(&m.dedup_id).arg(&m.body);
+            }
+            let mut conn = self.conn.clone();
+            let n: usize = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+            accepted += n;
+        }
+        Ok(accepted)
+    }
+
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<ReceivedMessage>, QueueError> {
+        let max = max.clamp(1, 10);
+        let mut conn = self.conn.clone();
+        let raw: String = self
+            .receive
+            .prepare_invoke()
+            .arg(&self.config.prefix)
+            .arg(max)
+            .arg(visibility.as_millis() as u64)
+            .arg(self.config.max_receives)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let parsed: Vec<LuaReceived> =
+            serde_json::from_str(&raw).map_err(|e| QueueError::Protocol(e.to_string()))?;
+        Ok(parsed
+            .into_iter()
+            .map(|m| ReceivedMessage {
+                message_id: m.id,
+                receipt_handle: m.receipt,
+                body: m.body,
+                group_id: m.group,
+                dedup_id: m.dedup,
+                receive_count: m.rc,
+                sent_timestamp_ms: m.sent,
+                first_receive_timestamp_ms: m.first,
+            })
+            .collect())
+    }
+
+    async fn delete(&self, receipt_handle: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let r: i64 = self
+            .delete
+            .prepare_invoke()
+            .arg(&self.config.prefix)
+            .arg(receipt_handle)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if r < 0 {
+            return Err(QueueError::Protocol(format!(
+                "malformed receipt handle {receipt_handle:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn change_visibility(
+        &self,
+        receipt_handle: &str,
+        timeout: Duration,
+    ) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let r: i64 = self
+            .change_visibility
+            .prepare_invoke()
+            .arg(&self.config.prefix)
+            .arg(receipt_handle)
+            .arg(timeout.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if r < 0 {
+            return Err(QueueError::Protocol(format!(
+                "malformed receipt handle {receipt_handle:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        let mut conn = self.conn.clone();
+        let (total, in_flight, dead_letter): (u64, u64, u64) = self
+            .stats
+            .prepare_invoke()
+            .arg(&self.config.prefix)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(QueueStats {
+            visible: total.saturating_sub(in_flight),
+            in_flight,
+            dead_letter,
+        })
+    }
+}

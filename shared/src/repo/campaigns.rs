@@ -1,0 +1,308 @@
+//! Campaigns: one message to every matching lead. Owns the `campaigns` table and the fan-out of a
+//! campaign into `broadcast_messages` (one row per lead, unique (campaign_id, lead_id)).
+
+use super::RepoError;
+use crate::domain::{CampaignStatus, DelayRange, TargetStatus, Token};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Campaign {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub title: String,
+    pub template: String,
+    pub image: Option<String>,
+    pub niche: String,
+    pub target_status: String,
+    pub scheduled_at: DateTime<Utc>,
+    pub min_delay_s: f64,
+    pub max_delay_s: f64,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const CAMPAIGN_COLUMNS: &str = "id, tenant_id, title, template, image, niche, target_status, \
+    scheduled_at, min_delay_s, max_delay_s, status, created_at, started_at, finished_at";
+
+pub struct NewCampaign<'a> {
+    pub title: &'a str,
+    /// Already parsed by `render::Template::parse`.
+    pub template: &'a str,
+    /// `https://…` (already checked) or `media:<id>`.
+    pub image: Option<&'a str>,
+    pub niche: &'a Token,
+    pub target: TargetStatus,
+    pub scheduled_at: DateTime<Utc>,
+    pub delay: DelayRange,
+}
+
+pub async fn insert_campaign(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    new: &NewCampaign<'_>,
+) -> Result<Uuid, RepoError> {
+    if new.title.trim().is_empty() || new.title.len() > 200 {
+        return Err(crate::domain::InvalidInput::new("title", "must be 1 to 200 characters").into());
+    }
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO campaigns (id, tenant_id, title, template, image, niche, target_status,
+                                scheduled_at, min_delay_s, max_delay_s)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(new.title.trim())
+    .bind(new.template)
+    .bind(new.image)
+    .bind(new.niche.as_str())
+    .bind(new.target.as_str())
+    .bind(new.scheduled_at)
+    .bind(new.delay.min_s)
+    .bind(new.delay.max_s)
+    .execute(tx)
+    .await?;
+    Ok(id)
+}
+
+pub async fn get_campaign(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Campaign, RepoError> {
+    sqlx::query_as(&format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1 AND tenant_id = $2"
+    ))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(RepoError::NotFound("campaign"))
+}
+
+pub async fn list_campaigns(pool: &PgPool, tenant: Uuid) -> Result<Vec<Campaign>, RepoError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE tenant_id = $1 ORDER BY created_at DESC"
+    ))
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// System scope: locks up to `limit` due scheduled campaigns for this transaction. Concurrent
+/// triggers skip each other's locked rows, so each campaign is fanned out by exactly one.
+pub async fn claim_due_campaigns(
+    tx: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<Campaign>, RepoError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns
+         WHERE status = 'scheduled' AND scheduled_at <= now()
+         ORDER BY scheduled_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(limit)
+    .fetch_all(tx)
+    .await?)
+}
+
+/// A lead a campaign will reach.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Recipient {
+    pub lead_id: i64,
+    pub device_id: Uuid,
+    pub name: String,
+    pub phone: String,
+}
+
+/// The tenant's leads matching a niche token exactly and a target status, not opted out, on
+/// live devices of the same tenant.
+pub async fn select_campaign_recipients(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    niche: &str,
+    target: TargetStatus,
+) -> Result<Vec<Recipient>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT l.id AS lead_id, l.device_id, l.name, l.phone
+         FROM leads l JOIN devices d ON d.id = l.device_id AND d.tenant_id = l.tenant_id
+         WHERE l.tenant_id = $1 AND l.niches @> ARRAY[$2]::text[]
+           AND ($3 = 'all' OR l.target_status = $3)
+           AND l.opted_out_at IS NULL AND d.deleted_at IS NULL
+         ORDER BY l.id",
+    )
+    .bind(tenant)
+    .bind(niche)
+    .bind(target.as_str())
+    .fetch_all(tx)
+    .await?)
+}
+
+/// One rendered row of a campaign's fan-out.
+pub struct RenderedMessage<'a> {
+    pub lead_id: i64,
+    pub device_id: Uuid,
+    pub recipient: &'a str,
+    pub body: String,
+}
+
+/// Inserts a campaign's rows; a row that already exists (same campaign and lead) is left alone.
+/// Returns how many rows were new.
+pub async fn insert_campaign_messages(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    campaign: Uuid,
+    image: Option<&str>,
+    rows: &[RenderedMessage<'_>],
+) -> Result<u64, RepoError> {
+    let mut inserted = 0;
+    for chunk in rows.chunks(20_000) {
+        let leads: Vec<i64> = chunk.iter().map(|r| r.lead_id).collect();
+        let devices: Vec<Uuid> = chunk.iter().map(|r| r.device_id).collect();
+        let recipients: Vec<&str> = chunk.iter().map(|r| r.recipient).collect();
+        let bodies: Vec<&str> = chunk.iter().map(|r| r.body.as_str()).collect();
+        let res = sqlx::query(
+            "INSERT INTO broadcast_messages (tenant_id, campaign_id, image, lead_id, device_id, recipient, body)
+             SELECT $1, $2, $3, l, d, r, b
+             FROM unnest($4::bigint[], $5::uuid[], $6::text[], $7::text[]) AS u(l, d, r, b)
+             ON CONFLICT (campaign_id, lead_id) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(campaign)
+        .bind(image)
+        .bind(&leads)
+        .bind(&devices)
+        .bind(&recipients)
+        .bind(&bodies)
+        .execute(&mut *tx)
+        .await?;
+        inserted += res.rows_affected();
+    }
+    Ok(inserted)
+}
+
+/// `scheduled → running`, in the fan-out's transaction.
+pub async fn mark_campaign_running(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    campaign: Uuid,
+) -> Result<bool, RepoError> {
+    let res = sqlx::query(
+        "UPDATE campaigns SET status = 'running', started_at = now()
+         WHERE id = $1 AND tenant_id = $2 AND status = 'scheduled'",
+    )
+    .bind(campaign)
+    .bind(tenant)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// Changes a campaign's status the way a user asks (pause, resume, cancel). Cancelling also
+/// cancels every unsent row in the same transaction. Returns the new status.
+pub async fn change_campaign_status(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    campaign: Uuid,
+    to: CampaignStatus,
+) -> Result<CampaignStatus, RepoError> {
+    let current: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT status, started_at FROM campaigns WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+    )
+    .bind(campaign)
+    .bind(tenant)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (current, started_at) = current.ok_or(RepoError::NotFound("campaign"))?;
+    let current: CampaignStatus = current.parse()?;
+    use CampaignStatus as S;
+    let next = match (current, to) {
+        (S::Scheduled | S::Running, S::Paused) => S::Paused,
+        // Resume returns to where the campaign was: not yet fanned out, or running.
+        (S::Paused, S::Running) if started_at.is_none() => S::Scheduled,
+        (S::Paused, S::Running) => S::Running,
+        (S::Scheduled | S::Running | S::Paused, S::Cancelled) => S::Cancelled,
+        (a, b) if a == b => return Ok(a),
+        (a, b) => {
+            return Err(RepoError::Conflict(format!(
+                "a {a} campaign cannot become {b}"
+            )))
+        }
+    };
+    sqlx::query(
+        "UPDATE campaigns SET status = $3,
+             finished_at = CASE WHEN $3 = 'cancelled' THEN now() ELSE finished_at END
+         WHERE id = $1 AND tenant_id = $2",
+    )
+    .bind(campaign)
+    .bind(tenant)
+    .bind(next.as_str())
+    .execute(&mut *tx)
+    .await?;
+    if next == S::Cancelled {
+        sqlx::query(
+            "UPDATE broadcast_messages SET status = 'cancelled', reason = 'campaign_cancelled', finished_at = now()
+             WHERE campaign_id = $1 AND tenant_id = $2 AND status IN ('pending', 'queued')",
+        )
+        .bind(campaign)
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(next)
+}
+
+/// System scope: running campaigns with no row left unfinished become `completed`.
+pub async fn complete_finished_campaigns(tx: &mut PgConnection) -> Result<u64, RepoError> {
+    let res = sqlx::query(
+        "UPDATE campaigns c SET status = 'completed', finished_at = now()
+         WHERE c.status = 'running' AND NOT EXISTS (
+             SELECT 1 FROM broadcast_messages m
+             WHERE m.campaign_id = c.id AND m.status IN ('pending', 'queued', 'sending'))",
+    )
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// Counts for one campaign: per state, per (state, reason) and per device.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub total: i64,
+    pub by_status: BTreeMap<String, i64>,
+    pub by_reason: BTreeMap<(String, String), i64>,
+    pub by_device: BTreeMap<Uuid, BTreeMap<String, i64>>,
+    pub delivered: i64,
+    pub read: i64,
+}
+
+pub async fn get_campaign_progress(
+    pool: &PgPool,
+    tenant: Uuid,
+    campaign: Uuid,
+) -> Result<Progress, RepoError> {
+    // The campaign lookup is the tenant check; the counts then use the progress index.
+    get_campaign(pool, tenant, campaign).await?;
+    let rows: Vec<(String, Option<String>, Uuid, i64, i64, i64)> = sqlx::query_as(
+        "SELECT status, reason, device_id, count(*),
+                count(delivered_at), count(read_at)
+         FROM broadcast_messages WHERE campaign_id = $1 AND tenant_id = $2
+         GROUP BY status, reason, device_id",
+    )
+    .bind(campaign)
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    let mut p = Progress::default();
+    for (status, reason, device, n, delivered, read) in rows {
+        p.total += n;
+        p.delivered += delivered;
+        p.read += read;
+        *p.by_status.entry(status.clone()).or_default() += n;
+        if let Some(r) = reason {
+            *p.by_reason.entry((status.clone(), r)).or_default() += n;
+        }
+        *p.by_device.entry(device).or_default().entry(status).or_default() += n;
+    }
+    Ok(p)
+}

@@ -1,0 +1,203 @@
+//! Devices (WhatsApp numbers). Owns the `devices` table: identity, status, pacing cursor.
+//! A device's id is immutable; its label is only a label.
+
+use super::RepoError;
+use crate::domain::{DelayRange, DeviceStatus, PhoneE164, ProviderKind};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Device {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub label: String,
+    pub phone: Option<String>,
+    pub provider: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub status_changed_at: DateTime<Utc>,
+    pub min_delay_s: f64,
+    pub max_delay_s: f64,
+    pub next_send_at: DateTime<Utc>,
+    pub daily_cap: Option<i32>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+pub struct NewDevice<'a> {
+    pub label: &'a str,
+    pub phone: Option<&'a PhoneE164>,
+    pub provider: ProviderKind,
+    pub delay: DelayRange,
+    pub daily_cap: Option<i32>,
+}
+
+const DEVICE_COLUMNS: &str = "id, tenant_id, label, phone, provider, status, status_reason, \
+    status_changed_at, min_delay_s, max_delay_s, next_send_at, daily_cap, deleted_at";
+
+pub async fn insert_device(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    new: &NewDevice<'_>,
+) -> Result<Uuid, RepoError> {
+    if new.label.trim().is_empty() {
+        return Err(crate::domain::InvalidInput::new("label", "is empty").into());
+    }
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO devices (id, tenant_id, label, phone, provider, min_delay_s, max_delay_s, daily_cap)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(new.label.trim())
+    .bind(new.phone.map(PhoneE164::as_str))
+    .bind(new.provider.as_str())
+    .bind(new.delay.min_s)
+    .bind(new.delay.max_s)
+    .bind(new.daily_cap)
+    .execute(tx)
+    .await?;
+    Ok(id)
+}
+
+pub async fn get_device(pool: &PgPool, tenant: Uuid, device: Uuid) -> Result<Device, RepoError> {
+    sqlx::query_as(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1 AND tenant_id = $2"
+    ))
+    .bind(device)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(RepoError::NotFound("device"))
+}
+
+pub async fn list_devices(pool: &PgPool, tenant: Uuid) -> Result<Vec<Device>, RepoError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY label, id"
+    ))
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// System scope: the live devices a host serves for the given providers.
+pub async fn list_live_devices(
+    pool: &PgPool,
+    providers: &[&str],
+) -> Result<Vec<Device>, RepoError> {
+    let providers: Vec<String> = providers.iter().map(|p| p.to_string()).collect();
+    Ok(sqlx::query_as(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices
+         WHERE deleted_at IS NULL AND provider = ANY($1) ORDER BY tenant_id, id"
+    ))
+    .bind(&providers)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Sets a device's status; `status_changed_at` moves only when the status really changes, so
+/// the offline grace period counts from the moment the device went offline.
+pub async fn set_device_status(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    device: Uuid,
+    status: DeviceStatus,
+    reason: Option<&str>,
+) -> Result<(), RepoError> {
+    let res = sqlx::query(
+        "UPDATE devices SET
+             status_changed_at = CASE WHEN status <> $3 THEN now() ELSE status_changed_at END,
+             status = $3, status_reason = $4
+         WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(device)
+    .bind(tenant)
+    .bind(status.as_str())
+    .bind(reason)
+    .execute(tx)
+    .await?;
+    if res.rows_affected() == 0 {
+        return Err(RepoError::NotFound("device"));
+    }
+    Ok(())
+}
+
+/// Deletes a device: it keeps its id and history but sends nothing more. The processor ends its
+/// unsent messages as `skipped / device_deleted`.
+pub async fn delete_device(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    device: Uuid,
+) -> Result<(), RepoError> {
+    let res = sqlx::query(
+        "UPDATE devices SET deleted_at = now(), status = 'deleted', status_changed_at = now(),
+                status_reason = 'deleted by user'
+         WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(device)
+    .bind(tenant)
+    .execute(tx)
+    .await?;
+    if res.rows_affected() == 0 {
+        return Err(RepoError::NotFound("device"));
+    }
+    Ok(())
+}
+
+pub async fn set_device_delays(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    device: Uuid,
+    delay: DelayRange,
+) -> Result<(), RepoError> {
+    let res = sqlx::query(
+        "UPDATE devices SET min_delay_s = $3, max_delay_s = $4 WHERE id = $1 AND tenant_id = $2",
+    )
+    .bind(device)
+    .bind(tenant)
+    .bind(delay.min_s)
+    .bind(delay.max_s)
+    .execute(tx)
+    .await?;
+    if res.rows_affected() == 0 {
+        return Err(RepoError::NotFound("device"));
+    }
+    Ok(())
+}
+
+/// One device's line in the system status view.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeviceLoad {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub label: String,
+    pub status: String,
+    pub status_reason: Option<String>,
+    pub next_send_at: DateTime<Utc>,
+    pub pending: i64,
+    pub queued: i64,
+    pub sending: i64,
+}
+
+/// The status view for one tenant, or every tenant for an operator (`None`).
+pub async fn list_device_load(
+    pool: &PgPool,
+    tenant: Option<Uuid>,
+) -> Result<Vec<DeviceLoad>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT d.id, d.tenant_id, d.label, d.status, d.status_reason, d.next_send_at,
+                count(m.id) FILTER (WHERE m.status = 'pending') AS pending,
+                count(m.id) FILTER (WHERE m.status = 'queued') AS queued,
+                count(m.id) FILTER (WHERE m.status = 'sending') AS sending
+         FROM devices d
+         LEFT JOIN broadcast_messages m
+           ON m.device_id = d.id AND m.tenant_id = d.tenant_id
+          AND m.status IN ('pending', 'queued', 'sending')
+         WHERE ($1::uuid IS NULL OR d.tenant_id = $1)
+         GROUP BY d.id ORDER BY d.tenant_id, d.label, d.id",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}

@@ -1,0 +1,122 @@
+//! Leads: the people a device messages. Owns the `leads` table. A lead belongs to one device of
+//! its tenant (the composite foreign key makes the database refuse anything else).
+
+use super::RepoError;
+use crate::domain::{LeadStatus, PhoneE164, Token};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct NewLead {
+    pub device_id: Uuid,
+    pub name: String,
+    pub phone: PhoneE164,
+    pub niches: Vec<Token>,
+    pub status: LeadStatus,
+    pub triggers: Vec<Token>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpsertCount {
+    pub inserted: u64,
+    pub updated: u64,
+}
+
+/// Inserts leads, or updates name, niches, status and triggers of a lead already known by
+/// (device, phone). Refuses the whole batch if any device is not the tenant's.
+pub async fn upsert_leads(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    leads: &[NewLead],
+) -> Result<UpsertCount, RepoError> {
+    let mut count = UpsertCount::default();
+    for chunk in leads.chunks(5_000) {
+        let devices: Vec<Uuid> = chunk.iter().map(|l| l.device_id).collect();
+        let names: Vec<&str> = chunk.iter().map(|l| l.name.trim()).collect();
+        let phones: Vec<&str> = chunk.iter().map(|l| l.phone.as_str()).collect();
+        // Postgres has no array of arrays of varying length; join tokens and split in SQL.
+        let niches: Vec<String> = chunk.iter().map(|l| join_tokens(&l.niches)).collect();
+        let statuses: Vec<&str> = chunk.iter().map(|l| l.status.as_str()).collect();
+        let triggers: Vec<String> = chunk.iter().map(|l| join_tokens(&l.triggers)).collect();
+        let foreign: Option<Uuid> = sqlx::query_scalar(
+            "SELECT d FROM unnest($1::uuid[]) AS d
+             WHERE NOT EXISTS (SELECT 1 FROM devices WHERE id = d AND tenant_id = $2 AND deleted_at IS NULL)
+             LIMIT 1",
+        )
+        .bind(&devices)
+        .bind(tenant)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(d) = foreign {
+            return Err(crate::domain::InvalidInput::new(
+                "device_id",
+                format!("{d} is not a live device of this tenant"),
+            )
+            .into());
+        }
+        let rows: Vec<(bool,)> = sqlx::query_as(
+            "INSERT INTO leads (tenant_id, device_id, name, phone, niches, target_status, triggers)
+             SELECT $1, d, n, p, string_to_array(ni, ' '), s, string_to_array(tr, ' ')
+             FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+                  AS u(d, n, p, ni, s, tr)
+             ON CONFLICT (device_id, phone) DO UPDATE SET
+                 name = EXCLUDED.name, niches = EXCLUDED.niches,
+                 target_status = EXCLUDED.target_status, triggers = EXCLUDED.triggers
+             RETURNING (xmax = 0)",
+        )
+        .bind(tenant)
+        .bind(&devices)
+        .bind(&names)
+        .bind(&phones)
+        .bind(&niches)
+        .bind(&statuses)
+        .bind(&triggers)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (inserted,) in rows {
+            if inserted {
+                count.inserted += 1;
+            } else {
+                count.updated += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+fn join_tokens(tokens: &[Token]) -> String {
+    tokens.iter().map(Token::as_str).collect::<Vec<_>>().join(" ")
+}
+
+/// Marks a lead (by phone, on any of the tenant's devices) opted out and skips its unsent
+/// messages. Returns how many leads matched.
+pub async fn opt_out_lead(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    phone: &PhoneE164,
+) -> Result<u64, RepoError> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "UPDATE leads SET opted_out_at = COALESCE(opted_out_at, now())
+         WHERE tenant_id = $1 AND phone = $2 RETURNING id",
+    )
+    .bind(tenant)
+    .bind(phone.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'skipped', reason = 'lead_opted_out', finished_at = now()
+         WHERE tenant_id = $1 AND lead_id = ANY($2) AND status IN ('pending', 'queued')",
+    )
+    .bind(tenant)
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    Ok(ids.len() as u64)
+}
+
+pub async fn count_leads(pool: &PgPool, tenant: Uuid) -> Result<i64, RepoError> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM leads WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(pool)
+        .await?)
+}

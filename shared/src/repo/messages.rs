@@ -1,0 +1,437 @@
+//! `broadcast_messages`: the state machine of DESIGN.md §2. Every transition is one conditional
+//! `UPDATE … WHERE status = <expected>`; a transition that matches no row did not happen.
+//! Nothing here deletes a row.
+
+use super::RepoError;
+use crate::queue::WorkItem;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+/// A claimed item and how many times its row has been enqueued (for the deduplication id).
+pub type ClaimedItem = (WorkItem, i32);
+
+/// System scope: the processor's claim. For every online device whose pacing cursor has passed,
+/// takes its next due pending message of a running campaign, marks it `queued` with a lease, and
+/// moves the device's cursor to now + a gap drawn uniformly in the effective range (the
+/// campaign's range with the device's as a floor). While the drawn gaps are zero a device takes
+/// up to `per_device` messages at once, so a zero gap never caps throughput at one per tick;
+/// a positive gap means one message per device per claim. Concurrent processors skip each
+/// other's locked devices and rows, so a message is queued once.
+pub async fn claim_ready_messages(
+    tx: &mut PgConnection,
+    max_devices: i64,
+    per_device: i64,
+    lease_s: f64,
+) -> Result<Vec<ClaimedItem>, RepoError> {
+    let rows: Vec<(i64, Uuid, Uuid, i32)> = sqlx::query_as(
+        "WITH ready AS (
+             SELECT id, tenant_id, min_delay_s, max_delay_s FROM devices
+             WHERE status = 'online' AND deleted_at IS NULL AND next_send_at <= now()
+             ORDER BY next_send_at LIMIT $1
+             FOR UPDATE SKIP LOCKED
+         ), cand AS (
+             SELECT r.id AS device_id, m.id,
+                    row_number() OVER (PARTITION BY r.id ORDER BY m.due_at, m.id) AS rn,
+                    GREATEST(r.min_delay_s, m.cmin) AS gmin,
+                    GREATEST(r.max_delay_s, m.cmax, r.min_delay_s, m.cmin) AS gmax
+             FROM ready r
+             CROSS JOIN LATERAL (
+                 SELECT bm.id, bm.due_at, c.min_delay_s AS cmin, c.max_delay_s AS cmax
+                 FROM broadcast_messages bm
+                 JOIN campaigns c ON c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id
+                 WHERE bm.device_id = r.id AND bm.tenant_id = r.tenant_id
+                   AND bm.status = 'pending' AND bm.due_at <= now() AND c.status = 'running'
+                 ORDER BY bm.due_at, bm.id
+                 LIMIT $2
+                 FOR UPDATE OF bm SKIP LOCKED
+             ) m
+         ), gapped AS (
+             SELECT device_id, id, rn, gmin + random() * (gmax - gmin) AS gap FROM cand
+         ), kept AS (
+             SELECT device_id, id, gap FROM (
+                 SELECT device_id, id, gap,
+                        COALESCE(sum(gap) OVER (PARTITION BY device_id ORDER BY rn
+                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                 FROM gapped) k
+             WHERE before = 0
+         ), upd AS (
+             UPDATE broadcast_messages bm
+             SET status = 'queued', queued_at = now(), enqueue_count = bm.enqueue_count + 1,
+                 lease_until = now() + make_interval(secs => $3)
+             FROM kept WHERE bm.id = kept.id AND bm.status = 'pending'
+             RETURNING bm.id, bm.tenant_id, bm.device_id, bm.enqueue_count
+         ), cursor AS (
+             UPDATE devices d SET next_send_at = now() + make_interval(secs => g.total)
+             FROM (SELECT device_id, sum(gap) AS total FROM kept GROUP BY device_id) g
+             WHERE d.id = g.device_id
+         )
+         SELECT id, tenant_id, device_id, enqueue_count FROM upd",
+    )
+    .bind(max_devices)
+    .bind(per_device)
+    .bind(lease_s)
+    .fetch_all(tx)
+    .await?;
+    Ok(to_items(rows))
+}
+
+fn to_items(rows: Vec<(i64, Uuid, Uuid, i32)>) -> Vec<ClaimedItem> {
+    rows.into_iter()
+        .map(|(message_id, tenant_id, device_id, n)| {
+            (
+                WorkItem {
+                    message_id,
+                    tenant_id,
+                    device_id,
+                },
+                n,
+            )
+        })
+        .collect()
+}
+
+/// What the worker needs to send one message.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SendJob {
+    pub id: i64,
+    pub tenant_id: Uuid,
+    pub device_id: Uuid,
+    pub recipient: String,
+    pub body: String,
+    pub image: Option<String>,
+    pub attempts: i32,
+}
+
+/// The worker's claim: `queued → sending` for the given items whose campaign is running and
+/// whose device is live. Items not returned were not `queued` (a duplicate delivery, or a row
+/// already finished) and must not be sent.
+pub async fn claim_messages_for_send(
+    tx: &mut PgConnection,
+    items: &[WorkItem],
+    lease_s: f64,
+) -> Result<Vec<SendJob>, RepoError> {
+    let ids: Vec<i64> = items.iter().map(|i| i.message_id).collect();
+    let tenants: Vec<Uuid> = items.iter().map(|i| i.tenant_id).collect();
+    Ok(sqlx::query_as(
+        "UPDATE broadcast_messages bm
+         SET status = 'sending', sending_at = now(), attempts = bm.attempts + 1,
+             lease_until = now() + make_interval(secs => $3)
+         FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant), campaigns c, devices d
+         WHERE bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'queued'
+           AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'
+           AND d.id = bm.device_id AND d.tenant_id = bm.tenant_id AND d.deleted_at IS NULL
+         RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image, bm.attempts",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(lease_s)
+    .fetch_all(tx)
+    .await?)
+}
+
+/// `queued → pending` for items whose campaign was paused after they were queued: they wait,
+/// in order, for the campaign to resume. Returns how many were held.
+pub async fn hold_paused_messages(
+    tx: &mut PgConnection,
+    items: &[WorkItem],
+) -> Result<u64, RepoError> {
+    let ids: Vec<i64> = items.iter().map(|i| i.message_id).collect();
+    let tenants: Vec<Uuid> = items.iter().map(|i| i.tenant_id).collect();
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm SET status = 'pending', lease_until = NULL
+         FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant), campaigns c
+         WHERE bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'queued'
+           AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'paused'",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// `sending → sent` for a batch of (message, tenant, provider message id).
+pub async fn mark_messages_sent(
+    tx: &mut PgConnection,
+    sent: &[(i64, Uuid, String)],
+) -> Result<u64, RepoError> {
+    let ids: Vec<i64> = sent.iter().map(|s| s.0).collect();
+    let tenants: Vec<Uuid> = sent.iter().map(|s| s.1).collect();
+    let provider_ids: Vec<&str> = sent.iter().map(|s| s.2.as_str()).collect();
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'sent', reason = 'accepted', sent_at = now(), finished_at = now(),
+             provider_message_id = w.pid, lease_until = NULL
+         FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS w(id, tenant, pid)
+         WHERE bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'sending'",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&provider_ids)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// `sending → failed` with a machine-readable reason and the provider's detail.
+pub async fn mark_message_failed(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    id: i64,
+    reason: &str,
+    detail: &str,
+) -> Result<bool, RepoError> {
+    let res = sqlx::query(
+        "UPDATE broadcast_messages
+         SET status = 'failed', reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
+         WHERE id = $1 AND tenant_id = $2 AND status = 'sending'",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(reason)
+    .bind(detail)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// `sending → pending` after a transient error, due again at `due_at` (backoff chosen by caller).
+pub async fn mark_message_retry(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    id: i64,
+    due_at: DateTime<Utc>,
+    error: &str,
+) -> Result<bool, RepoError> {
+    let res = sqlx::query(
+        "UPDATE broadcast_messages
+         SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL
+         WHERE id = $1 AND tenant_id = $2 AND status = 'sending'",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(due_at)
+    .bind(error)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected() == 1)
+}
+
+/// System scope: rows `queued` past their lease were lost between the processor's commit and
+/// the queue (or in the queue). They are enqueued again with a fresh lease; the worker's
+/// conditional claim makes a late original delivery harmless.
+pub async fn requeue_stale_queued(
+    tx: &mut PgConnection,
+    limit: i64,
+    lease_s: f64,
+) -> Result<Vec<ClaimedItem>, RepoError> {
+    let rows: Vec<(i64, Uuid, Uuid, i32)> = sqlx::query_as(
+        "UPDATE broadcast_messages bm
+         SET lease_until = now() + make_interval(secs => $2), enqueue_count = bm.enqueue_count + 1
+         WHERE bm.id IN (
+             SELECT id FROM broadcast_messages
+             WHERE status = 'queued' AND lease_until < now()
+             ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED)
+           AND bm.status = 'queued'
+         RETURNING bm.id, bm.tenant_id, bm.device_id, bm.enqueue_count",
+    )
+    .bind(limit)
+    .bind(lease_s)
+    .fetch_all(tx)
+    .await?;
+    Ok(to_items(rows))
+}
+
+/// What the rescuer did with rows stuck in `sending`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub sent: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub exhausted: u64,
+}
+
+/// System scope: rows `sending` past their lease are reconciled with the host's send record:
+/// sent there → `sent` (no second send); failed there → `failed`; otherwise back to `pending`
+/// with a backoff, or `failed / attempts_exhausted` once `max_attempts` were spent.
+pub async fn reconcile_stale_sending(
+    tx: &mut PgConnection,
+    max_attempts: i32,
+    retry_after_s: f64,
+) -> Result<Reconciled, RepoError> {
+    let sent = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'sent', reason = 'accepted', sent_at = h.updated_at, finished_at = now(),
+             provider_message_id = h.provider_message_id, lease_until = NULL
+         FROM host_sends h
+         WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id AND h.state = 'sent'
+           AND bm.status = 'sending' AND bm.lease_until < now()",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let failed = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'failed', reason = COALESCE(h.error, 'provider_refused'), finished_at = now(),
+             lease_until = NULL
+         FROM host_sends h
+         WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id AND h.state = 'failed'
+           AND bm.status = 'sending' AND bm.lease_until < now()",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let exhausted = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'failed', reason = 'attempts_exhausted', finished_at = now(), lease_until = NULL,
+             last_error = COALESCE(bm.last_error, 'no answer from the device host')
+         WHERE bm.status = 'sending' AND bm.lease_until < now() AND bm.attempts >= $1",
+    )
+    .bind(max_attempts)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let retried = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'pending', due_at = now() + make_interval(secs => $1), lease_until = NULL,
+             last_error = 'lease expired while sending; reconciled with the host'
+         WHERE bm.status = 'sending' AND bm.lease_until < now()",
+    )
+    .bind(retry_after_s)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(Reconciled {
+        sent,
+        failed,
+        retried,
+        exhausted,
+    })
+}
+
+/// System scope: unsent rows of deleted devices end `skipped / device_deleted`.
+pub async fn skip_deleted_device_messages(tx: &mut PgConnection) -> Result<u64, RepoError> {
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'skipped', reason = 'device_deleted', finished_at = now(), lease_until = NULL
+         FROM devices d
+         WHERE d.deleted_at IS NOT NULL AND bm.device_id = d.id AND bm.tenant_id = d.tenant_id
+           AND bm.status IN ('pending', 'queued')",
+    )
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// System scope: due rows of running campaigns whose device has been disconnected for longer
+/// than `grace_s` end `skipped / device_offline`. Within the grace they simply wait. A
+/// `restricted` device is not offline: its messages wait for the restriction to end.
+pub async fn skip_offline_device_messages(
+    tx: &mut PgConnection,
+    grace_s: f64,
+) -> Result<u64, RepoError> {
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'skipped', reason = 'device_offline', finished_at = now()
+         FROM devices d, campaigns c
+         WHERE d.deleted_at IS NULL
+           AND d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
+           AND d.status_changed_at <= now() - make_interval(secs => $1)
+           AND bm.device_id = d.id AND bm.tenant_id = d.tenant_id
+           AND bm.status = 'pending' AND bm.due_at <= now()
+           AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'",
+    )
+    .bind(grace_s)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// A delivery or read receipt from a provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    pub tenant_id: Uuid,
+    pub message_id: i64,
+    pub read: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// Applies receipts as a monotone max: the earliest time of each kind wins, a read implies
+/// delivered, and a late or repeated receipt never moves a time backwards or clears it.
+pub async fn apply_receipts(tx: &mut PgConnection, receipts: &[Receipt]) -> Result<u64, RepoError> {
+    let tenants: Vec<Uuid> = receipts.iter().map(|r| r.tenant_id).collect();
+    let ids: Vec<i64> = receipts.iter().map(|r| r.message_id).collect();
+    let reads: Vec<bool> = receipts.iter().map(|r| r.read).collect();
+    let ats: Vec<DateTime<Utc>> = receipts.iter().map(|r| r.at).collect();
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET delivered_at = LEAST(COALESCE(bm.delivered_at, r.delivered), r.delivered),
+             read_at = CASE WHEN r.read IS NULL THEN bm.read_at
+                            ELSE LEAST(COALESCE(bm.read_at, r.read), r.read) END
+         FROM (SELECT t, id, min(at) AS delivered, min(at) FILTER (WHERE is_read) AS read
+               FROM unnest($1::uuid[], $2::bigint[], $3::bool[], $4::timestamptz[]) AS u(t, id, is_read, at)
+               GROUP BY t, id) r
+         WHERE bm.id = r.id AND bm.tenant_id = r.t",
+    )
+    .bind(&tenants)
+    .bind(&ids)
+    .bind(&reads)
+    .bind(&ats)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// One message's row, for tests, reports and the CLI.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MessageRow {
+    pub id: i64,
+    pub tenant_id: Uuid,
+    pub device_id: Uuid,
+    pub lead_id: i64,
+    pub campaign_id: Uuid,
+    pub recipient: String,
+    pub body: String,
+    pub image: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub attempts: i32,
+    pub enqueue_count: i32,
+    pub due_at: DateTime<Utc>,
+    pub provider_message_id: Option<String>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub read_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+pub async fn list_campaign_messages(
+    pool: &PgPool,
+    tenant: Uuid,
+    campaign: Uuid,
+) -> Result<Vec<MessageRow>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT id, tenant_id, device_id, lead_id, campaign_id, recipient, body, image, status, reason,
+                attempts, enqueue_count, due_at, provider_message_id, queued_at, sent_at,
+                delivered_at, read_at, last_error
+         FROM broadcast_messages WHERE campaign_id = $1 AND tenant_id = $2 ORDER BY id",
+    )
+    .bind(campaign)
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// System scope: rows not yet finished, across all tenants (the status view's totals).
+pub async fn count_unfinished_messages(pool: &PgPool) -> Result<(i64, i64, i64), RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'pending'),
+                count(*) FILTER (WHERE status = 'queued'),
+                count(*) FILTER (WHERE status = 'sending')
+         FROM broadcast_messages WHERE status IN ('pending', 'queued', 'sending')",
+    )
+    .fetch_one(pool)
+    .await?)
+}

@@ -1,0 +1,86 @@
+//! Local dates and times to UTC instants, with the IANA time zone database (chrono-tz).
+//! Converted once, at the edge; the database stores only UTC.
+
+use crate::domain::InvalidInput;
+use chrono::{DateTime, LocalResult, NaiveDate, NaiveTime, TimeZone, Utc};
+use chrono_tz::Tz;
+
+/// The zone a new tenant gets.
+pub const DEFAULT_TIME_ZONE: &str = "Asia/Kuala_Lumpur";
+
+pub fn parse_zone(name: &str) -> Result<Tz, InvalidInput> {
+    name.trim()
+        .parse::<Tz>()
+        .map_err(|_| InvalidInput::new("time_zone", format!("{name:?} is not an IANA time zone")))
+}
+
+/// Resolves a local date and optional time in `zone` to an instant. No time means "now" (the
+/// campaign is due at once). In a daylight-saving gap the first valid instant after the gap is
+/// used; in a repeated hour, the earlier of the two instants.
+pub fn resolve_local(
+    zone: Tz,
+    date: NaiveDate,
+    time: Option<NaiveTime>,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, InvalidInput> {
+    let Some(time) = time else {
+        return Ok(now);
+    };
+    let local = date.and_time(time);
+    match zone.from_local_datetime(&local) {
+        LocalResult::Single(t) => Ok(t.with_timezone(&Utc)),
+        LocalResult::Ambiguous(early, _) => Ok(early.with_timezone(&Utc)),
+        LocalResult::None => {
+            // Walk forward minute by minute out of the gap (gaps are at most a few hours).
+            for minutes in 1..=180 {
+                let probe = local + chrono::Duration::minutes(minutes);
+                if let LocalResult::Single(t) | LocalResult::Ambiguous(t, _) = zone.from_local_datetime(&probe) {
+                    return Ok(t.with_timezone(&Utc));
+                }
+            }
+            Err(InvalidInput::new("time", format!("{local} does not exist in {zone}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(y: i32, m: u32, day: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, day).unwrap()
+    }
+    fn t(h: u32, min: u32) -> NaiveTime {
+        NaiveTime::from_hms_opt(h, min, 0).unwrap()
+    }
+
+    #[test]
+    fn kuala_lumpur_is_utc_plus_8() {
+        let z = parse_zone("Asia/Kuala_Lumpur").unwrap();
+        let at = resolve_local(z, d(2026, 11, 25), Some(t(9, 0)), Utc::now()).unwrap();
+        assert_eq!(at.to_rfc3339(), "2026-11-25T01:00:00+00:00");
+    }
+
+    #[test]
+    fn missing_time_means_now() {
+        let now = Utc::now();
+        let z = parse_zone("Asia/Kuala_Lumpur").unwrap();
+        assert_eq!(resolve_local(z, d(2026, 11, 25), None, now).unwrap(), now);
+    }
+
+    #[test]
+    fn daylight_saving_gap_and_repeat() {
+        let z = parse_zone("America/New_York").unwrap();
+        // 2026-03-08 02:30 does not exist: the clock jumps 02:00 -> 03:00 EDT (07:00 UTC).
+        let gap = resolve_local(z, d(2026, 3, 8), Some(t(2, 30)), Utc::now()).unwrap();
+        assert_eq!(gap.to_rfc3339(), "2026-03-08T07:00:00+00:00");
+        // 2026-11-01 01:30 happens twice; the earlier (EDT, 05:30 UTC) is used.
+        let rep = resolve_local(z, d(2026, 11, 1), Some(t(1, 30)), Utc::now()).unwrap();
+        assert_eq!(rep.to_rfc3339(), "2026-11-01T05:30:00+00:00");
+    }
+
+    #[test]
+    fn unknown_zone_is_refused() {
+        assert!(parse_zone("Mars/Olympus").is_err());
+    }
+}
