@@ -415,3 +415,37 @@ impl Queue for RedisQueue {
         })
     }
 }
+
+/// Which queue backend runs, chosen by configuration only (`QUEUE_BACKEND`).
+#[derive(Debug, Clone)]
+pub enum QueueConfig {
+    Redis(RedisQueueConfig),
+}
+
+impl QueueConfig {
+    /// `QUEUE_BACKEND` (default `redis`), `REDIS_URL`, `QUEUE_PREFIX` (default `wabcast`),
+    /// `QUEUE_MAX_RECEIVES` (default 5).
+    pub fn from_env() -> Result<Self, crate::config::ConfigError> {
+        use crate::config;
+        let backend = config::string_or("QUEUE_BACKEND", "redis");
+        match backend.as_str() {
+            "redis" => Ok(Self::Redis(RedisQueueConfig {
+                url: config::string_or("REDIS_URL", "redis://127.0.0.1:6379"),
+                prefix: config::string_or("QUEUE_PREFIX", "wabcast"),
+                max_receives: config::parsed_or("QUEUE_MAX_RECEIVES", 5u32)?,
+                dedup_window: Duration::from_secs(300),
+            })),
+            other => Err(config::ConfigError::Invalid {
+                name: "QUEUE_BACKEND",
+                value: other.to_string(),
+                problem: "supported: redis".into(),
+            }),
+        }
+    }
+
+    pub async fn connect(&self) -> Result<std::sync::Arc<dyn Queue>, QueueError> {
+        match self {
+            Self::Redis(c) => Ok(std::sync::Arc::new(RedisQueue::connect(c.clone()).await?)),
+        }
+    }
+}

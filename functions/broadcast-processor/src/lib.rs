@@ -1,1 +1,253 @@
+//! broadcast-processor: drains due pending rows into the queue, paced per device.
+//!
+//! One invocation loops with a short tick for `run_for` (cloud schedules fire once a minute, so
+//! the loop is what makes drain latency about one tick). Each tick: sweeps (deleted devices,
+//! devices offline past the grace, finished campaigns), rescues rows stuck past their lease
+//! (re-enqueue `queued`; reconcile `sending` with the host's send record), then claims and
+//! enqueues. A claim that came back full runs again at once, so the tick never caps
+//! throughput. Pacing lives in PostgreSQL (`repo::messages::claim_ready_messages`); this
+//! function never sleeps per device. Any number of processors may run at once.
 
+use anyhow::Context;
+use serde::Serialize;
+use shared::queue::{enqueue_items, Queue};
+use shared::repo;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, instrument, warn};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub tick: Duration,
+    pub run_for: Duration,
+    /// How long a device may be disconnected before its due messages end `skipped`.
+    pub offline_grace: Duration,
+    /// How long a `queued` or `sending` row may stay so before the rescuer acts.
+    pub lease: Duration,
+    pub max_devices_per_claim: i64,
+    /// Messages one device may take in one claim while its gaps are zero.
+    pub per_device_burst: i64,
+    pub max_attempts: i32,
+    /// Delay before a reconciled, unsent row is due again.
+    pub rescue_retry_after: Duration,
+    pub rescue_batch: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_secs(1),
+            run_for: Duration::from_secs(55),
+            offline_grace: Duration::from_secs(300),
+            lease: Duration::from_secs(120),
+            max_devices_per_claim: 1_000,
+            per_device_burst: 50,
+            max_attempts: 5,
+            rescue_retry_after: Duration::from_secs(5),
+            rescue_batch: 1_000,
+        }
+    }
+}
+
+pub struct Deps {
+    pub pool: PgPool,
+    pub queue: Arc<dyn Queue>,
+    pub settings: Settings,
+}
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Report {
+    pub ticks: u64,
+    pub queued: u64,
+    pub requeued: u64,
+    pub reconciled_sent: u64,
+    pub reconciled_retry: u64,
+    pub reconciled_failed: u64,
+    pub skipped_offline: u64,
+    pub skipped_deleted: u64,
+    pub campaigns_completed: u64,
+    pub enqueue_errors: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    #[error("malformed event: {0}")]
+    InvalidEvent(String),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Optional overrides from the event: `run_for_seconds` (0 = a single tick) and `tick_ms`.
+fn settings_for(event: &serde_json::Value, base: &Settings) -> Result<Settings, ProcessorError> {
+    let mut s = base.clone();
+    let map = match event {
+        serde_json::Value::Object(m) => m,
+        serde_json::Value::Null => return Ok(s),
+        other => {
+            return Err(ProcessorError::InvalidEvent(format!(
+                "expected a JSON object, got {other}"
+            )))
+        }
+    };
+    let number = |key: &str, max: u64| -> Result<Option<u64>, ProcessorError> {
+        match map.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_u64().filter(|n| *n <= max).map(Some).ok_or_else(|| {
+                ProcessorError::InvalidEvent(format!(
+                    "{key} must be an integer from 0 to {max}, got {v}"
+                ))
+            }),
+        }
+    };
+    if let Some(secs) = number("run_for_seconds", 900)? {
+        s.run_for = Duration::from_secs(secs);
+    }
+    if let Some(ms) = number("tick_ms", 60_000)? {
+        s.tick = Duration::from_millis(ms.max(10));
+    }
+    Ok(s)
+}
+
+#[instrument(skip_all)]
+pub async fn handle(event: serde_json::Value, deps: &Deps) -> Result<Report, ProcessorError> {
+    let settings = settings_for(&event, &deps.settings)?;
+    let started = Instant::now();
+    let mut total = Report::default();
+    loop {
+        let tick_started = Instant::now();
+        let saturated = tick(deps, &settings, &mut total).await?;
+        total.ticks += 1;
+        let elapsed = started.elapsed();
+        if elapsed >= settings.run_for {
+            break;
+        }
+        if !saturated {
+            let rest = settings.tick.saturating_sub(tick_started.elapsed());
+            tokio::time::sleep(rest.min(settings.run_for - elapsed)).await;
+        }
+        if started.elapsed() >= settings.run_for {
+            break;
+        }
+    }
+    info!(?total, "processor run finished");
+    Ok(total)
+}
+
+/// One tick. Returns true when the claim came back full (more is ready right now).
+pub async fn tick(
+    deps: &Deps,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<bool, ProcessorError> {
+    sweep(deps, settings, report).await?;
+    rescue(deps, settings, report).await?;
+    let (claimed, saturated) = claim_and_enqueue(deps, settings, report).await?;
+    if claimed == 0 {
+        let mut tx = deps.pool.begin().await.context("failed to begin")?;
+        report.campaigns_completed += repo::campaigns::complete_finished_campaigns(&mut tx)
+            .await
+            .context("failed to complete campaigns")?;
+        tx.commit().await.context("failed to commit")?;
+    }
+    Ok(saturated)
+}
+
+async fn sweep(deps: &Deps, settings: &Settings, report: &mut Report) -> Result<(), ProcessorError> {
+    let mut tx = deps.pool.begin().await.context("failed to begin")?;
+    report.skipped_deleted += repo::messages::skip_deleted_device_messages(&mut tx)
+        .await
+        .context("failed to skip deleted devices' messages")?;
+    report.skipped_offline += repo::messages::skip_offline_device_messages(
+        &mut tx,
+        settings.offline_grace.as_secs_f64(),
+    )
+    .await
+    .context("failed to skip offline devices' messages")?;
+    tx.commit().await.context("failed to commit sweep")?;
+    Ok(())
+}
+
+async fn rescue(deps: &Deps, settings: &Settings, report: &mut Report) -> Result<(), ProcessorError> {
+    let mut tx = deps.pool.begin().await.context("failed to begin")?;
+    let stale = repo::messages::requeue_stale_queued(
+        &mut tx,
+        settings.rescue_batch,
+        settings.lease.as_secs_f64(),
+    )
+    .await
+    .context("failed to requeue stale rows")?;
+    let reconciled = repo::messages::reconcile_stale_sending(
+        &mut tx,
+        settings.max_attempts,
+        settings.rescue_retry_after.as_secs_f64(),
+    )
+    .await
+    .context("failed to reconcile stale sending rows")?;
+    tx.commit().await.context("failed to commit rescue")?;
+    if !stale.is_empty() {
+        warn!(count = stale.len(), "re-enqueueing rows lost past their lease");
+        enqueue(deps, &stale, report).await;
+        report.requeued += stale.len() as u64;
+    }
+    report.reconciled_sent += reconciled.sent;
+    report.reconciled_retry += reconciled.retried;
+    report.reconciled_failed += reconciled.failed + reconciled.exhausted;
+    Ok(())
+}
+
+async fn claim_and_enqueue(
+    deps: &Deps,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(usize, bool), ProcessorError> {
+    let mut tx = deps.pool.begin().await.context("failed to begin")?;
+    let claimed = repo::messages::claim_ready_messages(
+        &mut tx,
+        settings.max_devices_per_claim,
+        settings.per_device_burst,
+        settings.lease.as_secs_f64(),
+    )
+    .await
+    .context("failed to claim ready messages")?;
+    tx.commit().await.context("failed to commit claim")?;
+    if claimed.is_empty() {
+        return Ok((0, false));
+    }
+    enqueue(deps, &claimed, report).await;
+    report.queued += claimed.len() as u64;
+    let mut per_device = std::collections::HashMap::new();
+    for (item, _) in &claimed {
+        *per_device.entry(item.device_id).or_insert(0i64) += 1;
+    }
+    let saturated = per_device.len() as i64 >= settings.max_devices_per_claim
+        || per_device.values().any(|n| *n >= settings.per_device_burst);
+    Ok((claimed.len(), saturated))
+}
+
+/// Enqueues after the claim committed. If the queue refuses, the rows stay `queued` with their
+/// lease and the rescuer enqueues them again later: delayed, never lost.
+async fn enqueue(deps: &Deps, items: &[repo::messages::ClaimedItem], report: &mut Report) {
+    if let Err(e) = enqueue_items(deps.queue.as_ref(), items).await {
+        report.enqueue_errors += 1;
+        warn!(error = %e, count = items.len(), "enqueue failed; the rescuer will retry after the lease");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_overrides() {
+        let base = Settings::default();
+        let s = settings_for(&serde_json::json!({"run_for_seconds": 0, "tick_ms": 200}), &base).unwrap();
+        assert_eq!(s.run_for, Duration::ZERO);
+        assert_eq!(s.tick, Duration::from_millis(200));
+        let s = settings_for(&serde_json::json!({"detail-type": "Scheduled Event"}), &base).unwrap();
+        assert_eq!(s.run_for, base.run_for);
+        assert!(settings_for(&serde_json::json!({"run_for_seconds": -1}), &base).is_err());
+        assert!(settings_for(&serde_json::json!({"tick_ms": "fast"}), &base).is_err());
+        assert!(settings_for(&serde_json::json!("x"), &base).is_err());
+    }
+}

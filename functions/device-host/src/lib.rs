@@ -1,1 +1,90 @@
+//! device-host: the long-running service that owns the WhatsApp sessions (one per device) behind
+//! one [`provider::Provider`] trait, sends on request (idempotent by message id), and writes
+//! device status and receipts back to PostgreSQL.
+//!
+//! - [`provider`]: the trait and the events providers report;
+//! - [`simulator`]: the deterministic simulator provider and its durable send log;
+//! - [`service`]: the send path over the durable send record, images, event writers;
+//! - [`http`]: the authenticated HTTP API.
 
+pub mod http;
+pub mod provider;
+pub mod service;
+pub mod simulator;
+
+use shared::config::{self, Secret};
+use shared::media::ImageFetcher;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything the host needs, loaded once.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind: SocketAddr,
+    pub token: Secret,
+    pub host_id: String,
+    pub data_dir: PathBuf,
+    pub simulator: simulator::SimConfig,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, config::ConfigError> {
+        let ms = |name: &'static str, default: u64| -> Result<Duration, config::ConfigError> {
+            Ok(Duration::from_millis(config::parsed_or(name, default)?))
+        };
+        let receipts: bool = config::parsed_or("SIM_RECEIPTS", true)?;
+        Ok(Self {
+            bind: config::parsed_or("HOST_BIND", SocketAddr::from(([127, 0, 0, 1], 8700)))?,
+            token: config::secret("HOST_TOKEN")?,
+            host_id: config::string_or("HOST_ID", "host-1"),
+            data_dir: PathBuf::from(config::string_or("HOST_DATA_DIR", ".local/host")),
+            simulator: simulator::SimConfig {
+                seed: config::parsed_or("SIM_SEED", 42)?,
+                latency: ms("SIM_LATENCY_MS", 0)?,
+                latency_jitter: ms("SIM_LATENCY_JITTER_MS", 0)?,
+                not_on_whatsapp_rate: config::parsed_or("SIM_NOT_ON_WHATSAPP_RATE", 0.0)?,
+                transient_rate: config::parsed_or("SIM_TRANSIENT_RATE", 0.0)?,
+                delivered_after: receipts.then_some(ms("SIM_DELIVERED_AFTER_MS", 500)?),
+                read_after: receipts.then_some(ms("SIM_READ_AFTER_MS", 2_000)?),
+                read_rate: config::parsed_or("SIM_READ_RATE", 0.5)?,
+            },
+        })
+    }
+}
+
+/// A running host: its address, its simulator, and the task serving it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub simulator: Arc<simulator::Simulator>,
+    pub host: Arc<service::Host>,
+    pub server: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the host: providers, restored sessions, event writer, HTTP server.
+pub async fn start(config: Config, pool: sqlx::PgPool) -> anyhow::Result<Running> {
+    use anyhow::Context;
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let simulator = Arc::new(simulator::Simulator::new(config.simulator.clone(), &config.data_dir, events_tx)?);
+    let host = Arc::new(service::Host::new(
+        pool.clone(),
+        config.host_id.clone(),
+        vec![simulator.clone() as Arc<dyn provider::Provider>],
+        ImageFetcher::new()?,
+    ));
+    tokio::spawn(service::run_event_writer(pool, events_rx));
+    host.restore_sessions().await?;
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .with_context(|| format!("failed to bind {}", config.bind))?;
+    let addr = listener.local_addr()?;
+    let app = http::router(http::AppState { host: host.clone(), simulator: Some(simulator.clone()), token: config.token });
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "device host server stopped");
+        }
+    });
+    tracing::info!(%addr, host_id = %config.host_id, "device host listening");
+    Ok(Running { addr, simulator, host, server })
+}

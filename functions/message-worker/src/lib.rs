@@ -1,1 +1,293 @@
+//! message-worker: the SQS-triggered sender (DESIGN.md §1).
+//!
+//! For a batch of records it claims every row `queued → sending` in one conditional statement (a
+//! record whose row is not `queued` is a duplicate delivery: acknowledged, never sent), asks the
+//! device host to send each one with the message id as the idempotency key, and records `sent`,
+//! a retry with backoff, or `failed` with its reason. Records of one message group (one device)
+//! are sent in order; groups run concurrently. It returns partial batch failures: only records
+//! whose outcome could not be recorded are reported, and, as FIFO requires, every later record
+//! of the same group with them. Transient send errors are not batch failures: the row goes back
+//! to `pending` with a due time and the processor queues it again through pacing.
 
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
+use chrono::Utc;
+use rand::SeedableRng;
+use shared::domain::reason;
+use shared::host_api::{HostClient, SendOutcome, SendRequest};
+use shared::pacing::retry_delay;
+use shared::queue::WorkItem;
+use shared::repo::{self, messages::SendJob};
+use sqlx::PgPool;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tracing::{info, instrument, warn};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long a `sending` row is ours before the rescuer reconciles it; longer than the host timeout.
+    pub lease: Duration,
+    pub max_attempts: i32,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(120),
+            max_attempts: 5,
+            retry_base: Duration::from_secs(30),
+            retry_cap: Duration::from_secs(1800),
+        }
+    }
+}
+
+pub struct Deps {
+    pub pool: PgPool,
+    pub host: HostClient,
+    pub settings: Settings,
+}
+
+/// One parsed record, in batch order.
+struct Record {
+    sqs_id: String,
+    group: String,
+    item: Option<WorkItem>,
+}
+
+/// How one claimed job ended with the host.
+enum Outcome {
+    Sent(String),
+    Failed { reason: String, detail: String },
+    Retry { reason: String, detail: String },
+}
+
+#[instrument(skip_all, fields(records = event.records.len()))]
+pub async fn handle(event: SqsEvent, deps: &Deps) -> SqsBatchResponse {
+    let records: Vec<Record> = event.records.iter().map(parse_record).collect();
+    let mut failed: HashSet<String> = HashSet::new();
+    for r in records.iter().filter(|r| r.item.is_none()) {
+        // A malformed record can never succeed; reporting it lets SQS dead-letter it where an
+        // operator sees it, instead of dropping it silently.
+        warn!(sqs_message_id = %r.sqs_id, "malformed record body; reported as a failure");
+        failed.insert(r.sqs_id.clone());
+    }
+    let items: Vec<WorkItem> = records.iter().filter_map(|r| r.item.clone()).collect();
+    match process(&items, deps).await {
+        Ok(unrecorded) => failed.extend(
+            records
+                .iter()
+                .filter(|r| r.item.as_ref().is_some_and(|i| unrecorded.contains(&i.message_id)))
+                .map(|r| r.sqs_id.clone()),
+        ),
+        Err(e) => {
+            warn!(error = format!("{e:#}"), "batch could not be processed; every record is reported");
+            failed.extend(records.iter().map(|r| r.sqs_id.clone()));
+        }
+    }
+    let mut response = SqsBatchResponse::default();
+    response.batch_item_failures = fifo_failures(&records, &failed)
+        .into_iter()
+        .map(|id| {
+            let mut f = BatchItemFailure::default();
+            f.item_identifier = id;
+            f
+        })
+        .collect();
+    response
+}
+
+fn parse_record(m: &SqsMessage) -> Record {
+    let item = m
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_str::<WorkItem>(b).ok());
+    let group = m
+        .attributes
+        .get("MessageGroupId")
+        .cloned()
+        .or_else(|| item.as_ref().map(WorkItem::group_id))
+        .unwrap_or_default();
+    Record {
+        sqs_id: m.message_id.clone().unwrap_or_default(),
+        group,
+        item,
+    }
+}
+
+/// FIFO rule: once a record of a group failed, every later record of that group is reported too,
+/// so that SQS redelivers them in order.
+fn fifo_failures(records: &[Record], failed: &HashSet<String>) -> Vec<String> {
+    let mut broken: HashSet<&str> = HashSet::new();
+    let mut out = Vec::new();
+    for r in records {
+        if broken.contains(r.group.as_str()) || failed.contains(&r.sqs_id) {
+            broken.insert(r.group.as_str());
+            out.push(r.sqs_id.clone());
+        }
+    }
+    out
+}
+
+/// Claims, sends and records. Returns the message ids whose outcome could not be recorded.
+async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>> {
+    use anyhow::Context;
+    if items.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut tx = deps.pool.begin().await.context("failed to begin")?;
+    let jobs = repo::messages::claim_messages_for_send(&mut tx, items, deps.settings.lease.as_secs_f64())
+        .await
+        .context("failed to claim messages for send")?;
+    if jobs.len() < items.len() {
+        let claimed: HashSet<i64> = jobs.iter().map(|j| j.id).collect();
+        let rest: Vec<WorkItem> = items
+            .iter()
+            .filter(|i| !claimed.contains(&i.message_id))
+            .cloned()
+            .collect();
+        let held = repo::messages::hold_paused_messages(&mut tx, &rest)
+            .await
+            .context("failed to hold paused messages")?;
+        info!(duplicates = rest.len() as u64 - held, held, "records not sent: not queued any more");
+    }
+    tx.commit().await.context("failed to commit claim")?;
+
+    // Keep batch order within each device's group.
+    let mut groups: Vec<Vec<SendJob>> = Vec::new();
+    let mut index: HashMap<uuid::Uuid, usize> = HashMap::new();
+    let order: HashMap<i64, usize> = items.iter().enumerate().map(|(i, w)| (w.message_id, i)).collect();
+    let mut jobs = jobs;
+    jobs.sort_by_key(|j| order.get(&j.id).copied().unwrap_or(usize::MAX));
+    for job in jobs {
+        let slot = *index.entry(job.device_id).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[slot].push(job);
+    }
+    let results = futures::future::join_all(groups.into_iter().map(|g| send_group(g, deps))).await;
+    record(results.into_iter().flatten().collect(), deps).await
+}
+
+/// Sends one device's jobs in order. After a transient error the rest of the group is not tried
+/// now (the device is offline or throttled) and goes back to pending with the same backoff.
+async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut blocked: Option<(String, String)> = None;
+    for job in jobs {
+        if let Some((reason, detail)) = &blocked {
+            out.push((job, Outcome::Retry { reason: reason.clone(), detail: detail.clone() }));
+            continue;
+        }
+        let req = SendRequest {
+            message_id: job.id,
+            tenant_id: job.tenant_id,
+            device_id: job.device_id,
+            to: job.recipient.clone(),
+            text: job.body.clone(),
+            image: job.image.clone(),
+        };
+        let outcome = match deps.host.send(&req).await {
+            SendOutcome::Sent { provider_message_id, .. } => Outcome::Sent(provider_message_id),
+            SendOutcome::Permanent { reason, detail } => Outcome::Failed { reason, detail },
+            SendOutcome::Transient { reason, detail } => {
+                blocked = Some((reason.clone(), detail.clone()));
+                Outcome::Retry { reason, detail }
+            }
+        };
+        out.push((job, outcome));
+    }
+    out
+}
+
+/// Writes every outcome: all `sent` rows in one statement, failures and retries one each.
+async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result<HashSet<i64>> {
+    let mut unrecorded = HashSet::new();
+    let sent: Vec<(i64, uuid::Uuid, String)> = results
+        .iter()
+        .filter_map(|(j, o)| match o {
+            Outcome::Sent(pid) => Some((j.id, j.tenant_id, pid.clone())),
+            _ => None,
+        })
+        .collect();
+    if !sent.is_empty() {
+        if let Err(e) = write_sent(&sent, deps).await {
+            // The host's send record still says sent: the rescuer reconciles these rows.
+            warn!(error = format!("{e:#}"), count = sent.len(), "could not record sent rows");
+            unrecorded.extend(sent.iter().map(|s| s.0));
+        }
+    }
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    for (job, outcome) in &results {
+        let res = match outcome {
+            Outcome::Sent(_) => continue,
+            Outcome::Failed { reason, detail } => {
+                write_failed(job, &permanent_reason(reason), detail, deps).await
+            }
+            Outcome::Retry { reason, detail } if job.attempts >= deps.settings.max_attempts => {
+                let detail = format!("{reason}: {detail}");
+                write_failed(job, reason::ATTEMPTS_EXHAUSTED, &detail, deps).await
+            }
+            Outcome::Retry { reason, detail } => {
+                let delay = retry_delay(job.attempts, deps.settings.retry_base, deps.settings.retry_cap, &mut rng);
+                let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                write_retry(job, due, &format!("{reason}: {detail}"), deps).await
+            }
+        };
+        if let Err(e) = res {
+            warn!(message_id = job.id, error = format!("{e:#}"), "could not record outcome");
+            unrecorded.insert(job.id);
+        }
+    }
+    Ok(unrecorded)
+}
+
+/// Host error codes become the row's machine-readable reason.
+fn permanent_reason(code: &str) -> String {
+    use shared::host_api::code;
+    match code {
+        code::NOT_ON_WHATSAPP => reason::NOT_ON_WHATSAPP.into(),
+        code::BAD_IMAGE => reason::BAD_IMAGE.into(),
+        code::INVALID_PAYLOAD | code::UNKNOWN_DEVICE => reason::INVALID_PAYLOAD.into(),
+        other => other.to_string(),
+    }
+}
+
+async fn write_sent(sent: &[(i64, uuid::Uuid, String)], deps: &Deps) -> anyhow::Result<()> {
+    let mut tx = deps.pool.begin().await?;
+    repo::messages::mark_messages_sent(&mut tx, sent).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn write_failed(job: &SendJob, reason: &str, detail: &str, deps: &Deps) -> anyhow::Result<()> {
+    let mut tx = deps.pool.begin().await?;
+    repo::messages::mark_message_failed(&mut tx, job.tenant_id, job.id, reason, detail).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn write_retry(job: &SendJob, due: chrono::DateTime<Utc>, error: &str, deps: &Deps) -> anyhow::Result<()> {
+    let mut tx = deps.pool.begin().await?;
+    repo::messages::mark_message_retry(&mut tx, job.tenant_id, job.id, due, error).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, group: &str) -> Record {
+        Record { sqs_id: id.into(), group: group.into(), item: None }
+    }
+
+    #[test]
+    fn fifo_reports_the_rest_of_a_failed_group() {
+        let records = vec![rec("1", "a"), rec("2", "b"), rec("3", "a"), rec("4", "b"), rec("5", "a")];
+        let failed: HashSet<String> = ["3".to_string()].into();
+        assert_eq!(fifo_failures(&records, &failed), vec!["3", "5"]);
+        assert!(fifo_failures(&records, &HashSet::new()).is_empty());
+    }
+}

@@ -1,0 +1,163 @@
+//! The host's HTTP API (bearer token on everything but `/healthz`). Error answers are an
+//! `ErrorBody` with a machine code and whether a retry can help; 5xx bodies stay generic.
+
+use crate::provider::DeviceRef;
+use crate::service::{Host, SendError};
+use crate::simulator::Simulator;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use shared::config::Secret;
+use shared::domain::{DeviceStatus, PhoneE164, ProviderKind};
+use shared::host_api::{code, DeviceStatusBody, ErrorBody, PairRequest, SendRequest};
+use std::sync::Arc;
+use uuid::Uuid;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub host: Arc<Host>,
+    pub simulator: Option<Arc<Simulator>>,
+    pub token: Secret,
+}
+
+impl IntoResponse for SendError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(ErrorBody { error: self.code.to_string(), message: self.message, retryable: self.retryable }))
+            .into_response()
+    }
+}
+
+fn bad_request(message: impl Into<String>) -> SendError {
+    SendError { status: 400, code: code::INVALID_PAYLOAD, message: message.into(), retryable: false }
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/v1/send", post(send))
+        .route("/v1/devices/{id}/status", get(status))
+        .route("/v1/devices/{id}/pair", post(pair))
+        .route("/v1/sim/devices/{id}/{action}", post(simulate))
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(health))
+        .merge(api)
+        .with_state(state)
+}
+
+/// Compares in constant time so the token cannot be guessed byte by byte.
+fn token_matches(given: &str, want: &str) -> bool {
+    let (a, b) = (given.as_bytes(), want.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| token_matches(t, state.token.expose()));
+    if !ok {
+        return SendError { status: 401, code: code::UNAUTHORIZED, message: "missing or wrong bearer token".into(), retryable: false }
+            .into_response();
+    }
+    next.run(req).await
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "host_id": state.host.host_id,
+        "devices": state.host.device_count(),
+    }))
+}
+
+async fn send(
+    State(state): State<AppState>,
+    body: Result<Json<SendRequest>, JsonRejection>,
+) -> Result<Json<shared::host_api::SendResponse>, SendError> {
+    let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
+    state.host.send(&req).await.map(Json)
+}
+
+#[derive(Deserialize)]
+struct TenantQuery {
+    tenant_id: Uuid,
+}
+
+async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    q: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeviceStatusBody>, SendError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let (status, reason) = state.host.status(q.tenant_id, id).await?;
+    Ok(Json(DeviceStatusBody { device_id: id, status: status.to_string(), reason }))
+}
+
+async fn pair(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    body: Result<Json<PairRequest>, JsonRejection>,
+) -> Result<Json<shared::host_api::PairingBody>, SendError> {
+    let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
+    let phone = req
+        .phone
+        .as_deref()
+        .map(PhoneE164::parse)
+        .transpose()
+        .map_err(|e| bad_request(e.to_string()))?;
+    let device = state.host.device(req.tenant_id, id).await?;
+    let provider = state
+        .host
+        .provider(device.provider)
+        .ok_or_else(|| bad_request("provider not served by this host"))?;
+    provider
+        .start_pairing(&device, phone.as_ref())
+        .await
+        .map(Json)
+        .map_err(|e| SendError { status: 409, code: code::PROVIDER_ERROR, message: e.to_string(), retryable: true })
+}
+
+async fn simulate(
+    State(state): State<AppState>,
+    Path((id, action)): Path<(Uuid, String)>,
+    q: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeviceStatusBody>, SendError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let online = match action.as_str() {
+        "online" => true,
+        "offline" => false,
+        other => return Err(bad_request(format!("unknown action {other:?}; use online or offline"))),
+    };
+    let sim = state.simulator.as_ref().ok_or_else(|| bad_request("this host runs no simulator"))?;
+    let device: DeviceRef = state.host.device(q.tenant_id, id).await?;
+    if device.provider != ProviderKind::Simulator {
+        return Err(bad_request("not a simulator device"));
+    }
+    let status: DeviceStatus = sim.set_online(&device, online).map_err(SendError::internal)?;
+    Ok(Json(DeviceStatusBody { device_id: id, status: status.to_string(), reason: None }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abd", "abc"));
+        assert!(!token_matches("ab", "abc"));
+        assert!(!token_matches("", "abc"));
+    }
+}

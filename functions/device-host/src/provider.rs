@@ -1,0 +1,88 @@
+//! The provider trait every WhatsApp backend implements (simulator here; web multi-device and
+//! Cloud API next), and the events providers report back (status changes, receipts).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use shared::domain::{DeviceStatus, PhoneE164, ProviderKind};
+use shared::host_api::PairingBody;
+use uuid::Uuid;
+
+/// A device as the host knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRef {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub provider: ProviderKind,
+}
+
+/// An image ready to send: type checked by content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedImage {
+    pub mime: String,
+    pub bytes: std::sync::Arc<Vec<u8>>,
+    /// Stable key for "upload once per image per device".
+    pub key: String,
+}
+
+/// One message to send. `provider_message_id` was generated and recorded before the send, so a
+/// retry after a crash reuses it.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub message_id: i64,
+    pub tenant_id: Uuid,
+    pub provider_message_id: String,
+    pub to: PhoneE164,
+    pub text: String,
+    pub image: Option<ResolvedImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("the number is not on WhatsApp")]
+    NotOnWhatsapp,
+    #[error("the provider refused the message: {0}")]
+    Rejected(String),
+    #[error("the device is not connected ({0})")]
+    Offline(String),
+    #[error("rate limited by the provider")]
+    RateLimited,
+    #[error("transient provider error: {0}")]
+    Transient(String),
+    #[error("not supported by this provider: {0}")]
+    Unsupported(String),
+}
+
+/// What providers report to the host, which writes it to PostgreSQL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderEvent {
+    Status {
+        device: DeviceRef,
+        status: DeviceStatus,
+        reason: Option<String>,
+    },
+    Receipt {
+        tenant_id: Uuid,
+        message_id: i64,
+        read: bool,
+        at: DateTime<Utc>,
+    },
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    fn kind(&self) -> ProviderKind;
+    /// A fresh provider message id (recorded before the send).
+    fn new_message_id(&self) -> String;
+    /// Opens or restores the device's session; reports the resulting status.
+    async fn connect(&self, device: &DeviceRef) -> DeviceStatus;
+    async fn status(&self, device: &DeviceRef) -> (DeviceStatus, Option<String>);
+    async fn start_pairing(
+        &self,
+        device: &DeviceRef,
+        phone: Option<&PhoneE164>,
+    ) -> Result<PairingBody, ProviderError>;
+    /// Sends; `Ok` means the provider accepted the message.
+    async fn send(&self, device: &DeviceRef, message: &Outbound) -> Result<(), ProviderError>;
+    /// After a crash mid-send: does the provider know this message id as sent? `None` = cannot tell.
+    async fn was_sent(&self, device: &DeviceRef, provider_message_id: &str) -> Option<bool>;
+}
