@@ -449,3 +449,37 @@ impl QueueConfig {
         }
     }
 }
+
+/// Turns received queue messages into the `SqsEvent` that the SQS event source would hand the
+/// worker (the local emulator and tests play the event source with this).
+pub fn to_sqs_event(
+    messages: &[ReceivedMessage],
+    queue_arn: &str,
+) -> aws_lambda_events::event::sqs::SqsEvent {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    let records = messages
+        .iter()
+        .map(|m| {
+            let mut r = SqsMessage::default();
+            r.message_id = Some(m.message_id.clone());
+            r.receipt_handle = Some(m.receipt_handle.clone());
+            r.body = Some(m.body.clone());
+            r.event_source = Some("aws:sqs".into());
+            r.event_source_arn = Some(queue_arn.to_string());
+            r.aws_region = Some("local".into());
+            for (k, v) in [
+                ("MessageGroupId", m.group_id.clone()),
+                ("MessageDeduplicationId", m.dedup_id.clone()),
+                ("ApproximateReceiveCount", m.receive_count.to_string()),
+                ("SentTimestamp", m.sent_timestamp_ms.to_string()),
+                ("ApproximateFirstReceiveTimestamp", m.first_receive_timestamp_ms.to_string()),
+            ] {
+                r.attributes.insert(k.to_string(), v);
+            }
+            r
+        })
+        .collect();
+    let mut event = SqsEvent::default();
+    event.records = records;
+    event
+}

@@ -1,1 +1,279 @@
+//! Test and benchmark harness: seeds tenants, devices, leads and campaigns through the data
+//! layer, starts a device host on port 0 with a private data directory, gives each test its own
+//! Redis key prefix, and drives the pipeline in process exactly as the local emulator does over
+//! HTTP (trigger, processor tick, queue receive, `SqsEvent` to the worker, delete what succeeded).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use chrono::Utc;
+use shared::config::Secret;
+use shared::domain::{DelayRange, DeviceStatus, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
+use shared::host_api::HostClient;
+use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig};
+use shared::repo;
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub use device_host::simulator::{SendLog, SendLogEntry, SimConfig};
+
+pub const TOKEN: &str = "test-token";
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A queue with its own key prefix, so tests share one Redis safely.
+pub async fn test_queue(max_receives: u32) -> Arc<RedisQueue> {
+    Arc::new(
+        RedisQueue::connect(RedisQueueConfig {
+            url: redis_url(),
+            prefix: format!("test:{}", Uuid::new_v4().simple()),
+            max_receives,
+            dedup_window: Duration::from_secs(300),
+        })
+        .await
+        .expect("Redis must be reachable (infra/local-stack.sh starts it)"),
+    )
+}
+
+pub async fn seed_tenant(pool: &PgPool, email: &str) -> Uuid {
+    let mut tx = pool.begin().await.unwrap();
+    let id = repo::tenants::insert_tenant(&mut tx, email, "$argon2id$test", "Asia/Kuala_Lumpur").await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+/// A simulator device, online, with the given floor delays.
+pub async fn seed_device(pool: &PgPool, tenant: Uuid, label: &str, min_s: f64, max_s: f64) -> Uuid {
+    let mut tx = pool.begin().await.unwrap();
+    let id = repo::devices::insert_device(
+        &mut tx,
+        tenant,
+        &repo::devices::NewDevice {
+            label,
+            phone: None,
+            provider: ProviderKind::Simulator,
+            delay: DelayRange::new(min_s, max_s).unwrap(),
+            daily_cap: None,
+        },
+    )
+    .await
+    .unwrap();
+    repo::devices::set_device_status(&mut tx, tenant, id, DeviceStatus::Online, None).await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+/// `n` leads on one device with numbers +60 1<device-index><i>, niche tokens and a status.
+pub async fn seed_leads(
+    pool: &PgPool,
+    tenant: Uuid,
+    device: Uuid,
+    base: u64,
+    n: u64,
+    niches: &str,
+    status: LeadStatus,
+) -> Vec<PhoneE164> {
+    let niches = Token::parse_set(niches).unwrap();
+    let leads: Vec<repo::leads::NewLead> = (0..n)
+        .map(|i| repo::leads::NewLead {
+            device_id: device,
+            name: if i % 5 == 0 { String::new() } else { format!("Lead {}", base + i) },
+            phone: PhoneE164::parse(&format!("+601{:09}", base + i)).unwrap(),
+            niches: niches.clone(),
+            status,
+            triggers: vec![],
+        })
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    repo::leads::upsert_leads(&mut tx, tenant, &leads).await.unwrap();
+    tx.commit().await.unwrap();
+    leads.into_iter().map(|l| l.phone).collect()
+}
+
+pub struct CampaignSpec<'a> {
+    pub niche: &'a str,
+    pub target: TargetStatus,
+    pub template: &'a str,
+    pub image: Option<&'a str>,
+    pub min_s: f64,
+    pub max_s: f64,
+}
+
+impl Default for CampaignSpec<'_> {
+    fn default() -> Self {
+        Self { niche: "cars", target: TargetStatus::All, template: "{Hi|Hello} {name}!", image: None, min_s: 0.0, max_s: 0.0 }
+    }
+}
+
+/// A campaign due now.
+pub async fn seed_campaign(pool: &PgPool, tenant: Uuid, spec: &CampaignSpec<'_>) -> Uuid {
+    shared::render::Template::parse(spec.template).unwrap();
+    let niche = Token::parse(spec.niche).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let id = repo::campaigns::insert_campaign(
+        &mut tx,
+        tenant,
+        &repo::campaigns::NewCampaign {
+            title: "test campaign",
+            template: spec.template,
+            image: spec.image,
+            niche: &niche,
+            target: spec.target,
+            scheduled_at: Utc::now() - chrono::Duration::seconds(1),
+            delay: DelayRange::new(spec.min_s, spec.max_s).unwrap(),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+/// A device host on port 0 with a private data directory.
+pub struct TestHost {
+    pub running: device_host::Running,
+    pub client: HostClient,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestHost {
+    pub async fn start(pool: &PgPool, sim: SimConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let running = device_host::start(
+            device_host::Config {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                token: Secret::new(TOKEN),
+                host_id: "test-host".into(),
+                data_dir: dir.path().to_path_buf(),
+                simulator: sim,
+            },
+            pool.clone(),
+        )
+        .await
+        .unwrap();
+        let url = format!("http://{}", running.addr);
+        let client = HostClient::new(&url, Secret::new(TOKEN), Duration::from_secs(10)).unwrap();
+        Self { running, client, url, dir }
+    }
+
+    /// Every send the simulator accepted, from its durable log.
+    pub fn sends(&self) -> Vec<SendLogEntry> {
+        SendLog::read(self.running.simulator.log().path()).unwrap()
+    }
+}
+
+/// Simulator settings for fast tests: no latency, no failures, no receipts.
+pub fn quiet_sim() -> SimConfig {
+    SimConfig { delivered_after: None, read_after: None, ..SimConfig::default() }
+}
+
+/// The three functions wired together in process.
+pub struct Pipeline {
+    pub pool: PgPool,
+    pub queue: Arc<RedisQueue>,
+    pub trigger: campaign_trigger::Deps,
+    pub processor: broadcast_processor::Deps,
+    pub worker: message_worker::Deps,
+}
+
+impl Pipeline {
+    pub fn new(pool: &PgPool, queue: Arc<RedisQueue>, host: &TestHost) -> Self {
+        let processor_settings = broadcast_processor::Settings {
+            tick: Duration::from_millis(50),
+            run_for: Duration::ZERO,
+            ..Default::default()
+        };
+        Self {
+            pool: pool.clone(),
+            queue: queue.clone(),
+            trigger: campaign_trigger::Deps { pool: pool.clone(), max_campaigns: 50 },
+            processor: broadcast_processor::Deps {
+                pool: pool.clone(),
+                queue: queue.clone() as Arc<dyn Queue>,
+                settings: processor_settings,
+            },
+            worker: message_worker::Deps {
+                pool: pool.clone(),
+                host: host.client.clone(),
+                settings: message_worker::Settings {
+                    retry_base: Duration::from_millis(200),
+                    retry_cap: Duration::from_secs(1),
+                    ..Default::default()
+                },
+            },
+        }
+    }
+
+    pub async fn trigger(&self) -> campaign_trigger::TriggerReport {
+        campaign_trigger::handle(serde_json::json!({}), &self.trigger).await.unwrap()
+    }
+
+    pub async fn tick(&self) -> broadcast_processor::Report {
+        let mut report = broadcast_processor::Report::default();
+        broadcast_processor::tick(&self.processor, &self.processor.settings, &mut report).await.unwrap();
+        report
+    }
+
+    /// Plays the SQS event source once: receive up to 10, invoke the worker, delete successes.
+    /// Returns how many records were handed to the worker.
+    pub async fn deliver(&self) -> usize {
+        let msgs = self.queue.receive(10, Duration::from_secs(30)).await.unwrap();
+        if msgs.is_empty() {
+            return 0;
+        }
+        let event = to_sqs_event(&msgs, "arn:aws:sqs:local:000000000000:test.fifo");
+        let response = message_worker::handle(event, &self.worker).await;
+        let failed: std::collections::HashSet<String> =
+            response.batch_item_failures.into_iter().map(|f| f.item_identifier).collect();
+        for m in &msgs {
+            if !failed.contains(&m.message_id) {
+                self.queue.delete(&m.receipt_handle).await.unwrap();
+            }
+        }
+        msgs.len()
+    }
+
+    /// Runs trigger, processor and worker until every row of the campaigns is terminal.
+    pub async fn run_until_done(&self, campaigns: &[(Uuid, Uuid)], timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.trigger().await;
+            self.tick().await;
+            while self.deliver().await > 0 {}
+            let mut open = 0;
+            for (tenant, campaign) in campaigns {
+                let p = repo::campaigns::get_campaign_progress(&self.pool, *tenant, *campaign).await.unwrap();
+                open += ["pending", "queued", "sending"].iter().map(|s| p.by_status.get(*s).copied().unwrap_or(0)).sum::<i64>();
+                if p.total == 0 {
+                    open += 1;
+                }
+            }
+            if open == 0 {
+                // One more tick marks finished campaigns completed.
+                self.tick().await;
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "pipeline did not finish in {timeout:?}: {open} rows open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Status counts of a campaign, as a map.
+pub async fn status_counts(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> HashMap<String, i64> {
+    let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await.unwrap();
+    p.by_status.into_iter().collect()
+}
+
+/// Sends per message id in a send log (a value above 1 is a double send).
+pub fn sends_per_message(entries: &[SendLogEntry]) -> HashMap<i64, usize> {
+    let mut m = HashMap::new();
+    for e in entries {
+        *m.entry(e.message_id).or_insert(0) += 1;
+    }
+    m
+}

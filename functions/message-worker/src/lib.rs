@@ -59,7 +59,8 @@ struct Record {
 enum Outcome {
     Sent(String),
     Failed { reason: String, detail: String },
-    Retry { reason: String, detail: String },
+    /// `tried = false`: held back behind an earlier transient error of its group, never sent.
+    Retry { reason: String, detail: String, tried: bool },
 }
 
 #[instrument(skip_all, fields(records = event.records.len()))]
@@ -177,7 +178,7 @@ async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> 
     let mut blocked: Option<(String, String)> = None;
     for job in jobs {
         if let Some((reason, detail)) = &blocked {
-            out.push((job, Outcome::Retry { reason: reason.clone(), detail: detail.clone() }));
+            out.push((job, Outcome::Retry { reason: reason.clone(), detail: detail.clone(), tried: false }));
             continue;
         }
         let req = SendRequest {
@@ -193,7 +194,7 @@ async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> 
             SendOutcome::Permanent { reason, detail } => Outcome::Failed { reason, detail },
             SendOutcome::Transient { reason, detail } => {
                 blocked = Some((reason.clone(), detail.clone()));
-                Outcome::Retry { reason, detail }
+                Outcome::Retry { reason, detail, tried: true }
             }
         };
         out.push((job, outcome));
@@ -225,14 +226,14 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
             Outcome::Failed { reason, detail } => {
                 write_failed(job, &permanent_reason(reason), detail, deps).await
             }
-            Outcome::Retry { reason, detail } if job.attempts >= deps.settings.max_attempts => {
+            Outcome::Retry { reason, detail, tried: true } if job.attempts >= deps.settings.max_attempts => {
                 let detail = format!("{reason}: {detail}");
                 write_failed(job, reason::ATTEMPTS_EXHAUSTED, &detail, deps).await
             }
-            Outcome::Retry { reason, detail } => {
+            Outcome::Retry { reason, detail, tried } => {
                 let delay = retry_delay(job.attempts, deps.settings.retry_base, deps.settings.retry_cap, &mut rng);
                 let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                write_retry(job, due, &format!("{reason}: {detail}"), deps).await
+                write_retry(job, due, &format!("{reason}: {detail}"), *tried, deps).await
             }
         };
         if let Err(e) = res {
@@ -268,9 +269,9 @@ async fn write_failed(job: &SendJob, reason: &str, detail: &str, deps: &Deps) ->
     Ok(())
 }
 
-async fn write_retry(job: &SendJob, due: chrono::DateTime<Utc>, error: &str, deps: &Deps) -> anyhow::Result<()> {
+async fn write_retry(job: &SendJob, due: chrono::DateTime<Utc>, error: &str, tried: bool, deps: &Deps) -> anyhow::Result<()> {
     let mut tx = deps.pool.begin().await?;
-    repo::messages::mark_message_retry(&mut tx, job.tenant_id, job.id, due, error).await?;
+    repo::messages::mark_message_retry(&mut tx, job.tenant_id, job.id, due, error, tried).await?;
     tx.commit().await?;
     Ok(())
 }

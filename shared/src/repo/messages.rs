@@ -197,22 +197,27 @@ pub async fn mark_message_failed(
 }
 
 /// `sending → pending` after a transient error, due again at `due_at` (backoff chosen by caller).
+/// `tried = false` (the message was held back, never offered to the provider) gives the claim's
+/// attempt back, so only real attempts count towards the limit.
 pub async fn mark_message_retry(
     tx: &mut PgConnection,
     tenant: Uuid,
     id: i64,
     due_at: DateTime<Utc>,
     error: &str,
+    tried: bool,
 ) -> Result<bool, RepoError> {
     let res = sqlx::query(
         "UPDATE broadcast_messages
-         SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL
+         SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL,
+             attempts = CASE WHEN $5 THEN attempts ELSE attempts - 1 END
          WHERE id = $1 AND tenant_id = $2 AND status = 'sending'",
     )
     .bind(id)
     .bind(tenant)
     .bind(due_at)
     .bind(error)
+    .bind(tried)
     .execute(tx)
     .await?;
     Ok(res.rows_affected() == 1)
