@@ -4,6 +4,8 @@
 //! HTTP (trigger, processor tick, queue receive, `SqsEvent` to the worker, delete what succeeded).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod queue_contract;
+
 use chrono::Utc;
 use shared::config::Secret;
 use shared::domain::{DelayRange, DeviceStatus, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
