@@ -1,1 +1,559 @@
-fn main() {}
+//! `wabcast`: what an operator does from a terminal. Migrate, create tenants, add devices, import
+//! leads from CSV, create and steer campaigns, watch progress, show the system's status, seed
+//! the demo. Every input is validated at this edge; bad input is refused whole, changing nothing.
+
+mod demo;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use shared::config::Secret;
+use shared::domain::{CampaignStatus, DelayRange, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
+use shared::media::ImageSource;
+use shared::repo;
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "wabcast", about = "Operate wabcast: tenants, devices, leads, campaigns, status")]
+struct Cli {
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct HostArgs {
+    #[arg(long, env = "HOST_URL", default_value = "http://127.0.0.1:8700")]
+    host_url: String,
+    #[arg(long, env = "HOST_TOKEN", hide_env_values = true)]
+    host_token: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply the database migrations.
+    Migrate,
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    #[command(subcommand)]
+    Leads(LeadsCmd),
+    #[command(subcommand)]
+    Campaign(CampaignCmd),
+    /// Per-device state, pacing cursors, pending and in-queue depth, dead letters.
+    Status {
+        /// Only this tenant (email or id).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    #[command(subcommand)]
+    Demo(demo::DemoCmd),
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, env = "WABCAST_PASSWORD", hide_env_values = true)]
+        password: String,
+        #[arg(long, default_value = shared::tz::DEFAULT_TIME_ZONE)]
+        time_zone: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    Add {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        phone: Option<String>,
+        #[arg(long, default_value = "simulator")]
+        provider: String,
+        /// Floor of the gap between two sends of this device, seconds.
+        #[arg(long, default_value_t = 0.0)]
+        min_delay: f64,
+        #[arg(long, default_value_t = 0.0)]
+        max_delay: f64,
+        #[arg(long)]
+        daily_cap: Option<i32>,
+    },
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Delete a device: its unsent messages end skipped (device_deleted).
+    Delete {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+    },
+    /// Start pairing: prints the QR payload (or the pair code with --phone).
+    Pair {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+        #[arg(long)]
+        phone: Option<String>,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Simulator only: take a device offline or bring it back online.
+    Simulate {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+        #[arg(long, value_parser = ["online", "offline"])]
+        state: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeadsCmd {
+    /// Import (or update) leads from a CSV with columns device,name,phone,niches,status[,triggers].
+    /// `device` is a device label or id of the tenant; niches and triggers are separated by `|`
+    /// or `;`. Any bad row refuses the whole file.
+    Import {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
+    /// Opt a number out: it receives nothing more from this tenant.
+    OptOut {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        phone: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CampaignCmd {
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        title: String,
+        /// `{name}`, `{first_name}`, `{phone}`, `{name:fallback}` and spintax `{Hi|Hello}`.
+        #[arg(long)]
+        template: String,
+        #[arg(long)]
+        niche: String,
+        #[arg(long, default_value = "all")]
+        target: String,
+        /// `https://…`, `data:image/...;base64,…`, or `@path/to/file.png`.
+        #[arg(long)]
+        image: Option<String>,
+        /// Local date in the tenant's time zone (YYYY-MM-DD); default today.
+        #[arg(long)]
+        date: Option<chrono::NaiveDate>,
+        /// Local time (HH:MM); without it the campaign is due now.
+        #[arg(long)]
+        time: Option<chrono::NaiveTime>,
+        #[arg(long, default_value_t = 30.0)]
+        min_delay: f64,
+        #[arg(long, default_value_t = 90.0)]
+        max_delay: f64,
+    },
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    Pause {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        campaign: Uuid,
+    },
+    Resume {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        campaign: Uuid,
+    },
+    Cancel {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        campaign: Uuid,
+    },
+    /// Counts per state (with reasons) and per device.
+    Progress {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        campaign: Uuid,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let pool = shared::db::connect(&cli.database_url, 4).await?;
+    match cli.command {
+        Command::Migrate => {
+            shared::db::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Command::Tenant(TenantCmd::Create { email, password, time_zone }) => {
+            let id = create_tenant(&pool, &email, &password, &time_zone).await?;
+            println!("{id}");
+        }
+        Command::Device(cmd) => device(&pool, cmd).await?,
+        Command::Leads(cmd) => leads(&pool, cmd).await?,
+        Command::Campaign(cmd) => campaign(&pool, cmd).await?,
+        Command::Status { tenant } => {
+            let tenant = match tenant {
+                Some(t) => Some(resolve_tenant(&pool, &t).await?),
+                None => None,
+            };
+            status(&pool, tenant).await?;
+        }
+        Command::Demo(cmd) => demo::run(&pool, cmd).await?,
+    }
+    Ok(())
+}
+
+pub(crate) async fn create_tenant(pool: &PgPool, email: &str, password: &str, time_zone: &str) -> Result<Uuid> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    shared::tz::parse_zone(time_zone)?;
+    if password.chars().count() < 8 {
+        bail!("password must be at least 8 characters");
+    }
+    let hash = argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+        .map_err(|e| anyhow::anyhow!("failed to hash password: {e}"))?
+        .to_string();
+    let mut tx = pool.begin().await?;
+    let id = repo::tenants::insert_tenant(&mut tx, email, &hash, time_zone).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// A tenant by id or by email.
+pub(crate) async fn resolve_tenant(pool: &PgPool, s: &str) -> Result<Uuid> {
+    let t = match s.parse::<Uuid>() {
+        Ok(id) => repo::tenants::get_tenant(pool, id).await,
+        Err(_) => repo::tenants::find_tenant_by_email(pool, s).await,
+    };
+    Ok(t.with_context(|| format!("no tenant {s:?}"))?.id)
+}
+
+fn host_client(h: &HostArgs) -> Result<shared::host_api::HostClient> {
+    shared::host_api::HostClient::new(&h.host_url, Secret::new(h.host_token.clone()), Duration::from_secs(15))
+}
+
+async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
+    match cmd {
+        DeviceCmd::Add { tenant, label, phone, provider, min_delay, max_delay, daily_cap } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let phone = phone.as_deref().map(PhoneE164::parse).transpose()?;
+            let provider: ProviderKind = provider.parse()?;
+            let mut tx = pool.begin().await?;
+            let id = repo::devices::insert_device(
+                &mut tx,
+                tenant,
+                &repo::devices::NewDevice {
+                    label: &label,
+                    phone: phone.as_ref(),
+                    provider,
+                    delay: DelayRange::new(min_delay, max_delay)?,
+                    daily_cap,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            println!("{id}");
+        }
+        DeviceCmd::List { tenant } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            println!("{:<36}  {:<16} {:<10} {:<14} {:>11}", "id", "label", "provider", "status", "delay (s)");
+            for d in repo::devices::list_devices(pool, tenant).await? {
+                println!(
+                    "{:<36}  {:<16} {:<10} {:<14} {:>5.1}-{:<5.1}",
+                    d.id, d.label, d.provider, d.status, d.min_delay_s, d.max_delay_s
+                );
+            }
+        }
+        DeviceCmd::Delete { tenant, device } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let mut tx = pool.begin().await?;
+            repo::devices::delete_device(&mut tx, tenant, device).await?;
+            tx.commit().await?;
+            println!("device {device} deleted; its unsent messages will end skipped (device_deleted)");
+        }
+        DeviceCmd::Pair { tenant, device, phone, host } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            if let Some(p) = &phone {
+                PhoneE164::parse(p)?;
+            }
+            let pairing = host_client(&host)?.start_pairing(tenant, device, phone).await?;
+            match pairing.method.as_str() {
+                "code" => println!("On the phone: Linked devices > Link with phone number, then type {}", pairing.code),
+                _ => println!("Scan within {} s (WhatsApp > Linked devices):\n{}", pairing.expires_in_s, pairing.code),
+            }
+        }
+        DeviceCmd::Simulate { tenant, device, state, host } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let s = host_client(&host)?.simulate_connection(tenant, device, state == "online").await?;
+            println!("{} is {}", s.device_id, s.status);
+        }
+    }
+    Ok(())
+}
+
+/// Parses a whole CSV into leads, or refuses it with every bad row listed.
+pub(crate) fn parse_leads_csv(
+    text: &str,
+    devices: &std::collections::HashMap<String, Uuid>,
+) -> Result<Vec<repo::leads::NewLead>> {
+    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
+    let headers: Vec<String> = reader.headers()?.iter().map(|h| h.to_lowercase()).collect();
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let (Some(c_device), Some(c_phone)) = (col("device"), col("phone")) else {
+        bail!("the CSV needs at least the columns device and phone (have: {})", headers.join(","));
+    };
+    let (c_name, c_niches, c_status, c_triggers) = (col("name"), col("niches"), col("status"), col("triggers"));
+    let mut leads = Vec::new();
+    let mut problems = Vec::new();
+    for (i, row) in reader.records().enumerate() {
+        let line = i + 2;
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!("line {line}: {e}"));
+                continue;
+            }
+        };
+        let get = |c: Option<usize>| c.and_then(|c| row.get(c)).unwrap_or("");
+        let parsed = (|| -> Result<repo::leads::NewLead> {
+            let device_key = get(Some(c_device));
+            let device_id = devices
+                .get(device_key)
+                .copied()
+                .with_context(|| format!("device {device_key:?} is not one of this tenant's devices"))?;
+            let status_raw = get(c_status);
+            Ok(repo::leads::NewLead {
+                device_id,
+                name: get(c_name).to_string(),
+                phone: PhoneE164::parse(get(Some(c_phone)))?,
+                niches: Token::parse_set(get(c_niches))?,
+                status: if status_raw.is_empty() { LeadStatus::Prospect } else { status_raw.parse()? },
+                triggers: Token::parse_set(get(c_triggers))?,
+            })
+        })();
+        match parsed {
+            Ok(l) => leads.push(l),
+            Err(e) => problems.push(format!("line {line}: {e:#}")),
+        }
+    }
+    if !problems.is_empty() {
+        let shown: Vec<&String> = problems.iter().take(20).collect();
+        bail!(
+            "{} bad row(s); nothing was imported:\n  {}",
+            problems.len(),
+            shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+        );
+    }
+    Ok(leads)
+}
+
+async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
+    match cmd {
+        LeadsCmd::Import { tenant, file } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let mut devices = std::collections::HashMap::new();
+            for d in repo::devices::list_devices(pool, tenant).await? {
+                if d.deleted_at.is_none() {
+                    devices.insert(d.label.clone(), d.id);
+                    devices.insert(d.id.to_string(), d.id);
+                }
+            }
+            let leads = parse_leads_csv(&text, &devices)?;
+            let mut tx = pool.begin().await?;
+            let n = repo::leads::upsert_leads(&mut tx, tenant, &leads).await?;
+            tx.commit().await?;
+            println!("{} leads imported, {} updated", n.inserted, n.updated);
+        }
+        LeadsCmd::OptOut { tenant, phone } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let phone = PhoneE164::parse(&phone)?;
+            let mut tx = pool.begin().await?;
+            let n = repo::leads::opt_out_lead(&mut tx, tenant, &phone).await?;
+            tx.commit().await?;
+            println!("{phone}: {n} lead(s) opted out");
+        }
+    }
+    Ok(())
+}
+
+/// Validates an image argument and returns what the campaign stores (`https://…` or `media:<id>`).
+pub(crate) async fn store_image(pool: &PgPool, tenant: Uuid, raw: &str) -> Result<String> {
+    let source = if let Some(path) = raw.strip_prefix('@') {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
+        if bytes.len() > shared::media::MAX_IMAGE_BYTES {
+            bail!("image is larger than 5 MB ({} bytes)", bytes.len());
+        }
+        let mime = shared::media::sniff(&bytes).context("the file is not a JPEG, PNG or WebP image")?;
+        ImageSource::Inline { mime, bytes }
+    } else {
+        ImageSource::parse(raw)?
+    };
+    Ok(match source {
+        ImageSource::Remote(url) => url.to_string(),
+        ImageSource::Inline { mime, bytes } => {
+            let mut tx = pool.begin().await?;
+            let id = repo::media::insert_media(&mut tx, tenant, mime, &bytes).await?;
+            tx.commit().await?;
+            format!("media:{id}")
+        }
+    })
+}
+
+async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
+    match cmd {
+        CampaignCmd::Create { tenant, title, template, niche, target, image, date, time, min_delay, max_delay } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            shared::render::Template::parse(&template)?;
+            let niche = Token::parse(&niche)?;
+            let target: TargetStatus = target.parse()?;
+            let delay = DelayRange::new(min_delay, max_delay)?;
+            let t = repo::tenants::get_tenant(pool, tenant).await?;
+            let zone = shared::tz::parse_zone(&t.time_zone)?;
+            let now = chrono::Utc::now();
+            let date = date.unwrap_or_else(|| now.with_timezone(&zone).date_naive());
+            let scheduled_at = shared::tz::resolve_local(zone, date, time, now)?;
+            let image = match image {
+                Some(raw) => Some(store_image(pool, tenant, &raw).await?),
+                None => None,
+            };
+            let mut tx = pool.begin().await?;
+            let id = repo::campaigns::insert_campaign(
+                &mut tx,
+                tenant,
+                &repo::campaigns::NewCampaign {
+                    title: &title,
+                    template: &template,
+                    image: image.as_deref(),
+                    niche: &niche,
+                    target,
+                    scheduled_at,
+                    delay,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            println!("{id}");
+            eprintln!("scheduled for {} ({} local)", scheduled_at.to_rfc3339(), scheduled_at.with_timezone(&zone).format("%Y-%m-%d %H:%M %Z"));
+        }
+        CampaignCmd::List { tenant } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            println!("{:<36}  {:<10} {:<22} {:<12} title", "id", "status", "scheduled (UTC)", "niche");
+            for c in repo::campaigns::list_campaigns(pool, tenant).await? {
+                println!("{:<36}  {:<10} {:<22} {:<12} {}", c.id, c.status, c.scheduled_at.format("%Y-%m-%d %H:%M:%S"), c.niche, c.title);
+            }
+        }
+        CampaignCmd::Pause { tenant, campaign } => set_status(pool, &tenant, campaign, CampaignStatus::Paused).await?,
+        CampaignCmd::Resume { tenant, campaign } => set_status(pool, &tenant, campaign, CampaignStatus::Running).await?,
+        CampaignCmd::Cancel { tenant, campaign } => set_status(pool, &tenant, campaign, CampaignStatus::Cancelled).await?,
+        CampaignCmd::Progress { tenant, campaign } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            print_progress(pool, tenant, campaign).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn set_status(pool: &PgPool, tenant: &str, campaign: Uuid, to: CampaignStatus) -> Result<()> {
+    let tenant = resolve_tenant(pool, tenant).await?;
+    let mut tx = pool.begin().await?;
+    let now = repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, to).await?;
+    tx.commit().await?;
+    println!("campaign {campaign} is {now}");
+    Ok(())
+}
+
+pub(crate) async fn print_progress(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> Result<()> {
+    let c = repo::campaigns::get_campaign(pool, tenant, campaign).await?;
+    let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await?;
+    println!("{} [{}]: {} messages, {} delivered, {} read", c.title, c.status, p.total, p.delivered, p.read);
+    for (status, n) in &p.by_status {
+        println!("  {status:<10} {n:>8}");
+        for ((s, reason), m) in &p.by_reason {
+            if s == status && s != "sent" {
+                println!("      {reason:<22} {m:>8}");
+            }
+        }
+    }
+    let labels: std::collections::HashMap<Uuid, String> =
+        repo::devices::list_devices(pool, tenant).await?.into_iter().map(|d| (d.id, d.label)).collect();
+    println!("  per device:");
+    for (device, counts) in &p.by_device {
+        let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
+        println!("    {:<16} {}", labels.get(device).map(String::as_str).unwrap_or("?"), parts.join(" "));
+    }
+    Ok(())
+}
+
+async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
+    let queue = shared::queue::QueueConfig::from_env()?.connect().await;
+    let rows = repo::devices::list_device_load(pool, tenant).await?;
+    let now = chrono::Utc::now();
+    println!("{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}", "device", "status", "next send", "pending", "queued", "sending");
+    for d in &rows {
+        let next = (d.next_send_at - now).num_milliseconds() as f64 / 1000.0;
+        let next = if next <= 0.0 { "ready".to_string() } else { format!("in {next:.1}s") };
+        println!("{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}", d.label, d.status, next, d.pending, d.queued, d.sending);
+    }
+    let (p, q, s) = rows.iter().fold((0, 0, 0), |a, d| (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending));
+    println!("total: {p} pending, {q} queued, {s} sending");
+    match queue {
+        Ok(queue) => match queue.stats().await {
+            Ok(st) => println!("queue: {} visible, {} in flight, {} dead-lettered", st.visible, st.in_flight, st.dead_letter),
+            Err(e) => println!("queue: unavailable ({e})"),
+        },
+        Err(e) => println!("queue: unavailable ({e})"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_import_refuses_the_whole_file_on_any_bad_row() {
+        let d = Uuid::new_v4();
+        let devices = [("phone-1".to_string(), d)].into_iter().collect();
+        let ok = "device,name,phone,niches,status,triggers\nphone-1,Ali,+60 12-345 6789,cars|loans,customer,COLD\nphone-1,,60198765432,cars,,\n";
+        let leads = parse_leads_csv(ok, &devices).unwrap();
+        assert_eq!(leads.len(), 2);
+        assert_eq!(leads[0].phone.as_str(), "+60123456789");
+        assert_eq!(leads[0].niches.len(), 2);
+        assert_eq!(leads[1].status, LeadStatus::Prospect);
+        let bad = "device,name,phone,niches,status\nphone-1,Ali,+60123456789,cars,prospect\nphone-9,Bo,+60123456780,cars,prospect\nphone-1,Cy,12ab,cars,prospect\nphone-1,Di,+60123456781,car pet,prospect\n";
+        let err = parse_leads_csv(bad, &devices).unwrap_err().to_string();
+        assert!(err.contains("3 bad row(s)") && err.contains("line 3") && err.contains("line 4") && err.contains("line 5"), "{err}");
+        assert!(parse_leads_csv("name,phone\nA,+60123456789\n", &devices).is_err());
+    }
+}
