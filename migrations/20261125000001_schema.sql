@@ -100,6 +100,9 @@ CREATE TABLE broadcast_messages (
     attempts             integer NOT NULL DEFAULT 0,
     enqueue_count        integer NOT NULL DEFAULT 0,
     due_at               timestamptz NOT NULL DEFAULT now(),
+    -- the pacing gap drawn when the row was queued: the device's next send waits this long
+    -- after this one is accepted, however late the queue delivers it
+    gap_s                double precision,
     lease_until          timestamptz,
     last_error           text,
     provider_message_id  text,
@@ -119,6 +122,8 @@ CREATE TABLE broadcast_messages (
 );
 -- The processor's claim: a device's next due pending message.
 CREATE INDEX bm_claim ON broadcast_messages (device_id, due_at, id) WHERE status = 'pending';
+-- Pacing: a device with a paced message in flight is not claimed again.
+CREATE INDEX bm_device_in_flight ON broadcast_messages (device_id) WHERE status IN ('queued', 'sending');
 -- The rescuer: rows in flight past their lease.
 CREATE INDEX bm_in_flight ON broadcast_messages (lease_until) WHERE status IN ('queued', 'sending');
 -- Progress counts per campaign, per state and per device: index-only scans.

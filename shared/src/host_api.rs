@@ -23,6 +23,8 @@ pub struct SendResponse {
     pub provider_message_id: String,
     /// True when this message id had already been sent: nothing was sent this time.
     pub duplicate: bool,
+    /// When the provider accepted the message (the first time, for a duplicate).
+    pub accepted_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// The body of every error answer.
@@ -81,6 +83,7 @@ pub enum SendOutcome {
     Sent {
         provider_message_id: String,
         duplicate: bool,
+        accepted_at: chrono::DateTime<chrono::Utc>,
     },
     /// Retrying cannot help (`reason` is a machine code).
     Permanent { reason: String, detail: String },
@@ -132,6 +135,7 @@ impl HostClient {
                 Ok(b) => SendOutcome::Sent {
                     provider_message_id: b.provider_message_id,
                     duplicate: b.duplicate,
+                    accepted_at: b.accepted_at,
                 },
                 // The host accepted but its answer was lost: the send record decides later.
                 Err(e) => SendOutcome::Transient {

@@ -194,8 +194,8 @@ impl Host {
         tx.commit().await.map_err(SendError::internal)?;
         let provider_message_id = match state {
             HostSendState::Owned { provider_message_id } => provider_message_id,
-            HostSendState::Existing { provider_message_id, state, error } => match state.as_str() {
-                "sent" => return Ok(SendResponse { provider_message_id, duplicate: true }),
+            HostSendState::Existing { provider_message_id, state, error, updated_at } => match state.as_str() {
+                "sent" => return Ok(SendResponse { provider_message_id, duplicate: true, accepted_at: updated_at }),
                 "failed" => {
                     let reason = error.unwrap_or_else(|| "provider_refused".into());
                     return Err(SendError::permanent(422, permanent_code(&reason), reason));
@@ -204,7 +204,7 @@ impl Host {
                     // An attempt that died with a previous process (not in flight here).
                     if provider.was_sent(&device, &provider_message_id).await == Some(true) {
                         self.finish(req, "sent", None).await?;
-                        return Ok(SendResponse { provider_message_id, duplicate: true });
+                        return Ok(SendResponse { provider_message_id, duplicate: true, accepted_at: chrono::Utc::now() });
                     }
                     let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
                     repo::host_sends::retake_host_send(&mut tx, req.tenant_id, req.message_id, &self.host_id).await?;
@@ -238,8 +238,9 @@ impl Host {
         };
         match provider.send(&device, &outbound).await {
             Ok(()) => {
+                let accepted_at = chrono::Utc::now();
                 self.finish(req, "sent", None).await?;
-                Ok(SendResponse { provider_message_id, duplicate: false })
+                Ok(SendResponse { provider_message_id, duplicate: false, accepted_at })
             }
             Err(ProviderError::NotOnWhatsapp) => {
                 self.finish(req, "failed", Some(reason::NOT_ON_WHATSAPP)).await?;

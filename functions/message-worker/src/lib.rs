@@ -57,7 +57,7 @@ struct Record {
 
 /// How one claimed job ended with the host.
 enum Outcome {
-    Sent(String),
+    Sent(String, chrono::DateTime<Utc>),
     Failed { reason: String, detail: String },
     /// `tried = false`: held back behind an earlier transient error of its group, never sent.
     Retry { reason: String, detail: String, tried: bool },
@@ -190,7 +190,7 @@ async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> 
             image: job.image.clone(),
         };
         let outcome = match deps.host.send(&req).await {
-            SendOutcome::Sent { provider_message_id, .. } => Outcome::Sent(provider_message_id),
+            SendOutcome::Sent { provider_message_id, accepted_at, .. } => Outcome::Sent(provider_message_id, accepted_at),
             SendOutcome::Permanent { reason, detail } => Outcome::Failed { reason, detail },
             SendOutcome::Transient { reason, detail } => {
                 blocked = Some((reason.clone(), detail.clone()));
@@ -205,10 +205,10 @@ async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> 
 /// Writes every outcome: all `sent` rows in one statement, failures and retries one each.
 async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result<HashSet<i64>> {
     let mut unrecorded = HashSet::new();
-    let sent: Vec<(i64, uuid::Uuid, String)> = results
+    let sent: Vec<repo::messages::SentRecord> = results
         .iter()
         .filter_map(|(j, o)| match o {
-            Outcome::Sent(pid) => Some((j.id, j.tenant_id, pid.clone())),
+            Outcome::Sent(pid, at) => Some((j.id, j.tenant_id, pid.clone(), *at)),
             _ => None,
         })
         .collect();
@@ -222,7 +222,7 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
     let mut rng = rand::rngs::StdRng::from_os_rng();
     for (job, outcome) in &results {
         let res = match outcome {
-            Outcome::Sent(_) => continue,
+            Outcome::Sent(..) => continue,
             Outcome::Failed { reason, detail } => {
                 write_failed(job, &permanent_reason(reason), detail, deps).await
             }
@@ -255,7 +255,7 @@ fn permanent_reason(code: &str) -> String {
     }
 }
 
-async fn write_sent(sent: &[(i64, uuid::Uuid, String)], deps: &Deps) -> anyhow::Result<()> {
+async fn write_sent(sent: &[repo::messages::SentRecord], deps: &Deps) -> anyhow::Result<()> {
     let mut tx = deps.pool.begin().await?;
     repo::messages::mark_messages_sent(&mut tx, sent).await?;
     tx.commit().await?;

@@ -551,7 +551,7 @@ mod tests {
         assert_eq!(leads[0].phone.as_str(), "+60123456789");
         assert_eq!(leads[0].niches.len(), 2);
         assert_eq!(leads[1].status, LeadStatus::Prospect);
-        let bad = "device,name,phone,niches,status\nphone-1,Ali,+60123456789,cars,prospect\nphone-9,Bo,+60123456780,cars,prospect\nphone-1,Cy,12ab,cars,prospect\nphone-1,Di,+60123456781,car pet,prospect\n";
+        let bad = "device,name,phone,niches,status\nphone-1,Ali,+60123456789,cars,prospect\nphone-9,Bo,+60123456780,cars,prospect\nphone-1,Cy,12ab,cars,prospect\nphone-1,Di,+60123456781,car$,prospect\n";
         let err = parse_leads_csv(bad, &devices).unwrap_err().to_string();
         assert!(err.contains("3 bad row(s)") && err.contains("line 3") && err.contains("line 4") && err.contains("line 5"), "{err}");
         assert!(parse_leads_csv("name,phone\nA,+60123456789\n", &devices).is_err());

@@ -15,6 +15,7 @@ pub enum HostSendState {
         provider_message_id: String,
         state: String,
         error: Option<String>,
+        updated_at: chrono::DateTime<chrono::Utc>,
     },
 }
 
@@ -49,20 +50,21 @@ pub async fn begin_host_send(
             provider_message_id: pid,
         });
     }
-    let existing: Option<(String, String, Option<String>)> = sqlx::query_as(
-        "SELECT provider_message_id, state, error FROM host_sends
+    let existing: Option<(String, String, Option<String>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT provider_message_id, state, error, updated_at FROM host_sends
          WHERE message_id = $1 AND tenant_id = $2",
     )
     .bind(message_id)
     .bind(tenant)
     .fetch_optional(&mut *tx)
     .await?;
-    let (provider_message_id, state, error) =
+    let (provider_message_id, state, error, updated_at) =
         existing.ok_or(RepoError::NotFound("send record of this tenant"))?;
     Ok(HostSendState::Existing {
         provider_message_id,
         state,
         error,
+        updated_at,
     })
 }
 

@@ -11,13 +11,15 @@ use uuid::Uuid;
 /// A claimed item and how many times its row has been enqueued (for the deduplication id).
 pub type ClaimedItem = (WorkItem, i32);
 
-/// System scope: the processor's claim. For every online device whose pacing cursor has passed,
-/// takes its next due pending message of a running campaign, marks it `queued` with a lease, and
-/// moves the device's cursor to now + a gap drawn uniformly in the effective range (the
-/// campaign's range with the device's as a floor). While the drawn gaps are zero a device takes
-/// up to `per_device` messages at once, so a zero gap never caps throughput at one per tick;
-/// a positive gap means one message per device per claim. Concurrent processors skip each
-/// other's locked devices and rows, so a message is queued once.
+/// System scope: the processor's claim. For every online device whose pacing cursor has passed
+/// and which has no paced message in flight, takes its next due pending message of a running
+/// campaign, marks it `queued` with a lease, draws its gap uniformly in the effective range (the
+/// campaign's range with the device's as a floor), stores it on the row and moves the device's
+/// cursor to now + gap. [`mark_messages_sent`] moves the cursor again to acceptance + gap, so
+/// consecutive *sends* are spaced by the gap even when the queue delivers late. While the drawn
+/// gaps are zero a device takes up to `per_device` messages at once, so a zero gap never caps
+/// throughput at one per tick. Concurrent processors skip each other's locked devices and rows,
+/// so a message is queued once.
 pub async fn claim_ready_messages(
     tx: &mut PgConnection,
     max_devices: i64,
@@ -28,6 +30,9 @@ pub async fn claim_ready_messages(
         "WITH ready AS (
              SELECT id, tenant_id, min_delay_s, max_delay_s FROM devices
              WHERE status = 'online' AND deleted_at IS NULL AND next_send_at <= now()
+               AND NOT EXISTS (SELECT 1 FROM broadcast_messages f
+                               WHERE f.device_id = devices.id AND f.status IN ('queued', 'sending')
+                                 AND f.gap_s > 0)
              ORDER BY next_send_at LIMIT $1
              FOR UPDATE SKIP LOCKED
          ), cand AS (
@@ -58,7 +63,7 @@ pub async fn claim_ready_messages(
          ), upd AS (
              UPDATE broadcast_messages bm
              SET status = 'queued', queued_at = now(), enqueue_count = bm.enqueue_count + 1,
-                 lease_until = now() + make_interval(secs => $3)
+                 lease_until = now() + make_interval(secs => $3), gap_s = kept.gap
              FROM kept WHERE bm.id = kept.id AND bm.status = 'pending'
              RETURNING bm.id, bm.tenant_id, bm.device_id, bm.enqueue_count
          ), cursor AS (
@@ -151,27 +156,38 @@ pub async fn hold_paused_messages(
     Ok(res.rows_affected())
 }
 
-/// `sending → sent` for a batch of (message, tenant, provider message id).
-pub async fn mark_messages_sent(
-    tx: &mut PgConnection,
-    sent: &[(i64, Uuid, String)],
-) -> Result<u64, RepoError> {
+/// One accepted send: message, tenant, provider message id, when the provider accepted it.
+pub type SentRecord = (i64, Uuid, String, DateTime<Utc>);
+
+/// `sending → sent` for a batch, with each send's acceptance time; each device's pacing cursor
+/// moves to (its latest acceptance + that message's gap) if that is later.
+pub async fn mark_messages_sent(tx: &mut PgConnection, sent: &[SentRecord]) -> Result<u64, RepoError> {
     let ids: Vec<i64> = sent.iter().map(|s| s.0).collect();
     let tenants: Vec<Uuid> = sent.iter().map(|s| s.1).collect();
     let provider_ids: Vec<&str> = sent.iter().map(|s| s.2.as_str()).collect();
-    let res = sqlx::query(
-        "UPDATE broadcast_messages bm
-         SET status = 'sent', reason = 'accepted', sent_at = now(), finished_at = now(),
-             provider_message_id = w.pid, lease_until = NULL
-         FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS w(id, tenant, pid)
-         WHERE bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'sending'",
+    let ats: Vec<DateTime<Utc>> = sent.iter().map(|s| s.3).collect();
+    let n: i64 = sqlx::query_scalar(
+        "WITH upd AS (
+             UPDATE broadcast_messages bm
+             SET status = 'sent', reason = 'accepted', sent_at = w.at, finished_at = now(),
+                 provider_message_id = w.pid, lease_until = NULL
+             FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::timestamptz[]) AS w(id, tenant, pid, at)
+             WHERE bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'sending'
+             RETURNING bm.device_id, bm.tenant_id, w.at + make_interval(secs => COALESCE(bm.gap_s, 0)) AS next_at
+         ), cursor AS (
+             UPDATE devices d SET next_send_at = GREATEST(d.next_send_at, n.next_at)
+             FROM (SELECT device_id, tenant_id, max(next_at) AS next_at FROM upd GROUP BY 1, 2) n
+             WHERE d.id = n.device_id AND d.tenant_id = n.tenant_id
+         )
+         SELECT count(*) FROM upd",
     )
     .bind(&ids)
     .bind(&tenants)
     .bind(&provider_ids)
-    .execute(tx)
+    .bind(&ats)
+    .fetch_one(tx)
     .await?;
-    Ok(res.rows_affected())
+    Ok(n as u64)
 }
 
 /// `sending → failed` with a machine-readable reason and the provider's detail.
