@@ -64,10 +64,7 @@ impl PhoneE164 {
         if !(7..=15).contains(&digits.len()) {
             return Err(InvalidInput::new(
                 "phone",
-                format!(
-                    "{raw:?} has {} digits; E.164 allows 7 to 15",
-                    digits.len()
-                ),
+                format!("{raw:?} has {} digits; E.164 allows 7 to 15", digits.len()),
             ));
         }
         if digits.starts_with('0') {

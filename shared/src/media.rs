@@ -184,7 +184,9 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 
 fn check_url(url: &Url, policy: AddressPolicy) -> Result<(), MediaError> {
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(MediaError::BadUrl("credentials in URLs are not allowed".into()));
+        return Err(MediaError::BadUrl(
+            "credentials in URLs are not allowed".into(),
+        ));
     }
     match url.host() {
         None => Err(MediaError::BadUrl("no host".into())),
@@ -194,7 +196,9 @@ fn check_url(url: &Url, policy: AddressPolicy) -> Result<(), MediaError> {
         Some(url::Host::Ipv6(ip)) if !policy.allows(IpAddr::V6(ip)) => {
             Err(MediaError::ForbiddenAddress(ip.to_string()))
         }
-        Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost") => {
+        Some(url::Host::Domain(d))
+            if d.eq_ignore_ascii_case("localhost") || d.ends_with(".localhost") =>
+        {
             if policy == AddressPolicy::AllowLoopback {
                 Ok(())
             } else {
@@ -215,9 +219,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let policy = self.policy;
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed: Vec<SocketAddr> = addrs
                 .iter()
                 .copied()
@@ -228,8 +231,10 @@ impl reqwest::dns::Resolve for GuardedResolver {
                     .first()
                     .map(|a| a.ip().to_string())
                     .unwrap_or_else(|| "no address".into());
-                return Err(Box::new(MediaError::ForbiddenAddress(format!("{host} -> {shown}")))
-                    as Box<dyn std::error::Error + Send + Sync>);
+                return Err(
+                    Box::new(MediaError::ForbiddenAddress(format!("{host} -> {shown}")))
+                        as Box<dyn std::error::Error + Send + Sync>,
+                );
             }
             Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
         })
@@ -291,7 +296,10 @@ impl ImageFetcher {
             .await
             .map_err(|e| fetch_error(&e))?;
         if !resp.status().is_success() {
-            return Err(MediaError::Fetch(format!("HTTP {}", resp.status().as_u16())));
+            return Err(MediaError::Fetch(format!(
+                "HTTP {}",
+                resp.status().as_u16()
+            )));
         }
         if let Some(len) = resp.content_length() {
             if len as usize > MAX_IMAGE_BYTES {
@@ -354,7 +362,10 @@ mod tests {
     fn data_urls_are_checked_by_content() {
         assert!(matches!(
             ImageSource::parse(&tiny_png_data_url()),
-            Ok(ImageSource::Inline { mime: "image/png", .. })
+            Ok(ImageSource::Inline {
+                mime: "image/png",
+                ..
+            })
         ));
         // A text file dressed up as a PNG.
         assert_eq!(
@@ -445,7 +456,11 @@ mod tests {
     #[tokio::test]
     async fn fetcher_refuses_forbidden_literals_before_connecting() {
         let f = ImageFetcher::new().unwrap();
-        for url in ["https://127.0.0.1/a.png", "https://[::1]/a.png", "http://example.com/a.png"] {
+        for url in [
+            "https://127.0.0.1/a.png",
+            "https://[::1]/a.png",
+            "http://example.com/a.png",
+        ] {
             let url = Url::parse(url).unwrap();
             assert!(f.fetch(&url).await.is_err(), "{url}");
         }

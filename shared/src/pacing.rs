@@ -46,9 +46,27 @@ mod tests {
 
     #[test]
     fn device_floor_wins() {
-        let r = effective_range(DelayRange { min_s: 30.0, max_s: 90.0 }, DelayRange { min_s: 1.0, max_s: 5.0 });
+        let r = effective_range(
+            DelayRange {
+                min_s: 30.0,
+                max_s: 90.0,
+            },
+            DelayRange {
+                min_s: 1.0,
+                max_s: 5.0,
+            },
+        );
         assert_eq!((r.min_s, r.max_s), (30.0, 90.0));
-        let r = effective_range(DelayRange { min_s: 0.0, max_s: 0.0 }, DelayRange { min_s: 2.0, max_s: 4.0 });
+        let r = effective_range(
+            DelayRange {
+                min_s: 0.0,
+                max_s: 0.0,
+            },
+            DelayRange {
+                min_s: 2.0,
+                max_s: 4.0,
+            },
+        );
         assert_eq!((r.min_s, r.max_s), (2.0, 4.0));
     }
 

@@ -472,7 +472,10 @@ pub fn to_sqs_event(
                 ("MessageDeduplicationId", m.dedup_id.clone()),
                 ("ApproximateReceiveCount", m.receive_count.to_string()),
                 ("SentTimestamp", m.sent_timestamp_ms.to_string()),
-                ("ApproximateFirstReceiveTimestamp", m.first_receive_timestamp_ms.to_string()),
+                (
+                    "ApproximateFirstReceiveTimestamp",
+                    m.first_receive_timestamp_ms.to_string(),
+                ),
             ] {
                 r.attributes.insert(k.to_string(), v);
             }

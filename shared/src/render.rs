@@ -124,12 +124,13 @@ fn parse_brace(chars: &[char], pos: &mut usize, depth: usize) -> Result<Segment,
         let inner: String = match options[0].as_slice() {
             [Segment::Text(t)] => t.clone(),
             [] => String::new(),
-            _ => {
-                return Err(InvalidInput::new(
-                    "template",
-                    format!("'{{...}}' at character {} is neither a placeholder nor spintax (use {{a|b}})", start - 1),
-                ))
-            }
+            _ => return Err(InvalidInput::new(
+                "template",
+                format!(
+                    "'{{...}}' at character {} is neither a placeholder nor spintax (use {{a|b}})",
+                    start - 1
+                ),
+            )),
         };
         let (key, fallback) = match inner.split_once(':') {
             Some((k, f)) => (k.trim().to_string(), Some(f.to_string())),
@@ -141,7 +142,9 @@ fn parse_brace(chars: &[char], pos: &mut usize, depth: usize) -> Result<Segment,
             "phone" if fallback.is_none() => Ok(Segment::Phone),
             other => Err(InvalidInput::new(
                 "template",
-                format!("unknown placeholder {{{other}}}; known: {{name}}, {{first_name}}, {{phone}}"),
+                format!(
+                    "unknown placeholder {{{other}}}; known: {{name}}, {{first_name}}, {{phone}}"
+                ),
             )),
         };
     }
@@ -225,7 +228,15 @@ mod tests {
 
     #[test]
     fn malformed_templates_are_refused() {
-        for bad in ["", "Hi {name", "Hi }", "{unknown}", "{phone:x}", "{a|b", "{{{{{{{{{{a|b}}}}}}}}}}"] {
+        for bad in [
+            "",
+            "Hi {name",
+            "Hi }",
+            "{unknown}",
+            "{phone:x}",
+            "{a|b",
+            "{{{{{{{{{{a|b}}}}}}}}}}",
+        ] {
             assert!(Template::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -5,7 +5,9 @@ use tracing_subscriber::EnvFilter;
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").map(|v| v == "json").unwrap_or(false)
+    let json = std::env::var("LOG_FORMAT")
+        .map(|v| v == "json")
+        .unwrap_or(false)
         || std::env::var("AWS_LAMBDA_FUNCTION_NAME").is_ok();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

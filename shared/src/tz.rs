@@ -34,11 +34,16 @@ pub fn resolve_local(
             // Walk forward minute by minute out of the gap (gaps are at most a few hours).
             for minutes in 1..=180 {
                 let probe = local + chrono::Duration::minutes(minutes);
-                if let LocalResult::Single(t) | LocalResult::Ambiguous(t, _) = zone.from_local_datetime(&probe) {
+                if let LocalResult::Single(t) | LocalResult::Ambiguous(t, _) =
+                    zone.from_local_datetime(&probe)
+                {
                     return Ok(t.with_timezone(&Utc));
                 }
             }
-            Err(InvalidInput::new("time", format!("{local} does not exist in {zone}")))
+            Err(InvalidInput::new(
+                "time",
+                format!("{local} does not exist in {zone}"),
+            ))
         }
     }
 }

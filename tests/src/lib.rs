@@ -8,7 +8,9 @@ pub mod queue_contract;
 
 use chrono::Utc;
 use shared::config::Secret;
-use shared::domain::{DelayRange, DeviceStatus, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
+use shared::domain::{
+    DelayRange, DeviceStatus, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token,
+};
 use shared::host_api::HostClient;
 use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig};
 use shared::repo;
@@ -42,7 +44,9 @@ pub async fn test_queue(max_receives: u32) -> Arc<RedisQueue> {
 
 pub async fn seed_tenant(pool: &PgPool, email: &str) -> Uuid {
     let mut tx = pool.begin().await.unwrap();
-    let id = repo::tenants::insert_tenant(&mut tx, email, "$argon2id$test", "Asia/Kuala_Lumpur").await.unwrap();
+    let id = repo::tenants::insert_tenant(&mut tx, email, "$argon2id$test", "Asia/Kuala_Lumpur")
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     id
 }
@@ -63,7 +67,9 @@ pub async fn seed_device(pool: &PgPool, tenant: Uuid, label: &str, min_s: f64, m
     )
     .await
     .unwrap();
-    repo::devices::set_device_status(&mut tx, tenant, id, DeviceStatus::Online, None).await.unwrap();
+    repo::devices::set_device_status(&mut tx, tenant, id, DeviceStatus::Online, None)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     id
 }
@@ -82,7 +88,11 @@ pub async fn seed_leads(
     let leads: Vec<repo::leads::NewLead> = (0..n)
         .map(|i| repo::leads::NewLead {
             device_id: device,
-            name: if i % 5 == 0 { String::new() } else { format!("Lead {}", base + i) },
+            name: if i % 5 == 0 {
+                String::new()
+            } else {
+                format!("Lead {}", base + i)
+            },
             phone: PhoneE164::parse(&format!("+601{:09}", base + i)).unwrap(),
             niches: niches.clone(),
             status,
@@ -90,7 +100,9 @@ pub async fn seed_leads(
         })
         .collect();
     let mut tx = pool.begin().await.unwrap();
-    repo::leads::upsert_leads(&mut tx, tenant, &leads).await.unwrap();
+    repo::leads::upsert_leads(&mut tx, tenant, &leads)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     leads.into_iter().map(|l| l.phone).collect()
 }
@@ -106,7 +118,14 @@ pub struct CampaignSpec<'a> {
 
 impl Default for CampaignSpec<'_> {
     fn default() -> Self {
-        Self { niche: "cars", target: TargetStatus::All, template: "{Hi|Hello} {name}!", image: None, min_s: 0.0, max_s: 0.0 }
+        Self {
+            niche: "cars",
+            target: TargetStatus::All,
+            template: "{Hi|Hello} {name}!",
+            image: None,
+            min_s: 0.0,
+            max_s: 0.0,
+        }
     }
 }
 
@@ -159,7 +178,12 @@ impl TestHost {
         .unwrap();
         let url = format!("http://{}", running.addr);
         let client = HostClient::new(&url, Secret::new(TOKEN), Duration::from_secs(10)).unwrap();
-        Self { running, client, url, dir }
+        Self {
+            running,
+            client,
+            url,
+            dir,
+        }
     }
 
     /// Every send the simulator accepted, from its durable log.
@@ -170,7 +194,11 @@ impl TestHost {
 
 /// Simulator settings for fast tests: no latency, no failures, no receipts.
 pub fn quiet_sim() -> SimConfig {
-    SimConfig { delivered_after: None, read_after: None, ..SimConfig::default() }
+    SimConfig {
+        delivered_after: None,
+        read_after: None,
+        ..SimConfig::default()
+    }
 }
 
 /// The three functions wired together in process.
@@ -192,7 +220,10 @@ impl Pipeline {
         Self {
             pool: pool.clone(),
             queue: queue.clone(),
-            trigger: campaign_trigger::Deps { pool: pool.clone(), max_campaigns: 50 },
+            trigger: campaign_trigger::Deps {
+                pool: pool.clone(),
+                max_campaigns: 50,
+            },
             processor: broadcast_processor::Deps {
                 pool: pool.clone(),
                 queue: queue.clone() as Arc<dyn Queue>,
@@ -211,26 +242,37 @@ impl Pipeline {
     }
 
     pub async fn trigger(&self) -> campaign_trigger::TriggerReport {
-        campaign_trigger::handle(serde_json::json!({}), &self.trigger).await.unwrap()
+        campaign_trigger::handle(serde_json::json!({}), &self.trigger)
+            .await
+            .unwrap()
     }
 
     pub async fn tick(&self) -> broadcast_processor::Report {
         let mut report = broadcast_processor::Report::default();
-        broadcast_processor::tick(&self.processor, &self.processor.settings, &mut report).await.unwrap();
+        broadcast_processor::tick(&self.processor, &self.processor.settings, &mut report)
+            .await
+            .unwrap();
         report
     }
 
     /// Plays the SQS event source once: receive up to 10, invoke the worker, delete successes.
     /// Returns how many records were handed to the worker.
     pub async fn deliver(&self) -> usize {
-        let msgs = self.queue.receive(10, Duration::from_secs(30)).await.unwrap();
+        let msgs = self
+            .queue
+            .receive(10, Duration::from_secs(30))
+            .await
+            .unwrap();
         if msgs.is_empty() {
             return 0;
         }
         let event = to_sqs_event(&msgs, "arn:aws:sqs:local:000000000000:test.fifo");
         let response = message_worker::handle(event, &self.worker).await;
-        let failed: std::collections::HashSet<String> =
-            response.batch_item_failures.into_iter().map(|f| f.item_identifier).collect();
+        let failed: std::collections::HashSet<String> = response
+            .batch_item_failures
+            .into_iter()
+            .map(|f| f.item_identifier)
+            .collect();
         for m in &msgs {
             if !failed.contains(&m.message_id) {
                 self.queue.delete(&m.receipt_handle).await.unwrap();
@@ -248,8 +290,13 @@ impl Pipeline {
             while self.deliver().await > 0 {}
             let mut open = 0;
             for (tenant, campaign) in campaigns {
-                let p = repo::campaigns::get_campaign_progress(&self.pool, *tenant, *campaign).await.unwrap();
-                open += ["pending", "queued", "sending"].iter().map(|s| p.by_status.get(*s).copied().unwrap_or(0)).sum::<i64>();
+                let p = repo::campaigns::get_campaign_progress(&self.pool, *tenant, *campaign)
+                    .await
+                    .unwrap();
+                open += ["pending", "queued", "sending"]
+                    .iter()
+                    .map(|s| p.by_status.get(*s).copied().unwrap_or(0))
+                    .sum::<i64>();
                 if p.total == 0 {
                     open += 1;
                 }
@@ -259,7 +306,10 @@ impl Pipeline {
                 self.tick().await;
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "pipeline did not finish in {timeout:?}: {open} rows open");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "pipeline did not finish in {timeout:?}: {open} rows open"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -267,7 +317,9 @@ impl Pipeline {
 
 /// Status counts of a campaign, as a map.
 pub async fn status_counts(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> HashMap<String, i64> {
-    let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await.unwrap();
+    let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign)
+        .await
+        .unwrap();
     p.by_status.into_iter().collect()
 }
 

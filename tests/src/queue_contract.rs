@@ -11,7 +11,11 @@ use std::time::Duration;
 pub const MAX_RECEIVES: u32 = 2;
 
 fn msg(group: &str, dedup: &str) -> OutgoingMessage {
-    OutgoingMessage { group_id: group.into(), dedup_id: dedup.into(), body: format!("{group}/{dedup}") }
+    OutgoingMessage {
+        group_id: group.into(),
+        dedup_id: dedup.into(),
+        body: format!("{group}/{dedup}"),
+    }
 }
 
 const LONG: Duration = Duration::from_secs(30);
@@ -35,7 +39,9 @@ pub async fn fifo_order_within_a_group(q: Arc<dyn Queue>) {
 }
 
 pub async fn a_group_is_blocked_while_a_message_is_in_flight(q: Arc<dyn Queue>) {
-    q.send_batch(&[msg("a", "a1"), msg("a", "a2"), msg("b", "b1")]).await.unwrap();
+    q.send_batch(&[msg("a", "a1"), msg("a", "a2"), msg("b", "b1")])
+        .await
+        .unwrap();
     let first = q.receive(1, LONG).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].body, "a/a1");
@@ -44,7 +50,10 @@ pub async fn a_group_is_blocked_while_a_message_is_in_flight(q: Arc<dyn Queue>) 
     assert_eq!(bodies, ["b/b1"], "a2 must wait for a1");
     q.delete(&first[0].receipt_handle).await.unwrap();
     let third = q.receive(10, LONG).await.unwrap();
-    assert_eq!(third.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["a/a2"]);
+    assert_eq!(
+        third.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["a/a2"]
+    );
     assert_eq!(third[0].group_id, "a");
 }
 
@@ -53,7 +62,10 @@ pub async fn the_visibility_timeout_redelivers_with_a_higher_receive_count(q: Ar
     let a = q.receive(10, Duration::from_secs(1)).await.unwrap();
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].receive_count, 1);
-    assert!(q.receive(10, LONG).await.unwrap().is_empty(), "hidden while in flight");
+    assert!(
+        q.receive(10, LONG).await.unwrap().is_empty(),
+        "hidden while in flight"
+    );
     tokio::time::sleep(Duration::from_millis(1_300)).await;
     let b = q.receive(10, LONG).await.unwrap();
     assert_eq!(b.len(), 1);
@@ -68,20 +80,34 @@ pub async fn the_visibility_timeout_redelivers_with_a_higher_receive_count(q: Ar
 }
 
 pub async fn a_message_is_dead_lettered_after_max_receives(q: Arc<dyn Queue>) {
-    q.send_batch(&[msg("g", "poison"), msg("g", "next")]).await.unwrap();
+    q.send_batch(&[msg("g", "poison"), msg("g", "next")])
+        .await
+        .unwrap();
     for n in 1..=MAX_RECEIVES {
         let got = q.receive(1, Duration::from_secs(1)).await.unwrap();
-        assert_eq!((got.len(), got[0].receive_count, got[0].body.as_str()), (1, n, "g/poison"));
+        assert_eq!(
+            (got.len(), got[0].receive_count, got[0].body.as_str()),
+            (1, n, "g/poison")
+        );
         tokio::time::sleep(Duration::from_millis(1_200)).await;
     }
     let after = q.receive(10, LONG).await.unwrap();
-    assert_eq!(after.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(), ["g/next"], "the poison message left the group");
+    assert_eq!(
+        after.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["g/next"],
+        "the poison message left the group"
+    );
     assert_eq!(q.stats().await.unwrap().dead_letter, 1);
 }
 
 pub async fn a_deduplication_id_is_accepted_once_within_the_window(q: Arc<dyn Queue>) {
     assert_eq!(q.send_batch(&[msg("g", "same")]).await.unwrap(), 1);
-    assert_eq!(q.send_batch(&[msg("g", "same"), msg("g", "other")]).await.unwrap(), 1);
+    assert_eq!(
+        q.send_batch(&[msg("g", "same"), msg("g", "other")])
+            .await
+            .unwrap(),
+        1
+    );
     let s = q.stats().await.unwrap();
     assert_eq!(s.visible, 2);
 }
@@ -89,14 +115,18 @@ pub async fn a_deduplication_id_is_accepted_once_within_the_window(q: Arc<dyn Qu
 pub async fn change_visibility_to_zero_makes_a_message_available_again(q: Arc<dyn Queue>) {
     q.send_batch(&[msg("g", "x")]).await.unwrap();
     let a = q.receive(10, LONG).await.unwrap();
-    q.change_visibility(&a[0].receipt_handle, Duration::ZERO).await.unwrap();
+    q.change_visibility(&a[0].receipt_handle, Duration::ZERO)
+        .await
+        .unwrap();
     let b = q.receive(10, LONG).await.unwrap();
     assert_eq!(b.len(), 1);
     assert_eq!(b[0].receive_count, 2);
 }
 
 pub async fn concurrent_consumers_never_share_an_in_flight_message(q: Arc<dyn Queue>) {
-    let sent: Vec<OutgoingMessage> = (0..200).map(|i| msg(&format!("g{}", i % 20), &format!("m{i}"))).collect();
+    let sent: Vec<OutgoingMessage> = (0..200)
+        .map(|i| msg(&format!("g{}", i % 20), &format!("m{i}")))
+        .collect();
     for chunk in sent.chunks(10) {
         q.send_batch(chunk).await.unwrap();
     }
@@ -121,7 +151,11 @@ pub async fn concurrent_consumers_never_share_an_in_flight_message(q: Arc<dyn Qu
             got
         }
     });
-    let all: Vec<String> = futures::future::join_all(consumers).await.into_iter().flatten().collect();
+    let all: Vec<String> = futures::future::join_all(consumers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let unique: HashSet<&String> = all.iter().collect();
     assert_eq!(all.len(), 200, "every message received exactly once");
     assert_eq!(unique.len(), 200);

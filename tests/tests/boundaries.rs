@@ -10,7 +10,10 @@ use uuid::Uuid;
 use wabcast_tests::*;
 
 async fn lead_count(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM leads").fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM leads")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -31,9 +34,18 @@ async fn a_tenant_never_sees_or_sends_to_another_tenants_leads(pool: PgPool) {
     assert!(sends.iter().all(|e| e.tenant_id == a && e.device_id == da));
 
     // B cannot read, count or change A's campaign.
-    assert!(matches!(repo::campaigns::get_campaign(&pool, b, ca).await, Err(RepoError::NotFound(_))));
-    assert!(matches!(repo::campaigns::get_campaign_progress(&pool, b, ca).await, Err(RepoError::NotFound(_))));
-    assert!(repo::messages::list_campaign_messages(&pool, b, ca).await.unwrap().is_empty());
+    assert!(matches!(
+        repo::campaigns::get_campaign(&pool, b, ca).await,
+        Err(RepoError::NotFound(_))
+    ));
+    assert!(matches!(
+        repo::campaigns::get_campaign_progress(&pool, b, ca).await,
+        Err(RepoError::NotFound(_))
+    ));
+    assert!(repo::messages::list_campaign_messages(&pool, b, ca)
+        .await
+        .unwrap()
+        .is_empty());
     let mut tx = pool.begin().await.unwrap();
     assert!(matches!(
         repo::campaigns::change_campaign_status(&mut tx, b, ca, CampaignStatus::Cancelled).await,
@@ -51,18 +63,39 @@ async fn a_tenant_never_sees_or_sends_to_another_tenants_leads(pool: PgPool) {
         status: LeadStatus::Prospect,
         triggers: vec![],
     };
-    assert!(repo::leads::upsert_leads(&mut tx, a, &[lead]).await.is_err());
+    assert!(repo::leads::upsert_leads(&mut tx, a, &[lead])
+        .await
+        .is_err());
     drop(tx);
     assert_eq!(lead_count(&pool).await, before);
     // Opting a number out in A leaves B's lead with the same number alone.
     let mut tx = pool.begin().await.unwrap();
-    repo::leads::opt_out_lead(&mut tx, a, &PhoneE164::parse("+601000000001").unwrap()).await.unwrap();
+    repo::leads::opt_out_lead(&mut tx, a, &PhoneE164::parse("+601000000001").unwrap())
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let opted: Vec<(Uuid,)> = sqlx::query_as("SELECT tenant_id FROM leads WHERE opted_out_at IS NOT NULL").fetch_all(&pool).await.unwrap();
+    let opted: Vec<(Uuid,)> =
+        sqlx::query_as("SELECT tenant_id FROM leads WHERE opted_out_at IS NOT NULL")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(opted, vec![(a,)]);
     // The host refuses a send that names A as tenant but B's device.
-    let out = host.client.send(&SendRequest { message_id: 77, tenant_id: a, device_id: db, to: "+60123456789".into(), text: "hi".into(), image: None }).await;
-    assert!(matches!(&out, SendOutcome::Permanent { reason, .. } if reason == code::UNKNOWN_DEVICE), "{out:?}");
+    let out = host
+        .client
+        .send(&SendRequest {
+            message_id: 77,
+            tenant_id: a,
+            device_id: db,
+            to: "+60123456789".into(),
+            text: "hi".into(),
+            image: None,
+        })
+        .await;
+    assert!(
+        matches!(&out, SendOutcome::Permanent { reason, .. } if reason == code::UNKNOWN_DEVICE),
+        "{out:?}"
+    );
     assert_eq!(host.sends().len(), 10);
 }
 
@@ -73,38 +106,125 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
     let da = seed_device(&pool, a, "a-phone", 0.0, 0.0).await;
     let host = TestHost::start(&pool, quiet_sim()).await;
     let mut tx = pool.begin().await.unwrap();
-    let b_media = repo::media::insert_media(&mut tx, b, "image/png", shared::media::TINY_PNG).await.unwrap();
+    let b_media = repo::media::insert_media(&mut tx, b, "image/png", shared::media::TINY_PNG)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let base = SendRequest { message_id: 1, tenant_id: a, device_id: da, to: "+60123456789".into(), text: "hi".into(), image: None };
+    let base = SendRequest {
+        message_id: 1,
+        tenant_id: a,
+        device_id: da,
+        to: "+60123456789".into(),
+        text: "hi".into(),
+        image: None,
+    };
     let cases = [
-        (SendRequest { to: "not a phone".into(), ..base.clone() }, code::INVALID_PAYLOAD),
-        (SendRequest { message_id: 2, text: "  ".into(), ..base.clone() }, code::INVALID_PAYLOAD),
-        (SendRequest { message_id: 3, image: Some("https://127.0.0.1/x.png".into()), ..base.clone() }, code::BAD_IMAGE),
-        (SendRequest { message_id: 4, image: Some("https://169.254.169.254/latest".into()), ..base.clone() }, code::BAD_IMAGE),
-        (SendRequest { message_id: 5, image: Some("file:///etc/passwd".into()), ..base.clone() }, code::BAD_IMAGE),
-        (SendRequest { message_id: 6, image: Some(format!("media:{b_media}")), ..base.clone() }, code::BAD_IMAGE),
-        (SendRequest { message_id: 7, device_id: Uuid::new_v4(), ..base.clone() }, code::UNKNOWN_DEVICE),
+        (
+            SendRequest {
+                to: "not a phone".into(),
+                ..base.clone()
+            },
+            code::INVALID_PAYLOAD,
+        ),
+        (
+            SendRequest {
+                message_id: 2,
+                text: "  ".into(),
+                ..base.clone()
+            },
+            code::INVALID_PAYLOAD,
+        ),
+        (
+            SendRequest {
+                message_id: 3,
+                image: Some("https://127.0.0.1/x.png".into()),
+                ..base.clone()
+            },
+            code::BAD_IMAGE,
+        ),
+        (
+            SendRequest {
+                message_id: 4,
+                image: Some("https://169.254.169.254/latest".into()),
+                ..base.clone()
+            },
+            code::BAD_IMAGE,
+        ),
+        (
+            SendRequest {
+                message_id: 5,
+                image: Some("file:///etc/passwd".into()),
+                ..base.clone()
+            },
+            code::BAD_IMAGE,
+        ),
+        (
+            SendRequest {
+                message_id: 6,
+                image: Some(format!("media:{b_media}")),
+                ..base.clone()
+            },
+            code::BAD_IMAGE,
+        ),
+        (
+            SendRequest {
+                message_id: 7,
+                device_id: Uuid::new_v4(),
+                ..base.clone()
+            },
+            code::UNKNOWN_DEVICE,
+        ),
     ];
     for (req, want) in cases {
         let out = host.client.send(&req).await;
-        assert!(matches!(&out, SendOutcome::Permanent { reason, .. } if reason == want), "{req:?} -> {out:?}");
+        assert!(
+            matches!(&out, SendOutcome::Permanent { reason, .. } if reason == want),
+            "{req:?} -> {out:?}"
+        );
     }
     assert!(host.sends().is_empty());
     // Without the token nothing is accepted; a malformed body is a clear 400.
     let http = reqwest::Client::new();
-    let r = http.post(format!("{}/v1/send", host.url)).json(&base).send().await.unwrap();
+    let r = http
+        .post(format!("{}/v1/send", host.url))
+        .json(&base)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = http.post(format!("{}/v1/send", host.url)).bearer_auth(TOKEN).header("content-type", "application/json").body("{\"message_id\": \"x\"").send().await.unwrap();
+    let r = http
+        .post(format!("{}/v1/send", host.url))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{\"message_id\": \"x\"")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let body: shared::host_api::ErrorBody = r.json().await.unwrap();
-    assert_eq!((body.error.as_str(), body.retryable), (code::INVALID_PAYLOAD, false));
+    assert_eq!(
+        (body.error.as_str(), body.retryable),
+        (code::INVALID_PAYLOAD, false)
+    );
     // A valid inline image of the tenant's own goes through.
     let mut tx = pool.begin().await.unwrap();
-    let a_media = repo::media::insert_media(&mut tx, a, "image/png", shared::media::TINY_PNG).await.unwrap();
+    let a_media = repo::media::insert_media(&mut tx, a, "image/png", shared::media::TINY_PNG)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let ok = host.client.send(&SendRequest { message_id: 8, image: Some(format!("media:{a_media}")), ..base }).await;
+    let ok = host
+        .client
+        .send(&SendRequest {
+            message_id: 8,
+            image: Some(format!("media:{a_media}")),
+            ..base
+        })
+        .await;
     assert!(matches!(ok, SendOutcome::Sent { .. }), "{ok:?}");
-    assert_eq!(host.sends()[0].image.as_deref(), Some(format!("media:{a_media}").as_str()));
+    assert_eq!(
+        host.sends()[0].image.as_deref(),
+        Some(format!("media:{a_media}").as_str())
+    );
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -113,15 +233,34 @@ async fn malformed_events_get_clear_errors_and_change_nothing(pool: PgPool) {
     let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
     seed_leads(&pool, tenant, d, 0, 3, "cars", LeadStatus::Prospect).await;
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    let trig = campaign_trigger::Deps { pool: pool.clone(), max_campaigns: 5 };
-    let err = campaign_trigger::handle(serde_json::json!([1, 2]), &trig).await.unwrap_err();
+    let trig = campaign_trigger::Deps {
+        pool: pool.clone(),
+        max_campaigns: 5,
+    };
+    let err = campaign_trigger::handle(serde_json::json!([1, 2]), &trig)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("expected a JSON object"), "{err}");
-    let err = campaign_trigger::handle(serde_json::json!({"max_campaigns": -3}), &trig).await.unwrap_err();
+    let err = campaign_trigger::handle(serde_json::json!({"max_campaigns": -3}), &trig)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("max_campaigns"), "{err}");
-    let proc = broadcast_processor::Deps { pool: pool.clone(), queue: test_queue(5).await, settings: Default::default() };
-    let err = broadcast_processor::handle(serde_json::json!({"run_for_seconds": "soon"}), &proc).await.unwrap_err();
+    let proc = broadcast_processor::Deps {
+        pool: pool.clone(),
+        queue: test_queue(5).await,
+        settings: Default::default(),
+    };
+    let err = broadcast_processor::handle(serde_json::json!({"run_for_seconds": "soon"}), &proc)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("run_for_seconds"), "{err}");
-    assert_eq!(repo::campaigns::get_campaign(&pool, tenant, campaign).await.unwrap().status, "scheduled");
+    assert_eq!(
+        repo::campaigns::get_campaign(&pool, tenant, campaign)
+            .await
+            .unwrap()
+            .status,
+        "scheduled"
+    );
     // A worker record with a garbage body is reported (so SQS dead-letters it); a good record
     // of another group in the same batch is unaffected.
     let host = TestHost::start(&pool, quiet_sim()).await;
@@ -131,9 +270,16 @@ async fn malformed_events_get_clear_errors_and_change_nothing(pool: PgPool) {
         {"messageId": "ok-1", "body": "{\"message_id\": 1, \"tenant_id\": \"00000000-0000-0000-0000-000000000000\", \"device_id\": \"00000000-0000-0000-0000-000000000001\"}", "attributes": {"MessageGroupId": "g-ok"}}
     ]})).unwrap();
     let response = message_worker::handle(ev.clone(), &p.worker).await;
-    let ids: Vec<String> = response.batch_item_failures.into_iter().map(|f| f.item_identifier).collect();
+    let ids: Vec<String> = response
+        .batch_item_failures
+        .into_iter()
+        .map(|f| f.item_identifier)
+        .collect();
     assert_eq!(ids, ["bad-1"]);
     ev.records.clear();
-    assert!(message_worker::handle(ev, &p.worker).await.batch_item_failures.is_empty());
+    assert!(message_worker::handle(ev, &p.worker)
+        .await
+        .batch_item_failures
+        .is_empty());
     assert!(host.sends().is_empty());
 }

@@ -33,14 +33,24 @@ async fn trigger_run_twice_and_concurrently_creates_each_row_once(pool: PgPool) 
     let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
     seed_leads(&pool, tenant, d, 0, 300, "cars", LeadStatus::Prospect).await;
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    let deps = campaign_trigger::Deps { pool: pool.clone(), max_campaigns: 10 };
-    let runs = futures::future::join_all((0..4).map(|_| campaign_trigger::handle(serde_json::json!({}), &deps))).await;
+    let deps = campaign_trigger::Deps {
+        pool: pool.clone(),
+        max_campaigns: 10,
+    };
+    let runs = futures::future::join_all(
+        (0..4).map(|_| campaign_trigger::handle(serde_json::json!({}), &deps)),
+    )
+    .await;
     let created: u64 = runs.into_iter().map(|r| r.unwrap().rows_created).sum();
     assert_eq!(created, 300);
-    let again = campaign_trigger::handle(serde_json::json!({}), &deps).await.unwrap();
+    let again = campaign_trigger::handle(serde_json::json!({}), &deps)
+        .await
+        .unwrap();
     assert_eq!(again.rows_created, 0);
     assert_eq!(row_count(&pool, campaign).await, 300);
-    let c = repo::campaigns::get_campaign(&pool, tenant, campaign).await.unwrap();
+    let c = repo::campaigns::get_campaign(&pool, tenant, campaign)
+        .await
+        .unwrap();
     assert_eq!(c.status, "running");
 }
 
@@ -53,15 +63,33 @@ async fn four_concurrent_processors_queue_each_message_once(pool: PgPool) {
     }
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
     let queue = test_queue(5).await;
-    let settings = broadcast_processor::Settings { per_device_burst: 7, max_devices_per_claim: 6, ..Default::default() };
+    let settings = broadcast_processor::Settings {
+        per_device_burst: 7,
+        max_devices_per_claim: 6,
+        ..Default::default()
+    };
     let deps: Vec<broadcast_processor::Deps> = (0..4)
-        .map(|_| broadcast_processor::Deps { pool: pool.clone(), queue: queue.clone() as std::sync::Arc<dyn Queue>, settings: settings.clone() })
+        .map(|_| broadcast_processor::Deps {
+            pool: pool.clone(),
+            queue: queue.clone() as std::sync::Arc<dyn Queue>,
+            settings: settings.clone(),
+        })
         .collect();
-    campaign_trigger::handle(serde_json::json!({}), &campaign_trigger::Deps { pool: pool.clone(), max_campaigns: 1 }).await.unwrap();
+    campaign_trigger::handle(
+        serde_json::json!({}),
+        &campaign_trigger::Deps {
+            pool: pool.clone(),
+            max_campaigns: 1,
+        },
+    )
+    .await
+    .unwrap();
     for _ in 0..200 {
         let ticks = deps.iter().map(|d| async move {
             let mut r = broadcast_processor::Report::default();
-            broadcast_processor::tick(d, &d.settings, &mut r).await.unwrap();
+            broadcast_processor::tick(d, &d.settings, &mut r)
+                .await
+                .unwrap();
             r.queued
         });
         futures::future::join_all(ticks).await;
@@ -69,9 +97,14 @@ async fn four_concurrent_processors_queue_each_message_once(pool: PgPool) {
             break;
         }
     }
-    assert_eq!(status_counts(&pool, tenant, campaign).await.get("queued"), Some(&800));
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("queued"),
+        Some(&800)
+    );
     // Each row was claimed once, and the queue holds each message id exactly once.
-    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign).await.unwrap();
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
     assert!(rows.iter().all(|r| r.enqueue_count == 1));
     let mut seen: HashMap<i64, usize> = HashMap::new();
     loop {
@@ -102,24 +135,43 @@ async fn a_record_delivered_twice_sends_once(pool: PgPool) {
     // The same records handed to the worker twice, and at once (SQS at-least-once delivery).
     let msgs = p.queue.receive(10, Duration::from_secs(30)).await.unwrap();
     let event = shared::queue::to_sqs_event(&msgs, "arn");
-    let (a, b) = tokio::join!(message_worker::handle(event.clone(), &p.worker), message_worker::handle(event.clone(), &p.worker));
+    let (a, b) = tokio::join!(
+        message_worker::handle(event.clone(), &p.worker),
+        message_worker::handle(event.clone(), &p.worker)
+    );
     assert!(a.batch_item_failures.is_empty() && b.batch_item_failures.is_empty());
     let again = message_worker::handle(event, &p.worker).await;
     assert!(again.batch_item_failures.is_empty());
     // And a duplicate enqueue of every item (new dedup ids) on top.
-    let items: Vec<(WorkItem, i32)> = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+    let items: Vec<(WorkItem, i32)> =
+        repo::messages::list_campaign_messages(&pool, tenant, campaign)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                (
+                    WorkItem {
+                        message_id: r.id,
+                        tenant_id: r.tenant_id,
+                        device_id: r.device_id,
+                    },
+                    99,
+                )
+            })
+            .collect();
+    shared::queue::enqueue_items(p.queue.as_ref(), &items)
         .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (WorkItem { message_id: r.id, tenant_id: r.tenant_id, device_id: r.device_id }, 99))
-        .collect();
-    shared::queue::enqueue_items(p.queue.as_ref(), &items).await.unwrap();
-    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(60)).await;
+        .unwrap();
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(60))
+        .await;
     while p.deliver().await > 0 {}
     let sends = host.sends();
     assert_eq!(sends.len(), 25);
     assert!(sends_per_message(&sends).values().all(|n| *n == 1));
-    assert_eq!(status_counts(&pool, tenant, campaign).await.get("sent"), Some(&25));
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sent"),
+        Some(&25)
+    );
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -133,25 +185,58 @@ async fn a_worker_killed_after_the_host_accepted_is_reconciled_without_a_second_
     p.trigger().await;
     p.tick().await;
     let msgs = p.queue.receive(10, Duration::from_secs(30)).await.unwrap();
-    let items: Vec<WorkItem> = msgs.iter().map(|m| serde_json::from_str(&m.body).unwrap()).collect();
+    let items: Vec<WorkItem> = msgs
+        .iter()
+        .map(|m| serde_json::from_str(&m.body).unwrap())
+        .collect();
     // The worker's first half: claim and send, then "die" before recording anything.
     let mut tx = pool.begin().await.unwrap();
-    let jobs = repo::messages::claim_messages_for_send(&mut tx, &items, 120.0).await.unwrap();
+    let jobs = repo::messages::claim_messages_for_send(&mut tx, &items, 120.0)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(jobs.len(), 8);
     for j in &jobs {
-        let out = host.client.send(&SendRequest { message_id: j.id, tenant_id: j.tenant_id, device_id: j.device_id, to: j.recipient.clone(), text: j.body.clone(), image: None }).await;
-        assert!(matches!(out, SendOutcome::Sent { duplicate: false, .. }), "{out:?}");
+        let out = host
+            .client
+            .send(&SendRequest {
+                message_id: j.id,
+                tenant_id: j.tenant_id,
+                device_id: j.device_id,
+                to: j.recipient.clone(),
+                text: j.body.clone(),
+                image: None,
+            })
+            .await;
+        assert!(
+            matches!(
+                out,
+                SendOutcome::Sent {
+                    duplicate: false,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
     }
     // The queue redelivers the records after the visibility timeout: the claim refuses them.
     let event = shared::queue::to_sqs_event(&msgs, "arn");
-    assert!(message_worker::handle(event, &p.worker).await.batch_item_failures.is_empty());
-    assert_eq!(status_counts(&pool, tenant, campaign).await.get("sending"), Some(&8));
+    assert!(message_worker::handle(event, &p.worker)
+        .await
+        .batch_item_failures
+        .is_empty());
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sending"),
+        Some(&8)
+    );
     // Past the lease, the rescuer reconciles with the host's send record.
     expire_leases(&pool).await;
     let report = p.tick().await;
     assert_eq!(report.reconciled_sent, 8);
-    assert_eq!(status_counts(&pool, tenant, campaign).await.get("sent"), Some(&8));
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sent"),
+        Some(&8)
+    );
     assert_eq!(host.sends().len(), 8);
     assert!(sends_per_message(&host.sends()).values().all(|n| *n == 1));
 }
@@ -165,12 +250,17 @@ async fn a_host_that_died_mid_send_resumes_with_the_same_id_and_sends_once(pool:
     let host = TestHost::start(&pool, quiet_sim()).await;
     let p = Pipeline::new(&pool, test_queue(5).await, &host);
     p.trigger().await;
-    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign).await.unwrap();
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
     // A previous host process recorded an attempt and died before the provider sent it.
     let mut tx = pool.begin().await.unwrap();
-    repo::host_sends::begin_host_send(&mut tx, tenant, d, rows[0].id, "SIMDEADBEEF", "dead-host").await.unwrap();
+    repo::host_sends::begin_host_send(&mut tx, tenant, d, rows[0].id, "SIMDEADBEEF", "dead-host")
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30)).await;
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
     let sends = host.sends();
     assert_eq!(sends.len(), 3);
     let first = sends.iter().find(|e| e.message_id == rows[0].id).unwrap();
@@ -179,10 +269,21 @@ async fn a_host_that_died_mid_send_resumes_with_the_same_id_and_sends_once(pool:
 
 /// Gaps between consecutive sends of one device, each labelled with the campaign of the send
 /// that opened the gap.
-fn device_gaps(sends: &[SendLogEntry], device: uuid::Uuid, campaign_of: &HashMap<i64, uuid::Uuid>) -> Vec<(uuid::Uuid, f64)> {
+fn device_gaps(
+    sends: &[SendLogEntry],
+    device: uuid::Uuid,
+    campaign_of: &HashMap<i64, uuid::Uuid>,
+) -> Vec<(uuid::Uuid, f64)> {
     let mut mine: Vec<&SendLogEntry> = sends.iter().filter(|e| e.device_id == device).collect();
     mine.sort_by_key(|e| e.at_ms);
-    mine.windows(2).map(|w| (campaign_of[&w[0].message_id], (w[1].at_ms - w[0].at_ms) as f64 / 1000.0)).collect()
+    mine.windows(2)
+        .map(|w| {
+            (
+                campaign_of[&w[0].message_id],
+                (w[1].at_ms - w[0].at_ms) as f64 / 1000.0,
+            )
+        })
+        .collect()
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -193,12 +294,36 @@ async fn pacing_gaps_stay_in_range_when_two_campaigns_share_a_device(pool: PgPoo
     seed_leads(&pool, tenant, d, 100, 5, "loans", LeadStatus::Prospect).await;
     let host = TestHost::start(&pool, quiet_sim()).await;
     let p = Pipeline::new(&pool, test_queue(5).await, &host);
-    let a = seed_campaign(&pool, tenant, &CampaignSpec { niche: "cars", min_s: 0.3, max_s: 0.5, ..Default::default() }).await;
-    let b = seed_campaign(&pool, tenant, &CampaignSpec { niche: "loans", min_s: 0.7, max_s: 0.9, ..Default::default() }).await;
-    p.run_until_done(&[(tenant, a), (tenant, b)], Duration::from_secs(60)).await;
+    let a = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            niche: "cars",
+            min_s: 0.3,
+            max_s: 0.5,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            niche: "loans",
+            min_s: 0.7,
+            max_s: 0.9,
+            ..Default::default()
+        },
+    )
+    .await;
+    p.run_until_done(&[(tenant, a), (tenant, b)], Duration::from_secs(60))
+        .await;
     let mut campaign_of = HashMap::new();
     for c in [a, b] {
-        for r in repo::messages::list_campaign_messages(&pool, tenant, c).await.unwrap() {
+        for r in repo::messages::list_campaign_messages(&pool, tenant, c)
+            .await
+            .unwrap()
+        {
             campaign_of.insert(r.id, c);
         }
     }
@@ -207,7 +332,11 @@ async fn pacing_gaps_stay_in_range_when_two_campaigns_share_a_device(pool: PgPoo
     // Upper slack: the harness polls every ~20-70 ms; lower slack: send-time jitter of a few ms.
     for (c, g) in gaps {
         let (lo, hi) = if c == a { (0.3, 0.5) } else { (0.7, 0.9) };
-        assert!(g >= lo - 0.03 && g <= hi + 0.25, "gap {g:.3}s after a message of {} outside [{lo}, {hi}]", if c == a { "A" } else { "B" });
+        assert!(
+            g >= lo - 0.03 && g <= hi + 0.25,
+            "gap {g:.3}s after a message of {} outside [{lo}, {hi}]",
+            if c == a { "A" } else { "B" }
+        );
     }
 }
 
@@ -219,7 +348,10 @@ async fn an_offline_device_waits_and_is_skipped_only_past_the_grace(pool: PgPool
     seed_leads(&pool, tenant, online, 0, 5, "cars", LeadStatus::Prospect).await;
     seed_leads(&pool, tenant, offline, 100, 5, "cars", LeadStatus::Prospect).await;
     let host = TestHost::start(&pool, quiet_sim()).await;
-    host.client.simulate_connection(tenant, offline, false).await.unwrap();
+    host.client
+        .simulate_connection(tenant, offline, false)
+        .await
+        .unwrap();
     wait_for_status(&pool, tenant, offline, "offline").await;
     let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
     p.processor.settings.offline_grace = Duration::from_secs(2);
@@ -231,23 +363,48 @@ async fn an_offline_device_waits_and_is_skipped_only_past_the_grace(pool: PgPool
     }
     let counts = status_counts(&pool, tenant, campaign).await;
     assert_eq!(counts.get("sent"), Some(&5));
-    assert_eq!(counts.get("pending"), Some(&5), "within the grace the offline device's messages wait");
+    assert_eq!(
+        counts.get("pending"),
+        Some(&5),
+        "within the grace the offline device's messages wait"
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     p.tick().await;
-    let progress = repo::campaigns::get_campaign_progress(&pool, tenant, campaign).await.unwrap();
-    assert_eq!(progress.by_reason.get(&("skipped".into(), "device_offline".into())), Some(&5));
+    let progress = repo::campaigns::get_campaign_progress(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    assert_eq!(
+        progress
+            .by_reason
+            .get(&("skipped".into(), "device_offline".into())),
+        Some(&5)
+    );
     // Grace 0 reproduces "skip offline devices immediately".
     let second = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
     p.processor.settings.offline_grace = Duration::ZERO;
     p.trigger().await;
     p.tick().await;
-    assert_eq!(status_counts(&pool, tenant, second).await.get("skipped"), Some(&5));
-    assert_eq!(host.sends().iter().filter(|e| e.device_id == offline).count(), 0);
+    assert_eq!(
+        status_counts(&pool, tenant, second).await.get("skipped"),
+        Some(&5)
+    );
+    assert_eq!(
+        host.sends()
+            .iter()
+            .filter(|e| e.device_id == offline)
+            .count(),
+        0
+    );
 }
 
 async fn wait_for_status(pool: &PgPool, tenant: uuid::Uuid, device: uuid::Uuid, want: &str) {
     for _ in 0..100 {
-        if repo::devices::get_device(pool, tenant, device).await.unwrap().status == want {
+        if repo::devices::get_device(pool, tenant, device)
+            .await
+            .unwrap()
+            .status
+            == want
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -265,22 +422,40 @@ async fn pause_holds_even_queued_messages_and_resume_continues(pool: PgPool) {
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
     p.trigger().await;
     p.tick().await; // some rows are now queued
-    let queued_before = status_counts(&pool, tenant, campaign).await.get("queued").copied().unwrap_or(0);
+    let queued_before = status_counts(&pool, tenant, campaign)
+        .await
+        .get("queued")
+        .copied()
+        .unwrap_or(0);
     assert!(queued_before > 0);
     let mut tx = pool.begin().await.unwrap();
-    repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Paused).await.unwrap();
+    repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Paused)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     for _ in 0..3 {
         p.tick().await;
         while p.deliver().await > 0 {}
     }
     assert!(host.sends().is_empty(), "a paused campaign sends nothing");
-    assert_eq!(status_counts(&pool, tenant, campaign).await.get("pending"), Some(&30));
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("pending"),
+        Some(&30)
+    );
     let mut tx = pool.begin().await.unwrap();
-    assert_eq!(repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Running).await.unwrap(), CampaignStatus::Running);
+    assert_eq!(
+        repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Running)
+            .await
+            .unwrap(),
+        CampaignStatus::Running
+    );
     tx.commit().await.unwrap();
-    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(60)).await;
-    assert_eq!(status_counts(&pool, tenant, campaign).await.get("sent"), Some(&30));
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sent"),
+        Some(&30)
+    );
     assert!(sends_per_message(&host.sends()).values().all(|n| *n == 1));
 }
 
@@ -298,7 +473,9 @@ async fn cancel_cancels_what_is_unsent(pool: PgPool) {
     p.deliver().await; // 5 sent
     p.tick().await; // 5 more queued
     let mut tx = pool.begin().await.unwrap();
-    repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Cancelled).await.unwrap();
+    repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Cancelled)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     while p.deliver().await > 0 {}
     p.tick().await;
@@ -307,7 +484,9 @@ async fn cancel_cancels_what_is_unsent(pool: PgPool) {
     assert_eq!(counts.get("cancelled"), Some(&15));
     assert_eq!(host.sends().len(), 5);
     let mut tx = pool.begin().await.unwrap();
-    let err = repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Running).await;
+    let err =
+        repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, CampaignStatus::Running)
+            .await;
     assert!(err.is_err(), "a cancelled campaign cannot resume");
 }
 
@@ -324,14 +503,28 @@ async fn a_deleted_devices_unsent_messages_are_skipped(pool: PgPool) {
     p.trigger().await;
     p.tick().await; // both devices' rows queued
     let mut tx = pool.begin().await.unwrap();
-    repo::devices::delete_device(&mut tx, tenant, gone).await.unwrap();
+    repo::devices::delete_device(&mut tx, tenant, gone)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30)).await;
-    let progress = repo::campaigns::get_campaign_progress(&pool, tenant, campaign).await.unwrap();
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    let progress = repo::campaigns::get_campaign_progress(&pool, tenant, campaign)
+        .await
+        .unwrap();
     assert_eq!(progress.by_status.get("sent"), Some(&4));
-    assert_eq!(progress.by_reason.get(&("skipped".into(), "device_deleted".into())), Some(&4));
+    assert_eq!(
+        progress
+            .by_reason
+            .get(&("skipped".into(), "device_deleted".into())),
+        Some(&4)
+    );
     assert!(host.sends().iter().all(|e| e.device_id == keep));
-    assert_eq!(p.queue.stats().await.unwrap().visible, 0, "nothing of the deleted device is left in the queue");
+    assert_eq!(
+        p.queue.stats().await.unwrap().visible,
+        0,
+        "nothing of the deleted device is left in the queue"
+    );
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -339,22 +532,52 @@ async fn transient_failures_retry_with_backoff_and_permanent_ones_fail_at_once(p
     let tenant = seed_tenant(&pool, "t@example.com").await;
     let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
     let phones = seed_leads(&pool, tenant, d, 0, 40, "cars", LeadStatus::Prospect).await;
-    let sim = SimConfig { not_on_whatsapp_rate: 0.2, transient_rate: 0.3, ..quiet_sim() };
+    let sim = SimConfig {
+        not_on_whatsapp_rate: 0.2,
+        transient_rate: 0.3,
+        ..quiet_sim()
+    };
     let host = TestHost::start(&pool, sim).await;
     let p = Pipeline::new(&pool, test_queue(5).await, &host);
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(60)).await;
-    let not_on_wa = phones.iter().filter(|ph| !host.running.simulator.is_on_whatsapp(ph.as_str())).count() as i64;
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(60))
+        .await;
+    let not_on_wa = phones
+        .iter()
+        .filter(|ph| !host.running.simulator.is_on_whatsapp(ph.as_str()))
+        .count() as i64;
     assert!(not_on_wa > 0);
-    let progress = repo::campaigns::get_campaign_progress(&pool, tenant, campaign).await.unwrap();
-    assert_eq!(progress.by_reason.get(&("failed".into(), "not_on_whatsapp".into())).copied().unwrap_or(0), not_on_wa);
-    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign).await.unwrap();
-    let retried = rows.iter().filter(|r| r.status == "sent" && r.attempts > 1).count();
-    assert!(retried > 0, "some sends succeeded only after a transient failure");
-    for r in rows.iter().filter(|r| r.reason.as_deref() == Some("not_on_whatsapp")) {
+    let progress = repo::campaigns::get_campaign_progress(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    assert_eq!(
+        progress
+            .by_reason
+            .get(&("failed".into(), "not_on_whatsapp".into()))
+            .copied()
+            .unwrap_or(0),
+        not_on_wa
+    );
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    let retried = rows
+        .iter()
+        .filter(|r| r.status == "sent" && r.attempts > 1)
+        .count();
+    assert!(
+        retried > 0,
+        "some sends succeeded only after a transient failure"
+    );
+    for r in rows
+        .iter()
+        .filter(|r| r.reason.as_deref() == Some("not_on_whatsapp"))
+    {
         assert_eq!(r.attempts, 1, "a permanent error is not retried");
     }
-    assert!(rows.iter().all(|r| ["sent", "failed"].contains(&r.status.as_str())));
+    assert!(rows
+        .iter()
+        .all(|r| ["sent", "failed"].contains(&r.status.as_str())));
     assert!(sends_per_message(&host.sends()).values().all(|n| *n == 1));
 }
 
@@ -363,14 +586,28 @@ async fn attempts_are_bounded(pool: PgPool) {
     let tenant = seed_tenant(&pool, "t@example.com").await;
     let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
     seed_leads(&pool, tenant, d, 0, 3, "cars", LeadStatus::Prospect).await;
-    let host = TestHost::start(&pool, SimConfig { transient_rate: 1.0, ..quiet_sim() }).await;
+    let host = TestHost::start(
+        &pool,
+        SimConfig {
+            transient_rate: 1.0,
+            ..quiet_sim()
+        },
+    )
+    .await;
     let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
     p.worker.settings.max_attempts = 3;
     p.worker.settings.retry_base = Duration::from_millis(50);
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30)).await;
-    for r in repo::messages::list_campaign_messages(&pool, tenant, campaign).await.unwrap() {
-        assert_eq!((r.status.as_str(), r.reason.as_deref(), r.attempts), ("failed", Some("attempts_exhausted"), 3));
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    for r in repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap()
+    {
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_deref(), r.attempts),
+            ("failed", Some("attempts_exhausted"), 3)
+        );
         assert!(r.last_error.unwrap().contains("simulated network error"));
     }
     assert!(host.sends().is_empty());

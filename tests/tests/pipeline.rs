@@ -18,32 +18,74 @@ async fn a_campaign_reaches_every_matching_lead_once(pool: PgPool) {
     let host = TestHost::start(&pool, quiet_sim()).await;
     let queue = test_queue(5).await;
     let p = Pipeline::new(&pool, queue, &host);
-    let campaign = seed_campaign(&pool, tenant, &CampaignSpec { target: TargetStatus::Prospect, ..Default::default() }).await;
-    let other = seed_campaign(&pool, tenant, &CampaignSpec { target: TargetStatus::Customer, template: "Hey {first_name:boss}", ..Default::default() }).await;
-    p.run_until_done(&[(tenant, campaign), (tenant, other)], Duration::from_secs(60)).await;
+    let campaign = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            target: TargetStatus::Prospect,
+            ..Default::default()
+        },
+    )
+    .await;
+    let other = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            target: TargetStatus::Customer,
+            template: "Hey {first_name:boss}",
+            ..Default::default()
+        },
+    )
+    .await;
+    p.run_until_done(
+        &[(tenant, campaign), (tenant, other)],
+        Duration::from_secs(60),
+    )
+    .await;
 
-    assert_eq!(status_counts(&pool, tenant, campaign).await.get("sent"), Some(&30));
-    assert_eq!(status_counts(&pool, tenant, other).await.get("sent"), Some(&20));
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sent"),
+        Some(&30)
+    );
+    assert_eq!(
+        status_counts(&pool, tenant, other).await.get("sent"),
+        Some(&20)
+    );
     let sends = host.sends();
     assert_eq!(sends.len(), 50);
     assert!(sends_per_message(&sends).values().all(|n| *n == 1));
     // Each message went out through its lead's own device, rendered for that lead.
-    let rows = shared::repo::messages::list_campaign_messages(&pool, tenant, campaign).await.unwrap();
+    let rows = shared::repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
     for r in &rows {
         assert_eq!(r.device_id, d1);
-        assert!(r.body == format!("Hi {}!", name_of(r)) || r.body == format!("Hello {}!", name_of(r)), "{}", r.body);
+        assert!(
+            r.body == format!("Hi {}!", name_of(r)) || r.body == format!("Hello {}!", name_of(r)),
+            "{}",
+            r.body
+        );
         assert_eq!(r.reason.as_deref(), Some("accepted"));
         assert!(r.provider_message_id.is_some());
     }
-    for e in sends.iter().filter(|e| rows.iter().any(|r| r.id == e.message_id)) {
+    for e in sends
+        .iter()
+        .filter(|e| rows.iter().any(|r| r.id == e.message_id))
+    {
         assert_eq!(e.device_id, d1);
     }
-    let c = shared::repo::campaigns::get_campaign(&pool, tenant, campaign).await.unwrap();
+    let c = shared::repo::campaigns::get_campaign(&pool, tenant, campaign)
+        .await
+        .unwrap();
     assert_eq!(c.status, "completed");
 }
 
 fn name_of(r: &shared::repo::messages::MessageRow) -> String {
     // Leads with index divisible by 5 have no name: the fallback "there" is used.
     let idx: u64 = r.recipient[4..].parse().unwrap();
-    if idx % 5 == 0 { "there".into() } else { format!("Lead {idx}") }
+    if idx % 5 == 0 {
+        "there".into()
+    } else {
+        format!("Lead {idx}")
+    }
 }

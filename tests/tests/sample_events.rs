@@ -8,14 +8,25 @@ use std::path::PathBuf;
 use wabcast_tests::*;
 
 fn event(path: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../events").join(path);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../events")
+        .join(path);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn campaign_trigger_takes_its_scheduler_event(pool: PgPool) {
-    let ev: serde_json::Value = serde_json::from_str(&event("campaign-trigger/scheduler.json")).unwrap();
-    let report = campaign_trigger::handle(ev, &campaign_trigger::Deps { pool, max_campaigns: 5 }).await.unwrap();
+    let ev: serde_json::Value =
+        serde_json::from_str(&event("campaign-trigger/scheduler.json")).unwrap();
+    let report = campaign_trigger::handle(
+        ev,
+        &campaign_trigger::Deps {
+            pool,
+            max_campaigns: 5,
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(report, campaign_trigger::TriggerReport::default());
 }
 
@@ -24,9 +35,15 @@ async fn broadcast_processor_takes_its_scheduler_events(pool: PgPool) {
     let deps = broadcast_processor::Deps {
         pool,
         queue: test_queue(5).await,
-        settings: broadcast_processor::Settings { run_for: std::time::Duration::ZERO, ..Default::default() },
+        settings: broadcast_processor::Settings {
+            run_for: std::time::Duration::ZERO,
+            ..Default::default()
+        },
     };
-    for file in ["broadcast-processor/scheduler.json", "broadcast-processor/single-tick.json"] {
+    for file in [
+        "broadcast-processor/scheduler.json",
+        "broadcast-processor/single-tick.json",
+    ] {
         let ev: serde_json::Value = serde_json::from_str(&event(file)).unwrap();
         let report = broadcast_processor::handle(ev, &deps).await.unwrap();
         assert_eq!(report.ticks, 1, "{file}");

@@ -153,22 +153,28 @@ pub async fn tick(
     Ok(saturated)
 }
 
-async fn sweep(deps: &Deps, settings: &Settings, report: &mut Report) -> Result<(), ProcessorError> {
+async fn sweep(
+    deps: &Deps,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), ProcessorError> {
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
     report.skipped_deleted += repo::messages::skip_deleted_device_messages(&mut tx)
         .await
         .context("failed to skip deleted devices' messages")?;
-    report.skipped_offline += repo::messages::skip_offline_device_messages(
-        &mut tx,
-        settings.offline_grace.as_secs_f64(),
-    )
-    .await
-    .context("failed to skip offline devices' messages")?;
+    report.skipped_offline +=
+        repo::messages::skip_offline_device_messages(&mut tx, settings.offline_grace.as_secs_f64())
+            .await
+            .context("failed to skip offline devices' messages")?;
     tx.commit().await.context("failed to commit sweep")?;
     Ok(())
 }
 
-async fn rescue(deps: &Deps, settings: &Settings, report: &mut Report) -> Result<(), ProcessorError> {
+async fn rescue(
+    deps: &Deps,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), ProcessorError> {
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
     let stale = repo::messages::requeue_stale_queued(
         &mut tx,
@@ -186,7 +192,10 @@ async fn rescue(deps: &Deps, settings: &Settings, report: &mut Report) -> Result
     .context("failed to reconcile stale sending rows")?;
     tx.commit().await.context("failed to commit rescue")?;
     if !stale.is_empty() {
-        warn!(count = stale.len(), "re-enqueueing rows lost past their lease");
+        warn!(
+            count = stale.len(),
+            "re-enqueueing rows lost past their lease"
+        );
         enqueue(deps, &stale, report).await;
         report.requeued += stale.len() as u64;
     }
@@ -241,10 +250,18 @@ mod tests {
     #[test]
     fn event_overrides() {
         let base = Settings::default();
-        let s = settings_for(&serde_json::json!({"run_for_seconds": 0, "tick_ms": 200}), &base).unwrap();
+        let s = settings_for(
+            &serde_json::json!({"run_for_seconds": 0, "tick_ms": 200}),
+            &base,
+        )
+        .unwrap();
         assert_eq!(s.run_for, Duration::ZERO);
         assert_eq!(s.tick, Duration::from_millis(200));
-        let s = settings_for(&serde_json::json!({"detail-type": "Scheduled Event"}), &base).unwrap();
+        let s = settings_for(
+            &serde_json::json!({"detail-type": "Scheduled Event"}),
+            &base,
+        )
+        .unwrap();
         assert_eq!(s.run_for, base.run_for);
         assert!(settings_for(&serde_json::json!({"run_for_seconds": -1}), &base).is_err());
         assert!(settings_for(&serde_json::json!({"tick_ms": "fast"}), &base).is_err());

@@ -10,9 +10,18 @@ async fn main() -> Result<(), Error> {
     shared::telemetry::init();
     let d = Settings::default();
     let settings = Settings {
-        tick: Duration::from_millis(config::parsed_or("PROCESSOR_TICK_MS", d.tick.as_millis() as u64)?),
-        run_for: Duration::from_secs(config::parsed_or("PROCESSOR_RUN_FOR_S", d.run_for.as_secs())?),
-        offline_grace: Duration::from_secs(config::parsed_or("OFFLINE_GRACE_S", d.offline_grace.as_secs())?),
+        tick: Duration::from_millis(config::parsed_or(
+            "PROCESSOR_TICK_MS",
+            d.tick.as_millis() as u64,
+        )?),
+        run_for: Duration::from_secs(config::parsed_or(
+            "PROCESSOR_RUN_FOR_S",
+            d.run_for.as_secs(),
+        )?),
+        offline_grace: Duration::from_secs(config::parsed_or(
+            "OFFLINE_GRACE_S",
+            d.offline_grace.as_secs(),
+        )?),
         lease: Duration::from_secs(config::parsed_or("LEASE_S", d.lease.as_secs())?),
         max_devices_per_claim: config::parsed_or("CLAIM_MAX_DEVICES", d.max_devices_per_claim)?,
         per_device_burst: config::parsed_or("CLAIM_PER_DEVICE", d.per_device_burst)?,
@@ -22,13 +31,19 @@ async fn main() -> Result<(), Error> {
     };
     let database_url = config::secret("DATABASE_URL")?;
     let deps = Deps {
-        pool: shared::db::connect(database_url.expose(), config::parsed_or("DB_MAX_CONNECTIONS", 4)?).await?,
+        pool: shared::db::connect(
+            database_url.expose(),
+            config::parsed_or("DB_MAX_CONNECTIONS", 4)?,
+        )
+        .await?,
         queue: shared::queue::QueueConfig::from_env()?.connect().await?,
         settings,
     };
     let deps = &deps;
-    run(service_fn(move |event: LambdaEvent<serde_json::Value>| async move {
-        handle(event.payload, deps).await.map_err(Error::from)
-    }))
+    run(service_fn(
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            handle(event.payload, deps).await.map_err(Error::from)
+        },
+    ))
     .await
 }

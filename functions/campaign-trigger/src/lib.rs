@@ -139,8 +139,14 @@ mod tests {
     #[test]
     fn events_are_any_object_with_an_optional_override() {
         assert_eq!(parse_event(&serde_json::json!({}), 5).unwrap(), 5);
-        assert_eq!(parse_event(&serde_json::json!({"source": "aws.scheduler"}), 5).unwrap(), 5);
-        assert_eq!(parse_event(&serde_json::json!({"max_campaigns": 2}), 5).unwrap(), 2);
+        assert_eq!(
+            parse_event(&serde_json::json!({"source": "aws.scheduler"}), 5).unwrap(),
+            5
+        );
+        assert_eq!(
+            parse_event(&serde_json::json!({"max_campaigns": 2}), 5).unwrap(),
+            2
+        );
         assert_eq!(parse_event(&serde_json::Value::Null, 5).unwrap(), 5);
         assert!(parse_event(&serde_json::json!({"max_campaigns": "lots"}), 5).is_err());
         assert!(parse_event(&serde_json::json!({"max_campaigns": 0}), 5).is_err());

@@ -28,13 +28,25 @@ pub struct AppState {
 impl IntoResponse for SendError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody { error: self.code.to_string(), message: self.message, retryable: self.retryable }))
+        (
+            status,
+            Json(ErrorBody {
+                error: self.code.to_string(),
+                message: self.message,
+                retryable: self.retryable,
+            }),
+        )
             .into_response()
     }
 }
 
 fn bad_request(message: impl Into<String>) -> SendError {
-    SendError { status: 400, code: code::INVALID_PAYLOAD, message: message.into(), retryable: false }
+    SendError {
+        status: 400,
+        code: code::INVALID_PAYLOAD,
+        message: message.into(),
+        retryable: false,
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -68,8 +80,13 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| token_matches(t, state.token.expose()));
     if !ok {
-        return SendError { status: 401, code: code::UNAUTHORIZED, message: "missing or wrong bearer token".into(), retryable: false }
-            .into_response();
+        return SendError {
+            status: 401,
+            code: code::UNAUTHORIZED,
+            message: "missing or wrong bearer token".into(),
+            retryable: false,
+        }
+        .into_response();
     }
     next.run(req).await
 }
@@ -102,7 +119,11 @@ async fn status(
 ) -> Result<Json<DeviceStatusBody>, SendError> {
     let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
     let (status, reason) = state.host.status(q.tenant_id, id).await?;
-    Ok(Json(DeviceStatusBody { device_id: id, status: status.to_string(), reason }))
+    Ok(Json(DeviceStatusBody {
+        device_id: id,
+        status: status.to_string(),
+        reason,
+    }))
 }
 
 async fn pair(
@@ -126,7 +147,12 @@ async fn pair(
         .start_pairing(&device, phone.as_ref())
         .await
         .map(Json)
-        .map_err(|e| SendError { status: 409, code: code::PROVIDER_ERROR, message: e.to_string(), retryable: true })
+        .map_err(|e| SendError {
+            status: 409,
+            code: code::PROVIDER_ERROR,
+            message: e.to_string(),
+            retryable: true,
+        })
 }
 
 async fn simulate(
@@ -138,15 +164,28 @@ async fn simulate(
     let online = match action.as_str() {
         "online" => true,
         "offline" => false,
-        other => return Err(bad_request(format!("unknown action {other:?}; use online or offline"))),
+        other => {
+            return Err(bad_request(format!(
+                "unknown action {other:?}; use online or offline"
+            )))
+        }
     };
-    let sim = state.simulator.as_ref().ok_or_else(|| bad_request("this host runs no simulator"))?;
+    let sim = state
+        .simulator
+        .as_ref()
+        .ok_or_else(|| bad_request("this host runs no simulator"))?;
     let device: DeviceRef = state.host.device(q.tenant_id, id).await?;
     if device.provider != ProviderKind::Simulator {
         return Err(bad_request("not a simulator device"));
     }
-    let status: DeviceStatus = sim.set_online(&device, online).map_err(SendError::internal)?;
-    Ok(Json(DeviceStatusBody { device_id: id, status: status.to_string(), reason: None }))
+    let status: DeviceStatus = sim
+        .set_online(&device, online)
+        .map_err(SendError::internal)?;
+    Ok(Json(DeviceStatusBody {
+        device_id: id,
+        status: status.to_string(),
+        reason: None,
+    }))
 }
 
 #[cfg(test)]

@@ -66,7 +66,11 @@ pub struct Running {
 pub async fn start(config: Config, pool: sqlx::PgPool) -> anyhow::Result<Running> {
     use anyhow::Context;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    let simulator = Arc::new(simulator::Simulator::new(config.simulator.clone(), &config.data_dir, events_tx)?);
+    let simulator = Arc::new(simulator::Simulator::new(
+        config.simulator.clone(),
+        &config.data_dir,
+        events_tx,
+    )?);
     let host = Arc::new(service::Host::new(
         pool.clone(),
         config.host_id.clone(),
@@ -79,12 +83,21 @@ pub async fn start(config: Config, pool: sqlx::PgPool) -> anyhow::Result<Running
         .await
         .with_context(|| format!("failed to bind {}", config.bind))?;
     let addr = listener.local_addr()?;
-    let app = http::router(http::AppState { host: host.clone(), simulator: Some(simulator.clone()), token: config.token });
+    let app = http::router(http::AppState {
+        host: host.clone(),
+        simulator: Some(simulator.clone()),
+        token: config.token,
+    });
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "device host server stopped");
         }
     });
     tracing::info!(%addr, host_id = %config.host_id, "device host listening");
-    Ok(Running { addr, simulator, host, server })
+    Ok(Running {
+        addr,
+        simulator,
+        host,
+        server,
+    })
 }

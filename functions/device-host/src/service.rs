@@ -30,10 +30,20 @@ pub struct SendError {
 
 impl SendError {
     fn permanent(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retryable: false }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retryable: false,
+        }
     }
     fn transient(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retryable: true }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retryable: true,
+        }
     }
     pub fn internal(e: impl std::fmt::Display) -> Self {
         warn!(error = %e, "internal error");
@@ -44,7 +54,9 @@ impl SendError {
 impl From<RepoError> for SendError {
     fn from(e: RepoError) -> Self {
         match e {
-            RepoError::NotFound(what) => Self::permanent(404, code::UNKNOWN_DEVICE, format!("{what} not found")),
+            RepoError::NotFound(what) => {
+                Self::permanent(404, code::UNKNOWN_DEVICE, format!("{what} not found"))
+            }
             other => Self::internal(other),
         }
     }
@@ -105,8 +117,14 @@ impl Host {
         let devices = repo::devices::list_live_devices(&self.pool, &kinds).await?;
         let mut n = 0;
         for d in devices {
-            let Ok(provider) = d.provider.parse::<ProviderKind>() else { continue };
-            let device = DeviceRef { id: d.id, tenant_id: d.tenant_id, provider };
+            let Ok(provider) = d.provider.parse::<ProviderKind>() else {
+                continue;
+            };
+            let device = DeviceRef {
+                id: d.id,
+                tenant_id: d.tenant_id,
+                provider,
+            };
             self.connect(&device).await;
             n += 1;
         }
@@ -130,12 +148,20 @@ impl Host {
             return if d.tenant_id == tenant {
                 Ok(d)
             } else {
-                Err(SendError::permanent(404, code::UNKNOWN_DEVICE, "device not found"))
+                Err(SendError::permanent(
+                    404,
+                    code::UNKNOWN_DEVICE,
+                    "device not found",
+                ))
             };
         }
         let row = repo::devices::get_device(&self.pool, tenant, id).await?;
         if row.deleted_at.is_some() {
-            return Err(SendError::permanent(404, code::UNKNOWN_DEVICE, "device was deleted"));
+            return Err(SendError::permanent(
+                404,
+                code::UNKNOWN_DEVICE,
+                "device was deleted",
+            ));
         }
         let provider: ProviderKind = row
             .provider
@@ -148,7 +174,11 @@ impl Host {
                 format!("this host does not serve {provider} devices"),
             ));
         }
-        let device = DeviceRef { id, tenant_id: tenant, provider };
+        let device = DeviceRef {
+            id,
+            tenant_id: tenant,
+            provider,
+        };
         self.connect(&device).await;
         Ok(device)
     }
@@ -164,10 +194,18 @@ impl Host {
         let to = PhoneE164::parse(&req.to)
             .map_err(|e| SendError::permanent(422, code::INVALID_PAYLOAD, e.to_string()))?;
         if req.text.trim().is_empty() || req.text.len() > 4096 {
-            return Err(SendError::permanent(422, code::INVALID_PAYLOAD, "text must be 1 to 4096 bytes"));
+            return Err(SendError::permanent(
+                422,
+                code::INVALID_PAYLOAD,
+                "text must be 1 to 4096 bytes",
+            ));
         }
         if req.message_id <= 0 {
-            return Err(SendError::permanent(422, code::INVALID_PAYLOAD, "message_id must be positive"));
+            return Err(SendError::permanent(
+                422,
+                code::INVALID_PAYLOAD,
+                "message_id must be positive",
+            ));
         }
         let device = self.device(req.tenant_id, req.device_id).await?;
         let provider = self.provider_for(&device)?.clone();
@@ -177,7 +215,11 @@ impl Host {
             set.insert(req.message_id)
         };
         if !claimed {
-            return Err(SendError::transient(409, code::IN_PROGRESS, "this message is being sent"));
+            return Err(SendError::transient(
+                409,
+                code::IN_PROGRESS,
+                "this message is being sent",
+            ));
         }
         let _guard = InFlight(self, req.message_id);
 
@@ -193,9 +235,22 @@ impl Host {
         .await?;
         tx.commit().await.map_err(SendError::internal)?;
         let provider_message_id = match state {
-            HostSendState::Owned { provider_message_id } => provider_message_id,
-            HostSendState::Existing { provider_message_id, state, error, updated_at } => match state.as_str() {
-                "sent" => return Ok(SendResponse { provider_message_id, duplicate: true, accepted_at: updated_at }),
+            HostSendState::Owned {
+                provider_message_id,
+            } => provider_message_id,
+            HostSendState::Existing {
+                provider_message_id,
+                state,
+                error,
+                updated_at,
+            } => match state.as_str() {
+                "sent" => {
+                    return Ok(SendResponse {
+                        provider_message_id,
+                        duplicate: true,
+                        accepted_at: updated_at,
+                    })
+                }
                 "failed" => {
                     let reason = error.unwrap_or_else(|| "provider_refused".into());
                     return Err(SendError::permanent(422, permanent_code(&reason), reason));
@@ -204,10 +259,20 @@ impl Host {
                     // An attempt that died with a previous process (not in flight here).
                     if provider.was_sent(&device, &provider_message_id).await == Some(true) {
                         self.finish(req, "sent", None).await?;
-                        return Ok(SendResponse { provider_message_id, duplicate: true, accepted_at: chrono::Utc::now() });
+                        return Ok(SendResponse {
+                            provider_message_id,
+                            duplicate: true,
+                            accepted_at: chrono::Utc::now(),
+                        });
                     }
                     let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
-                    repo::host_sends::retake_host_send(&mut tx, req.tenant_id, req.message_id, &self.host_id).await?;
+                    repo::host_sends::retake_host_send(
+                        &mut tx,
+                        req.tenant_id,
+                        req.message_id,
+                        &self.host_id,
+                    )
+                    .await?;
                     tx.commit().await.map_err(SendError::internal)?;
                     provider_message_id
                 }
@@ -240,30 +305,48 @@ impl Host {
             Ok(()) => {
                 let accepted_at = chrono::Utc::now();
                 self.finish(req, "sent", None).await?;
-                Ok(SendResponse { provider_message_id, duplicate: false, accepted_at })
+                Ok(SendResponse {
+                    provider_message_id,
+                    duplicate: false,
+                    accepted_at,
+                })
             }
             Err(ProviderError::NotOnWhatsapp) => {
-                self.finish(req, "failed", Some(reason::NOT_ON_WHATSAPP)).await?;
-                Err(SendError::permanent(422, code::NOT_ON_WHATSAPP, "the number is not on WhatsApp"))
+                self.finish(req, "failed", Some(reason::NOT_ON_WHATSAPP))
+                    .await?;
+                Err(SendError::permanent(
+                    422,
+                    code::NOT_ON_WHATSAPP,
+                    "the number is not on WhatsApp",
+                ))
             }
             Err(ProviderError::Rejected(m)) => {
-                self.finish(req, "failed", Some(reason::INVALID_PAYLOAD)).await?;
+                self.finish(req, "failed", Some(reason::INVALID_PAYLOAD))
+                    .await?;
                 Err(SendError::permanent(422, code::INVALID_PAYLOAD, m))
             }
             Err(e) => {
                 self.finish(req, "aborted", Some(&e.to_string())).await?;
                 Err(match e {
                     ProviderError::Offline(m) => SendError::transient(503, code::DEVICE_OFFLINE, m),
-                    ProviderError::RateLimited => SendError::transient(429, code::RATE_LIMITED, "rate limited"),
+                    ProviderError::RateLimited => {
+                        SendError::transient(429, code::RATE_LIMITED, "rate limited")
+                    }
                     other => SendError::transient(503, code::PROVIDER_ERROR, other.to_string()),
                 })
             }
         }
     }
 
-    async fn finish(&self, req: &SendRequest, state: &str, error: Option<&str>) -> Result<(), SendError> {
+    async fn finish(
+        &self,
+        req: &SendRequest,
+        state: &str,
+        error: Option<&str>,
+    ) -> Result<(), SendError> {
         let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
-        repo::host_sends::finish_host_send(&mut tx, req.tenant_id, req.message_id, state, error).await?;
+        repo::host_sends::finish_host_send(&mut tx, req.tenant_id, req.message_id, state, error)
+            .await?;
         tx.commit().await.map_err(SendError::internal)
     }
 
@@ -280,7 +363,9 @@ impl Host {
         }
         let bad = |m: String| SendError::permanent(422, code::BAD_IMAGE, m);
         let (mime, bytes) = if let Some(id) = src.strip_prefix("media:") {
-            let id: Uuid = id.parse().map_err(|_| bad(format!("{src:?} is not a media id")))?;
+            let id: Uuid = id
+                .parse()
+                .map_err(|_| bad(format!("{src:?} is not a media id")))?;
             let (mime, bytes) = repo::media::get_media(&self.pool, tenant, id)
                 .await
                 .map_err(|e| match e {
@@ -294,18 +379,28 @@ impl Host {
         } else {
             let url = match ImageSource::parse(src) {
                 Ok(ImageSource::Remote(url)) => url,
-                Ok(ImageSource::Inline { .. }) => return Err(bad("inline images must be stored as media first".into())),
+                Ok(ImageSource::Inline { .. }) => {
+                    return Err(bad("inline images must be stored as media first".into()))
+                }
                 Err(e) => return Err(bad(e.to_string())),
             };
             match self.fetcher.fetch(&url).await {
                 Ok((mime, bytes)) => (mime.to_string(), bytes),
                 Err(shared::media::MediaError::Fetch(m)) => {
-                    return Err(SendError::transient(503, code::PROVIDER_ERROR, format!("image fetch: {m}")))
+                    return Err(SendError::transient(
+                        503,
+                        code::PROVIDER_ERROR,
+                        format!("image fetch: {m}"),
+                    ))
                 }
                 Err(e) => return Err(bad(e.to_string())),
             }
         };
-        let img = ResolvedImage { mime, bytes: Arc::new(bytes), key: src.to_string() };
+        let img = ResolvedImage {
+            mime,
+            bytes: Arc::new(bytes),
+            key: src.to_string(),
+        };
         if let Ok(mut cache) = self.images.lock() {
             if cache.len() >= IMAGE_CACHE_MAX {
                 cache.clear();
@@ -315,7 +410,11 @@ impl Host {
         Ok(img)
     }
 
-    pub async fn status(&self, tenant: Uuid, id: Uuid) -> Result<(DeviceStatus, Option<String>), SendError> {
+    pub async fn status(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<(DeviceStatus, Option<String>), SendError> {
         let device = self.device(tenant, id).await?;
         Ok(self.provider_for(&device)?.status(&device).await)
     }
@@ -357,14 +456,26 @@ pub async fn run_event_writer(pool: PgPool, mut events: mpsc::UnboundedReceiver<
         }
         for ev in batch {
             match ev {
-                ProviderEvent::Status { device, status, reason } => {
+                ProviderEvent::Status {
+                    device,
+                    status,
+                    reason,
+                } => {
                     if let Err(e) = write_status(&pool, &device, status, reason.as_deref()).await {
                         warn!(device_id = %device.id, error = %e, "could not record device status");
                     }
                 }
-                ProviderEvent::Receipt { tenant_id, message_id, read, at } => {
-                    receipts.push(Receipt { tenant_id, message_id, read, at })
-                }
+                ProviderEvent::Receipt {
+                    tenant_id,
+                    message_id,
+                    read,
+                    at,
+                } => receipts.push(Receipt {
+                    tenant_id,
+                    message_id,
+                    read,
+                    at,
+                }),
             }
         }
         if receipts.len() >= 2_000 {
@@ -373,7 +484,12 @@ pub async fn run_event_writer(pool: PgPool, mut events: mpsc::UnboundedReceiver<
     }
 }
 
-async fn write_status(pool: &PgPool, device: &DeviceRef, status: DeviceStatus, reason: Option<&str>) -> anyhow::Result<()> {
+async fn write_status(
+    pool: &PgPool,
+    device: &DeviceRef,
+    status: DeviceStatus,
+    reason: Option<&str>,
+) -> anyhow::Result<()> {
     let mut tx = pool.begin().await?;
     repo::devices::set_device_status(&mut tx, device.tenant_id, device.id, status, reason).await?;
     tx.commit().await?;
@@ -393,6 +509,8 @@ async fn flush_receipts(pool: &PgPool, receipts: &mut Vec<Receipt>) {
     .await;
     match res {
         Ok(()) => receipts.clear(),
-        Err(e) => warn!(error = %e, pending = receipts.len(), "could not record receipts; will retry"),
+        Err(e) => {
+            warn!(error = %e, pending = receipts.len(), "could not record receipts; will retry")
+        }
     }
 }

@@ -74,7 +74,8 @@ impl SendLog {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         use anyhow::Context;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("failed to create {}", dir.display()))?;
         }
         let known = Self::read(path)?
             .into_iter()
@@ -220,10 +221,22 @@ impl Simulator {
                 attempts: HashMap::new(),
             });
             s.online = online;
-            if online { DeviceStatus::Online } else { DeviceStatus::Offline }
+            if online {
+                DeviceStatus::Online
+            } else {
+                DeviceStatus::Offline
+            }
         };
-        let reason = if online { None } else { Some("simulated disconnect".to_string()) };
-        let _ = self.events.send(ProviderEvent::Status { device: device.clone(), status, reason });
+        let reason = if online {
+            None
+        } else {
+            Some("simulated disconnect".to_string())
+        };
+        let _ = self.events.send(ProviderEvent::Status {
+            device: device.clone(),
+            status,
+            reason,
+        });
         Ok(status)
     }
 
@@ -232,16 +245,27 @@ impl Simulator {
             return;
         };
         let read = self.config.read_after.filter(|_| {
-            fraction(self.config.seed ^ 0x5eed, &message.provider_message_id) < self.config.read_rate
+            fraction(self.config.seed ^ 0x5eed, &message.provider_message_id)
+                < self.config.read_rate
         });
         let events = self.events.clone();
         let (tenant_id, message_id) = (message.tenant_id, message.message_id);
         tokio::spawn(async move {
             tokio::time::sleep(delivered_after).await;
-            let _ = events.send(ProviderEvent::Receipt { tenant_id, message_id, read: false, at: Utc::now() });
+            let _ = events.send(ProviderEvent::Receipt {
+                tenant_id,
+                message_id,
+                read: false,
+                at: Utc::now(),
+            });
             if let Some(read_after) = read {
                 tokio::time::sleep(read_after.saturating_sub(delivered_after)).await;
-                let _ = events.send(ProviderEvent::Receipt { tenant_id, message_id, read: true, at: Utc::now() });
+                let _ = events.send(ProviderEvent::Receipt {
+                    tenant_id,
+                    message_id,
+                    read: true,
+                    at: Utc::now(),
+                });
             }
         });
     }
@@ -260,9 +284,20 @@ impl Provider for Simulator {
     async fn connect(&self, device: &DeviceRef) -> DeviceStatus {
         let online = !self.offline_set().contains(&device.id);
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.insert(device.id, SimSession { online, paired: true, attempts: HashMap::new() });
+            sessions.insert(
+                device.id,
+                SimSession {
+                    online,
+                    paired: true,
+                    attempts: HashMap::new(),
+                },
+            );
         }
-        let status = if online { DeviceStatus::Online } else { DeviceStatus::Offline };
+        let status = if online {
+            DeviceStatus::Online
+        } else {
+            DeviceStatus::Offline
+        };
         let _ = self.events.send(ProviderEvent::Status {
             device: device.clone(),
             status,
@@ -280,7 +315,10 @@ impl Provider for Simulator {
             Some(s) if s.online && s.paired => (DeviceStatus::Online, None),
             Some(s) if !s.paired => (DeviceStatus::AwaitingPairing, None),
             Some(_) => (DeviceStatus::Offline, Some("simulated disconnect".into())),
-            None => (DeviceStatus::Stopped, Some("no session on this host".into())),
+            None => (
+                DeviceStatus::Stopped,
+                Some("no session on this host".into()),
+            ),
         }
     }
 
@@ -291,7 +329,14 @@ impl Provider for Simulator {
     ) -> Result<PairingBody, ProviderError> {
         // The simulated phone "scans" at once: the session is paired and online afterwards.
         if let Ok(mut sessions) = self.sessions.lock() {
-            sessions.insert(device.id, SimSession { online: true, paired: true, attempts: HashMap::new() });
+            sessions.insert(
+                device.id,
+                SimSession {
+                    online: true,
+                    paired: true,
+                    attempts: HashMap::new(),
+                },
+            );
         }
         let _ = self.events.send(ProviderEvent::Status {
             device: device.clone(),
@@ -327,7 +372,10 @@ impl Provider for Simulator {
             if !s.online {
                 return Err(ProviderError::Offline("simulated disconnect".into()));
             }
-            let n = s.attempts.entry(message.provider_message_id.clone()).or_insert(0);
+            let n = s
+                .attempts
+                .entry(message.provider_message_id.clone())
+                .or_insert(0);
             *n += 1;
             let attempt = *n;
             if s.attempts.len() > 100_000 {
@@ -346,8 +394,10 @@ impl Provider for Simulator {
         if !self.is_on_whatsapp(message.to.as_str()) {
             return Err(ProviderError::NotOnWhatsapp);
         }
-        if fraction(self.config.seed, &format!("{}#{attempt}", message.provider_message_id))
-            < self.config.transient_rate
+        if fraction(
+            self.config.seed,
+            &format!("{}#{attempt}", message.provider_message_id),
+        ) < self.config.transient_rate
         {
             return Err(ProviderError::Transient("simulated network error".into()));
         }
@@ -380,7 +430,9 @@ mod tests {
     fn fraction_is_deterministic_and_spread() {
         assert_eq!(fraction(1, "a"), fraction(1, "a"));
         assert_ne!(fraction(1, "a"), fraction(2, "a"));
-        let below: usize = (0..10_000).filter(|i| fraction(7, &format!("+6012{i:07}")) < 0.1).count();
+        let below: usize = (0..10_000)
+            .filter(|i| fraction(7, &format!("+6012{i:07}")) < 0.1)
+            .count();
         assert!((800..1200).contains(&below), "{below}");
     }
 
@@ -401,7 +453,12 @@ mod tests {
         };
         log.append(&entry).unwrap();
         drop(log);
-        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"torn").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"torn")
+            .unwrap();
         let reopened = SendLog::open(&path).unwrap();
         assert!(reopened.contains("P7"));
         assert_eq!(SendLog::read(&path).unwrap(), vec![entry]);

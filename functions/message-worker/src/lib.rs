@@ -58,9 +58,16 @@ struct Record {
 /// How one claimed job ended with the host.
 enum Outcome {
     Sent(String, chrono::DateTime<Utc>),
-    Failed { reason: String, detail: String },
+    Failed {
+        reason: String,
+        detail: String,
+    },
     /// `tried = false`: held back behind an earlier transient error of its group, never sent.
-    Retry { reason: String, detail: String, tried: bool },
+    Retry {
+        reason: String,
+        detail: String,
+        tried: bool,
+    },
 }
 
 #[instrument(skip_all, fields(records = event.records.len()))]
@@ -78,11 +85,18 @@ pub async fn handle(event: SqsEvent, deps: &Deps) -> SqsBatchResponse {
         Ok(unrecorded) => failed.extend(
             records
                 .iter()
-                .filter(|r| r.item.as_ref().is_some_and(|i| unrecorded.contains(&i.message_id)))
+                .filter(|r| {
+                    r.item
+                        .as_ref()
+                        .is_some_and(|i| unrecorded.contains(&i.message_id))
+                })
                 .map(|r| r.sqs_id.clone()),
         ),
         Err(e) => {
-            warn!(error = format!("{e:#}"), "batch could not be processed; every record is reported");
+            warn!(
+                error = format!("{e:#}"),
+                "batch could not be processed; every record is reported"
+            );
             failed.extend(records.iter().map(|r| r.sqs_id.clone()));
         }
     }
@@ -137,9 +151,10 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
         return Ok(HashSet::new());
     }
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
-    let jobs = repo::messages::claim_messages_for_send(&mut tx, items, deps.settings.lease.as_secs_f64())
-        .await
-        .context("failed to claim messages for send")?;
+    let jobs =
+        repo::messages::claim_messages_for_send(&mut tx, items, deps.settings.lease.as_secs_f64())
+            .await
+            .context("failed to claim messages for send")?;
     if jobs.len() < items.len() {
         let claimed: HashSet<i64> = jobs.iter().map(|j| j.id).collect();
         let rest: Vec<WorkItem> = items
@@ -150,14 +165,21 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
         let held = repo::messages::hold_paused_messages(&mut tx, &rest)
             .await
             .context("failed to hold paused messages")?;
-        info!(duplicates = rest.len() as u64 - held, held, "records not sent: not queued any more");
+        info!(
+            duplicates = rest.len() as u64 - held,
+            held, "records not sent: not queued any more"
+        );
     }
     tx.commit().await.context("failed to commit claim")?;
 
     // Keep batch order within each device's group.
     let mut groups: Vec<Vec<SendJob>> = Vec::new();
     let mut index: HashMap<uuid::Uuid, usize> = HashMap::new();
-    let order: HashMap<i64, usize> = items.iter().enumerate().map(|(i, w)| (w.message_id, i)).collect();
+    let order: HashMap<i64, usize> = items
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.message_id, i))
+        .collect();
     let mut jobs = jobs;
     jobs.sort_by_key(|j| order.get(&j.id).copied().unwrap_or(usize::MAX));
     for job in jobs {
@@ -178,7 +200,14 @@ async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> 
     let mut blocked: Option<(String, String)> = None;
     for job in jobs {
         if let Some((reason, detail)) = &blocked {
-            out.push((job, Outcome::Retry { reason: reason.clone(), detail: detail.clone(), tried: false }));
+            out.push((
+                job,
+                Outcome::Retry {
+                    reason: reason.clone(),
+                    detail: detail.clone(),
+                    tried: false,
+                },
+            ));
             continue;
         }
         let req = SendRequest {
@@ -190,11 +219,19 @@ async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> 
             image: job.image.clone(),
         };
         let outcome = match deps.host.send(&req).await {
-            SendOutcome::Sent { provider_message_id, accepted_at, .. } => Outcome::Sent(provider_message_id, accepted_at),
+            SendOutcome::Sent {
+                provider_message_id,
+                accepted_at,
+                ..
+            } => Outcome::Sent(provider_message_id, accepted_at),
             SendOutcome::Permanent { reason, detail } => Outcome::Failed { reason, detail },
             SendOutcome::Transient { reason, detail } => {
                 blocked = Some((reason.clone(), detail.clone()));
-                Outcome::Retry { reason, detail, tried: true }
+                Outcome::Retry {
+                    reason,
+                    detail,
+                    tried: true,
+                }
             }
         };
         out.push((job, outcome));
@@ -215,7 +252,11 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
     if !sent.is_empty() {
         if let Err(e) = write_sent(&sent, deps).await {
             // The host's send record still says sent: the rescuer reconciles these rows.
-            warn!(error = format!("{e:#}"), count = sent.len(), "could not record sent rows");
+            warn!(
+                error = format!("{e:#}"),
+                count = sent.len(),
+                "could not record sent rows"
+            );
             unrecorded.extend(sent.iter().map(|s| s.0));
         }
     }
@@ -226,18 +267,35 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
             Outcome::Failed { reason, detail } => {
                 write_failed(job, &permanent_reason(reason), detail, deps).await
             }
-            Outcome::Retry { reason, detail, tried: true } if job.attempts >= deps.settings.max_attempts => {
+            Outcome::Retry {
+                reason,
+                detail,
+                tried: true,
+            } if job.attempts >= deps.settings.max_attempts => {
                 let detail = format!("{reason}: {detail}");
                 write_failed(job, reason::ATTEMPTS_EXHAUSTED, &detail, deps).await
             }
-            Outcome::Retry { reason, detail, tried } => {
-                let delay = retry_delay(job.attempts, deps.settings.retry_base, deps.settings.retry_cap, &mut rng);
+            Outcome::Retry {
+                reason,
+                detail,
+                tried,
+            } => {
+                let delay = retry_delay(
+                    job.attempts,
+                    deps.settings.retry_base,
+                    deps.settings.retry_cap,
+                    &mut rng,
+                );
                 let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
                 write_retry(job, due, &format!("{reason}: {detail}"), *tried, deps).await
             }
         };
         if let Err(e) = res {
-            warn!(message_id = job.id, error = format!("{e:#}"), "could not record outcome");
+            warn!(
+                message_id = job.id,
+                error = format!("{e:#}"),
+                "could not record outcome"
+            );
             unrecorded.insert(job.id);
         }
     }
@@ -262,14 +320,25 @@ async fn write_sent(sent: &[repo::messages::SentRecord], deps: &Deps) -> anyhow:
     Ok(())
 }
 
-async fn write_failed(job: &SendJob, reason: &str, detail: &str, deps: &Deps) -> anyhow::Result<()> {
+async fn write_failed(
+    job: &SendJob,
+    reason: &str,
+    detail: &str,
+    deps: &Deps,
+) -> anyhow::Result<()> {
     let mut tx = deps.pool.begin().await?;
     repo::messages::mark_message_failed(&mut tx, job.tenant_id, job.id, reason, detail).await?;
     tx.commit().await?;
     Ok(())
 }
 
-async fn write_retry(job: &SendJob, due: chrono::DateTime<Utc>, error: &str, tried: bool, deps: &Deps) -> anyhow::Result<()> {
+async fn write_retry(
+    job: &SendJob,
+    due: chrono::DateTime<Utc>,
+    error: &str,
+    tried: bool,
+    deps: &Deps,
+) -> anyhow::Result<()> {
     let mut tx = deps.pool.begin().await?;
     repo::messages::mark_message_retry(&mut tx, job.tenant_id, job.id, due, error, tried).await?;
     tx.commit().await?;
@@ -281,12 +350,22 @@ mod tests {
     use super::*;
 
     fn rec(id: &str, group: &str) -> Record {
-        Record { sqs_id: id.into(), group: group.into(), item: None }
+        Record {
+            sqs_id: id.into(),
+            group: group.into(),
+            item: None,
+        }
     }
 
     #[test]
     fn fifo_reports_the_rest_of_a_failed_group() {
-        let records = vec![rec("1", "a"), rec("2", "b"), rec("3", "a"), rec("4", "b"), rec("5", "a")];
+        let records = vec![
+            rec("1", "a"),
+            rec("2", "b"),
+            rec("3", "a"),
+            rec("4", "b"),
+            rec("5", "a"),
+        ];
         let failed: HashSet<String> = ["3".to_string()].into();
         assert_eq!(fifo_failures(&records, &failed), vec!["3", "5"]);
         assert!(fifo_failures(&records, &HashSet::new()).is_empty());

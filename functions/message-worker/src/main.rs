@@ -18,12 +18,24 @@ async fn main() -> Result<(), Error> {
     };
     let host_timeout = Duration::from_secs(config::parsed_or("HOST_TIMEOUT_S", 30u64)?);
     if host_timeout >= settings.lease {
-        return Err(format!("HOST_TIMEOUT_S ({host_timeout:?}) must be shorter than LEASE_S ({:?})", settings.lease).into());
+        return Err(format!(
+            "HOST_TIMEOUT_S ({host_timeout:?}) must be shorter than LEASE_S ({:?})",
+            settings.lease
+        )
+        .into());
     }
     let database_url = config::secret("DATABASE_URL")?;
     let deps = Deps {
-        pool: shared::db::connect(database_url.expose(), config::parsed_or("DB_MAX_CONNECTIONS", 4)?).await?,
-        host: shared::host_api::HostClient::new(&config::required("HOST_URL")?, config::secret("HOST_TOKEN")?, host_timeout)?,
+        pool: shared::db::connect(
+            database_url.expose(),
+            config::parsed_or("DB_MAX_CONNECTIONS", 4)?,
+        )
+        .await?,
+        host: shared::host_api::HostClient::new(
+            &config::required("HOST_URL")?,
+            config::secret("HOST_TOKEN")?,
+            host_timeout,
+        )?,
         settings,
     };
     let deps = &deps;

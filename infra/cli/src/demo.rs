@@ -42,21 +42,45 @@ const NICHES: [&str; 4] = ["cars", "property", "loans", "insurance"];
 
 pub async fn run(pool: &PgPool, cmd: DemoCmd) -> Result<()> {
     match cmd {
-        DemoCmd::Seed { email, devices, leads, min_delay, max_delay } => {
-            seed(pool, &email, devices, leads, DelayRange::new(min_delay, max_delay)?).await
+        DemoCmd::Seed {
+            email,
+            devices,
+            leads,
+            min_delay,
+            max_delay,
+        } => {
+            seed(
+                pool,
+                &email,
+                devices,
+                leads,
+                DelayRange::new(min_delay, max_delay)?,
+            )
+            .await
         }
-        DemoCmd::Watch { tenant, campaign, timeout_s } => {
+        DemoCmd::Watch {
+            tenant,
+            campaign,
+            timeout_s,
+        } => {
             let tenant = crate::resolve_tenant(pool, &tenant).await?;
             watch(pool, tenant, campaign, Duration::from_secs(timeout_s)).await
         }
     }
 }
 
-async fn seed(pool: &PgPool, email: &str, n_devices: usize, n_leads: usize, delay: DelayRange) -> Result<()> {
+async fn seed(
+    pool: &PgPool,
+    email: &str,
+    n_devices: usize,
+    n_leads: usize,
+    delay: DelayRange,
+) -> Result<()> {
     if n_devices == 0 || n_leads == 0 {
         bail!("need at least one device and one lead");
     }
-    let tenant = crate::create_tenant(pool, email, "demo-password", shared::tz::DEFAULT_TIME_ZONE).await?;
+    let tenant =
+        crate::create_tenant(pool, email, "demo-password", shared::tz::DEFAULT_TIME_ZONE).await?;
     let mut tx = pool.begin().await?;
     let mut device_ids = Vec::new();
     for i in 0..n_devices {
@@ -78,16 +102,26 @@ async fn seed(pool: &PgPool, email: &str, n_devices: usize, n_leads: usize, dela
     let cars = Token::parse("cars")?;
     let leads: Vec<repo::leads::NewLead> = (0..n_leads)
         .map(|i| {
-            let mut niches = vec![Token::parse(NICHES[i % NICHES.len()])?];
-            if i % 3 == 0 && !niches.contains(&cars) {
+            // Niches vary within each device's leads, so every device gets its share.
+            let k = i / n_devices;
+            let mut niches = vec![Token::parse(NICHES[k % NICHES.len()])?];
+            if k % 3 == 0 && !niches.contains(&cars) {
                 niches.push(cars.clone());
             }
             Ok(repo::leads::NewLead {
                 device_id: device_ids[i % n_devices],
-                name: if i % 7 == 0 { String::new() } else { format!("{} {}", FIRST[i % FIRST.len()], LAST[i % LAST.len()]) },
+                name: if i % 7 == 0 {
+                    String::new()
+                } else {
+                    format!("{} {}", FIRST[i % FIRST.len()], LAST[i % LAST.len()])
+                },
                 phone: PhoneE164::parse(&format!("+6012{:07}", i + 1))?,
                 niches,
-                status: if i % 5 == 0 { LeadStatus::Customer } else { LeadStatus::Prospect },
+                status: if i % 5 == 0 {
+                    LeadStatus::Customer
+                } else {
+                    LeadStatus::Prospect
+                },
                 triggers: vec![],
             })
         })
@@ -121,7 +155,9 @@ async fn seed(pool: &PgPool, email: &str, n_devices: usize, n_leads: usize, dela
     Ok(())
 }
 
-const FIRST: [&str; 8] = ["Aisyah", "Wei Ling", "Ravi", "Nurul", "Jason", "Siti", "Arjun", "Mei"];
+const FIRST: [&str; 8] = [
+    "Aisyah", "Wei Ling", "Ravi", "Nurul", "Jason", "Siti", "Arjun", "Mei",
+];
 const LAST: [&str; 6] = ["Rahman", "Tan", "Kumar", "Lim", "Abdullah", "Wong"];
 
 async fn watch(pool: &PgPool, tenant: Uuid, campaign: Uuid, timeout: Duration) -> Result<()> {
@@ -133,7 +169,11 @@ async fn watch(pool: &PgPool, tenant: Uuid, campaign: Uuid, timeout: Duration) -
         let get = |s: &str| p.by_status.get(s).copied().unwrap_or(0);
         let done = get("sent") + get("failed") + get("skipped") + get("cancelled");
         let width = 40usize;
-        let filled = if p.total > 0 { (done as usize * width) / p.total as usize } else { 0 };
+        let filled = if p.total > 0 {
+            (done as usize * width) / p.total as usize
+        } else {
+            0
+        };
         let _ = write!(
             err,
             "\r[{}{}] {done}/{} done | sent {} failed {} skipped {} | pending {} queued {} sending {} | {:>4.0}s ",
@@ -159,7 +199,10 @@ async fn watch(pool: &PgPool, tenant: Uuid, campaign: Uuid, timeout: Duration) -
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    println!("campaign finished in {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "campaign finished in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     print_device_table(pool, tenant, campaign).await
 }
 
@@ -202,12 +245,24 @@ pub async fn print_device_table(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> 
         "device", "sent", "failed", "skipped", "gap min", "median", "max", "configured"
     );
     for d in &devices {
-        let Some(l) = lines.get_mut(&d.id) else { continue };
+        let Some(l) = lines.get_mut(&d.id) else {
+            continue;
+        };
         l.times.sort();
-        let gaps: Vec<f64> = l.times.windows(2).map(|w| (w[1] - w[0]).num_milliseconds() as f64 / 1000.0).collect();
+        let gaps: Vec<f64> = l
+            .times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).num_milliseconds() as f64 / 1000.0)
+            .collect();
         let range = shared::pacing::effective_range(
-            DelayRange { min_s: d.min_delay_s, max_s: d.max_delay_s },
-            DelayRange { min_s: c.min_delay_s, max_s: c.max_delay_s },
+            DelayRange {
+                min_s: d.min_delay_s,
+                max_s: d.max_delay_s,
+            },
+            DelayRange {
+                min_s: c.min_delay_s,
+                max_s: c.max_delay_s,
+            },
         );
         let (a, b, m) = match shared::pacing::gap_summary(gaps) {
             Some((a, b, m)) => (format!("{a:.2}s"), format!("{b:.2}s"), format!("{m:.2}s")),
@@ -228,6 +283,9 @@ pub async fn print_device_table(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> 
         );
     }
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await?;
-    println!("total {} | delivered {} | read {}", p.total, p.delivered, p.read);
+    println!(
+        "total {} | delivered {} | read {}",
+        p.total, p.delivered, p.read
+    );
     Ok(())
 }

@@ -7,7 +7,9 @@ mod demo;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use shared::config::Secret;
-use shared::domain::{CampaignStatus, DelayRange, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
+use shared::domain::{
+    CampaignStatus, DelayRange, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token,
+};
 use shared::media::ImageSource;
 use shared::repo;
 use sqlx::PgPool;
@@ -15,7 +17,10 @@ use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Parser)]
-#[command(name = "wabcast", about = "Operate wabcast: tenants, devices, leads, campaigns, status")]
+#[command(
+    name = "wabcast",
+    about = "Operate wabcast: tenants, devices, leads, campaigns, status"
+)]
 struct Cli {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
@@ -214,7 +219,11 @@ async fn run(cli: Cli) -> Result<()> {
             shared::db::migrate(&pool).await?;
             println!("migrations applied");
         }
-        Command::Tenant(TenantCmd::Create { email, password, time_zone }) => {
+        Command::Tenant(TenantCmd::Create {
+            email,
+            password,
+            time_zone,
+        }) => {
             let id = create_tenant(&pool, &email, &password, &time_zone).await?;
             println!("{id}");
         }
@@ -233,7 +242,12 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn create_tenant(pool: &PgPool, email: &str, password: &str, time_zone: &str) -> Result<Uuid> {
+pub(crate) async fn create_tenant(
+    pool: &PgPool,
+    email: &str,
+    password: &str,
+    time_zone: &str,
+) -> Result<Uuid> {
     use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
     shared::tz::parse_zone(time_zone)?;
     if password.chars().count() < 8 {
@@ -259,12 +273,24 @@ pub(crate) async fn resolve_tenant(pool: &PgPool, s: &str) -> Result<Uuid> {
 }
 
 fn host_client(h: &HostArgs) -> Result<shared::host_api::HostClient> {
-    shared::host_api::HostClient::new(&h.host_url, Secret::new(h.host_token.clone()), Duration::from_secs(15))
+    shared::host_api::HostClient::new(
+        &h.host_url,
+        Secret::new(h.host_token.clone()),
+        Duration::from_secs(15),
+    )
 }
 
 async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
     match cmd {
-        DeviceCmd::Add { tenant, label, phone, provider, min_delay, max_delay, daily_cap } => {
+        DeviceCmd::Add {
+            tenant,
+            label,
+            phone,
+            provider,
+            min_delay,
+            max_delay,
+            daily_cap,
+        } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let phone = phone.as_deref().map(PhoneE164::parse).transpose()?;
             let provider: ProviderKind = provider.parse()?;
@@ -286,7 +312,10 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
         }
         DeviceCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            println!("{:<36}  {:<16} {:<10} {:<14} {:>11}", "id", "label", "provider", "status", "delay (s)");
+            println!(
+                "{:<36}  {:<16} {:<10} {:<14} {:>11}",
+                "id", "label", "provider", "status", "delay (s)"
+            );
             for d in repo::devices::list_devices(pool, tenant).await? {
                 println!(
                     "{:<36}  {:<16} {:<10} {:<14} {:>5.1}-{:<5.1}",
@@ -299,22 +328,44 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             let mut tx = pool.begin().await?;
             repo::devices::delete_device(&mut tx, tenant, device).await?;
             tx.commit().await?;
-            println!("device {device} deleted; its unsent messages will end skipped (device_deleted)");
+            println!(
+                "device {device} deleted; its unsent messages will end skipped (device_deleted)"
+            );
         }
-        DeviceCmd::Pair { tenant, device, phone, host } => {
+        DeviceCmd::Pair {
+            tenant,
+            device,
+            phone,
+            host,
+        } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             if let Some(p) = &phone {
                 PhoneE164::parse(p)?;
             }
-            let pairing = host_client(&host)?.start_pairing(tenant, device, phone).await?;
+            let pairing = host_client(&host)?
+                .start_pairing(tenant, device, phone)
+                .await?;
             match pairing.method.as_str() {
-                "code" => println!("On the phone: Linked devices > Link with phone number, then type {}", pairing.code),
-                _ => println!("Scan within {} s (WhatsApp > Linked devices):\n{}", pairing.expires_in_s, pairing.code),
+                "code" => println!(
+                    "On the phone: Linked devices > Link with phone number, then type {}",
+                    pairing.code
+                ),
+                _ => println!(
+                    "Scan within {} s (WhatsApp > Linked devices):\n{}",
+                    pairing.expires_in_s, pairing.code
+                ),
             }
         }
-        DeviceCmd::Simulate { tenant, device, state, host } => {
+        DeviceCmd::Simulate {
+            tenant,
+            device,
+            state,
+            host,
+        } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            let s = host_client(&host)?.simulate_connection(tenant, device, state == "online").await?;
+            let s = host_client(&host)?
+                .simulate_connection(tenant, device, state == "online")
+                .await?;
             println!("{} is {}", s.device_id, s.status);
         }
     }
@@ -326,13 +377,20 @@ pub(crate) fn parse_leads_csv(
     text: &str,
     devices: &std::collections::HashMap<String, Uuid>,
 ) -> Result<Vec<repo::leads::NewLead>> {
-    let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(text.as_bytes());
     let headers: Vec<String> = reader.headers()?.iter().map(|h| h.to_lowercase()).collect();
     let col = |name: &str| headers.iter().position(|h| h == name);
     let (Some(c_device), Some(c_phone)) = (col("device"), col("phone")) else {
-        bail!("the CSV needs at least the columns device and phone (have: {})", headers.join(","));
+        bail!(
+            "the CSV needs at least the columns device and phone (have: {})",
+            headers.join(",")
+        );
     };
-    let (c_name, c_niches, c_status, c_triggers) = (col("name"), col("niches"), col("status"), col("triggers"));
+    let (c_name, c_niches, c_status, c_triggers) =
+        (col("name"), col("niches"), col("status"), col("triggers"));
     let mut leads = Vec::new();
     let mut problems = Vec::new();
     for (i, row) in reader.records().enumerate() {
@@ -347,17 +405,20 @@ pub(crate) fn parse_leads_csv(
         let get = |c: Option<usize>| c.and_then(|c| row.get(c)).unwrap_or("");
         let parsed = (|| -> Result<repo::leads::NewLead> {
             let device_key = get(Some(c_device));
-            let device_id = devices
-                .get(device_key)
-                .copied()
-                .with_context(|| format!("device {device_key:?} is not one of this tenant's devices"))?;
+            let device_id = devices.get(device_key).copied().with_context(|| {
+                format!("device {device_key:?} is not one of this tenant's devices")
+            })?;
             let status_raw = get(c_status);
             Ok(repo::leads::NewLead {
                 device_id,
                 name: get(c_name).to_string(),
                 phone: PhoneE164::parse(get(Some(c_phone)))?,
                 niches: Token::parse_set(get(c_niches))?,
-                status: if status_raw.is_empty() { LeadStatus::Prospect } else { status_raw.parse()? },
+                status: if status_raw.is_empty() {
+                    LeadStatus::Prospect
+                } else {
+                    status_raw.parse()?
+                },
                 triggers: Token::parse_set(get(c_triggers))?,
             })
         })();
@@ -371,7 +432,11 @@ pub(crate) fn parse_leads_csv(
         bail!(
             "{} bad row(s); nothing was imported:\n  {}",
             problems.len(),
-            shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+            shown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  ")
         );
     }
     Ok(leads)
@@ -381,7 +446,8 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
     match cmd {
         LeadsCmd::Import { tenant, file } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
             let mut devices = std::collections::HashMap::new();
             for d in repo::devices::list_devices(pool, tenant).await? {
                 if d.deleted_at.is_none() {
@@ -414,7 +480,8 @@ pub(crate) async fn store_image(pool: &PgPool, tenant: Uuid, raw: &str) -> Resul
         if bytes.len() > shared::media::MAX_IMAGE_BYTES {
             bail!("image is larger than 5 MB ({} bytes)", bytes.len());
         }
-        let mime = shared::media::sniff(&bytes).context("the file is not a JPEG, PNG or WebP image")?;
+        let mime =
+            shared::media::sniff(&bytes).context("the file is not a JPEG, PNG or WebP image")?;
         ImageSource::Inline { mime, bytes }
     } else {
         ImageSource::parse(raw)?
@@ -432,7 +499,18 @@ pub(crate) async fn store_image(pool: &PgPool, tenant: Uuid, raw: &str) -> Resul
 
 async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
     match cmd {
-        CampaignCmd::Create { tenant, title, template, niche, target, image, date, time, min_delay, max_delay } => {
+        CampaignCmd::Create {
+            tenant,
+            title,
+            template,
+            niche,
+            target,
+            image,
+            date,
+            time,
+            min_delay,
+            max_delay,
+        } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             shared::render::Template::parse(&template)?;
             let niche = Token::parse(&niche)?;
@@ -464,18 +542,40 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             .await?;
             tx.commit().await?;
             println!("{id}");
-            eprintln!("scheduled for {} ({} local)", scheduled_at.to_rfc3339(), scheduled_at.with_timezone(&zone).format("%Y-%m-%d %H:%M %Z"));
+            eprintln!(
+                "scheduled for {} ({} local)",
+                scheduled_at.to_rfc3339(),
+                scheduled_at
+                    .with_timezone(&zone)
+                    .format("%Y-%m-%d %H:%M %Z")
+            );
         }
         CampaignCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            println!("{:<36}  {:<10} {:<22} {:<12} title", "id", "status", "scheduled (UTC)", "niche");
+            println!(
+                "{:<36}  {:<10} {:<22} {:<12} title",
+                "id", "status", "scheduled (UTC)", "niche"
+            );
             for c in repo::campaigns::list_campaigns(pool, tenant).await? {
-                println!("{:<36}  {:<10} {:<22} {:<12} {}", c.id, c.status, c.scheduled_at.format("%Y-%m-%d %H:%M:%S"), c.niche, c.title);
+                println!(
+                    "{:<36}  {:<10} {:<22} {:<12} {}",
+                    c.id,
+                    c.status,
+                    c.scheduled_at.format("%Y-%m-%d %H:%M:%S"),
+                    c.niche,
+                    c.title
+                );
             }
         }
-        CampaignCmd::Pause { tenant, campaign } => set_status(pool, &tenant, campaign, CampaignStatus::Paused).await?,
-        CampaignCmd::Resume { tenant, campaign } => set_status(pool, &tenant, campaign, CampaignStatus::Running).await?,
-        CampaignCmd::Cancel { tenant, campaign } => set_status(pool, &tenant, campaign, CampaignStatus::Cancelled).await?,
+        CampaignCmd::Pause { tenant, campaign } => {
+            set_status(pool, &tenant, campaign, CampaignStatus::Paused).await?
+        }
+        CampaignCmd::Resume { tenant, campaign } => {
+            set_status(pool, &tenant, campaign, CampaignStatus::Running).await?
+        }
+        CampaignCmd::Cancel { tenant, campaign } => {
+            set_status(pool, &tenant, campaign, CampaignStatus::Cancelled).await?
+        }
         CampaignCmd::Progress { tenant, campaign } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             print_progress(pool, tenant, campaign).await?;
@@ -496,7 +596,10 @@ async fn set_status(pool: &PgPool, tenant: &str, campaign: Uuid, to: CampaignSta
 pub(crate) async fn print_progress(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> Result<()> {
     let c = repo::campaigns::get_campaign(pool, tenant, campaign).await?;
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await?;
-    println!("{} [{}]: {} messages, {} delivered, {} read", c.title, c.status, p.total, p.delivered, p.read);
+    println!(
+        "{} [{}]: {} messages, {} delivered, {} read",
+        c.title, c.status, p.total, p.delivered, p.read
+    );
     for (status, n) in &p.by_status {
         println!("  {status:<10} {n:>8}");
         for ((s, reason), m) in &p.by_reason {
@@ -505,12 +608,19 @@ pub(crate) async fn print_progress(pool: &PgPool, tenant: Uuid, campaign: Uuid) 
             }
         }
     }
-    let labels: std::collections::HashMap<Uuid, String> =
-        repo::devices::list_devices(pool, tenant).await?.into_iter().map(|d| (d.id, d.label)).collect();
+    let labels: std::collections::HashMap<Uuid, String> = repo::devices::list_devices(pool, tenant)
+        .await?
+        .into_iter()
+        .map(|d| (d.id, d.label))
+        .collect();
     println!("  per device:");
     for (device, counts) in &p.by_device {
         let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
-        println!("    {:<16} {}", labels.get(device).map(String::as_str).unwrap_or("?"), parts.join(" "));
+        println!(
+            "    {:<16} {}",
+            labels.get(device).map(String::as_str).unwrap_or("?"),
+            parts.join(" ")
+        );
     }
     Ok(())
 }
@@ -519,17 +629,32 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     let queue = shared::queue::QueueConfig::from_env()?.connect().await;
     let rows = repo::devices::list_device_load(pool, tenant).await?;
     let now = chrono::Utc::now();
-    println!("{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}", "device", "status", "next send", "pending", "queued", "sending");
+    println!(
+        "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}",
+        "device", "status", "next send", "pending", "queued", "sending"
+    );
     for d in &rows {
         let next = (d.next_send_at - now).num_milliseconds() as f64 / 1000.0;
-        let next = if next <= 0.0 { "ready".to_string() } else { format!("in {next:.1}s") };
-        println!("{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}", d.label, d.status, next, d.pending, d.queued, d.sending);
+        let next = if next <= 0.0 {
+            "ready".to_string()
+        } else {
+            format!("in {next:.1}s")
+        };
+        println!(
+            "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}",
+            d.label, d.status, next, d.pending, d.queued, d.sending
+        );
     }
-    let (p, q, s) = rows.iter().fold((0, 0, 0), |a, d| (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending));
+    let (p, q, s) = rows.iter().fold((0, 0, 0), |a, d| {
+        (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending)
+    });
     println!("total: {p} pending, {q} queued, {s} sending");
     match queue {
         Ok(queue) => match queue.stats().await {
-            Ok(st) => println!("queue: {} visible, {} in flight, {} dead-lettered", st.visible, st.in_flight, st.dead_letter),
+            Ok(st) => println!(
+                "queue: {} visible, {} in flight, {} dead-lettered",
+                st.visible, st.in_flight, st.dead_letter
+            ),
             Err(e) => println!("queue: unavailable ({e})"),
         },
         Err(e) => println!("queue: unavailable ({e})"),
@@ -553,7 +678,13 @@ mod tests {
         assert_eq!(leads[1].status, LeadStatus::Prospect);
         let bad = "device,name,phone,niches,status\nphone-1,Ali,+60123456789,cars,prospect\nphone-9,Bo,+60123456780,cars,prospect\nphone-1,Cy,12ab,cars,prospect\nphone-1,Di,+60123456781,car$,prospect\n";
         let err = parse_leads_csv(bad, &devices).unwrap_err().to_string();
-        assert!(err.contains("3 bad row(s)") && err.contains("line 3") && err.contains("line 4") && err.contains("line 5"), "{err}");
+        assert!(
+            err.contains("3 bad row(s)")
+                && err.contains("line 3")
+                && err.contains("line 4")
+                && err.contains("line 5"),
+            "{err}"
+        );
         assert!(parse_leads_csv("name,phone\nA,+60123456789\n", &devices).is_err());
     }
 }

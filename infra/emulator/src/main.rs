@@ -20,10 +20,17 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 #[derive(Parser, Clone)]
-#[command(name = "local-emulator", about = "EventBridge and the SQS event source, locally")]
+#[command(
+    name = "local-emulator",
+    about = "EventBridge and the SQS event source, locally"
+)]
 struct Args {
     /// Where `cargo lambda watch` serves the functions.
-    #[arg(long, env = "LAMBDA_INVOKE_URL", default_value = "http://127.0.0.1:9000")]
+    #[arg(
+        long,
+        env = "LAMBDA_INVOKE_URL",
+        default_value = "http://127.0.0.1:9000"
+    )]
     invoke_url: String,
     #[arg(long, default_value_t = 60)]
     trigger_every: u64,
@@ -41,15 +48,26 @@ struct Args {
     /// Stop after this many seconds (0: run until interrupted).
     #[arg(long, default_value_t = 0)]
     duration: u64,
-    #[arg(long, default_value = "arn:aws:sqs:local:000000000000:wabcast-messages.fifo")]
+    #[arg(
+        long,
+        default_value = "arn:aws:sqs:local:000000000000:wabcast-messages.fifo"
+    )]
     queue_arn: String,
 }
 
 fn invoke_url(base: &str, function: &str) -> String {
-    format!("{}/2015-03-31/functions/{function}/invocations", base.trim_end_matches('/'))
+    format!(
+        "{}/2015-03-31/functions/{function}/invocations",
+        base.trim_end_matches('/')
+    )
 }
 
-async fn invoke(http: &reqwest::Client, base: &str, function: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+async fn invoke(
+    http: &reqwest::Client,
+    base: &str,
+    function: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value> {
     let resp = http
         .post(invoke_url(base, function))
         .json(body)
@@ -65,16 +83,49 @@ async fn invoke(http: &reqwest::Client, base: &str, function: &str, body: &serde
     Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
 }
 
+/// Invokes the trigger every `trigger_every` seconds; a failed invocation is retried after a few
+/// seconds rather than a whole interval (EventBridge Scheduler retries too).
 async fn scheduler(http: reqwest::Client, args: Args) {
-    let mut tick = tokio::time::interval(Duration::from_secs(args.trigger_every.max(1)));
+    let every = Duration::from_secs(args.trigger_every.max(1));
     loop {
-        tick.tick().await;
         let event = serde_json::json!({ "source": "wabcast.local-emulator", "function": "campaign-trigger" });
         match invoke(&http, &args.invoke_url, "campaign-trigger", &event).await {
-            Ok(r) => info!(report = %r, "campaign-trigger"),
-            Err(e) => warn!(error = format!("{e:#}"), "campaign-trigger failed"),
+            Ok(r) => {
+                info!(report = %r, "campaign-trigger");
+                tokio::time::sleep(every).await;
+            }
+            Err(e) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "campaign-trigger failed; retrying in 2 s"
+                );
+                tokio::time::sleep(Duration::from_secs(2).min(every)).await;
+            }
         }
     }
+}
+
+/// Waits until the invoke endpoint accepts connections (cargo lambda watch may still be starting).
+async fn wait_for(url: &str) {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return;
+    };
+    let (Some(host), Some(port)) = (
+        parsed.host_str().map(str::to_string),
+        parsed.port_or_known_default(),
+    ) else {
+        return;
+    };
+    for _ in 0..600 {
+        if tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    warn!(%url, "invoke endpoint still not reachable; starting anyway");
 }
 
 async fn processor(http: reqwest::Client, args: Args) {
@@ -117,16 +168,25 @@ async fn poller(http: reqwest::Client, args: Args, queue: Arc<dyn Queue>) {
                 continue;
             }
         };
-        let failed: HashSet<String> = match invoke(&http, &args.invoke_url, "message-worker", &body).await {
+        let failed: HashSet<String> = match invoke(&http, &args.invoke_url, "message-worker", &body)
+            .await
+        {
             Ok(v) => match serde_json::from_value::<SqsBatchResponse>(v) {
-                Ok(r) => r.batch_item_failures.into_iter().map(|f| f.item_identifier).collect(),
+                Ok(r) => r
+                    .batch_item_failures
+                    .into_iter()
+                    .map(|f| f.item_identifier)
+                    .collect(),
                 Err(e) => {
                     warn!(error = %e, "unreadable worker response; the batch reappears after the visibility timeout");
                     msgs.iter().map(|m| m.message_id.clone()).collect()
                 }
             },
             Err(e) => {
-                warn!(error = format!("{e:#}"), "message-worker failed; the batch reappears after the visibility timeout");
+                warn!(
+                    error = format!("{e:#}"),
+                    "message-worker failed; the batch reappears after the visibility timeout"
+                );
                 msgs.iter().map(|m| m.message_id.clone()).collect()
             }
         };
@@ -146,13 +206,18 @@ async fn main() -> Result<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.processor_run_for + 120))
         .build()?;
+    wait_for(&args.invoke_url).await;
     info!(invoke_url = %args.invoke_url, pollers = args.pollers, "local emulator running");
     let mut tasks = vec![
         tokio::spawn(scheduler(http.clone(), args.clone())),
         tokio::spawn(processor(http.clone(), args.clone())),
     ];
     for _ in 0..args.pollers.max(1) {
-        tasks.push(tokio::spawn(poller(http.clone(), args.clone(), queue.clone())));
+        tasks.push(tokio::spawn(poller(
+            http.clone(),
+            args.clone(),
+            queue.clone(),
+        )));
     }
     let stop = async {
         if args.duration > 0 {

@@ -47,7 +47,9 @@ pub async fn insert_campaign(
     new: &NewCampaign<'_>,
 ) -> Result<Uuid, RepoError> {
     if new.title.trim().is_empty() || new.title.len() > 200 {
-        return Err(crate::domain::InvalidInput::new("title", "must be 1 to 200 characters").into());
+        return Err(
+            crate::domain::InvalidInput::new("title", "must be 1 to 200 characters").into(),
+        );
     }
     let id = Uuid::new_v4();
     sqlx::query(
@@ -302,7 +304,11 @@ pub async fn get_campaign_progress(
         if let Some(r) = reason {
             *p.by_reason.entry((status.clone(), r)).or_default() += n;
         }
-        *p.by_device.entry(device).or_default().entry(status).or_default() += n;
+        *p.by_device
+            .entry(device)
+            .or_default()
+            .entry(status)
+            .or_default() += n;
     }
     Ok(p)
 }

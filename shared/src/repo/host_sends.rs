@@ -50,7 +50,12 @@ pub async fn begin_host_send(
             provider_message_id: pid,
         });
     }
-    let existing: Option<(String, String, Option<String>, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+    let existing: Option<(
+        String,
+        String,
+        Option<String>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
         "SELECT provider_message_id, state, error, updated_at FROM host_sends
          WHERE message_id = $1 AND tenant_id = $2",
     )

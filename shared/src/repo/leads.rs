@@ -85,7 +85,11 @@ pub async fn upsert_leads(
 }
 
 fn join_tokens(tokens: &[Token]) -> String {
-    tokens.iter().map(Token::as_str).collect::<Vec<_>>().join(" ")
+    tokens
+        .iter()
+        .map(Token::as_str)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Marks a lead (by phone, on any of the tenant's devices) opted out and skips its unsent
@@ -115,8 +119,10 @@ pub async fn opt_out_lead(
 }
 
 pub async fn count_leads(pool: &PgPool, tenant: Uuid) -> Result<i64, RepoError> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM leads WHERE tenant_id = $1")
-        .bind(tenant)
-        .fetch_one(pool)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM leads WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_one(pool)
+            .await?,
+    )
 }

@@ -161,7 +161,10 @@ pub type SentRecord = (i64, Uuid, String, DateTime<Utc>);
 
 /// `sending → sent` for a batch, with each send's acceptance time; each device's pacing cursor
 /// moves to (its latest acceptance + that message's gap) if that is later.
-pub async fn mark_messages_sent(tx: &mut PgConnection, sent: &[SentRecord]) -> Result<u64, RepoError> {
+pub async fn mark_messages_sent(
+    tx: &mut PgConnection,
+    sent: &[SentRecord],
+) -> Result<u64, RepoError> {
     let ids: Vec<i64> = sent.iter().map(|s| s.0).collect();
     let tenants: Vec<Uuid> = sent.iter().map(|s| s.1).collect();
     let provider_ids: Vec<&str> = sent.iter().map(|s| s.2.as_str()).collect();

@@ -1,1 +1,622 @@
-fn main() {}
+//! The pipeline benchmark (`cargo run --release -p wabcast-tests --bin pipeline-bench`).
+//!
+//! In one run, on a fresh database:
+//! 1. the floor: the bare PostgreSQL writes a message needs (insert, then two status updates,
+//!    batched by 1,000) into a copy of `broadcast_messages` with the same indexes;
+//! 2. in process: a campaign of `--messages` over `--devices` simulator devices with zero delays
+//!    and zero latency, the handlers called directly (trigger, processor loop, worker pollers
+//!    playing the SQS event source on the Redis queue), the device host as its own process over
+//!    HTTP. Prints end-to-end messages/s (trigger start to all `sent`), the fan-out rate, and the
+//!    ratio to the floor;
+//! 3. the processor's drain latency: messages falling due at random moments over 10 s on idle
+//!    devices, latency = queued_at − due_at with the default 1 s tick (p50, p99);
+//! 4. through `cargo lambda watch` and the local emulator (`--watch-messages`, 0 to skip);
+//! and the peak RSS of the host and of the functions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shared::domain::{DelayRange, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
+use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig};
+use shared::repo;
+use sqlx::PgPool;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+struct Args {
+    messages: usize,
+    devices: usize,
+    pollers: usize,
+    watch_messages: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        messages: 100_000,
+        devices: 100,
+        pollers: 8,
+        watch_messages: 2_000,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i + 1 < argv.len() + 1 && i < argv.len() {
+        let v = argv.get(i + 1).and_then(|s| s.parse().ok());
+        match (argv[i].as_str(), v) {
+            ("--messages", Some(n)) => a.messages = n,
+            ("--devices", Some(n)) => a.devices = n,
+            ("--pollers", Some(n)) => a.pollers = n,
+            ("--watch-messages", Some(n)) => a.watch_messages = n,
+            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N"),
+        }
+        i += 2;
+    }
+    a
+}
+
+/// Kills a child's process group when dropped.
+struct Group(Child);
+impl Drop for Group {
+    fn drop(&mut self) {
+        // TERM, a moment to exit, then KILL: cargo lambda watch does not stop on TERM.
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        for _ in 0..20 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Group {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).unwrap();
+    Group(
+        cmd.process_group(0)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Peak resident set (VmHWM) of a process, in MB.
+fn peak_rss_mb(pid: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn fresh_database(base: &str, name: &str) -> (String, PgPool) {
+    let admin = shared::db::connect(base, 2).await.unwrap();
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let pool = shared::db::connect(&url, 40).await.unwrap();
+    shared::db::migrate(&pool).await.unwrap();
+    (url, pool)
+}
+
+async fn floor(pool: &PgPool, n: usize) -> f64 {
+    sqlx::query("CREATE TABLE floor_messages (LIKE broadcast_messages INCLUDING DEFAULTS INCLUDING INDEXES INCLUDING CONSTRAINTS)")
+        .execute(pool)
+        .await
+        .unwrap();
+    let tenant = Uuid::new_v4();
+    let campaign = Uuid::new_v4();
+    let devices: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+    let started = Instant::now();
+    for chunk_start in (0..n).step_by(1000) {
+        let ids: Vec<i64> = (chunk_start..(chunk_start + 1000).min(n))
+            .map(|i| i as i64)
+            .collect();
+        let leads: Vec<i64> = ids.clone();
+        let devs: Vec<Uuid> = ids.iter().map(|i| devices[*i as usize % 100]).collect();
+        let phones: Vec<String> = ids.iter().map(|i| format!("+6012{:07}", i)).collect();
+        let bodies: Vec<String> = ids
+            .iter()
+            .map(|i| format!("Hello Lead {i}, our promo is live"))
+            .collect();
+        let mut tx = pool.begin().await.unwrap();
+        let inserted: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO floor_messages (id, tenant_id, campaign_id, lead_id, device_id, recipient, body)
+             OVERRIDING SYSTEM VALUE
+             SELECT i, $1, $2, l, d, r, b FROM unnest($3::bigint[], $4::bigint[], $5::uuid[], $6::text[], $7::text[]) AS u(i, l, d, r, b)
+             RETURNING id",
+        )
+        .bind(tenant)
+        .bind(campaign)
+        .bind(&ids)
+        .bind(&leads)
+        .bind(&devs)
+        .bind(&phones)
+        .bind(&bodies)
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        for status in ["queued", "sent"] {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query(
+                "UPDATE floor_messages SET status = $2,
+                     reason = CASE WHEN $2 = 'sent' THEN 'accepted' END,
+                     finished_at = CASE WHEN $2 = 'sent' THEN now() END,
+                     queued_at = COALESCE(queued_at, now()), sent_at = CASE WHEN $2 = 'sent' THEN now() END
+                 WHERE id = ANY($1)",
+            )
+            .bind(&inserted)
+            .bind(status)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+        }
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn seed(
+    pool: &PgPool,
+    devices: usize,
+    messages: usize,
+    niche: &str,
+    min_s: f64,
+    max_s: f64,
+) -> (Uuid, Uuid, Vec<Uuid>) {
+    let mut tx = pool.begin().await.unwrap();
+    let tenant = repo::tenants::insert_tenant(
+        &mut tx,
+        &format!("{niche}@bench.local"),
+        "x",
+        "Asia/Kuala_Lumpur",
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..devices {
+        let id = repo::devices::insert_device(
+            &mut tx,
+            tenant,
+            &repo::devices::NewDevice {
+                label: &format!("bench-{i:03}"),
+                phone: None,
+                provider: ProviderKind::Simulator,
+                delay: DelayRange::new(0.0, 0.0).unwrap(),
+                daily_cap: None,
+            },
+        )
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let niche_t = Token::parse(niche).unwrap();
+    let leads: Vec<repo::leads::NewLead> = (0..messages)
+        .map(|i| repo::leads::NewLead {
+            device_id: ids[i % devices],
+            name: format!("Lead {i}"),
+            phone: PhoneE164::parse(&format!("+6013{:08}", i)).unwrap(),
+            niches: vec![niche_t.clone()],
+            status: LeadStatus::Prospect,
+            triggers: vec![],
+        })
+        .collect();
+    repo::leads::upsert_leads(&mut tx, tenant, &leads)
+        .await
+        .unwrap();
+    let campaign = repo::campaigns::insert_campaign(
+        &mut tx,
+        tenant,
+        &repo::campaigns::NewCampaign {
+            title: "bench",
+            template: "{Hi|Hello|Hey} {name}, {our|this week's} promo is live!",
+            image: None,
+            niche: &niche_t,
+            target: TargetStatus::All,
+            scheduled_at: chrono::Utc::now(),
+            delay: DelayRange::new(min_s, max_s).unwrap(),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    (tenant, campaign, ids)
+}
+
+async fn count_status(pool: &PgPool, campaign: Uuid, status: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages WHERE campaign_id = $1 AND status = $2",
+    )
+    .bind(campaign)
+    .bind(status)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+fn worker_deps(pool: &PgPool, host_url: &str, token: &str) -> Arc<message_worker::Deps> {
+    Arc::new(message_worker::Deps {
+        pool: pool.clone(),
+        host: shared::host_api::HostClient::new(
+            host_url,
+            shared::config::Secret::new(token),
+            Duration::from_secs(30),
+        )
+        .unwrap(),
+        settings: message_worker::Settings::default(),
+    })
+}
+
+/// Worker pollers playing the SQS event source until `stop`.
+fn start_pollers(
+    n: usize,
+    queue: Arc<RedisQueue>,
+    deps: Arc<message_worker::Deps>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let (queue, deps, stop) = (queue.clone(), deps.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let msgs = queue.receive(10, Duration::from_secs(60)).await.unwrap();
+                    if msgs.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    let resp = message_worker::handle(to_sqs_event(&msgs, "arn"), &deps).await;
+                    let failed: std::collections::HashSet<String> = resp
+                        .batch_item_failures
+                        .into_iter()
+                        .map(|f| f.item_identifier)
+                        .collect();
+                    for m in msgs.iter().filter(|m| !failed.contains(&m.message_id)) {
+                        queue.delete(&m.receipt_handle).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let base =
+        std::env::var("DATABASE_URL").expect("DATABASE_URL (infra/local-stack.sh exports it)");
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let bin = root.join("target/release");
+    let work = tempfile::tempdir().unwrap();
+    println!(
+        "wabcast pipeline benchmark: {} messages over {} devices, {} worker pollers, {} cores",
+        a.messages,
+        a.devices,
+        a.pollers,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    let (_, floor_pool) = fresh_database(&base, "wabcast_bench_floor").await;
+    let floor_rate = floor(&floor_pool, a.messages).await;
+    floor_pool.close().await;
+    println!("floor (insert + 2 status updates, batches of 1,000): {floor_rate:>10.0} messages/s");
+
+    let (db_url, pool) = fresh_database(&base, "wabcast_bench").await;
+    let (tenant, campaign, _) = seed(&pool, a.devices, a.messages, "bench", 0.0, 0.0).await;
+    let token = "bench-token";
+    let host_port = free_port();
+    let host = spawn(
+        Command::new(bin.join("device-host"))
+            .env("DATABASE_URL", &db_url)
+            .env("HOST_TOKEN", token)
+            .env("HOST_BIND", format!("127.0.0.1:{host_port}"))
+            .env("HOST_DATA_DIR", work.path().join("host"))
+            .env("SIM_RECEIPTS", "false")
+            .env("DB_MAX_CONNECTIONS", "32")
+            .env("RUST_LOG", "warn"),
+        &work.path().join("host.log"),
+    );
+    let host_url = format!("http://127.0.0.1:{host_port}");
+    let client = shared::host_api::HostClient::new(
+        &host_url,
+        shared::config::Secret::new(token),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    for _ in 0..200 {
+        if client.health().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let queue = Arc::new(
+        RedisQueue::connect(RedisQueueConfig {
+            url: redis.clone(),
+            prefix: format!("bench:{}", Uuid::new_v4().simple()),
+            max_receives: 5,
+            dedup_window: Duration::from_secs(300),
+        })
+        .await
+        .unwrap(),
+    );
+
+    // Trigger, processor loop, worker pollers.
+    let started = Instant::now();
+    let trig = campaign_trigger::handle(
+        serde_json::json!({}),
+        &campaign_trigger::Deps {
+            pool: pool.clone(),
+            max_campaigns: 10,
+        },
+    )
+    .await
+    .unwrap();
+    let fanout_s = started.elapsed().as_secs_f64();
+    let processor = Arc::new(broadcast_processor::Deps {
+        pool: pool.clone(),
+        queue: queue.clone() as Arc<dyn Queue>,
+        settings: broadcast_processor::Settings {
+            run_for: Duration::from_secs(3600),
+            per_device_burst: 100,
+            max_devices_per_claim: 1000,
+            ..Default::default()
+        },
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proc_task = {
+        let (p, stop) = (processor.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut report = broadcast_processor::Report::default();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let saturated = broadcast_processor::tick(&p, &p.settings, &mut report)
+                    .await
+                    .unwrap();
+                if !saturated {
+                    tokio::time::sleep(p.settings.tick).await;
+                }
+            }
+        })
+    };
+    let pollers = start_pollers(
+        a.pollers,
+        queue.clone(),
+        worker_deps(&pool, &host_url, token),
+        stop.clone(),
+    );
+    loop {
+        let sent = count_status(&pool, campaign, "sent").await;
+        if sent >= a.messages as i64 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            panic!("not finished after 30 minutes: {sent} sent");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e2e_s = started.elapsed().as_secs_f64();
+    let e2e = a.messages as f64 / e2e_s;
+    let failed = count_status(&pool, campaign, "failed").await;
+    let sends = shared_send_log(&work.path().join("host/sim-sends.jsonl"));
+    println!(
+        "fan-out (campaign-trigger):        {:>10.0} rows/s ({} rows in {:.2}s)",
+        trig.rows_created as f64 / fanout_s,
+        trig.rows_created,
+        fanout_s
+    );
+    println!(
+        "end to end (trigger to all sent):  {:>10.0} messages/s ({} in {:.1}s, {} failed)",
+        e2e, a.messages, e2e_s, failed
+    );
+    println!(
+        "ratio to the floor:                {:>10.2}",
+        e2e / floor_rate
+    );
+    println!(
+        "simulator log: {} sends, {} message ids sent more than once",
+        sends.0, sends.1
+    );
+
+    // Drain latency: 200 messages falling due at random moments over 10 s, default 1 s tick.
+    let (t2, c2, _) = seed(&pool, a.devices, 200, "latency", 0.0, 0.0).await;
+    campaign_trigger::handle(
+        serde_json::json!({}),
+        &campaign_trigger::Deps {
+            pool: pool.clone(),
+            max_campaigns: 10,
+        },
+    )
+    .await
+    .unwrap();
+    sqlx::query("UPDATE broadcast_messages SET due_at = now() + random() * interval '10 seconds' WHERE campaign_id = $1")
+        .bind(c2)
+        .execute(&pool)
+        .await
+        .unwrap();
+    while count_status(&pool, c2, "sent").await < 200 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut lat: Vec<f64> = sqlx::query_scalar("SELECT extract(epoch FROM queued_at - due_at)::float8 FROM broadcast_messages WHERE campaign_id = $1")
+        .bind(c2)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    lat.sort_by(f64::total_cmp);
+    let _ = t2;
+    println!(
+        "processor drain latency (1 s tick): p50 {:.3}s  p99 {:.3}s  max {:.3}s",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        percentile(&lat, 1.0)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = proc_task.await;
+    for p in pollers {
+        let _ = p.await;
+    }
+    let host_rss = peak_rss_mb(&host.0.id().to_string());
+    let self_rss = peak_rss_mb("self");
+    println!("peak RSS: device host {:.0} MB; functions in process (trigger + processor + {} worker pollers) {:.0} MB", host_rss.unwrap_or(f64::NAN), a.pollers, self_rss.unwrap_or(f64::NAN));
+    drop(host);
+    let _ = tenant;
+
+    if a.watch_messages > 0 {
+        watch_run(&base, &redis, &bin, &root, a.watch_messages, work.path()).await;
+    }
+}
+
+/// (sends, message ids sent more than once) from the simulator's durable log.
+fn shared_send_log(path: &Path) -> (usize, usize) {
+    let entries = device_host::simulator::SendLog::read(path).unwrap();
+    let per = wabcast_tests::sends_per_message(&entries);
+    (entries.len(), per.values().filter(|n| **n > 1).count())
+}
+
+/// The same pipeline through `cargo lambda watch` (release builds) and the local emulator.
+async fn watch_run(base: &str, redis: &str, bin: &Path, root: &Path, messages: usize, work: &Path) {
+    let devices = 20;
+    let (db_url, pool) = fresh_database(base, "wabcast_bench_watch").await;
+    let (_, campaign, _) = seed(&pool, devices, messages, "watch", 0.0, 0.0).await;
+    let token = "bench-token";
+    let host_port = free_port();
+    let host = spawn(
+        Command::new(bin.join("device-host"))
+            .env("DATABASE_URL", &db_url)
+            .env("HOST_TOKEN", token)
+            .env("HOST_BIND", format!("127.0.0.1:{host_port}"))
+            .env("HOST_DATA_DIR", work.join("watch-host"))
+            .env("SIM_RECEIPTS", "false")
+            .env("RUST_LOG", "warn"),
+        &work.join("watch-host.log"),
+    );
+    let prefix = format!("benchw:{}", Uuid::new_v4().simple());
+    let env_file = work.join("functions.env");
+    std::fs::write(&env_file, format!("DATABASE_URL={db_url}\nREDIS_URL={redis}\nQUEUE_PREFIX={prefix}\nHOST_URL=http://127.0.0.1:{host_port}\nHOST_TOKEN={token}\nRUST_LOG=warn\nCLAIM_PER_DEVICE=100\n")).unwrap();
+    let port = free_port();
+    let watch = spawn(
+        Command::new("cargo")
+            .current_dir(root)
+            .args([
+                "lambda",
+                "watch",
+                "--release",
+                "--ignore-changes",
+                "--concurrency",
+                "4",
+                "--invoke-port",
+                &port.to_string(),
+                "--env-file",
+            ])
+            .arg(&env_file),
+        &work.join("watch.log"),
+    );
+    // Build and warm every function before timing (the first invocation compiles it).
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(900))
+        .build()
+        .unwrap();
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (f, body) in [
+        (
+            "broadcast-processor",
+            serde_json::json!({"run_for_seconds": 0}),
+        ),
+        ("message-worker", serde_json::json!({"Records": []})),
+    ] {
+        let r = http
+            .post(format!(
+                "http://127.0.0.1:{port}/2015-03-31/functions/{f}/invocations"
+            ))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "warming {f}: {}", r.status());
+    }
+    let started = Instant::now();
+    let emulator = spawn(
+        Command::new(bin.join("local-emulator"))
+            .args([
+                "--invoke-url",
+                &format!("http://127.0.0.1:{port}"),
+                "--processor-run-for",
+                "30",
+                "--processor-tick-ms",
+                "200",
+                "--pollers",
+                "4",
+            ])
+            .env("REDIS_URL", redis)
+            .env("QUEUE_PREFIX", &prefix)
+            .env("RUST_LOG", "warn"),
+        &work.join("emulator.log"),
+    );
+    while count_status(&pool, campaign, "sent").await < messages as i64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "watch run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = started.elapsed().as_secs_f64();
+    // The functions' own processes, children of cargo lambda watch.
+    let mut rss = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+            let name = exe
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if ["campaign-trigger", "broadcast-processor", "message-worker"]
+                .contains(&name.as_str())
+                && exe.starts_with(root)
+            {
+                if let Some(mb) = peak_rss_mb(&pid) {
+                    rss.push(format!("{name} {mb:.0} MB"));
+                }
+            }
+        }
+    }
+    rss.sort();
+    println!("through cargo lambda watch + emulator: {:>6.0} messages/s ({messages} over {devices} devices in {s:.1}s)", messages as f64 / s);
+    println!("peak RSS per function process (watch): {}", rss.join(", "));
+    drop(emulator);
+    drop(watch);
+    drop(host);
+}

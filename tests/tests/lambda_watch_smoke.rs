@@ -1,0 +1,177 @@
+//! Smoke test of the local stack as a user runs it: the three functions served by
+//! `cargo lambda watch`, driven by the local emulator (EventBridge and the SQS event source),
+//! against a device host, PostgreSQL and Redis. `infra/test.sh` installs cargo-lambda and builds
+//! the binaries first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shared::domain::LeadStatus;
+use sqlx::PgPool;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use wabcast_tests::*;
+
+/// Kills a child's whole process group when dropped (cargo lambda watch spawns the functions).
+struct Group(Child);
+impl Drop for Group {
+    fn drop(&mut self) {
+        // TERM, a moment to exit, then KILL: cargo lambda watch does not stop on TERM.
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        for _ in 0..20 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cmd: &mut Command, log: &Path) -> Group {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).unwrap();
+    let child = cmd
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("could not start {cmd:?}: {e} (run infra/test.sh, which installs cargo-lambda)")
+        });
+    Group(child)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_campaign_drains_through_cargo_lambda_watch_and_the_emulator(pool: PgPool) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let emulator = root.join("target/debug/local-emulator");
+    assert!(
+        emulator.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (infra/test.sh does)",
+        emulator.display()
+    );
+    let db_name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+
+    let tenant = seed_tenant(&pool, "smoke@example.com").await;
+    let d1 = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    let d2 = seed_device(&pool, tenant, "d2", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d1, 0, 6, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, d2, 100, 6, "cars", LeadStatus::Customer).await;
+    let campaign = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            min_s: 0.2,
+            max_s: 0.4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("smoke:{}", uuid::Uuid::new_v4().simple());
+    let env_file = dir.path().join("functions.env");
+    std::fs::write(
+        &env_file,
+        format!(
+            "DATABASE_URL={database_url}\nREDIS_URL={}\nQUEUE_PREFIX={prefix}\nHOST_URL={}\nHOST_TOKEN={TOKEN}\nRUST_LOG=warn\n",
+            redis_url(),
+            host.url
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let _watch = spawn(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args([
+                "lambda",
+                "watch",
+                "--ignore-changes",
+                "--concurrency",
+                "2",
+                "--invoke-port",
+                &port.to_string(),
+                "--env-file",
+            ])
+            .arg(&env_file),
+        &dir.path().join("watch.log"),
+    );
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _emulator = spawn(
+        Command::new(&emulator)
+            .args([
+                "--invoke-url",
+                &format!("http://127.0.0.1:{port}"),
+                "--processor-run-for",
+                "5",
+                "--processor-tick-ms",
+                "100",
+            ])
+            .env("REDIS_URL", redis_url())
+            .env("QUEUE_PREFIX", &prefix)
+            .env("RUST_LOG", "warn"),
+        &dir.path().join("emulator.log"),
+    );
+
+    let started = Instant::now();
+    loop {
+        let c = shared::repo::campaigns::get_campaign(&pool, tenant, campaign)
+            .await
+            .unwrap();
+        if c.status == "completed" {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            let watch_log =
+                std::fs::read_to_string(dir.path().join("watch.log")).unwrap_or_default();
+            let emu_log =
+                std::fs::read_to_string(dir.path().join("emulator.log")).unwrap_or_default();
+            panic!(
+                "campaign still {} after 300 s: {:?}\n--- watch.log (tail)\n{}\n--- emulator.log (tail)\n{}",
+                c.status,
+                status_counts(&pool, tenant, campaign).await,
+                tail(&watch_log),
+                tail(&emu_log)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sent"),
+        Some(&12)
+    );
+    let sends = host.sends();
+    assert_eq!(sends.len(), 12);
+    assert!(sends_per_message(&sends).values().all(|n| *n == 1));
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
