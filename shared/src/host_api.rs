@@ -27,6 +27,30 @@ pub struct SendResponse {
     pub accepted_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// Up to [`MAX_BATCH`] sends in one request. Each message id is its own idempotency key; the
+/// host keeps the order of messages of one device and sends different devices concurrently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendBatchRequest {
+    pub messages: Vec<SendRequest>,
+}
+
+pub const MAX_BATCH: usize = 100;
+
+/// One result per request message, in request order: `sent` or `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendItemResult {
+    pub message_id: i64,
+    #[serde(default)]
+    pub sent: Option<SendResponse>,
+    #[serde(default)]
+    pub error: Option<ErrorBody>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendBatchResponse {
+    pub results: Vec<SendItemResult>,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -46,6 +70,8 @@ pub mod code {
     pub const DEVICE_OFFLINE: &str = "device_offline";
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const IN_PROGRESS: &str = "in_progress";
+    /// Not attempted: an earlier message of the same device in the batch failed transiently.
+    pub const HELD_BACK: &str = "held_back";
     pub const PROVIDER_ERROR: &str = "provider_error";
     pub const INTERNAL: &str = "internal";
     pub const UNREACHABLE: &str = "host_unreachable";
@@ -164,6 +190,81 @@ impl HostClient {
                 detail: format!("HTTP {status}"),
             },
         }
+    }
+
+    /// Sends a batch; one outcome per request, in order. A transport failure makes every
+    /// outcome transient (the send records decide later what really happened).
+    pub async fn send_batch(&self, messages: &[SendRequest]) -> Vec<SendOutcome> {
+        let unreachable = |detail: String| {
+            messages
+                .iter()
+                .map(|_| SendOutcome::Transient {
+                    reason: code::UNREACHABLE.into(),
+                    detail: detail.clone(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let body = SendBatchRequest {
+            messages: messages.to_vec(),
+        };
+        let resp = match self
+            .http
+            .post(format!("{}/v1/send-batch", self.base))
+            .bearer_auth(self.token.expose())
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return unreachable(e.to_string()),
+        };
+        if !resp.status().is_success() {
+            let status = resp.status();
+            return match resp.json::<ErrorBody>().await {
+                Ok(b) if !b.retryable => messages
+                    .iter()
+                    .map(|_| SendOutcome::Permanent {
+                        reason: b.error.clone(),
+                        detail: b.message.clone(),
+                    })
+                    .collect(),
+                Ok(b) => unreachable(format!("{}: {}", b.error, b.message)),
+                Err(_) => unreachable(format!("HTTP {status}")),
+            };
+        }
+        let parsed = match resp.json::<SendBatchResponse>().await {
+            Ok(p) => p,
+            Err(e) => return unreachable(format!("unreadable batch response: {e}")),
+        };
+        let mut by_id: std::collections::HashMap<i64, SendItemResult> = parsed
+            .results
+            .into_iter()
+            .map(|r| (r.message_id, r))
+            .collect();
+        messages
+            .iter()
+            .map(|m| match by_id.remove(&m.message_id) {
+                Some(SendItemResult { sent: Some(s), .. }) => SendOutcome::Sent {
+                    provider_message_id: s.provider_message_id,
+                    duplicate: s.duplicate,
+                    accepted_at: s.accepted_at,
+                },
+                Some(SendItemResult { error: Some(e), .. }) if e.retryable => {
+                    SendOutcome::Transient {
+                        reason: e.error,
+                        detail: e.message,
+                    }
+                }
+                Some(SendItemResult { error: Some(e), .. }) => SendOutcome::Permanent {
+                    reason: e.error,
+                    detail: e.message,
+                },
+                _ => SendOutcome::Transient {
+                    reason: code::PROVIDER_ERROR.into(),
+                    detail: "no result for this message".into(),
+                },
+            })
+            .collect()
     }
 
     async fn call<T: for<'de> Deserialize<'de>>(

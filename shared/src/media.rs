@@ -465,4 +465,74 @@ mod tests {
             assert!(f.fetch(&url).await.is_err(), "{url}");
         }
     }
+
+    /// A one-shot HTTP server on loopback answering every request with `body` (and optionally
+    /// no Content-Length, streaming the body in chunks).
+    async fn serve(body: Vec<u8>, with_length: bool) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = sock.read(&mut buf).await;
+                    let head = if with_length {
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                    } else {
+                        "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_string()
+                    };
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    for chunk in body.chunks(64 * 1024) {
+                        if sock.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn fetcher_checks_size_and_content_of_what_it_downloads() {
+        let f = ImageFetcher::with_policy(AddressPolicy::AllowLoopback, false).unwrap();
+        let ok = serve(TINY_PNG.to_vec(), true).await;
+        let (mime, bytes) = f
+            .fetch(&Url::parse(&format!("http://{ok}/a.png")).unwrap())
+            .await
+            .unwrap();
+        assert_eq!((mime, bytes.as_slice()), ("image/png", TINY_PNG));
+        let mut big = TINY_PNG.to_vec();
+        big.resize(MAX_IMAGE_BYTES + 100_000, 0);
+        let declared = serve(big.clone(), true).await;
+        assert!(matches!(
+            f.fetch(&Url::parse(&format!("http://{declared}/big.png")).unwrap())
+                .await,
+            Err(MediaError::TooLarge(_))
+        ));
+        let streamed = serve(big, false).await;
+        assert!(matches!(
+            f.fetch(&Url::parse(&format!("http://{streamed}/big.png")).unwrap())
+                .await,
+            Err(MediaError::TooLarge(_))
+        ));
+        let html = serve(b"<html>not an image</html>".to_vec(), true).await;
+        assert_eq!(
+            f.fetch(&Url::parse(&format!("http://{html}/x.png")).unwrap())
+                .await,
+            Err(MediaError::NotAnImage)
+        );
+        // The production fetcher refuses the same loopback server outright.
+        let prod = ImageFetcher::with_policy(AddressPolicy::PublicOnly, false).unwrap();
+        assert!(matches!(
+            prod.fetch(&Url::parse(&format!("http://{ok}/a.png")).unwrap())
+                .await,
+            Err(MediaError::ForbiddenAddress(_))
+        ));
+    }
 }

@@ -293,6 +293,28 @@ impl RedisQueue {
         &self.config.prefix
     }
 
+    /// Runs a script that acts on one received message (delete, change visibility).
+    async fn on_receipt(
+        &self,
+        script: &redis::Script,
+        receipt_handle: &str,
+        arg: Option<u64>,
+    ) -> Result<(), QueueError> {
+        let mut inv = script.prepare_invoke();
+        inv.arg(&self.config.prefix).arg(receipt_handle);
+        if let Some(a) = arg {
+            inv.arg(a);
+        }
+        let mut conn = self.conn.clone();
+        let r: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        if r < 0 {
+            return Err(QueueError::Protocol(format!(
+                "malformed receipt handle {receipt_handle:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The dead-letter entries, oldest first (for the status view and tests).
     pub async fn dead_letters(&self, max: usize) -> Result<Vec<String>, QueueError> {
         let mut conn = self.conn.clone();
@@ -359,21 +381,7 @@ impl Queue for RedisQueue {
     }
 
     async fn delete(&self, receipt_handle: &str) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let r: i64 = self
-            .delete
-            .prepare_invoke()
-            .arg(&self.config.prefix)
-            .arg(receipt_handle)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if r < 0 {
-            return Err(QueueError::Protocol(format!(
-                "malformed receipt handle {receipt_handle:?}"
-            )));
-        }
-        Ok(())
+        self.on_receipt(&self.delete, receipt_handle, None).await
     }
 
     async fn change_visibility(
@@ -381,22 +389,12 @@ impl Queue for RedisQueue {
         receipt_handle: &str,
         timeout: Duration,
     ) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let r: i64 = self
-            .change_visibility
-            .prepare_invoke()
-            .arg(&self.config.prefix)
-            .arg(receipt_handle)
-            .arg(timeout.as_millis() as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if r < 0 {
-            return Err(QueueError::Protocol(format!(
-                "malformed receipt handle {receipt_handle:?}"
-            )));
-        }
-        Ok(())
+        self.on_receipt(
+            &self.change_visibility,
+            receipt_handle,
+            Some(timeout.as_millis() as u64),
+        )
+        .await
     }
 
     async fn stats(&self) -> Result<QueueStats, QueueError> {

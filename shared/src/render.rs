@@ -124,13 +124,15 @@ fn parse_brace(chars: &[char], pos: &mut usize, depth: usize) -> Result<Segment,
         let inner: String = match options[0].as_slice() {
             [Segment::Text(t)] => t.clone(),
             [] => String::new(),
-            _ => return Err(InvalidInput::new(
-                "template",
-                format!(
+            _ => {
+                return Err(InvalidInput::new(
+                    "template",
+                    format!(
                     "'{{...}}' at character {} is neither a placeholder nor spintax (use {{a|b}})",
                     start - 1
                 ),
-            )),
+                ))
+            }
         };
         let (key, fallback) = match inner.split_once(':') {
             Some((k, f)) => (k.trim().to_string(), Some(f.to_string())),

@@ -4,6 +4,7 @@
 //! HTTP (trigger, processor tick, queue receive, `SqsEvent` to the worker, delete what succeeded).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod process;
 pub mod queue_contract;
 
 use chrono::Utc;

@@ -6,51 +6,11 @@
 
 use shared::domain::LeadStatus;
 use sqlx::PgPool;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
+use wabcast_tests::process::{free_port, spawn};
 use wabcast_tests::*;
-
-/// Kills a child's whole process group when dropped (cargo lambda watch spawns the functions).
-struct Group(Child);
-impl Drop for Group {
-    fn drop(&mut self) {
-        // TERM, a moment to exit, then KILL: cargo lambda watch does not stop on TERM.
-        let group = format!("-{}", self.0.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        for _ in 0..20 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Group {
-    use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log).unwrap();
-    let child = cmd
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("could not start {cmd:?}: {e} (run infra/test.sh, which installs cargo-lambda)")
-        });
-    Group(child)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_campaign_drains_through_cargo_lambda_watch_and_the_emulator(pool: PgPool) {
@@ -101,7 +61,8 @@ async fn a_campaign_drains_through_cargo_lambda_watch_and_the_emulator(pool: PgP
     )
     .unwrap();
     let port = free_port();
-    let _watch = spawn(
+    let watch_log = dir.path().join("watch.log");
+    let mut watch = spawn(
         Command::new("cargo")
             .current_dir(&root)
             .args([
@@ -115,14 +76,11 @@ async fn a_campaign_drains_through_cargo_lambda_watch_and_the_emulator(pool: PgP
                 "--env-file",
             ])
             .arg(&env_file),
-        &dir.path().join("watch.log"),
+        &watch_log,
     );
-    for _ in 0..600 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    watch
+        .wait_listening(port, Duration::from_secs(120), &watch_log)
+        .await;
     let _emulator = spawn(
         Command::new(&emulator)
             .args([

@@ -14,7 +14,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use shared::config::Secret;
 use shared::domain::{DeviceStatus, PhoneE164, ProviderKind};
-use shared::host_api::{code, DeviceStatusBody, ErrorBody, PairRequest, SendRequest};
+use shared::host_api::{
+    code, DeviceStatusBody, ErrorBody, PairRequest, SendBatchRequest, SendBatchResponse,
+    SendItemResult, SendRequest, MAX_BATCH,
+};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -52,6 +55,7 @@ fn bad_request(message: impl Into<String>) -> SendError {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/v1/send", post(send))
+        .route("/v1/send-batch", post(send_batch))
         .route("/v1/devices/{id}/status", get(status))
         .route("/v1/devices/{id}/pair", post(pair))
         .route("/v1/sim/devices/{id}/{action}", post(simulate))
@@ -105,6 +109,42 @@ async fn send(
 ) -> Result<Json<shared::host_api::SendResponse>, SendError> {
     let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
     state.host.send(&req).await.map(Json)
+}
+
+async fn send_batch(
+    State(state): State<AppState>,
+    body: Result<Json<SendBatchRequest>, JsonRejection>,
+) -> Result<Json<SendBatchResponse>, SendError> {
+    let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
+    if req.messages.is_empty() || req.messages.len() > MAX_BATCH {
+        return Err(bad_request(format!(
+            "a batch holds 1 to {MAX_BATCH} messages"
+        )));
+    }
+    let results = state.host.send_batch(&req.messages).await;
+    Ok(Json(SendBatchResponse {
+        results: req
+            .messages
+            .iter()
+            .zip(results)
+            .map(|(m, r)| match r {
+                Ok(sent) => SendItemResult {
+                    message_id: m.message_id,
+                    sent: Some(sent),
+                    error: None,
+                },
+                Err(e) => SendItemResult {
+                    message_id: m.message_id,
+                    sent: None,
+                    error: Some(ErrorBody {
+                        error: e.code.to_string(),
+                        message: e.message,
+                        retryable: e.retryable,
+                    }),
+                },
+            })
+            .collect(),
+    }))
 }
 
 #[derive(Deserialize)]

@@ -72,6 +72,86 @@ pub struct Host {
     images: Mutex<HashMap<String, (Instant, ResolvedImage)>>,
 }
 
+/// A validated request waiting to be sent.
+struct Pending {
+    index: usize,
+    device: DeviceRef,
+    provider: Arc<dyn Provider>,
+    to: PhoneE164,
+    provider_message_id: String,
+}
+
+/// How one send attempt ended at the provider.
+enum Attempt {
+    Sent {
+        provider_message_id: String,
+        at: chrono::DateTime<chrono::Utc>,
+    },
+    Refused(ProviderError),
+    ImageError(SendError),
+    /// Not attempted: an earlier message of the same device failed transiently.
+    HeldBack,
+}
+
+impl Attempt {
+    /// The send record's state and reason.
+    fn record(&self) -> (&'static str, Option<String>) {
+        match self {
+            Self::Sent { .. } => ("sent", None),
+            Self::Refused(ProviderError::NotOnWhatsapp) => {
+                ("failed", Some(reason::NOT_ON_WHATSAPP.into()))
+            }
+            Self::Refused(ProviderError::Rejected(_)) => {
+                ("failed", Some(reason::INVALID_PAYLOAD.into()))
+            }
+            Self::Refused(e) => ("aborted", Some(e.to_string())),
+            Self::ImageError(e) if e.retryable => ("aborted", Some(e.message.clone())),
+            Self::ImageError(_) => ("failed", Some(reason::BAD_IMAGE.into())),
+            Self::HeldBack => ("aborted", Some(code::HELD_BACK.into())),
+        }
+    }
+
+    fn into_result(self) -> Result<SendResponse, SendError> {
+        match self {
+            Self::Sent {
+                provider_message_id,
+                at,
+            } => Ok(SendResponse {
+                provider_message_id,
+                duplicate: false,
+                accepted_at: at,
+            }),
+            Self::Refused(ProviderError::NotOnWhatsapp) => Err(SendError::permanent(
+                422,
+                code::NOT_ON_WHATSAPP,
+                "the number is not on WhatsApp",
+            )),
+            Self::Refused(ProviderError::Rejected(m)) => {
+                Err(SendError::permanent(422, code::INVALID_PAYLOAD, m))
+            }
+            Self::Refused(ProviderError::Offline(m)) => {
+                Err(SendError::transient(503, code::DEVICE_OFFLINE, m))
+            }
+            Self::Refused(ProviderError::RateLimited) => Err(SendError::transient(
+                429,
+                code::RATE_LIMITED,
+                "rate limited",
+            )),
+            Self::Refused(other) => Err(SendError::transient(
+                503,
+                code::PROVIDER_ERROR,
+                other.to_string(),
+            )),
+            Self::ImageError(e) => Err(e),
+            Self::HeldBack => Err(SendError::transient(
+                503,
+                code::HELD_BACK,
+                "not attempted: an earlier message of this device failed transiently",
+            )),
+        }
+    }
+}
+
 /// Removes a message id from the in-flight set however the send ends.
 struct InFlight<'a>(&'a Host, i64);
 impl Drop for InFlight<'_> {
@@ -191,6 +271,76 @@ impl Host {
 
     /// Sends one message at most once per message id.
     pub async fn send(&self, req: &SendRequest) -> Result<SendResponse, SendError> {
+        self.send_batch(std::slice::from_ref(req))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(SendError::internal("empty batch result")))
+    }
+
+    /// Sends a batch, each message at most once per message id; one result per request, in
+    /// order. The attempt records of the whole batch are written (durably) in one statement
+    /// before any provider call, the outcomes in one statement after. Messages of one device are
+    /// sent in order; after a transient error the rest of that device's messages are held back.
+    pub async fn send_batch(&self, reqs: &[SendRequest]) -> Vec<Result<SendResponse, SendError>> {
+        let mut results: Vec<Option<Result<SendResponse, SendError>>> = vec![None; reqs.len()];
+        let mut work: Vec<Pending> = Vec::new();
+        let mut seen = HashSet::new();
+        for (index, req) in reqs.iter().enumerate() {
+            match self.prepare(index, req, &mut seen).await {
+                Ok(p) => work.push(p),
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+        let _guards = self.claim_in_flight(reqs, &mut work, &mut results);
+        if let Err(e) = self.begin(reqs, &mut work, &mut results).await {
+            for p in work.drain(..) {
+                results[p.index] = Some(Err(e.clone()));
+            }
+        }
+
+        // Send: devices concurrently, each device's messages in order.
+        let mut by_device: Vec<Vec<Pending>> = Vec::new();
+        let mut slot: HashMap<Uuid, usize> = HashMap::new();
+        for p in work {
+            let k = *slot.entry(p.device.id).or_insert_with(|| {
+                by_device.push(Vec::new());
+                by_device.len() - 1
+            });
+            by_device[k].push(p);
+        }
+        let sent =
+            futures::future::join_all(by_device.into_iter().map(|g| self.send_device(reqs, g)))
+                .await;
+        let outcomes: Vec<(usize, Attempt)> = sent.into_iter().flatten().collect();
+
+        let finished: Vec<(i64, Uuid, &'static str, Option<String>)> = outcomes
+            .iter()
+            .map(|(i, a)| {
+                let (state, error) = a.record();
+                (reqs[*i].message_id, reqs[*i].tenant_id, state, error)
+            })
+            .collect();
+        if let Err(e) = self.finish(&finished).await {
+            // The provider already answered: report what it said. The records stay
+            // 'attempting'; a repeat request resolves them through the provider's was_sent.
+            warn!(error = ?e, "could not record send outcomes");
+        }
+        for (i, a) in outcomes {
+            results[i] = Some(a.into_result());
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(SendError::internal("no result"))))
+            .collect()
+    }
+
+    /// Validates one request and finds its device and provider.
+    async fn prepare(
+        &self,
+        index: usize,
+        req: &SendRequest,
+        seen: &mut HashSet<i64>,
+    ) -> Result<Pending, SendError> {
         let to = PhoneE164::parse(&req.to)
             .map_err(|e| SendError::permanent(422, code::INVALID_PAYLOAD, e.to_string()))?;
         if req.text.trim().is_empty() || req.text.len() > 4096 {
@@ -207,146 +357,222 @@ impl Host {
                 "message_id must be positive",
             ));
         }
-        let device = self.device(req.tenant_id, req.device_id).await?;
-        let provider = self.provider_for(&device)?.clone();
-
-        let claimed = {
-            let mut set = self.in_flight.lock().map_err(SendError::internal)?;
-            set.insert(req.message_id)
-        };
-        if !claimed {
-            return Err(SendError::transient(
-                409,
-                code::IN_PROGRESS,
-                "this message is being sent",
+        if !seen.insert(req.message_id) {
+            return Err(SendError::permanent(
+                422,
+                code::INVALID_PAYLOAD,
+                "message_id appears twice in the batch",
             ));
         }
-        let _guard = InFlight(self, req.message_id);
-
-        let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
-        let state = repo::host_sends::begin_host_send(
-            &mut tx,
-            req.tenant_id,
-            device.id,
-            req.message_id,
-            &provider.new_message_id(),
-            &self.host_id,
-        )
-        .await?;
-        tx.commit().await.map_err(SendError::internal)?;
-        let provider_message_id = match state {
-            HostSendState::Owned {
-                provider_message_id,
-            } => provider_message_id,
-            HostSendState::Existing {
-                provider_message_id,
-                state,
-                error,
-                updated_at,
-            } => match state.as_str() {
-                "sent" => {
-                    return Ok(SendResponse {
-                        provider_message_id,
-                        duplicate: true,
-                        accepted_at: updated_at,
-                    })
-                }
-                "failed" => {
-                    let reason = error.unwrap_or_else(|| "provider_refused".into());
-                    return Err(SendError::permanent(422, permanent_code(&reason), reason));
-                }
-                _ => {
-                    // An attempt that died with a previous process (not in flight here).
-                    if provider.was_sent(&device, &provider_message_id).await == Some(true) {
-                        self.finish(req, "sent", None).await?;
-                        return Ok(SendResponse {
-                            provider_message_id,
-                            duplicate: true,
-                            accepted_at: chrono::Utc::now(),
-                        });
-                    }
-                    let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
-                    repo::host_sends::retake_host_send(
-                        &mut tx,
-                        req.tenant_id,
-                        req.message_id,
-                        &self.host_id,
-                    )
-                    .await?;
-                    tx.commit().await.map_err(SendError::internal)?;
-                    provider_message_id
-                }
-            },
-        };
-
-        let image = match &req.image {
-            None => None,
-            Some(src) => match self.resolve_image(req.tenant_id, src).await {
-                Ok(img) => Some(img),
-                Err(e) if e.retryable => {
-                    self.finish(req, "aborted", Some(&e.message)).await?;
-                    return Err(e);
-                }
-                Err(e) => {
-                    self.finish(req, "failed", Some(reason::BAD_IMAGE)).await?;
-                    return Err(e);
-                }
-            },
-        };
-        let outbound = Outbound {
-            message_id: req.message_id,
-            tenant_id: req.tenant_id,
-            provider_message_id: provider_message_id.clone(),
+        let device = self.device(req.tenant_id, req.device_id).await?;
+        let provider = self.provider_for(&device)?.clone();
+        Ok(Pending {
+            index,
+            device,
+            provider,
             to,
-            text: req.text.clone(),
-            image,
-        };
-        match provider.send(&device, &outbound).await {
-            Ok(()) => {
-                let accepted_at = chrono::Utc::now();
-                self.finish(req, "sent", None).await?;
-                Ok(SendResponse {
-                    provider_message_id,
-                    duplicate: false,
-                    accepted_at,
-                })
-            }
-            Err(ProviderError::NotOnWhatsapp) => {
-                self.finish(req, "failed", Some(reason::NOT_ON_WHATSAPP))
-                    .await?;
-                Err(SendError::permanent(
-                    422,
-                    code::NOT_ON_WHATSAPP,
-                    "the number is not on WhatsApp",
-                ))
-            }
-            Err(ProviderError::Rejected(m)) => {
-                self.finish(req, "failed", Some(reason::INVALID_PAYLOAD))
-                    .await?;
-                Err(SendError::permanent(422, code::INVALID_PAYLOAD, m))
-            }
-            Err(e) => {
-                self.finish(req, "aborted", Some(&e.to_string())).await?;
-                Err(match e {
-                    ProviderError::Offline(m) => SendError::transient(503, code::DEVICE_OFFLINE, m),
-                    ProviderError::RateLimited => {
-                        SendError::transient(429, code::RATE_LIMITED, "rate limited")
-                    }
-                    other => SendError::transient(503, code::PROVIDER_ERROR, other.to_string()),
-                })
-            }
-        }
+            provider_message_id: String::new(),
+        })
     }
 
+    /// Marks the batch's messages in flight here; one already in flight answers 409.
+    fn claim_in_flight(
+        &self,
+        reqs: &[SendRequest],
+        work: &mut Vec<Pending>,
+        results: &mut [Option<Result<SendResponse, SendError>>],
+    ) -> Vec<InFlight<'_>> {
+        let mut guards = Vec::new();
+        let mut kept = Vec::new();
+        for p in work.drain(..) {
+            let id = reqs[p.index].message_id;
+            let inserted = self.in_flight.lock().map(|mut s| s.insert(id));
+            match inserted {
+                Ok(true) => {
+                    guards.push(InFlight(self, id));
+                    kept.push(p);
+                }
+                Ok(false) => {
+                    results[p.index] = Some(Err(SendError::transient(
+                        409,
+                        code::IN_PROGRESS,
+                        "this message is being sent",
+                    )))
+                }
+                Err(_) => {
+                    results[p.index] = Some(Err(SendError::internal("in-flight lock poisoned")))
+                }
+            }
+        }
+        *work = kept;
+        guards
+    }
+
+    /// Records the attempts (durably, before any provider call) and settles the messages that
+    /// already have a record: sent (duplicate), failed, or an attempt that died with a previous
+    /// process (resolved through the provider). Leaves in `work` only what must be sent now.
+    async fn begin(
+        &self,
+        reqs: &[SendRequest],
+        work: &mut Vec<Pending>,
+        results: &mut [Option<Result<SendResponse, SendError>>],
+    ) -> Result<(), SendError> {
+        if work.is_empty() {
+            return Ok(());
+        }
+        let attempts: Vec<repo::host_sends::NewAttempt> = work
+            .iter()
+            .map(|p| {
+                let r = &reqs[p.index];
+                (
+                    r.message_id,
+                    r.tenant_id,
+                    p.device.id,
+                    p.provider.new_message_id(),
+                )
+            })
+            .collect();
+        let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
+        let mut states =
+            repo::host_sends::begin_host_sends(&mut tx, &self.host_id, &attempts).await?;
+        tx.commit().await.map_err(SendError::internal)?;
+        let mut kept = Vec::new();
+        for mut p in work.drain(..) {
+            let r = &reqs[p.index];
+            match states.remove(&r.message_id) {
+                None => {
+                    results[p.index] = Some(Err(SendError::permanent(
+                        404,
+                        code::INVALID_PAYLOAD,
+                        "message id belongs to another tenant",
+                    )))
+                }
+                Some(HostSendState::Owned {
+                    provider_message_id,
+                }) => {
+                    p.provider_message_id = provider_message_id;
+                    kept.push(p);
+                }
+                Some(HostSendState::Existing {
+                    provider_message_id,
+                    state,
+                    error,
+                    updated_at,
+                }) => match state.as_str() {
+                    "sent" => {
+                        results[p.index] = Some(Ok(SendResponse {
+                            provider_message_id,
+                            duplicate: true,
+                            accepted_at: updated_at,
+                        }))
+                    }
+                    "failed" => {
+                        let reason = error.unwrap_or_else(|| "provider_refused".into());
+                        results[p.index] = Some(Err(SendError::permanent(
+                            422,
+                            permanent_code(&reason),
+                            reason,
+                        )));
+                    }
+                    _ => {
+                        // An attempt that died with a previous process (it is not in flight here).
+                        if p.provider.was_sent(&p.device, &provider_message_id).await == Some(true)
+                        {
+                            self.finish(&[(r.message_id, r.tenant_id, "sent", None)])
+                                .await?;
+                            results[p.index] = Some(Ok(SendResponse {
+                                provider_message_id,
+                                duplicate: true,
+                                accepted_at: chrono::Utc::now(),
+                            }));
+                        } else {
+                            let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
+                            repo::host_sends::retake_host_send(
+                                &mut tx,
+                                r.tenant_id,
+                                r.message_id,
+                                &self.host_id,
+                            )
+                            .await?;
+                            tx.commit().await.map_err(SendError::internal)?;
+                            p.provider_message_id = provider_message_id;
+                            kept.push(p);
+                        }
+                    }
+                },
+            }
+        }
+        *work = kept;
+        Ok(())
+    }
+
+    /// Sends one device's messages in order; after a transient error the rest are held back.
+    async fn send_device(
+        &self,
+        reqs: &[SendRequest],
+        group: Vec<Pending>,
+    ) -> Vec<(usize, Attempt)> {
+        let mut out = Vec::with_capacity(group.len());
+        let mut blocked = false;
+        for p in group {
+            let req = &reqs[p.index];
+            if blocked {
+                out.push((p.index, Attempt::HeldBack));
+                continue;
+            }
+            let image = match &req.image {
+                None => None,
+                Some(src) => match self.resolve_image(req.tenant_id, src).await {
+                    Ok(img) => Some(img),
+                    Err(e) => {
+                        out.push((p.index, Attempt::ImageError(e)));
+                        continue;
+                    }
+                },
+            };
+            let outbound = Outbound {
+                message_id: req.message_id,
+                tenant_id: req.tenant_id,
+                provider_message_id: p.provider_message_id.clone(),
+                to: p.to.clone(),
+                text: req.text.clone(),
+                image,
+            };
+            let result = p.provider.send(&p.device, &outbound).await;
+            let attempt = match result {
+                Ok(()) => Attempt::Sent {
+                    provider_message_id: p.provider_message_id,
+                    at: chrono::Utc::now(),
+                },
+                Err(e) => {
+                    if !matches!(e, ProviderError::NotOnWhatsapp | ProviderError::Rejected(_)) {
+                        blocked = true;
+                    }
+                    Attempt::Refused(e)
+                }
+            };
+            out.push((p.index, attempt));
+        }
+        out
+    }
+
+    /// Records outcomes in one statement. Committed without waiting for the WAL flush: a lost
+    /// `sent` is found again through the provider's was_sent, a lost `failed`/`aborted` only
+    /// means one more attempt.
     async fn finish(
         &self,
-        req: &SendRequest,
-        state: &str,
-        error: Option<&str>,
+        finished: &[(i64, Uuid, &str, Option<String>)],
     ) -> Result<(), SendError> {
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<repo::host_sends::FinishedAttempt<'_>> = finished
+            .iter()
+            .map(|(id, t, s, e)| (*id, *t, *s, e.as_deref()))
+            .collect();
         let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
-        repo::host_sends::finish_host_send(&mut tx, req.tenant_id, req.message_id, state, error)
-            .await?;
+        repo::relax_durability(&mut tx).await?;
+        repo::host_sends::finish_host_sends(&mut tx, &rows).await?;
         tx.commit().await.map_err(SendError::internal)
     }
 

@@ -4,7 +4,7 @@
 //! record whose row is not `queued` is a duplicate delivery: acknowledged, never sent), asks the
 //! device host to send each one with the message id as the idempotency key, and records `sent`,
 //! a retry with backoff, or `failed` with its reason. Records of one message group (one device)
-//! are sent in order; groups run concurrently. It returns partial batch failures: only records
+//! are sent in order (the host keeps each device's order within the batch). It returns partial batch failures: only records
 //! whose outcome could not be recorded are reported, and, as FIFO requires, every later record
 //! of the same group with them. Transient send errors are not batch failures: the row goes back
 //! to `pending` with a due time and the processor queues it again through pacing.
@@ -172,9 +172,8 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
     }
     tx.commit().await.context("failed to commit claim")?;
 
-    // Keep batch order within each device's group.
-    let mut groups: Vec<Vec<SendJob>> = Vec::new();
-    let mut index: HashMap<uuid::Uuid, usize> = HashMap::new();
+    // One request to the host for the whole batch, in batch order: the host keeps each
+    // device's order and holds back a device's later messages after a transient error.
     let order: HashMap<i64, usize> = items
         .iter()
         .enumerate()
@@ -182,61 +181,48 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
         .collect();
     let mut jobs = jobs;
     jobs.sort_by_key(|j| order.get(&j.id).copied().unwrap_or(usize::MAX));
-    for job in jobs {
-        let slot = *index.entry(job.device_id).or_insert_with(|| {
-            groups.push(Vec::new());
-            groups.len() - 1
-        });
-        groups[slot].push(job);
-    }
-    let results = futures::future::join_all(groups.into_iter().map(|g| send_group(g, deps))).await;
-    record(results.into_iter().flatten().collect(), deps).await
+    let results = send_all(jobs, deps).await;
+    record(results, deps).await
 }
 
-/// Sends one device's jobs in order. After a transient error the rest of the group is not tried
-/// now (the device is offline or throttled) and goes back to pending with the same backoff.
-async fn send_group(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
-    let mut out = Vec::with_capacity(jobs.len());
-    let mut blocked: Option<(String, String)> = None;
-    for job in jobs {
-        if let Some((reason, detail)) = &blocked {
-            out.push((
-                job,
-                Outcome::Retry {
-                    reason: reason.clone(),
-                    detail: detail.clone(),
-                    tried: false,
-                },
-            ));
-            continue;
-        }
-        let req = SendRequest {
+async fn send_all(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
+    if jobs.is_empty() {
+        return Vec::new();
+    }
+    let requests: Vec<SendRequest> = jobs
+        .iter()
+        .map(|job| SendRequest {
             message_id: job.id,
             tenant_id: job.tenant_id,
             device_id: job.device_id,
             to: job.recipient.clone(),
             text: job.body.clone(),
             image: job.image.clone(),
-        };
-        let outcome = match deps.host.send(&req).await {
-            SendOutcome::Sent {
-                provider_message_id,
-                accepted_at,
-                ..
-            } => Outcome::Sent(provider_message_id, accepted_at),
-            SendOutcome::Permanent { reason, detail } => Outcome::Failed { reason, detail },
-            SendOutcome::Transient { reason, detail } => {
-                blocked = Some((reason.clone(), detail.clone()));
-                Outcome::Retry {
-                    reason,
-                    detail,
-                    tried: true,
+        })
+        .collect();
+    let outcomes = deps.host.send_batch(&requests).await;
+    jobs.into_iter()
+        .zip(outcomes)
+        .map(|(job, outcome)| {
+            let o = match outcome {
+                SendOutcome::Sent {
+                    provider_message_id,
+                    accepted_at,
+                    ..
+                } => Outcome::Sent(provider_message_id, accepted_at),
+                SendOutcome::Permanent { reason, detail } => Outcome::Failed { reason, detail },
+                SendOutcome::Transient { reason, detail } => {
+                    let tried = reason != shared::host_api::code::HELD_BACK;
+                    Outcome::Retry {
+                        reason,
+                        detail,
+                        tried,
+                    }
                 }
-            }
-        };
-        out.push((job, outcome));
-    }
-    out
+            };
+            (job, o)
+        })
+        .collect()
 }
 
 /// Writes every outcome: all `sent` rows in one statement, failures and retries one each.
@@ -313,8 +299,11 @@ fn permanent_reason(code: &str) -> String {
     }
 }
 
+/// Committed without waiting for the WAL flush: if the write is lost, the row stays `sending`
+/// and the rescuer reconciles it with the host's send record (no second send).
 async fn write_sent(sent: &[repo::messages::SentRecord], deps: &Deps) -> anyhow::Result<()> {
     let mut tx = deps.pool.begin().await?;
+    repo::relax_durability(&mut tx).await?;
     repo::messages::mark_messages_sent(&mut tx, sent).await?;
     tx.commit().await?;
     Ok(())

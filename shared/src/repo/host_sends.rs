@@ -4,6 +4,7 @@
 
 use super::RepoError;
 use sqlx::PgConnection;
+use std::collections::HashMap;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,9 +20,89 @@ pub enum HostSendState {
     },
 }
 
-/// Starts an attempt for `message_id`, or reports the one already recorded. An `aborted`
-/// attempt (certainly not sent) is taken over, keeping its provider message id, so a retry
-/// reuses the id the provider may already know.
+/// One attempt to start: (message id, tenant, device, a fresh provider message id).
+pub type NewAttempt = (i64, Uuid, Uuid, String);
+
+/// Starts attempts for a batch of message ids in one statement, or reports the ones already
+/// recorded. An `aborted` attempt (certainly not sent) is taken over, keeping its provider
+/// message id, so a retry reuses the id the provider may already know. The caller must commit
+/// this durably before calling the provider: it is what stops a second send.
+pub async fn begin_host_sends(
+    tx: &mut PgConnection,
+    host_id: &str,
+    attempts: &[NewAttempt],
+) -> Result<HashMap<i64, HostSendState>, RepoError> {
+    let ids: Vec<i64> = attempts.iter().map(|a| a.0).collect();
+    let tenants: Vec<Uuid> = attempts.iter().map(|a| a.1).collect();
+    let devices: Vec<Uuid> = attempts.iter().map(|a| a.2).collect();
+    let pids: Vec<&str> = attempts.iter().map(|a| a.3.as_str()).collect();
+    let owned: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state, host_id)
+         SELECT id, t, d, p, 'attempting', $5
+         FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[]) AS u(id, t, d, p)
+         ORDER BY id
+         ON CONFLICT (message_id) DO UPDATE
+             SET state = 'attempting', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL
+             WHERE host_sends.state = 'aborted' AND host_sends.tenant_id = EXCLUDED.tenant_id
+         RETURNING message_id, provider_message_id",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&devices)
+    .bind(&pids)
+    .bind(host_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out: HashMap<i64, HostSendState> = owned
+        .into_iter()
+        .map(|(id, provider_message_id)| {
+            (
+                id,
+                HostSendState::Owned {
+                    provider_message_id,
+                },
+            )
+        })
+        .collect();
+    if out.len() < attempts.len() {
+        let rest: Vec<(i64, Uuid)> = attempts
+            .iter()
+            .filter(|a| !out.contains_key(&a.0))
+            .map(|a| (a.0, a.1))
+            .collect();
+        let rest_ids: Vec<i64> = rest.iter().map(|r| r.0).collect();
+        let rest_tenants: Vec<Uuid> = rest.iter().map(|r| r.1).collect();
+        let existing: Vec<(
+            i64,
+            String,
+            String,
+            Option<String>,
+            chrono::DateTime<chrono::Utc>,
+        )> = sqlx::query_as(
+            "SELECT h.message_id, h.provider_message_id, h.state, h.error, h.updated_at
+                 FROM host_sends h JOIN unnest($1::bigint[], $2::uuid[]) AS u(id, t)
+                   ON h.message_id = u.id AND h.tenant_id = u.t",
+        )
+        .bind(&rest_ids)
+        .bind(&rest_tenants)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, provider_message_id, state, error, updated_at) in existing {
+            out.insert(
+                id,
+                HostSendState::Existing {
+                    provider_message_id,
+                    state,
+                    error,
+                    updated_at,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// One attempt: see [`begin_host_sends`].
 pub async fn begin_host_send(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -30,65 +111,38 @@ pub async fn begin_host_send(
     provider_message_id: &str,
     host_id: &str,
 ) -> Result<HostSendState, RepoError> {
-    let owned: Option<(String,)> = sqlx::query_as(
-        "INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state, host_id)
-         VALUES ($1, $2, $3, $4, 'attempting', $5)
-         ON CONFLICT (message_id) DO UPDATE
-             SET state = 'attempting', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL
-             WHERE host_sends.state = 'aborted' AND host_sends.tenant_id = EXCLUDED.tenant_id
-         RETURNING provider_message_id",
+    let mut states = begin_host_sends(
+        tx,
+        host_id,
+        &[(message_id, tenant, device, provider_message_id.to_string())],
     )
-    .bind(message_id)
-    .bind(tenant)
-    .bind(device)
-    .bind(provider_message_id)
-    .bind(host_id)
-    .fetch_optional(&mut *tx)
     .await?;
-    if let Some((pid,)) = owned {
-        return Ok(HostSendState::Owned {
-            provider_message_id: pid,
-        });
-    }
-    let existing: Option<(
-        String,
-        String,
-        Option<String>,
-        chrono::DateTime<chrono::Utc>,
-    )> = sqlx::query_as(
-        "SELECT provider_message_id, state, error, updated_at FROM host_sends
-         WHERE message_id = $1 AND tenant_id = $2",
-    )
-    .bind(message_id)
-    .bind(tenant)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let (provider_message_id, state, error, updated_at) =
-        existing.ok_or(RepoError::NotFound("send record of this tenant"))?;
-    Ok(HostSendState::Existing {
-        provider_message_id,
-        state,
-        error,
-        updated_at,
-    })
+    states
+        .remove(&message_id)
+        .ok_or(RepoError::NotFound("send record of this tenant"))
 }
 
-/// Records how an attempt ended: `sent`, `failed` (with a reason) or `aborted` (not sent).
-pub async fn finish_host_send(
+/// How one attempt ended: (message id, tenant, `sent` | `failed` | `aborted`, reason or detail).
+pub type FinishedAttempt<'a> = (i64, Uuid, &'a str, Option<&'a str>);
+
+/// Records how a batch of attempts ended: `sent`, `failed` (with a reason) or `aborted` (not sent).
+pub async fn finish_host_sends(
     tx: &mut PgConnection,
-    tenant: Uuid,
-    message_id: i64,
-    state: &str,
-    error: Option<&str>,
+    finished: &[FinishedAttempt<'_>],
 ) -> Result<(), RepoError> {
+    let ids: Vec<i64> = finished.iter().map(|f| f.0).collect();
+    let tenants: Vec<Uuid> = finished.iter().map(|f| f.1).collect();
+    let states: Vec<&str> = finished.iter().map(|f| f.2).collect();
+    let errors: Vec<Option<&str>> = finished.iter().map(|f| f.3).collect();
     sqlx::query(
-        "UPDATE host_sends SET state = $3, error = $4, updated_at = now()
-         WHERE message_id = $1 AND tenant_id = $2",
+        "UPDATE host_sends h SET state = u.s, error = u.e, updated_at = now()
+         FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[]) AS u(id, t, s, e)
+         WHERE h.message_id = u.id AND h.tenant_id = u.t",
     )
-    .bind(message_id)
-    .bind(tenant)
-    .bind(state)
-    .bind(error)
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&states)
+    .bind(&errors)
     .execute(tx)
     .await?;
     Ok(())

@@ -12,6 +12,16 @@ pub mod media;
 pub mod messages;
 pub mod tenants;
 
+/// Lets the caller's transaction commit without waiting for its WAL flush
+/// (`synchronous_commit = off`). Only for writes whose loss in a database crash is recovered
+/// elsewhere: the caller says which recovery path covers it.
+pub async fn relax_durability(tx: &mut sqlx::PgConnection) -> Result<(), RepoError> {
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
 /// Errors the data layer's callers branch on.
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {

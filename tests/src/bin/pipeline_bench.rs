@@ -19,10 +19,11 @@ use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig};
 use shared::repo;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
+use wabcast_tests::process::{free_port, spawn, wait_for_port, Group};
 
 struct Args {
     messages: usize,
@@ -54,51 +55,12 @@ fn args() -> Args {
     a
 }
 
-/// Kills a child's process group when dropped.
-struct Group(Child);
-impl Drop for Group {
-    fn drop(&mut self) {
-        // TERM, a moment to exit, then KILL: cargo lambda watch does not stop on TERM.
-        let group = format!("-{}", self.0.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
-        for _ in 0..20 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: &mut Command, log: &Path) -> Group {
-    use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log).unwrap();
-    Group(
-        cmd.process_group(0)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap(),
-    )
-}
-
 /// Peak resident set (VmHWM) of a process, in MB.
 fn peak_rss_mb(pid: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn fresh_database(base: &str, name: &str) -> (String, PgPool) {
@@ -207,6 +169,15 @@ async fn seed(
         )
         .await
         .unwrap();
+        repo::devices::set_device_status(
+            &mut tx,
+            tenant,
+            id,
+            shared::domain::DeviceStatus::Online,
+            None,
+        )
+        .await
+        .unwrap();
         ids.push(id);
     }
     let niche_t = Token::parse(niche).unwrap();
@@ -252,6 +223,26 @@ async fn count_status(pool: &PgPool, campaign: Uuid, status: &str) -> i64 {
     .await
     .unwrap()
 }
+
+/// The device host as its own process (so its RSS is its own), receipts off.
+async fn spawn_host(bin: &Path, db_url: &str, dir: &Path) -> (Group, String) {
+    let port = free_port();
+    let host = spawn(
+        Command::new(bin.join("device-host"))
+            .env("DATABASE_URL", db_url)
+            .env("HOST_TOKEN", TOKEN)
+            .env("HOST_BIND", format!("127.0.0.1:{port}"))
+            .env("HOST_DATA_DIR", dir)
+            .env("SIM_RECEIPTS", "false")
+            .env("DB_MAX_CONNECTIONS", "32")
+            .env("RUST_LOG", "warn"),
+        &dir.with_extension("log"),
+    );
+    wait_for_port(port, Duration::from_secs(30)).await;
+    (host, format!("http://127.0.0.1:{port}"))
+}
+
+const TOKEN: &str = "bench-token";
 
 fn worker_deps(pool: &PgPool, host_url: &str, token: &str) -> Arc<message_worker::Deps> {
     Arc::new(message_worker::Deps {
@@ -334,32 +325,8 @@ async fn main() {
 
     let (db_url, pool) = fresh_database(&base, "wabcast_bench").await;
     let (tenant, campaign, _) = seed(&pool, a.devices, a.messages, "bench", 0.0, 0.0).await;
-    let token = "bench-token";
-    let host_port = free_port();
-    let host = spawn(
-        Command::new(bin.join("device-host"))
-            .env("DATABASE_URL", &db_url)
-            .env("HOST_TOKEN", token)
-            .env("HOST_BIND", format!("127.0.0.1:{host_port}"))
-            .env("HOST_DATA_DIR", work.path().join("host"))
-            .env("SIM_RECEIPTS", "false")
-            .env("DB_MAX_CONNECTIONS", "32")
-            .env("RUST_LOG", "warn"),
-        &work.path().join("host.log"),
-    );
-    let host_url = format!("http://127.0.0.1:{host_port}");
-    let client = shared::host_api::HostClient::new(
-        &host_url,
-        shared::config::Secret::new(token),
-        Duration::from_secs(5),
-    )
-    .unwrap();
-    for _ in 0..200 {
-        if client.health().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (host, host_url) = spawn_host(&bin, &db_url, &work.path().join("host")).await;
+    let token = TOKEN;
     let queue = Arc::new(
         RedisQueue::connect(RedisQueueConfig {
             url: redis.clone(),
@@ -484,7 +451,7 @@ async fn main() {
     for p in pollers {
         let _ = p.await;
     }
-    let host_rss = peak_rss_mb(&host.0.id().to_string());
+    let host_rss = peak_rss_mb(&host.pid().to_string());
     let self_rss = peak_rss_mb("self");
     println!("peak RSS: device host {:.0} MB; functions in process (trigger + processor + {} worker pollers) {:.0} MB", host_rss.unwrap_or(f64::NAN), a.pollers, self_rss.unwrap_or(f64::NAN));
     drop(host);
@@ -507,23 +474,14 @@ async fn watch_run(base: &str, redis: &str, bin: &Path, root: &Path, messages: u
     let devices = 20;
     let (db_url, pool) = fresh_database(base, "wabcast_bench_watch").await;
     let (_, campaign, _) = seed(&pool, devices, messages, "watch", 0.0, 0.0).await;
-    let token = "bench-token";
-    let host_port = free_port();
-    let host = spawn(
-        Command::new(bin.join("device-host"))
-            .env("DATABASE_URL", &db_url)
-            .env("HOST_TOKEN", token)
-            .env("HOST_BIND", format!("127.0.0.1:{host_port}"))
-            .env("HOST_DATA_DIR", work.join("watch-host"))
-            .env("SIM_RECEIPTS", "false")
-            .env("RUST_LOG", "warn"),
-        &work.join("watch-host.log"),
-    );
+    let (host, host_url) = spawn_host(bin, &db_url, &work.join("watch-host")).await;
+    let token = TOKEN;
     let prefix = format!("benchw:{}", Uuid::new_v4().simple());
     let env_file = work.join("functions.env");
-    std::fs::write(&env_file, format!("DATABASE_URL={db_url}\nREDIS_URL={redis}\nQUEUE_PREFIX={prefix}\nHOST_URL=http://127.0.0.1:{host_port}\nHOST_TOKEN={token}\nRUST_LOG=warn\nCLAIM_PER_DEVICE=100\n")).unwrap();
+    std::fs::write(&env_file, format!("DATABASE_URL={db_url}\nREDIS_URL={redis}\nQUEUE_PREFIX={prefix}\nHOST_URL={host_url}\nHOST_TOKEN={token}\nRUST_LOG=warn\nCLAIM_PER_DEVICE=100\n")).unwrap();
     let port = free_port();
-    let watch = spawn(
+    let watch_log = work.join("watch.log");
+    let mut watch = spawn(
         Command::new("cargo")
             .current_dir(root)
             .args([
@@ -538,19 +496,16 @@ async fn watch_run(base: &str, redis: &str, bin: &Path, root: &Path, messages: u
                 "--env-file",
             ])
             .arg(&env_file),
-        &work.join("watch.log"),
+        &watch_log,
     );
     // Build and warm every function before timing (the first invocation compiles it).
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(900))
         .build()
         .unwrap();
-    for _ in 0..600 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    watch
+        .wait_listening(port, Duration::from_secs(120), &watch_log)
+        .await;
     for (f, body) in [
         (
             "broadcast-processor",

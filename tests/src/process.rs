@@ -1,0 +1,81 @@
+//! Child processes for tests and the benchmark: each in its own process group, killed whole
+//! when dropped (cargo lambda watch spawns the functions as its children and ignores TERM).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Group(pub Child);
+
+impl Group {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits until the child listens on `port`; fails at once, with its log, if it exits first.
+    pub async fn wait_listening(&mut self, port: u16, timeout: Duration, log: &Path) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                panic!("the child exited ({status}) before listening on {port}:\n{text}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing listens on port {port} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // TERM, a moment to exit, then KILL.
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        for _ in 0..20 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` in a new process group with its output in `log`.
+pub fn spawn(cmd: &mut Command, log: &Path) -> Group {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).unwrap();
+    let child = cmd
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e} (infra/test.sh installs cargo-lambda and builds the binaries)"));
+    Group(child)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something listens on the port.
+pub async fn wait_for_port(port: u16, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on port {port} after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
