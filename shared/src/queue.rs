@@ -87,6 +87,13 @@ pub trait Queue: Send + Sync {
     ) -> Result<Vec<ReceivedMessage>, QueueError>;
     /// Deletes a received message. A stale receipt (the message was received again since) is ignored.
     async fn delete(&self, receipt_handle: &str) -> Result<(), QueueError>;
+    /// Deletes several received messages in one call (SQS `DeleteMessageBatch`, up to 10).
+    async fn delete_batch(&self, receipt_handles: &[String]) -> Result<(), QueueError> {
+        for r in receipt_handles {
+            self.delete(r).await?;
+        }
+        Ok(())
+    }
     /// Makes a received message visible again after `timeout` (0 = now).
     async fn change_visibility(
         &self,
@@ -191,31 +198,39 @@ if #out == 0 then return '[]' end
 return cjson.encode(out)
 "#;
 
+/// Deletes every receipt in ARGV[2..]; returns -1 if one is malformed (nothing is deleted then).
 const DELETE: &str = r#"
 local p = ARGV[1]
-local id, rc = string.match(ARGV[2], '^(%d+):(%d+)$')
-if not id then return -1 end
-local mk = p .. ':m:' .. id
-local cur = redis.call('HGET', mk, 'rc')
-if (not cur) or cur ~= rc then return 0 end
+for i = 2, #ARGV do
+  if not string.match(ARGV[i], '^(%d+):(%d+)$') then return -1 end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local g = redis.call('HGET', mk, 'group')
-local glist = p .. ':g:' .. g
-redis.call('LREM', glist, 1, id)
-redis.call('DEL', mk)
-redis.call('ZREM', p .. ':ifl', id)
-redis.call('DECR', p .. ':count')
-local n = redis.call('HINCRBY', p .. ':gin', g, -1)
-if n <= 0 then
-  redis.call('HDEL', p .. ':gin', g)
-  if redis.call('LLEN', glist) > 0 then
-    redis.call('ZADD', p .. ':ready', now, g)
-  else
-    redis.call('ZREM', p .. ':ready', g)
+local deleted = 0
+for i = 2, #ARGV do
+  local id, rc = string.match(ARGV[i], '^(%d+):(%d+)$')
+  local mk = p .. ':m:' .. id
+  local cur = redis.call('HGET', mk, 'rc')
+  if cur and cur == rc then
+    local g = redis.call('HGET', mk, 'group')
+    local glist = p .. ':g:' .. g
+    redis.call('LREM', glist, 1, id)
+    redis.call('DEL', mk)
+    redis.call('ZREM', p .. ':ifl', id)
+    redis.call('DECR', p .. ':count')
+    deleted = deleted + 1
+    local n = redis.call('HINCRBY', p .. ':gin', g, -1)
+    if n <= 0 then
+      redis.call('HDEL', p .. ':gin', g)
+      if redis.call('LLEN', glist) > 0 then
+        redis.call('ZADD', p .. ':ready', now, g)
+      else
+        redis.call('ZREM', p .. ':ready', g)
+      end
+    end
   end
 end
-return 1
+return deleted
 "#;
 
 const CHANGE_VISIBILITY: &str = r#"
@@ -382,6 +397,25 @@ impl Queue for RedisQueue {
 
     async fn delete(&self, receipt_handle: &str) -> Result<(), QueueError> {
         self.on_receipt(&self.delete, receipt_handle, None).await
+    }
+
+    async fn delete_batch(&self, receipt_handles: &[String]) -> Result<(), QueueError> {
+        if receipt_handles.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.delete.prepare_invoke();
+        inv.arg(&self.config.prefix);
+        for r in receipt_handles {
+            inv.arg(r);
+        }
+        let mut conn = self.conn.clone();
+        let n: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        if n < 0 {
+            return Err(QueueError::Protocol(
+                "malformed receipt handle in batch".into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn change_visibility(

@@ -274,11 +274,12 @@ impl Pipeline {
             .into_iter()
             .map(|f| f.item_identifier)
             .collect();
-        for m in &msgs {
-            if !failed.contains(&m.message_id) {
-                self.queue.delete(&m.receipt_handle).await.unwrap();
-            }
-        }
+        let done: Vec<String> = msgs
+            .iter()
+            .filter(|m| !failed.contains(&m.message_id))
+            .map(|m| m.receipt_handle.clone())
+            .collect();
+        self.queue.delete_batch(&done).await.unwrap();
         msgs.len()
     }
 

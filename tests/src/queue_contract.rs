@@ -160,3 +160,31 @@ pub async fn concurrent_consumers_never_share_an_in_flight_message(q: Arc<dyn Qu
     assert_eq!(all.len(), 200, "every message received exactly once");
     assert_eq!(unique.len(), 200);
 }
+
+pub async fn a_batch_delete_removes_exactly_the_named_messages(q: Arc<dyn Queue>) {
+    q.send_batch(&[msg("a", "1"), msg("b", "2"), msg("c", "3")])
+        .await
+        .unwrap();
+    let got = q.receive(10, LONG).await.unwrap();
+    assert_eq!(got.len(), 3);
+    let keep = got
+        .iter()
+        .find(|m| m.body == "b/2")
+        .unwrap()
+        .receipt_handle
+        .clone();
+    let gone: Vec<String> = got
+        .iter()
+        .filter(|m| m.body != "b/2")
+        .map(|m| m.receipt_handle.clone())
+        .collect();
+    q.delete_batch(&gone).await.unwrap();
+    let s = q.stats().await.unwrap();
+    assert_eq!((s.visible, s.in_flight), (0, 1));
+    q.change_visibility(&keep, Duration::ZERO).await.unwrap();
+    let again = q.receive(10, LONG).await.unwrap();
+    assert_eq!(
+        again.iter().map(|m| m.body.as_str()).collect::<Vec<_>>(),
+        ["b/2"]
+    );
+}

@@ -89,3 +89,47 @@ fn name_of(r: &shared::repo::messages::MessageRow) -> String {
         format!("Lead {idx}")
     }
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn fan_out_keeps_bodies_byte_for_byte(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "a@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 3, "cars", LeadStatus::Prospect).await;
+    let template = "Line one\\nTab\there\tback\\\\slash \\N {first_name:friend}\r\nend";
+    let campaign = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            template,
+            image: Some("https://cdn.example.com/a.png"),
+            ..Default::default()
+        },
+    )
+    .await;
+    let deps = campaign_trigger::Deps {
+        pool: pool.clone(),
+        max_campaigns: 5,
+    };
+    assert_eq!(
+        campaign_trigger::handle(serde_json::json!({}), &deps)
+            .await
+            .unwrap()
+            .rows_created,
+        3
+    );
+    let rows = shared::repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    for r in rows {
+        let first = if name_of(&r) == "there" {
+            "friend".to_string()
+        } else {
+            "Lead".to_string()
+        };
+        assert_eq!(
+            r.body,
+            format!("Line one\\nTab\there\tback\\\\slash \\N {first}\r\nend")
+        );
+        assert_eq!(r.image.as_deref(), Some("https://cdn.example.com/a.png"));
+    }
+}

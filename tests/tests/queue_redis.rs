@@ -43,3 +43,8 @@ async fn change_visibility_to_zero_makes_a_message_available_again() {
 async fn concurrent_consumers_never_share_an_in_flight_message() {
     contract::concurrent_consumers_never_share_an_in_flight_message(fresh().await).await;
 }
+
+#[tokio::test]
+async fn a_batch_delete_removes_exactly_the_named_messages() {
+    contract::a_batch_delete_removes_exactly_the_named_messages(fresh().await).await;
+}

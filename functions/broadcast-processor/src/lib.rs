@@ -210,7 +210,12 @@ async fn claim_and_enqueue(
     settings: &Settings,
     report: &mut Report,
 ) -> Result<(usize, bool), ProcessorError> {
+    // A claim lost in a database crash leaves rows `pending` while their items may be in the
+    // queue: the worker's claim then finds them not `queued` and acknowledges; they are claimed again.
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
+    repo::relax_durability(&mut tx)
+        .await
+        .context("failed to relax durability")?;
     let claimed = repo::messages::claim_ready_messages(
         &mut tx,
         settings.max_devices_per_claim,

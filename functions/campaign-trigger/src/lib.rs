@@ -91,6 +91,7 @@ async fn fan_out(
         campaign: campaign.id,
         problem,
     };
+    let started = std::time::Instant::now();
     let template = Template::parse(&campaign.template).map_err(invalid)?;
     let target: TargetStatus = campaign.target_status.parse().map_err(invalid)?;
     let recipients = repo::campaigns::select_campaign_recipients(
@@ -101,6 +102,7 @@ async fn fan_out(
     )
     .await
     .context("failed to select recipients")?;
+    let selected = started.elapsed();
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let rows: Vec<RenderedMessage<'_>> = recipients
         .iter()
@@ -117,6 +119,7 @@ async fn fan_out(
             ),
         })
         .collect();
+    let rendered = started.elapsed();
     let created = repo::campaigns::insert_campaign_messages(
         tx,
         campaign.tenant_id,
@@ -126,6 +129,14 @@ async fn fan_out(
     )
     .await
     .context("failed to insert campaign messages")?;
+    tracing::debug!(
+        campaign_id = %campaign.id,
+        rows = created,
+        select_ms = selected.as_millis() as u64,
+        render_ms = (rendered - selected).as_millis() as u64,
+        insert_ms = (started.elapsed() - rendered).as_millis() as u64,
+        "fan-out timing"
+    );
     repo::campaigns::mark_campaign_running(tx, campaign.tenant_id, campaign.id)
         .await
         .context("failed to mark campaign running")?;

@@ -190,10 +190,13 @@ async fn poller(http: reqwest::Client, args: Args, queue: Arc<dyn Queue>) {
                 msgs.iter().map(|m| m.message_id.clone()).collect()
             }
         };
-        for m in msgs.iter().filter(|m| !failed.contains(&m.message_id)) {
-            if let Err(e) = queue.delete(&m.receipt_handle).await {
-                warn!(error = %e, "delete failed; the record will be delivered again (the worker ignores duplicates)");
-            }
+        let done: Vec<String> = msgs
+            .iter()
+            .filter(|m| !failed.contains(&m.message_id))
+            .map(|m| m.receipt_handle.clone())
+            .collect();
+        if let Err(e) = queue.delete_batch(&done).await {
+            warn!(error = %e, "delete failed; the records will be delivered again (the worker ignores duplicates)");
         }
     }
 }

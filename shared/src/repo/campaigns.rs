@@ -118,24 +118,29 @@ pub struct Recipient {
 }
 
 /// The tenant's leads matching a niche token exactly and a target status, not opted out, on
-/// live devices of the same tenant.
+/// live devices of the same tenant. The live devices are a small set fetched first, so the
+/// lead scan needs no per-row join whatever the planner's statistics say.
 pub async fn select_campaign_recipients(
     tx: &mut PgConnection,
     tenant: Uuid,
     niche: &str,
     target: TargetStatus,
 ) -> Result<Vec<Recipient>, RepoError> {
+    let live: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE tenant_id = $1 AND deleted_at IS NULL")
+            .bind(tenant)
+            .fetch_all(&mut *tx)
+            .await?;
     Ok(sqlx::query_as(
-        "SELECT l.id AS lead_id, l.device_id, l.name, l.phone
-         FROM leads l JOIN devices d ON d.id = l.device_id AND d.tenant_id = l.tenant_id
-         WHERE l.tenant_id = $1 AND l.niches @> ARRAY[$2]::text[]
-           AND ($3 = 'all' OR l.target_status = $3)
-           AND l.opted_out_at IS NULL AND d.deleted_at IS NULL
-         ORDER BY l.id",
+        "SELECT id AS lead_id, device_id, name, phone FROM leads
+         WHERE tenant_id = $1 AND niches @> ARRAY[$2]::text[]
+           AND ($3 = 'all' OR target_status = $3)
+           AND opted_out_at IS NULL AND device_id = ANY($4)",
     )
     .bind(tenant)
     .bind(niche)
     .bind(target.as_str())
+    .bind(&live)
     .fetch_all(tx)
     .await?)
 }
@@ -148,8 +153,11 @@ pub struct RenderedMessage<'a> {
     pub body: String,
 }
 
-/// Inserts a campaign's rows; a row that already exists (same campaign and lead) is left alone.
-/// Returns how many rows were new.
+/// Inserts a campaign's rows with `COPY` (about twice the rate of a multi-row INSERT). Call it
+/// only inside the transaction that holds the campaign locked and still `scheduled` (see
+/// `claim_due_campaigns`): then none of its rows can exist yet. The unique (campaign_id,
+/// lead_id) index still enforces one row per recipient: a violating COPY aborts the whole
+/// transaction, so nothing is ever duplicated. Returns how many rows were inserted.
 pub async fn insert_campaign_messages(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -157,30 +165,49 @@ pub async fn insert_campaign_messages(
     image: Option<&str>,
     rows: &[RenderedMessage<'_>],
 ) -> Result<u64, RepoError> {
-    let mut inserted = 0;
-    for chunk in rows.chunks(20_000) {
-        let leads: Vec<i64> = chunk.iter().map(|r| r.lead_id).collect();
-        let devices: Vec<Uuid> = chunk.iter().map(|r| r.device_id).collect();
-        let recipients: Vec<&str> = chunk.iter().map(|r| r.recipient).collect();
-        let bodies: Vec<&str> = chunk.iter().map(|r| r.body.as_str()).collect();
-        let res = sqlx::query(
-            "INSERT INTO broadcast_messages (tenant_id, campaign_id, image, lead_id, device_id, recipient, body)
-             SELECT $1, $2, $3, l, d, r, b
-             FROM unnest($4::bigint[], $5::uuid[], $6::text[], $7::text[]) AS u(l, d, r, b)
-             ON CONFLICT (campaign_id, lead_id) DO NOTHING",
-        )
-        .bind(tenant)
-        .bind(campaign)
-        .bind(image)
-        .bind(&leads)
-        .bind(&devices)
-        .bind(&recipients)
-        .bind(&bodies)
-        .execute(&mut *tx)
-        .await?;
-        inserted += res.rows_affected();
+    use std::fmt::Write;
+    if rows.is_empty() {
+        return Ok(0);
     }
-    Ok(inserted)
+    let image = image.map(copy_escape).unwrap_or_else(|| "\\N".to_string());
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY broadcast_messages (tenant_id, campaign_id, image, lead_id, device_id, recipient, body) FROM STDIN",
+        )
+        .await?;
+    let mut buf = String::with_capacity(1 << 20);
+    for r in rows {
+        let _ = writeln!(
+            buf,
+            "{tenant}\t{campaign}\t{image}\t{}\t{}\t{}\t{}",
+            r.lead_id,
+            r.device_id,
+            copy_escape(r.recipient),
+            copy_escape(&r.body)
+        );
+        if buf.len() > (1 << 20) {
+            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf.into_bytes()).await?;
+    }
+    Ok(copy.finish().await?)
+}
+
+/// Escapes a value for COPY's text format.
+fn copy_escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// `scheduled → running`, in the fan-out's transaction.

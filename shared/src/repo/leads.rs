@@ -81,6 +81,10 @@ pub async fn upsert_leads(
             }
         }
     }
+    if leads.len() >= 10_000 {
+        // A large import changes the table's shape; fresh statistics keep the fan-out's plan good.
+        sqlx::query("ANALYZE leads").execute(&mut *tx).await?;
+    }
     Ok(count)
 }
 

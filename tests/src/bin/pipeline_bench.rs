@@ -36,7 +36,7 @@ fn args() -> Args {
     let mut a = Args {
         messages: 100_000,
         devices: 100,
-        pollers: 8,
+        pollers: 16,
         watch_messages: 2_000,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -280,9 +280,12 @@ fn start_pollers(
                         .into_iter()
                         .map(|f| f.item_identifier)
                         .collect();
-                    for m in msgs.iter().filter(|m| !failed.contains(&m.message_id)) {
-                        queue.delete(&m.receipt_handle).await.unwrap();
-                    }
+                    let done: Vec<String> = msgs
+                        .iter()
+                        .filter(|m| !failed.contains(&m.message_id))
+                        .map(|m| m.receipt_handle.clone())
+                        .collect();
+                    queue.delete_batch(&done).await.unwrap();
                 }
             })
         })
@@ -298,6 +301,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    shared::telemetry::init();
     let a = args();
     let base =
         std::env::var("DATABASE_URL").expect("DATABASE_URL (infra/local-stack.sh exports it)");
