@@ -32,7 +32,8 @@ _ls_redis_ok() {
   local hp="${1#redis://}"; hp="${hp%%/*}"; hp="${hp##*@}"
   local host="${hp%%:*}" port="${hp##*:}"
   [ "$host" = "$hp" ] && port=6379
-  exec 3<>"/dev/tcp/$host/$port" 2>/dev/null || return 1
+  # Braces: a bare `exec 2>/dev/null` would silence the calling shell's stderr for good.
+  { exec 3<>"/dev/tcp/$host/$port"; } 2>/dev/null || return 1
   printf 'PING\r\n' >&3
   local reply=""
   read -r -t 2 reply <&3 || true

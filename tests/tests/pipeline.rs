@@ -83,7 +83,7 @@ async fn a_campaign_reaches_every_matching_lead_once(pool: PgPool) {
 fn name_of(r: &shared::repo::messages::MessageRow) -> String {
     // Leads with index divisible by 5 have no name: the fallback "there" is used.
     let idx: u64 = r.recipient[4..].parse().unwrap();
-    if idx % 5 == 0 {
+    if idx.is_multiple_of(5) {
         "there".into()
     } else {
         format!("Lead {idx}")

@@ -105,7 +105,7 @@ async fn seed(
             // Niches vary within each device's leads, so every device gets its share.
             let k = i / n_devices;
             let mut niches = vec![Token::parse(NICHES[k % NICHES.len()])?];
-            if k % 3 == 0 && !niches.contains(&cars) {
+            if k.is_multiple_of(3) && !niches.contains(&cars) {
                 niches.push(cars.clone());
             }
             Ok(repo::leads::NewLead {

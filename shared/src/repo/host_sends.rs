@@ -20,6 +20,15 @@ pub enum HostSendState {
     },
 }
 
+/// (message id, provider message id, state, error, updated at) of a recorded attempt.
+type ExistingRow = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    chrono::DateTime<chrono::Utc>,
+);
+
 /// One attempt to start: (message id, tenant, device, a fresh provider message id).
 pub type NewAttempt = (i64, Uuid, Uuid, String);
 
@@ -72,13 +81,7 @@ pub async fn begin_host_sends(
             .collect();
         let rest_ids: Vec<i64> = rest.iter().map(|r| r.0).collect();
         let rest_tenants: Vec<Uuid> = rest.iter().map(|r| r.1).collect();
-        let existing: Vec<(
-            i64,
-            String,
-            String,
-            Option<String>,
-            chrono::DateTime<chrono::Utc>,
-        )> = sqlx::query_as(
+        let existing: Vec<ExistingRow> = sqlx::query_as(
             "SELECT h.message_id, h.provider_message_id, h.state, h.error, h.updated_at
                  FROM host_sends h JOIN unnest($1::bigint[], $2::uuid[]) AS u(id, t)
                    ON h.message_id = u.id AND h.tenant_id = u.t",

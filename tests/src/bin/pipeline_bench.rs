@@ -11,7 +11,8 @@
 //! 3. the processor's drain latency: messages falling due at random moments over 10 s on idle
 //!    devices, latency = queued_at − due_at with the default 1 s tick (p50, p99);
 //! 4. through `cargo lambda watch` and the local emulator (`--watch-messages`, 0 to skip);
-//! and the peak RSS of the host and of the functions.
+//!
+//! It also prints the peak RSS of the host and of the functions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::{DelayRange, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
