@@ -150,6 +150,7 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
     if items.is_empty() {
         return Ok(HashSet::new());
     }
+    let started = std::time::Instant::now();
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
     let jobs =
         repo::messages::claim_messages_for_send(&mut tx, items, deps.settings.lease.as_secs_f64())
@@ -181,8 +182,18 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
         .collect();
     let mut jobs = jobs;
     jobs.sort_by_key(|j| order.get(&j.id).copied().unwrap_or(usize::MAX));
+    let claimed = started.elapsed();
     let results = send_all(jobs, deps).await;
-    record(results, deps).await
+    let sent = started.elapsed();
+    let unrecorded = record(results, deps).await;
+    tracing::debug!(
+        records = items.len(),
+        claim_ms = claimed.as_secs_f64() * 1e3,
+        host_ms = (sent - claimed).as_secs_f64() * 1e3,
+        record_ms = (started.elapsed() - sent).as_secs_f64() * 1e3,
+        "batch timing"
+    );
+    unrecorded
 }
 
 async fn send_all(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
