@@ -42,7 +42,7 @@ fn args() -> Args {
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
-    while i + 1 < argv.len() + 1 && i < argv.len() {
+    while i < argv.len() {
         let v = argv.get(i + 1).and_then(|s| s.parse().ok());
         match (argv[i].as_str(), v) {
             ("--messages", Some(n)) => a.messages = n,
@@ -302,6 +302,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY-free: set before any thread reads the environment.
+        std::env::set_var("RUST_LOG", "warn");
+    }
     shared::telemetry::init();
     let a = args();
     let base =
