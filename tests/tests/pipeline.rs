@@ -4,6 +4,7 @@
 use shared::domain::{LeadStatus, TargetStatus};
 use sqlx::PgPool;
 use std::time::Duration;
+use wabcast_tests::SimConfig;
 use wabcast_tests::*;
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -132,4 +133,88 @@ async fn fan_out_keeps_bodies_byte_for_byte(pool: PgPool) {
         );
         assert_eq!(r.image.as_deref(), Some("https://cdn.example.com/a.png"));
     }
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn receipts_are_written_back_and_never_move_backwards(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "a@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 20, "cars", LeadStatus::Prospect).await;
+    let sim = SimConfig {
+        delivered_after: Some(Duration::from_millis(50)),
+        read_after: Some(Duration::from_millis(100)),
+        read_rate: 1.0,
+        ..quiet_sim()
+    };
+    let host = TestHost::start(&pool, sim).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = shared::repo::messages::list_campaign_messages(&pool, tenant, campaign)
+            .await
+            .unwrap();
+        if rows.iter().all(|r| r.read_at.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for r in &rows {
+        let (sent, delivered, read) = (
+            r.sent_at.unwrap(),
+            r.delivered_at.unwrap(),
+            r.read_at.unwrap(),
+        );
+        assert!(
+            sent <= delivered && delivered <= read,
+            "{sent} {delivered} {read}"
+        );
+    }
+    // A late or repeated receipt never clears a time or moves it.
+    let r = &rows[0];
+    let mut tx = pool.begin().await.unwrap();
+    let late = r.read_at.unwrap() + chrono::Duration::hours(1);
+    shared::repo::messages::apply_receipts(
+        &mut tx,
+        &[
+            shared::repo::messages::Receipt {
+                tenant_id: tenant,
+                message_id: r.id,
+                read: false,
+                at: late,
+            },
+            shared::repo::messages::Receipt {
+                tenant_id: tenant,
+                message_id: r.id,
+                read: true,
+                at: late,
+            },
+        ],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let after = shared::repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    let a = after.iter().find(|x| x.id == r.id).unwrap();
+    assert_eq!((a.delivered_at, a.read_at), (r.delivered_at, r.read_at));
+    // Another tenant's receipt for this message id changes nothing.
+    let other = seed_tenant(&pool, "b@example.com").await;
+    let mut tx = pool.begin().await.unwrap();
+    let n = shared::repo::messages::apply_receipts(
+        &mut tx,
+        &[shared::repo::messages::Receipt {
+            tenant_id: other,
+            message_id: rows[1].id,
+            read: true,
+            at: chrono::Utc::now() - chrono::Duration::days(1),
+        }],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(n, 0);
 }
