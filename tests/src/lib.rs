@@ -259,28 +259,7 @@ impl Pipeline {
     /// Plays the SQS event source once: receive up to 10, invoke the worker, delete successes.
     /// Returns how many records were handed to the worker.
     pub async fn deliver(&self) -> usize {
-        let msgs = self
-            .queue
-            .receive(10, Duration::from_secs(30))
-            .await
-            .unwrap();
-        if msgs.is_empty() {
-            return 0;
-        }
-        let event = to_sqs_event(&msgs, "arn:aws:sqs:local:000000000000:test.fifo");
-        let response = message_worker::handle(event, &self.worker).await;
-        let failed: std::collections::HashSet<String> = response
-            .batch_item_failures
-            .into_iter()
-            .map(|f| f.item_identifier)
-            .collect();
-        let done: Vec<String> = msgs
-            .iter()
-            .filter(|m| !failed.contains(&m.message_id))
-            .map(|m| m.receipt_handle.clone())
-            .collect();
-        self.queue.delete_batch(&done).await.unwrap();
-        msgs.len()
+        deliver_once(self.queue.as_ref(), &self.worker).await
     }
 
     /// Runs trigger, processor and worker until every row of the campaigns is terminal.
@@ -315,6 +294,30 @@ impl Pipeline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// What the SQS event source does once: receive up to 10 records, hand them to the worker as an
+/// `SqsEvent`, delete the ones it did not report as failures (those reappear after the
+/// visibility timeout). Returns how many records the worker got.
+pub async fn deliver_once(queue: &dyn Queue, worker: &message_worker::Deps) -> usize {
+    let msgs = queue.receive(10, Duration::from_secs(60)).await.unwrap();
+    if msgs.is_empty() {
+        return 0;
+    }
+    let event = to_sqs_event(&msgs, "arn:aws:sqs:local:000000000000:test.fifo");
+    let response = message_worker::handle(event, worker).await;
+    let failed: std::collections::HashSet<String> = response
+        .batch_item_failures
+        .into_iter()
+        .map(|f| f.item_identifier)
+        .collect();
+    let done: Vec<String> = msgs
+        .iter()
+        .filter(|m| !failed.contains(&m.message_id))
+        .map(|m| m.receipt_handle.clone())
+        .collect();
+    queue.delete_batch(&done).await.unwrap();
+    msgs.len()
 }
 
 /// Status counts of a campaign, as a map.

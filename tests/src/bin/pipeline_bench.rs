@@ -16,7 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::{DelayRange, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token};
-use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig};
+use shared::queue::{Queue, RedisQueue, RedisQueueConfig};
 use shared::repo;
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
@@ -258,6 +258,16 @@ fn worker_deps(pool: &PgPool, host_url: &str, token: &str) -> Arc<message_worker
     })
 }
 
+async fn run_trigger(pool: &PgPool) -> campaign_trigger::TriggerReport {
+    let deps = campaign_trigger::Deps {
+        pool: pool.clone(),
+        max_campaigns: 10,
+    };
+    campaign_trigger::handle(serde_json::json!({}), &deps)
+        .await
+        .unwrap()
+}
+
 /// Worker pollers playing the SQS event source until `stop`.
 fn start_pollers(
     n: usize,
@@ -270,23 +280,9 @@ fn start_pollers(
             let (queue, deps, stop) = (queue.clone(), deps.clone(), stop.clone());
             tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let msgs = queue.receive(10, Duration::from_secs(60)).await.unwrap();
-                    if msgs.is_empty() {
+                    if wabcast_tests::deliver_once(queue.as_ref(), &deps).await == 0 {
                         tokio::time::sleep(Duration::from_millis(5)).await;
-                        continue;
                     }
-                    let resp = message_worker::handle(to_sqs_event(&msgs, "arn"), &deps).await;
-                    let failed: std::collections::HashSet<String> = resp
-                        .batch_item_failures
-                        .into_iter()
-                        .map(|f| f.item_identifier)
-                        .collect();
-                    let done: Vec<String> = msgs
-                        .iter()
-                        .filter(|m| !failed.contains(&m.message_id))
-                        .map(|m| m.receipt_handle.clone())
-                        .collect();
-                    queue.delete_batch(&done).await.unwrap();
                 }
             })
         })
@@ -349,15 +345,7 @@ async fn main() {
 
     // Trigger, processor loop, worker pollers.
     let started = Instant::now();
-    let trig = campaign_trigger::handle(
-        serde_json::json!({}),
-        &campaign_trigger::Deps {
-            pool: pool.clone(),
-            max_campaigns: 10,
-        },
-    )
-    .await
-    .unwrap();
+    let trig = run_trigger(&pool).await;
     let fanout_s = started.elapsed().as_secs_f64();
     let processor = Arc::new(broadcast_processor::Deps {
         pool: pool.clone(),
@@ -425,15 +413,7 @@ async fn main() {
 
     // Drain latency: 200 messages falling due at random moments over 10 s, default 1 s tick.
     let (t2, c2, _) = seed(&pool, a.devices, 200, "latency", 0.0, 0.0).await;
-    campaign_trigger::handle(
-        serde_json::json!({}),
-        &campaign_trigger::Deps {
-            pool: pool.clone(),
-            max_campaigns: 10,
-        },
-    )
-    .await
-    .unwrap();
+    run_trigger(&pool).await;
     sqlx::query("UPDATE broadcast_messages SET due_at = now() + random() * interval '10 seconds' WHERE campaign_id = $1")
         .bind(c2)
         .execute(&pool)
