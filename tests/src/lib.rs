@@ -174,6 +174,7 @@ impl TestHost {
                 simulator: sim,
             },
             pool.clone(),
+            pool.clone(),
         )
         .await
         .unwrap();

@@ -63,7 +63,12 @@ pub struct Running {
 }
 
 /// Starts the host: providers, restored sessions, event writer, HTTP server.
-pub async fn start(config: Config, pool: sqlx::PgPool) -> anyhow::Result<Running> {
+/// `pool` must commit durably; `relaxed_pool` may use `Durability::Relaxed` (see `service::Host::new`).
+pub async fn start(
+    config: Config,
+    pool: sqlx::PgPool,
+    relaxed_pool: sqlx::PgPool,
+) -> anyhow::Result<Running> {
     use anyhow::Context;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let simulator = Arc::new(simulator::Simulator::new(
@@ -73,11 +78,12 @@ pub async fn start(config: Config, pool: sqlx::PgPool) -> anyhow::Result<Running
     )?);
     let host = Arc::new(service::Host::new(
         pool.clone(),
+        relaxed_pool.clone(),
         config.host_id.clone(),
         vec![simulator.clone() as Arc<dyn provider::Provider>],
         ImageFetcher::new()?,
     ));
-    tokio::spawn(service::run_event_writer(pool, events_rx));
+    tokio::spawn(service::run_event_writer(relaxed_pool, events_rx));
     host.restore_sessions().await?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await

@@ -64,6 +64,7 @@ impl From<RepoError> for SendError {
 
 pub struct Host {
     pub pool: PgPool,
+    relaxed_pool: PgPool,
     pub host_id: String,
     providers: HashMap<ProviderKind, Arc<dyn Provider>>,
     devices: RwLock<HashMap<Uuid, DeviceRef>>,
@@ -166,14 +167,19 @@ const IMAGE_CACHE_TTL: Duration = Duration::from_secs(600);
 const IMAGE_CACHE_MAX: usize = 64;
 
 impl Host {
+    /// `pool` commits durably (the attempt records); `relaxed_pool` may not wait for the WAL
+    /// flush (outcomes, statuses, receipts: each recovered elsewhere if lost). Tests may pass
+    /// the same pool twice.
     pub fn new(
         pool: PgPool,
+        relaxed_pool: PgPool,
         host_id: String,
         providers: Vec<Arc<dyn Provider>>,
         fetcher: ImageFetcher,
     ) -> Self {
         Self {
             pool,
+            relaxed_pool,
             host_id,
             providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
             devices: RwLock::new(HashMap::new()),
@@ -556,7 +562,7 @@ impl Host {
         out
     }
 
-    /// Records outcomes in one statement. Committed without waiting for the WAL flush: a lost
+    /// Records outcomes in one statement on the relaxed pool: a lost
     /// `sent` is found again through the provider's was_sent, a lost `failed`/`aborted` only
     /// means one more attempt.
     async fn finish(
@@ -570,10 +576,13 @@ impl Host {
             .iter()
             .map(|(id, t, s, e)| (*id, *t, *s, e.as_deref()))
             .collect();
-        let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
-        repo::relax_durability(&mut tx).await?;
-        repo::host_sends::finish_host_sends(&mut tx, &rows).await?;
-        tx.commit().await.map_err(SendError::internal)
+        let mut conn = self
+            .relaxed_pool
+            .acquire()
+            .await
+            .map_err(SendError::internal)?;
+        repo::host_sends::finish_host_sends(&mut conn, &rows).await?;
+        Ok(())
     }
 
     /// `media:<id>` from PostgreSQL (the tenant's only) or an https URL through the guarded

@@ -43,6 +43,10 @@ impl Default for Settings {
 }
 
 pub struct Deps {
+    /// Every write of the worker is recoverable, so production gives it a `Durability::Relaxed`
+    /// pool: a claim lost in a database crash leaves the row `queued` (redelivered or
+    /// re-enqueued; the host's record answers "duplicate" if it went out); a lost outcome
+    /// leaves it `sending`, reconciled with the host's send record by the rescuer.
     pub pool: PgPool,
     pub host: HostClient,
     pub settings: Settings,
@@ -151,11 +155,19 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
         return Ok(HashSet::new());
     }
     let started = std::time::Instant::now();
-    let mut tx = deps.pool.begin().await.context("failed to begin")?;
-    let jobs =
-        repo::messages::claim_messages_for_send(&mut tx, items, deps.settings.lease.as_secs_f64())
-            .await
-            .context("failed to claim messages for send")?;
+    // Single statements in autocommit (an implicit transaction each) on the worker's pool.
+    let mut conn = deps
+        .pool
+        .acquire()
+        .await
+        .context("failed to get a connection")?;
+    let jobs = repo::messages::claim_messages_for_send(
+        &mut conn,
+        items,
+        deps.settings.lease.as_secs_f64(),
+    )
+    .await
+    .context("failed to claim messages for send")?;
     if jobs.len() < items.len() {
         let claimed: HashSet<i64> = jobs.iter().map(|j| j.id).collect();
         let rest: Vec<WorkItem> = items
@@ -163,7 +175,7 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
             .filter(|i| !claimed.contains(&i.message_id))
             .cloned()
             .collect();
-        let held = repo::messages::hold_paused_messages(&mut tx, &rest)
+        let held = repo::messages::hold_paused_messages(&mut conn, &rest)
             .await
             .context("failed to hold paused messages")?;
         info!(
@@ -171,7 +183,7 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
             held, "records not sent: not queued any more"
         );
     }
-    tx.commit().await.context("failed to commit claim")?;
+    drop(conn);
 
     // One request to the host for the whole batch, in batch order: the host keeps each
     // device's order and holds back a device's later messages after a transient error.
@@ -310,13 +322,9 @@ fn permanent_reason(code: &str) -> String {
     }
 }
 
-/// Committed without waiting for the WAL flush: if the write is lost, the row stays `sending`
-/// and the rescuer reconciles it with the host's send record (no second send).
 async fn write_sent(sent: &[repo::messages::SentRecord], deps: &Deps) -> anyhow::Result<()> {
-    let mut tx = deps.pool.begin().await?;
-    repo::relax_durability(&mut tx).await?;
-    repo::messages::mark_messages_sent(&mut tx, sent).await?;
-    tx.commit().await?;
+    let mut conn = deps.pool.acquire().await?;
+    repo::messages::mark_messages_sent(&mut conn, sent).await?;
     Ok(())
 }
 
@@ -326,9 +334,8 @@ async fn write_failed(
     detail: &str,
     deps: &Deps,
 ) -> anyhow::Result<()> {
-    let mut tx = deps.pool.begin().await?;
-    repo::messages::mark_message_failed(&mut tx, job.tenant_id, job.id, reason, detail).await?;
-    tx.commit().await?;
+    let mut conn = deps.pool.acquire().await?;
+    repo::messages::mark_message_failed(&mut conn, job.tenant_id, job.id, reason, detail).await?;
     Ok(())
 }
 
@@ -339,9 +346,8 @@ async fn write_retry(
     tried: bool,
     deps: &Deps,
 ) -> anyhow::Result<()> {
-    let mut tx = deps.pool.begin().await?;
-    repo::messages::mark_message_retry(&mut tx, job.tenant_id, job.id, due, error, tried).await?;
-    tx.commit().await?;
+    let mut conn = deps.pool.acquire().await?;
+    repo::messages::mark_message_retry(&mut conn, job.tenant_id, job.id, due, error, tried).await?;
     Ok(())
 }
 

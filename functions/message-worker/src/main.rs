@@ -26,9 +26,10 @@ async fn main() -> Result<(), Error> {
     }
     let database_url = config::secret("DATABASE_URL")?;
     let deps = Deps {
-        pool: shared::db::connect(
+        pool: shared::db::connect_with(
             database_url.expose(),
             config::parsed_or("DB_MAX_CONNECTIONS", 4)?,
+            shared::db::Durability::Relaxed,
         )
         .await?,
         host: shared::host_api::HostClient::new(

@@ -330,6 +330,10 @@ async fn main() {
 
     let (db_url, pool) = fresh_database(&base, "wabcast_bench").await;
     let (tenant, campaign, _) = seed(&pool, a.devices, a.messages, "bench", 0.0, 0.0).await;
+    // The worker's pool as in production (see message_worker::Deps::pool).
+    let relaxed = shared::db::connect_with(&db_url, 40, shared::db::Durability::Relaxed)
+        .await
+        .unwrap();
     let (host, host_url) = spawn_host(&bin, &db_url, &work.path().join("host")).await;
     let token = TOKEN;
     let queue = Arc::new(
@@ -375,7 +379,7 @@ async fn main() {
     let pollers = start_pollers(
         a.pollers,
         queue.clone(),
-        worker_deps(&pool, &host_url, token),
+        worker_deps(&relaxed, &host_url, token),
         stop.clone(),
     );
     loop {
