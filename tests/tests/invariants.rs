@@ -612,3 +612,65 @@ async fn attempts_are_bounded(pool: PgPool) {
     }
     assert!(host.sends().is_empty());
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_finished_campaign_completes_while_others_keep_sending(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "t@example.com").await;
+    let busy = seed_device(&pool, tenant, "busy", 0.0, 0.0).await;
+    let quick = seed_device(&pool, tenant, "quick", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, busy, 0, 400, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, quick, 1000, 3, "loans", LeadStatus::Prospect).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.processor.settings.per_device_burst = 5;
+    let long = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            niche: "cars",
+            ..Default::default()
+        },
+    )
+    .await;
+    let short = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            niche: "loans",
+            ..Default::default()
+        },
+    )
+    .await;
+    p.trigger().await;
+    for _ in 0..4 {
+        p.tick().await;
+        while p.deliver().await > 0 {}
+    }
+    p.tick().await; // the busy device still claims on this tick
+    assert!(
+        status_counts(&pool, tenant, long)
+            .await
+            .get("pending")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
+    assert_eq!(
+        status_counts(&pool, tenant, short).await.get("sent"),
+        Some(&3)
+    );
+    assert_eq!(
+        repo::campaigns::get_campaign(&pool, tenant, short)
+            .await
+            .unwrap()
+            .status,
+        "completed"
+    );
+    assert_eq!(
+        repo::campaigns::get_campaign(&pool, tenant, long)
+            .await
+            .unwrap()
+            .status,
+        "running"
+    );
+}

@@ -142,14 +142,7 @@ pub async fn tick(
 ) -> Result<bool, ProcessorError> {
     sweep(deps, settings, report).await?;
     rescue(deps, settings, report).await?;
-    let (claimed, saturated) = claim_and_enqueue(deps, settings, report).await?;
-    if claimed == 0 {
-        let mut tx = deps.pool.begin().await.context("failed to begin")?;
-        report.campaigns_completed += repo::campaigns::complete_finished_campaigns(&mut tx)
-            .await
-            .context("failed to complete campaigns")?;
-        tx.commit().await.context("failed to commit")?;
-    }
+    let (_, saturated) = claim_and_enqueue(deps, settings, report).await?;
     Ok(saturated)
 }
 
@@ -166,6 +159,11 @@ async fn sweep(
         repo::messages::skip_offline_device_messages(&mut tx, settings.offline_grace.as_secs_f64())
             .await
             .context("failed to skip offline devices' messages")?;
+    // Every tick, not only when idle: other campaigns' traffic must not keep a finished one
+    // `running`. An index probe per running campaign.
+    report.campaigns_completed += repo::campaigns::complete_finished_campaigns(&mut tx)
+        .await
+        .context("failed to complete campaigns")?;
     tx.commit().await.context("failed to commit sweep")?;
     Ok(())
 }
