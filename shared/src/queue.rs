@@ -304,10 +304,6 @@ impl RedisQueue {
         })
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.config.prefix
-    }
-
     /// Runs a script that acts on one received message (delete, change visibility).
     async fn on_receipt(
         &self,
@@ -328,18 +324,6 @@ impl RedisQueue {
             )));
         }
         Ok(())
-    }
-
-    /// The dead-letter entries, oldest first (for the status view and tests).
-    pub async fn dead_letters(&self, max: usize) -> Result<Vec<String>, QueueError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("LRANGE")
-            .arg(format!("{}:dlq", self.config.prefix))
-            .arg(0)
-            .arg(max.saturating_sub(1) as i64)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)
     }
 }
 

@@ -55,11 +55,6 @@ impl Template {
         render_seq(&self.segments, to, rng, &mut out);
         out
     }
-
-    /// True when rendering involves no randomness and no per-lead value.
-    pub fn is_constant(&self) -> bool {
-        self.segments.iter().all(|s| matches!(s, Segment::Text(_)))
-    }
 }
 
 const MAX_DEPTH: usize = 8;
@@ -224,8 +219,6 @@ mod tests {
             .map(String::from)
             .collect();
         assert_eq!(seen, want);
-        assert!(!t.is_constant());
-        assert!(Template::parse("plain").unwrap().is_constant());
     }
 
     #[test]

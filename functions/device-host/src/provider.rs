@@ -48,8 +48,6 @@ pub enum ProviderError {
     RateLimited,
     #[error("transient provider error: {0}")]
     Transient(String),
-    #[error("not supported by this provider: {0}")]
-    Unsupported(String),
 }
 
 /// What providers report to the host, which writes it to PostgreSQL.

@@ -145,27 +145,6 @@ pub async fn delete_device(
     Ok(())
 }
 
-pub async fn set_device_delays(
-    tx: &mut PgConnection,
-    tenant: Uuid,
-    device: Uuid,
-    delay: DelayRange,
-) -> Result<(), RepoError> {
-    let res = sqlx::query(
-        "UPDATE devices SET min_delay_s = $3, max_delay_s = $4 WHERE id = $1 AND tenant_id = $2",
-    )
-    .bind(device)
-    .bind(tenant)
-    .bind(delay.min_s)
-    .bind(delay.max_s)
-    .execute(tx)
-    .await?;
-    if res.rows_affected() == 0 {
-        return Err(RepoError::NotFound("device"));
-    }
-    Ok(())
-}
-
 /// One device's line in the system status view.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeviceLoad {

@@ -447,15 +447,3 @@ pub async fn list_campaign_messages(
     .fetch_all(pool)
     .await?)
 }
-
-/// System scope: rows not yet finished, across all tenants (the status view's totals).
-pub async fn count_unfinished_messages(pool: &PgPool) -> Result<(i64, i64, i64), RepoError> {
-    Ok(sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'pending'),
-                count(*) FILTER (WHERE status = 'queued'),
-                count(*) FILTER (WHERE status = 'sending')
-         FROM broadcast_messages WHERE status IN ('pending', 'queued', 'sending')",
-    )
-    .fetch_one(pool)
-    .await?)
-}
