@@ -14,6 +14,7 @@ pub type ClaimedItem = (WorkItem, i32);
 /// System scope: the processor's claim. For every online device whose pacing cursor has passed
 /// and which has no paced message in flight, takes its next due pending message of a running
 /// campaign, marks it `queued` with a lease, draws its gap uniformly in the effective range (the
+/// rule of `pacing::effective_range`, written again here in SQL:
 /// campaign's range with the device's as a floor), stores it on the row and moves the device's
 /// cursor to now + gap. [`mark_messages_sent`] moves the cursor again to acceptance + gap, so
 /// consecutive *sends* are spaced by the gap even when the queue delivers late. While the drawn
