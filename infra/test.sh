@@ -7,6 +7,9 @@ cd "$root"
 source infra/local-stack.sh
 PATH="$(infra/tools.sh):$PATH"
 export PATH
+# shellcheck source=infra/moto.sh
+source infra/moto.sh
+trap '[ -n "${WABCAST_MOTO_PID:-}" ] && kill "$WABCAST_MOTO_PID" 2>/dev/null || true' EXIT
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

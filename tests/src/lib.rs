@@ -13,7 +13,7 @@ use shared::domain::{
     DelayRange, DeviceStatus, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token,
 };
 use shared::host_api::HostClient;
-use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig};
+use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig, SqsQueue, SqsQueueConfig};
 use shared::repo;
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -41,6 +41,73 @@ pub async fn test_queue(max_receives: u32) -> Arc<RedisQueue> {
         .await
         .expect("Redis must be reachable (infra/local-stack.sh starts it)"),
     )
+}
+
+/// The moto server (SQS API) for this test process: `WABCAST_MOTO_URL` when set (infra/test.sh
+/// starts one on a free loopback port), else one started here from the project venv on a free
+/// port and stopped by a watchdog when this process exits.
+pub async fn moto_url() -> String {
+    static URL: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    URL.get_or_init(|| async {
+        if let Ok(url) = std::env::var("WABCAST_MOTO_URL") {
+            return url;
+        }
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bin = root.join(".local/venv/bin/moto_server");
+        if !bin.exists() {
+            let ok = std::process::Command::new("bash")
+                .arg(root.join("infra/tools.sh"))
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            assert!(ok, "infra/tools.sh could not install moto");
+        }
+        let port = process::free_port();
+        let log = std::env::temp_dir().join(format!("wabcast-moto-{port}.log"));
+        let script = format!(
+            "{} -H 127.0.0.1 -p {port} >{} 2>&1 & m=$!; while kill -0 {} 2>/dev/null; do sleep 1; done; kill $m",
+            bin.display(),
+            log.display(),
+            std::process::id()
+        );
+        // The watchdog shell lives as long as this process and stops moto when it ends; nobody
+        // waits for it by design.
+        #[allow(clippy::zombie_processes)]
+        std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        process::wait_for_port(port, Duration::from_secs(30)).await;
+        format!("http://127.0.0.1:{port}")
+    })
+    .await
+    .clone()
+}
+
+/// A fresh FIFO queue with its FIFO dead-letter queue on moto, redrive after `max_receives`.
+pub async fn sqs_test_queue(max_receives: u32) -> Arc<SqsQueue> {
+    let config = SqsQueue::create_fifo_with_dlq(
+        moto_sqs_config(moto_url().await),
+        &format!("t{}", Uuid::new_v4().simple()),
+        max_receives,
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("create the queue on moto");
+    Arc::new(SqsQueue::connect(config).await.expect("connect to moto"))
+}
+
+/// How a client reaches moto: its endpoint, placeholder credentials, a fixed region.
+pub fn moto_sqs_config(endpoint: String) -> SqsQueueConfig {
+    SqsQueueConfig {
+        queue_url: String::new(),
+        dlq_url: None,
+        endpoint_url: Some(endpoint),
+        region: Some("us-east-1".into()),
+        wait_time: Duration::ZERO,
+        emulator_credentials: true,
+    }
 }
 
 pub async fn seed_tenant(pool: &PgPool, email: &str) -> Uuid {

@@ -1,7 +1,8 @@
 //! Smoke test of the local stack as a user runs it: the three functions served by
 //! `cargo lambda watch`, driven by the local emulator (EventBridge and the SQS event source),
-//! against a device host, PostgreSQL and Redis. `infra/test.sh` installs cargo-lambda and builds
-//! the binaries first.
+//! against a device host and PostgreSQL, once on the Redis queue and once on the SQS API (moto),
+//! chosen by configuration only. `infra/test.sh` installs cargo-lambda and moto and builds the
+//! binaries first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::LeadStatus;
@@ -12,8 +13,23 @@ use std::time::{Duration, Instant};
 use wabcast_tests::process::{free_port, spawn};
 use wabcast_tests::*;
 
+#[derive(Clone, Copy)]
+enum Backend {
+    Redis,
+    Sqs,
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_campaign_drains_through_cargo_lambda_watch_and_the_emulator(pool: PgPool) {
+    drains_through_watch(pool, Backend::Redis).await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_same_stack_drains_on_the_sqs_api(pool: PgPool) {
+    drains_through_watch(pool, Backend::Sqs).await;
+}
+
+async fn drains_through_watch(pool: PgPool, backend: Backend) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()
@@ -49,13 +65,35 @@ async fn a_campaign_drains_through_cargo_lambda_watch_and_the_emulator(pool: PgP
     let host = TestHost::start(&pool, quiet_sim()).await;
 
     let dir = tempfile::tempdir().unwrap();
-    let prefix = format!("smoke:{}", uuid::Uuid::new_v4().simple());
+    let queue_env = match backend {
+        Backend::Redis => format!(
+            "QUEUE_BACKEND=redis\nREDIS_URL={}\nQUEUE_PREFIX=smoke:{}\n",
+            redis_url(),
+            uuid::Uuid::new_v4().simple()
+        ),
+        Backend::Sqs => {
+            let endpoint = moto_url().await;
+            let q = shared::queue::SqsQueue::create_fifo_with_dlq(
+                moto_sqs_config(endpoint.clone()),
+                &format!("smoke{}", uuid::Uuid::new_v4().simple()),
+                5,
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+            format!(
+                "QUEUE_BACKEND=sqs\nSQS_QUEUE_URL={}\nSQS_DLQ_URL={}\nSQS_ENDPOINT_URL={endpoint}\n\
+                 AWS_REGION=us-east-1\nAWS_ACCESS_KEY_ID=emulator\nAWS_SECRET_ACCESS_KEY=emulator\n",
+                q.queue_url,
+                q.dlq_url.unwrap()
+            )
+        }
+    };
     let env_file = dir.path().join("functions.env");
     std::fs::write(
         &env_file,
         format!(
-            "DATABASE_URL={database_url}\nREDIS_URL={}\nQUEUE_PREFIX={prefix}\nHOST_URL={}\nHOST_TOKEN={TOKEN}\nRUST_LOG=warn\n",
-            redis_url(),
+            "DATABASE_URL={database_url}\n{queue_env}HOST_URL={}\nHOST_TOKEN={TOKEN}\nRUST_LOG=warn\n",
             host.url
         ),
     )
@@ -91,8 +129,7 @@ async fn a_campaign_drains_through_cargo_lambda_watch_and_the_emulator(pool: PgP
                 "--processor-tick-ms",
                 "100",
             ])
-            .env("REDIS_URL", redis_url())
-            .env("QUEUE_PREFIX", &prefix)
+            .envs(queue_env.lines().filter_map(|l| l.split_once('=')))
             .env("RUST_LOG", "warn"),
         &dir.path().join("emulator.log"),
     );

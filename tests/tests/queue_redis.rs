@@ -25,6 +25,16 @@ async fn the_visibility_timeout_redelivers_with_a_higher_receive_count() {
 }
 
 #[tokio::test]
+async fn a_stale_receipt_does_not_delete_the_redelivered_message() {
+    contract::a_stale_receipt_does_not_delete_the_redelivered_message(fresh().await).await;
+}
+
+#[tokio::test]
+async fn a_deduplication_id_outlives_the_deletion_of_its_message() {
+    contract::a_deduplication_id_outlives_the_deletion_of_its_message(fresh().await).await;
+}
+
+#[tokio::test]
 async fn a_message_is_dead_lettered_after_max_receives() {
     contract::a_message_is_dead_lettered_after_max_receives(fresh().await).await;
 }

@@ -1,126 +1,17 @@
-//! The work queue between the processor and the worker. It carries ids only ([`WorkItem`]);
-//! PostgreSQL holds every message's state. The [`Queue`] trait is shaped like SQS FIFO (message
-//! groups, deduplication ids, visibility timeout, receive count, dead-letter after N receives) so
-//! that the Redis implementation here and the SQS one are interchangeable by configuration.
-//!
-//! The Redis implementation keeps those semantics with one Lua script per operation, so each
-//! operation is atomic however many processors, emulators or tests share the Redis:
+//! The queue on Redis with SQS FIFO semantics, for the local stack and tests. One Lua script per
+//! operation, so each operation is atomic however many processors, emulators or tests share the
+//! Redis:
 //! - `g:<group>` lists the group's undeleted messages in order; a group with messages in flight
 //!   is locked (its score in `ready` lies in the future) until they are deleted or their
 //!   visibility timeout passes, which gives per-group order like SQS FIFO;
 //! - a message received more than `max_receives` times goes to the dead-letter list instead;
-//! - `dedup:<id>` remembers a deduplication id for five minutes, as SQS does.
+//! - `dedup:<id>` remembers a deduplication id for five minutes, as SQS does (and, unlike moto,
+//!   after the message is deleted too).
 
+use super::{OutgoingMessage, Queue, QueueError, QueueStats, ReceivedMessage};
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::time::Duration;
-use uuid::Uuid;
-
-/// What the processor enqueues for one message: ids only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkItem {
-    pub message_id: i64,
-    pub tenant_id: Uuid,
-    pub device_id: Uuid,
-}
-
-impl WorkItem {
-    /// FIFO group: one device sends one message at a time, in order.
-    pub fn group_id(&self) -> String {
-        self.device_id.to_string()
-    }
-
-    /// Deduplication id: the message id plus how many times it was enqueued, so a rescue
-    /// re-enqueue is a new message while a repeated send of the same enqueue is dropped.
-    pub fn dedup_id(&self, enqueue_count: i32) -> String {
-        format!("{}-{}", self.message_id, enqueue_count)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutgoingMessage {
-    pub group_id: String,
-    pub dedup_id: String,
-    pub body: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReceivedMessage {
-    pub message_id: String,
-    pub receipt_handle: String,
-    pub body: String,
-    pub group_id: String,
-    pub dedup_id: String,
-    pub receive_count: u32,
-    pub sent_timestamp_ms: i64,
-    pub first_receive_timestamp_ms: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct QueueStats {
-    /// Messages waiting to be received.
-    pub visible: u64,
-    /// Messages received and neither deleted nor past their visibility timeout.
-    pub in_flight: u64,
-    /// Messages moved to the dead-letter queue.
-    pub dead_letter: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("queue unavailable: {0}")]
-    Unavailable(String),
-    #[error("queue answered unexpectedly: {0}")]
-    Protocol(String),
-}
-
-#[async_trait]
-pub trait Queue: Send + Sync {
-    /// Enqueues messages (an implementation batches as its backend allows). Returns how many were
-    /// accepted as new; duplicates within the deduplication window are accepted silently, as SQS does.
-    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<usize, QueueError>;
-    /// Receives up to `max` (at most 10) messages, hiding them for `visibility`.
-    async fn receive(
-        &self,
-        max: usize,
-        visibility: Duration,
-    ) -> Result<Vec<ReceivedMessage>, QueueError>;
-    /// Deletes a received message. A stale receipt (the message was received again since) is ignored.
-    async fn delete(&self, receipt_handle: &str) -> Result<(), QueueError>;
-    /// Deletes several received messages in one call (SQS `DeleteMessageBatch`, up to 10).
-    async fn delete_batch(&self, receipt_handles: &[String]) -> Result<(), QueueError> {
-        for r in receipt_handles {
-            self.delete(r).await?;
-        }
-        Ok(())
-    }
-    /// Makes a received message visible again after `timeout` (0 = now).
-    async fn change_visibility(
-        &self,
-        receipt_handle: &str,
-        timeout: Duration,
-    ) -> Result<(), QueueError>;
-    async fn stats(&self) -> Result<QueueStats, QueueError>;
-}
-
-/// Enqueues work items with their FIFO group and deduplication id.
-pub async fn enqueue_items(
-    queue: &dyn Queue,
-    items: &[(WorkItem, i32)],
-) -> Result<usize, QueueError> {
-    let messages: Vec<OutgoingMessage> = items
-        .iter()
-        .map(|(item, enqueue_count)| {
-            Ok(OutgoingMessage {
-                group_id: item.group_id(),
-                dedup_id: item.dedup_id(*enqueue_count),
-                body: serde_json::to_string(item)
-                    .map_err(|e| QueueError::Protocol(e.to_string()))?,
-            })
-        })
-        .collect::<Result<_, QueueError>>()?;
-    queue.send_batch(&messages).await
-}
 
 /// Settings that SQS keeps on the queue itself (redrive policy, deduplication window).
 #[derive(Debug, Clone)]
@@ -430,75 +321,4 @@ impl Queue for RedisQueue {
             dead_letter,
         })
     }
-}
-
-/// Which queue backend runs, chosen by configuration only (`QUEUE_BACKEND`).
-#[derive(Debug, Clone)]
-pub enum QueueConfig {
-    Redis(RedisQueueConfig),
-}
-
-impl QueueConfig {
-    /// `QUEUE_BACKEND` (default `redis`), `REDIS_URL`, `QUEUE_PREFIX` (default `wabcast`),
-    /// `QUEUE_MAX_RECEIVES` (default 5).
-    pub fn from_env() -> Result<Self, crate::config::ConfigError> {
-        use crate::config;
-        let backend = config::string_or("QUEUE_BACKEND", "redis");
-        match backend.as_str() {
-            "redis" => Ok(Self::Redis(RedisQueueConfig {
-                url: config::string_or("REDIS_URL", "redis://127.0.0.1:6379"),
-                prefix: config::string_or("QUEUE_PREFIX", "wabcast"),
-                max_receives: config::parsed_or("QUEUE_MAX_RECEIVES", 5u32)?,
-                dedup_window: Duration::from_secs(300),
-            })),
-            other => Err(config::ConfigError::Invalid {
-                name: "QUEUE_BACKEND",
-                value: other.to_string(),
-                problem: "supported: redis".into(),
-            }),
-        }
-    }
-
-    pub async fn connect(&self) -> Result<std::sync::Arc<dyn Queue>, QueueError> {
-        match self {
-            Self::Redis(c) => Ok(std::sync::Arc::new(RedisQueue::connect(c.clone()).await?)),
-        }
-    }
-}
-
-/// Turns received queue messages into the `SqsEvent` that the SQS event source would hand the
-/// worker (the local emulator and tests play the event source with this).
-pub fn to_sqs_event(
-    messages: &[ReceivedMessage],
-    queue_arn: &str,
-) -> aws_lambda_events::event::sqs::SqsEvent {
-    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-    let records = messages
-        .iter()
-        .map(|m| {
-            let mut r = SqsMessage::default();
-            r.message_id = Some(m.message_id.clone());
-            r.receipt_handle = Some(m.receipt_handle.clone());
-            r.body = Some(m.body.clone());
-            r.event_source = Some("aws:sqs".into());
-            r.event_source_arn = Some(queue_arn.to_string());
-            r.aws_region = Some("local".into());
-            for (k, v) in [
-                ("MessageGroupId", m.group_id.clone()),
-                ("MessageDeduplicationId", m.dedup_id.clone()),
-                ("ApproximateReceiveCount", m.receive_count.to_string()),
-                ("SentTimestamp", m.sent_timestamp_ms.to_string()),
-                (
-                    "ApproximateFirstReceiveTimestamp",
-                    m.first_receive_timestamp_ms.to_string(),
-                ),
-            ] {
-                r.attributes.insert(k.to_string(), v);
-            }
-            r
-        })
-        .collect();
-    let mut event = SqsEvent::default();
-    event.records = records;
-    event
 }
