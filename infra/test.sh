@@ -14,7 +14,16 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== lint the cloud template"
+bash infra/lint.sh
 echo "== build binaries (the smoke test runs them through cargo lambda watch)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
+echo "== release artifacts: every function's bootstrap (cargo lambda, x86_64 with zig), and the"
+echo "   device host exactly as infra/device-host.Dockerfile builds it"
+cargo lambda build --release --locked -p campaign-trigger -p broadcast-processor -p message-worker
+cargo build --release --locked -p device-host
+for f in campaign-trigger broadcast-processor message-worker; do
+  test -x "target/lambda/$f/bootstrap" || { echo "missing target/lambda/$f/bootstrap" >&2; exit 1; }
+done

@@ -14,4 +14,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${packages[*]}" ]; then
   "$venv/bin/pip" install -q --disable-pip-version-check "${packages[@]}" >&2
   echo "${packages[*]}" >"$stamp"
 fi
+# aws-sam-cli in its own venv (it pins its own cfn-lint); optional: `sam validate --lint` runs
+# where it installs, cfn-lint above always does.
+sam="$root/.local/sam"
+if [ ! -x "$sam/bin/sam" ]; then
+  echo "[tools] installing aws-sam-cli==1.170.0 into $sam" >&2
+  if ! { python3 -m venv "$sam" && "$sam/bin/pip" install -q --disable-pip-version-check "aws-sam-cli==1.170.0" >&2; }; then
+    echo "[tools] aws-sam-cli did not install; infra/lint.sh falls back to cfn-lint alone" >&2
+    rm -rf "$sam"
+  fi
+fi
 echo "$venv/bin"

@@ -1,7 +1,23 @@
-//! device-host entry point: load config, connect, serve until stopped.
+//! device-host entry point: load config, connect, serve until stopped. `device-host --healthcheck`
+//! asks the running host's `/healthz` on its bind port and exits 0 or 1 (the container's health
+//! check, so the image needs no curl).
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("--healthcheck") {
+        let bind: std::net::SocketAddr = shared::config::parsed_or(
+            "HOST_BIND",
+            std::net::SocketAddr::from(([127, 0, 0, 1], 8700)),
+        )?;
+        let healthy = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/healthz", bind.port()))
+            .timeout(std::time::Duration::from_secs(3))
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false);
+        std::process::exit(if healthy { 0 } else { 1 });
+    }
     shared::telemetry::init();
     let config = device_host::Config::from_env()?;
     let database_url = shared::config::secret("DATABASE_URL")?;

@@ -1,0 +1,94 @@
+//! The deployable pieces agree with each other: the template schedules the functions with the
+//! inputs in `events/`, points at the paths `cargo lambda build` writes, and the container image
+//! builds the host with the command CI runs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+fn read(path: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn the_schedules_pass_the_sample_scheduler_events() {
+    let template = read("infra/template.yaml");
+    let inputs: Vec<serde_json::Value> = template
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Input: '"))
+        .map(|l| json(l.trim_end_matches('\'')))
+        .collect();
+    for event in [
+        "events/campaign-trigger/scheduler.json",
+        "events/broadcast-processor/scheduler.json",
+    ] {
+        let want = json(&read(event));
+        assert!(
+            inputs.contains(&want),
+            "no schedule in infra/template.yaml passes {event} ({want})"
+        );
+    }
+    assert_eq!(inputs.len(), 2);
+}
+
+#[test]
+fn every_function_deploys_from_its_cargo_lambda_output() {
+    let template = read("infra/template.yaml");
+    for f in ["campaign-trigger", "broadcast-processor", "message-worker"] {
+        assert!(
+            template.contains(&format!("CodeUri: ../target/lambda/{f}/")),
+            "{f} is not deployed from target/lambda/{f}/"
+        );
+        assert!(
+            read(&format!("functions/{f}/Cargo.toml")).contains(&format!("name = \"{f}\"")),
+            "package {f} must be named like its function"
+        );
+    }
+    let test_script = read("infra/test.sh");
+    assert!(test_script
+        .contains("cargo lambda build --release --locked -p campaign-trigger -p broadcast-processor -p message-worker"));
+}
+
+#[test]
+fn the_host_image_builds_with_the_command_ci_runs() {
+    let dockerfile = read("infra/device-host.Dockerfile");
+    let runs: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("RUN cargo "))
+        .collect();
+    assert_eq!(runs.len(), 1, "one cargo step in the image");
+    let command = format!("cargo {}", runs[0]);
+    assert!(
+        read("infra/test.sh").lines().any(|l| l.trim() == command),
+        "infra/test.sh must run `{command}` so the image's build step is exercised"
+    );
+    assert!(dockerfile.contains("--healthcheck"));
+}
+
+#[test]
+fn the_queue_keeps_its_records_hidden_six_times_the_worker_timeout() {
+    let template = read("infra/template.yaml");
+    let mut rows = 0;
+    for line in template.lines() {
+        // `"30": { VisibilityTimeout: 180 }`
+        let Some((key, rest)) = line.trim().split_once(": { VisibilityTimeout: ") else {
+            continue;
+        };
+        let timeout: u32 = key.trim_matches('"').parse().unwrap();
+        let visibility: u32 = rest.trim_end_matches(" }").parse().unwrap();
+        assert_eq!(visibility, 6 * timeout, "{line}");
+        assert!(
+            template.contains(&format!("\"{timeout}\", "))
+                || template.contains(&format!("\"{timeout}\"]")),
+            "{timeout} must be an allowed worker timeout"
+        );
+        rows += 1;
+    }
+    assert!(rows >= 4);
+}
