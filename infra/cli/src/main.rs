@@ -22,8 +22,9 @@ use uuid::Uuid;
     about = "Operate wabcast: tenants, devices, leads, campaigns, status"
 )]
 struct Cli {
+    /// Required by every command but `queue`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,6 +57,27 @@ enum Command {
     },
     #[command(subcommand)]
     Demo(demo::DemoCmd),
+    #[command(subcommand)]
+    Queue(QueueCmd),
+}
+
+#[derive(Subcommand)]
+enum QueueCmd {
+    /// Create an SQS FIFO work queue and its FIFO dead-letter queue on an emulator (moto) or an
+    /// AWS account without the template; prints the environment lines that select it.
+    CreateSqs {
+        /// Queue name (`.fifo` is added).
+        #[arg(long, default_value = "wabcast")]
+        name: String,
+        /// Endpoint of an SQS emulator (e.g. moto); omit for AWS itself.
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        max_receives: u32,
+        /// Visibility timeout, seconds (six times the worker's timeout).
+        #[arg(long, default_value_t = 180)]
+        visibility_s: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,7 +235,20 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let pool = shared::db::connect(&cli.database_url, 4).await?;
+    if let Command::Queue(QueueCmd::CreateSqs {
+        name,
+        endpoint,
+        max_receives,
+        visibility_s,
+    }) = &cli.command
+    {
+        return create_sqs_queue(name, endpoint.clone(), *max_receives, *visibility_s).await;
+    }
+    let database_url = cli
+        .database_url
+        .as_deref()
+        .context("DATABASE_URL (or --database-url) is required")?;
+    let pool = shared::db::connect(database_url, 4).await?;
     match cli.command {
         Command::Migrate => {
             shared::db::migrate(&pool).await?;
@@ -238,6 +273,8 @@ async fn run(cli: Cli) -> Result<()> {
             status(&pool, tenant).await?;
         }
         Command::Demo(cmd) => demo::run(&pool, cmd).await?,
+        // Handled above, before connecting to the database.
+        Command::Queue(_) => {}
     }
     Ok(())
 }
@@ -658,6 +695,47 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
             Err(e) => println!("queue: unavailable ({e})"),
         },
         Err(e) => println!("queue: unavailable ({e})"),
+    }
+    Ok(())
+}
+
+async fn create_sqs_queue(
+    name: &str,
+    endpoint: Option<String>,
+    max_receives: u32,
+    visibility_s: u64,
+) -> Result<()> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let emulator_credentials =
+        endpoint.is_some() && env("AWS_ACCESS_KEY_ID").is_none() && env("AWS_PROFILE").is_none();
+    let region = env("AWS_REGION")
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .or_else(|| endpoint.as_ref().map(|_| "us-east-1".to_string()));
+    let base = shared::queue::SqsQueueConfig {
+        queue_url: String::new(),
+        dlq_url: None,
+        endpoint_url: endpoint.clone(),
+        region: region.clone(),
+        wait_time: std::time::Duration::ZERO,
+        emulator_credentials,
+    };
+    let q = shared::queue::SqsQueue::create_fifo_with_dlq(
+        base,
+        name,
+        max_receives,
+        std::time::Duration::from_secs(visibility_s),
+    )
+    .await?;
+    println!("QUEUE_BACKEND=sqs");
+    println!("SQS_QUEUE_URL={}", q.queue_url);
+    if let Some(dlq) = q.dlq_url {
+        println!("SQS_DLQ_URL={dlq}");
+    }
+    if let Some(e) = endpoint {
+        println!("SQS_ENDPOINT_URL={e}");
+    }
+    if let Some(r) = region {
+        println!("AWS_REGION={r}");
     }
     Ok(())
 }

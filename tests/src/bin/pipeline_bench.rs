@@ -12,6 +12,9 @@
 //!    devices, latency = queued_at − due_at with the default 1 s tick (p50, p99);
 //! 4. through `cargo lambda watch` and the local emulator (`--watch-messages`, 0 to skip);
 //!
+//! 5. the worker's cost per message: one poller alone (as one Lambda instance), records per batch
+//!    and the handler's duration, which the README's cost model uses.
+//!
 //! It also prints the peak RSS of the host and of the functions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -376,11 +379,12 @@ async fn main() {
             }
         })
     };
+    let poll_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pollers = start_pollers(
         a.pollers,
         queue.clone(),
         worker_deps(&relaxed, &host_url, token),
-        stop.clone(),
+        poll_stop.clone(),
     );
     loop {
         let sent = count_status(&pool, campaign, "sent").await;
@@ -439,11 +443,55 @@ async fn main() {
         percentile(&lat, 0.99),
         percentile(&lat, 1.0)
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = proc_task.await;
+    // Worker cost per message (for the README's cost model): one poller alone, as one Lambda
+    // instance would run, so the handler's duration is not inflated by 16 pollers on 2 cores.
+    poll_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for p in pollers {
         let _ = p.await;
     }
+    let deps = worker_deps(&relaxed, &host_url, token);
+    for (batch, n) in [(10usize, 2_000usize), (1, 500)] {
+        let (_, c3, _) = seed(&pool, a.devices, n, &format!("cost{batch}"), 0.0, 0.0).await;
+        run_trigger(&pool).await;
+        let (mut durations, mut records) = (Vec::new(), 0usize);
+        while count_status(&pool, c3, "sent").await < n as i64 {
+            let msgs = queue.receive(batch, Duration::from_secs(60)).await.unwrap();
+            if msgs.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let event = shared::queue::to_sqs_event(&msgs, "arn:aws:sqs:local:0:bench.fifo");
+            let t = Instant::now();
+            let response = message_worker::handle(event, &deps).await;
+            durations.push(t.elapsed().as_secs_f64() * 1000.0);
+            records += msgs.len();
+            let failed: std::collections::HashSet<String> = response
+                .batch_item_failures
+                .into_iter()
+                .map(|f| f.item_identifier)
+                .collect();
+            let done: Vec<String> = msgs
+                .iter()
+                .filter(|m| !failed.contains(&m.message_id))
+                .map(|m| m.receipt_handle.clone())
+                .collect();
+            queue.delete_batch(&done).await.unwrap();
+        }
+        let mean_ms = durations.iter().sum::<f64>() / durations.len() as f64;
+        let per_batch = records as f64 / durations.len() as f64;
+        durations.sort_by(f64::total_cmp);
+        println!(
+            "worker invocation (one poller, batches of {batch}, zero host latency): {:.1} records per batch, {:.2} ms mean, p50 {:.2} ms, p99 {:.2} ms; {:.3} ms per message",
+            per_batch,
+            mean_ms,
+            percentile(&durations, 0.5),
+            percentile(&durations, 0.99),
+            mean_ms / per_batch
+        );
+    }
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = proc_task.await;
     let host_rss = peak_rss_mb(&host.pid().to_string());
     let self_rss = peak_rss_mb("self");
     println!("peak RSS: device host {:.0} MB; functions in process (trigger + processor + {} worker pollers) {:.0} MB", host_rss.unwrap_or(f64::NAN), a.pollers, self_rss.unwrap_or(f64::NAN));
