@@ -282,6 +282,13 @@ pub mod reason {
     pub const BAD_IMAGE: &str = "bad_image";
     pub const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
     pub const LEAD_OPTED_OUT: &str = "lead_opted_out";
+    /// Cloud API 131047: outside the 24-hour window only a template message may be sent.
+    pub const TEMPLATE_REQUIRED: &str = "template_required";
+    /// The provider refused or failed the message for a reason of its own (detail in last_error).
+    pub const PROVIDER_REJECTED: &str = "provider_rejected";
+    /// A send whose host died mid-call, at a provider that cannot say whether it went out: failed
+    /// rather than risk a second send (retry it deliberately).
+    pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
 }
 
 /// Delay bounds in seconds, `0 <= min <= max`, at most a day.

@@ -73,6 +73,9 @@ pub mod code {
     /// Not attempted: an earlier message of the same device in the batch failed transiently.
     pub const HELD_BACK: &str = "held_back";
     pub const PROVIDER_ERROR: &str = "provider_error";
+    pub const TEMPLATE_REQUIRED: &str = "template_required";
+    pub const PROVIDER_REJECTED: &str = "provider_rejected";
+    pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
     pub const INTERNAL: &str = "internal";
     pub const UNREACHABLE: &str = "host_unreachable";
 }
@@ -290,6 +293,21 @@ impl HostClient {
         self.call(
             self.http
                 .get(format!("{}/v1/devices/{device}/status", self.base))
+                .query(&[("tenant_id", tenant.to_string())]),
+        )
+        .await
+    }
+
+    /// Asks the host to (re)connect the device now: after its credentials changed, or when a
+    /// person has resolved what stopped it (restriction, logout).
+    pub async fn connect_device(
+        &self,
+        tenant: Uuid,
+        device: Uuid,
+    ) -> anyhow::Result<DeviceStatusBody> {
+        self.call(
+            self.http
+                .post(format!("{}/v1/devices/{device}/connect", self.base))
                 .query(&[("tenant_id", tenant.to_string())]),
         )
         .await

@@ -4,6 +4,7 @@
 //! HTTP (trigger, processor tick, queue receive, `SqsEvent` to the worker, delete what succeeded).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod graph;
 pub mod process;
 pub mod queue_contract;
 
@@ -142,6 +143,41 @@ pub async fn seed_device(pool: &PgPool, tenant: Uuid, label: &str, min_s: f64, m
     id
 }
 
+/// A Cloud API device with its credentials (not connected yet: the host connects it).
+pub async fn seed_cloud_device(
+    pool: &PgPool,
+    tenant: Uuid,
+    label: &str,
+    phone_number_id: &str,
+    token: &str,
+) -> Uuid {
+    let mut tx = pool.begin().await.unwrap();
+    let id = repo::devices::insert_device(
+        &mut tx,
+        tenant,
+        &repo::devices::NewDevice {
+            label,
+            phone: None,
+            provider: ProviderKind::CloudApi,
+            delay: DelayRange::new(0.0, 0.0).unwrap(),
+            daily_cap: None,
+        },
+    )
+    .await
+    .unwrap();
+    repo::cloud_api::set_cloud_credentials(
+        &mut tx,
+        tenant,
+        id,
+        phone_number_id,
+        &Secret::new(token),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
 /// `n` leads on one device with numbers +60 1<device-index><i>, niche tokens and a status.
 pub async fn seed_leads(
     pool: &PgPool,
@@ -231,6 +267,23 @@ pub struct TestHost {
 
 impl TestHost {
     pub async fn start(pool: &PgPool, sim: SimConfig) -> Self {
+        Self::start_with(
+            pool,
+            sim,
+            device_host::cloud_api::CloudApiConfig {
+                // Nothing listens there: tests that use the Cloud API pass a fake Graph API.
+                base_url: "http://127.0.0.1:9/v21.0".into(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_with(
+        pool: &PgPool,
+        sim: SimConfig,
+        cloud_api: device_host::cloud_api::CloudApiConfig,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let running = device_host::start(
             device_host::Config {
@@ -239,6 +292,7 @@ impl TestHost {
                 host_id: "test-host".into(),
                 data_dir: dir.path().to_path_buf(),
                 simulator: sim,
+                cloud_api,
             },
             pool.clone(),
             pool.clone(),

@@ -1,6 +1,7 @@
 //! The host's HTTP API (bearer token on everything but `/healthz`). Error answers are an
 //! `ErrorBody` with a machine code and whether a retry can help; 5xx bodies stay generic.
 
+use crate::cloud_api::{CloudApi, WebhookError};
 use crate::provider::DeviceRef;
 use crate::service::{Host, SendError};
 use crate::simulator::Simulator;
@@ -25,6 +26,7 @@ use uuid::Uuid;
 pub struct AppState {
     pub host: Arc<Host>,
     pub simulator: Option<Arc<Simulator>>,
+    pub cloud: Option<Arc<CloudApi>>,
     pub token: Secret,
 }
 
@@ -58,10 +60,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/send-batch", post(send_batch))
         .route("/v1/devices/{id}/status", get(status))
         .route("/v1/devices/{id}/pair", post(pair))
+        .route("/v1/devices/{id}/connect", post(connect))
         .route("/v1/sim/devices/{id}/{action}", post(simulate))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
+    // Meta calls the webhook without our token: it is authenticated by its HMAC signature.
     Router::new()
         .route("/healthz", get(health))
+        .route(
+            "/v1/webhooks/cloud-api",
+            get(cloud_webhook_verify).post(cloud_webhook),
+        )
         .merge(api)
         .with_state(state)
 }
@@ -166,6 +174,20 @@ async fn status(
     }))
 }
 
+async fn connect(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    q: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeviceStatusBody>, SendError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let (status, reason) = state.host.reconnect(q.tenant_id, id).await?;
+    Ok(Json(DeviceStatusBody {
+        device_id: id,
+        status: status.to_string(),
+        reason,
+    }))
+}
+
 async fn pair(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -238,5 +260,62 @@ mod tests {
         assert!(!token_matches("abd", "abc"));
         assert!(!token_matches("ab", "abc"));
         assert!(!token_matches("", "abc"));
+    }
+}
+
+#[derive(Deserialize)]
+struct HubVerify {
+    #[serde(rename = "hub.mode", default)]
+    mode: String,
+    #[serde(rename = "hub.verify_token", default)]
+    verify_token: String,
+    #[serde(rename = "hub.challenge", default)]
+    challenge: String,
+}
+
+/// Meta's subscription check: echo the challenge when the verify token matches.
+async fn cloud_webhook_verify(
+    State(state): State<AppState>,
+    Query(q): Query<HubVerify>,
+) -> Response {
+    match state
+        .cloud
+        .as_ref()
+        .and_then(|c| c.verify_subscription(&q.mode, &q.verify_token, &q.challenge))
+    {
+        Some(challenge) => (StatusCode::OK, challenge).into_response(),
+        None => (StatusCode::FORBIDDEN, "verification failed").into_response(),
+    }
+}
+
+/// Statuses and inbound messages, signed with the app secret.
+async fn cloud_webhook(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(cloud) = state.cloud.as_ref() else {
+        return (StatusCode::NOT_FOUND, "no Cloud API provider").into_response();
+    };
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok());
+    match cloud.handle_webhook(signature, &body).await {
+        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
+        Err(e @ WebhookError::BadSignature) => {
+            tracing::warn!("webhook delivery with a bad signature refused");
+            (StatusCode::UNAUTHORIZED, e.to_string()).into_response()
+        }
+        Err(e @ WebhookError::NotConfigured) => {
+            (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response()
+        }
+        Err(e @ WebhookError::Malformed(_)) => {
+            (StatusCode::BAD_REQUEST, e.to_string()).into_response()
+        }
+        Err(e @ WebhookError::Unavailable(_)) => {
+            // Meta retries a delivery that did not get a 200.
+            tracing::warn!(error = %e, "webhook delivery not applied");
+            (StatusCode::SERVICE_UNAVAILABLE, "try again later").into_response()
+        }
     }
 }

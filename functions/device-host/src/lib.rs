@@ -7,6 +7,7 @@
 //! - [`service`]: the send path over the durable send record, images, event writers;
 //! - [`http`]: the authenticated HTTP API.
 
+pub mod cloud_api;
 pub mod http;
 pub mod provider;
 pub mod service;
@@ -27,6 +28,7 @@ pub struct Config {
     pub host_id: String,
     pub data_dir: PathBuf,
     pub simulator: simulator::SimConfig,
+    pub cloud_api: cloud_api::CloudApiConfig,
 }
 
 impl Config {
@@ -50,6 +52,28 @@ impl Config {
                 read_after: receipts.then_some(ms("SIM_READ_AFTER_MS", 2_000)?),
                 read_rate: config::parsed_or("SIM_READ_RATE", 0.5)?,
             },
+            cloud_api: cloud_api::CloudApiConfig {
+                base_url: config::string_or(
+                    "CLOUD_API_BASE_URL",
+                    "https://graph.facebook.com/v21.0",
+                ),
+                app_secret: std::env::var("CLOUD_API_APP_SECRET")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .map(Secret::new),
+                verify_token: std::env::var("CLOUD_API_VERIFY_TOKEN")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .map(Secret::new),
+                timeout: Duration::from_secs(config::parsed_or("CLOUD_API_TIMEOUT_S", 20)?),
+                opt_out_keywords: {
+                    let list = config::string_or("OPT_OUT_KEYWORDS", "STOP,UNSUBSCRIBE,BERHENTI");
+                    list.split(',')
+                        .map(|k| k.trim().to_uppercase())
+                        .filter(|k| !k.is_empty())
+                        .collect()
+                },
+            },
         })
     }
 }
@@ -71,16 +95,25 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     use anyhow::Context;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let events_tx_cloud = events_tx.clone();
     let simulator = Arc::new(simulator::Simulator::new(
         config.simulator.clone(),
         &config.data_dir,
         events_tx,
     )?);
+    let cloud = Arc::new(cloud_api::CloudApi::new(
+        config.cloud_api.clone(),
+        pool.clone(),
+        events_tx_cloud,
+    )?);
     let host = Arc::new(service::Host::new(
         pool.clone(),
         relaxed_pool.clone(),
         config.host_id.clone(),
-        vec![simulator.clone() as Arc<dyn provider::Provider>],
+        vec![
+            simulator.clone() as Arc<dyn provider::Provider>,
+            cloud.clone() as Arc<dyn provider::Provider>,
+        ],
         ImageFetcher::new()?,
     ));
     tokio::spawn(service::run_event_writer(relaxed_pool, events_rx));
@@ -92,6 +125,7 @@ pub async fn start(
     let app = http::router(http::AppState {
         host: host.clone(),
         simulator: Some(simulator.clone()),
+        cloud: Some(cloud.clone()),
         token: config.token,
     });
     let server = tokio::spawn(async move {

@@ -1,5 +1,5 @@
-//! The provider trait every WhatsApp backend implements (simulator here; web multi-device and
-//! Cloud API next), and the events providers report back (status changes, receipts).
+//! The provider trait every WhatsApp backend implements (simulator, Cloud API; web multi-device
+//! next), and the events providers report back (status changes, receipts).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -48,6 +48,12 @@ pub enum ProviderError {
     RateLimited,
     #[error("transient provider error: {0}")]
     Transient(String),
+    /// The provider will not send this message, for a reason with its own machine code.
+    #[error("{detail}")]
+    Failed {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// What providers report to the host, which writes it to PostgreSQL.
@@ -81,6 +87,7 @@ pub trait Provider: Send + Sync {
     ) -> Result<PairingBody, ProviderError>;
     /// Sends; `Ok` means the provider accepted the message.
     async fn send(&self, device: &DeviceRef, message: &Outbound) -> Result<(), ProviderError>;
-    /// After a crash mid-send: does the provider know this message id as sent? `None` = cannot tell.
+    /// After a crash mid-send: does the provider know this message id as sent? `None` = cannot
+    /// tell, and the host then fails the message (`outcome_unknown`) rather than risk a second send.
     async fn was_sent(&self, device: &DeviceRef, provider_message_id: &str) -> Option<bool>;
 }

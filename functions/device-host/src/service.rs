@@ -105,6 +105,9 @@ impl Attempt {
             Self::Refused(ProviderError::Rejected(_)) => {
                 ("failed", Some(reason::INVALID_PAYLOAD.into()))
             }
+            Self::Refused(ProviderError::Failed { reason, .. }) => {
+                ("failed", Some(reason.to_string()))
+            }
             Self::Refused(e) => ("aborted", Some(e.to_string())),
             Self::ImageError(e) if e.retryable => ("aborted", Some(e.message.clone())),
             Self::ImageError(_) => ("failed", Some(reason::BAD_IMAGE.into())),
@@ -129,6 +132,9 @@ impl Attempt {
             )),
             Self::Refused(ProviderError::Rejected(m)) => {
                 Err(SendError::permanent(422, code::INVALID_PAYLOAD, m))
+            }
+            Self::Refused(ProviderError::Failed { reason, detail }) => {
+                Err(SendError::permanent(422, permanent_code(reason), detail))
             }
             Self::Refused(ProviderError::Offline(m)) => {
                 Err(SendError::transient(503, code::DEVICE_OFFLINE, m))
@@ -482,8 +488,23 @@ impl Host {
                     }
                     _ => {
                         // An attempt that died with a previous process (it is not in flight here).
-                        if p.provider.was_sent(&p.device, &provider_message_id).await == Some(true)
-                        {
+                        let known = p.provider.was_sent(&p.device, &provider_message_id).await;
+                        if known.is_none() {
+                            // The provider cannot tell: a resend could be a second send.
+                            self.finish(&[(
+                                r.message_id,
+                                r.tenant_id,
+                                "failed",
+                                Some(reason::OUTCOME_UNKNOWN.into()),
+                            )])
+                            .await?;
+                            results[p.index] = Some(Err(SendError::permanent(
+                                422,
+                                code::OUTCOME_UNKNOWN,
+                                "the host died during this send and the provider cannot say \
+                                 whether it went out; not resent (retry it deliberately)",
+                            )));
+                        } else if known == Some(true) {
                             self.finish(&[(r.message_id, r.tenant_id, "sent", None)])
                                 .await?;
                             results[p.index] = Some(Ok(SendResponse {
@@ -645,6 +666,18 @@ impl Host {
         Ok(img)
     }
 
+    /// Connects the tenant's device again (new credentials, or a person resolved what stopped it).
+    pub async fn reconnect(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<(DeviceStatus, Option<String>), SendError> {
+        let device = self.device(tenant, id).await?;
+        let provider = self.provider_for(&device)?.clone();
+        provider.connect(&device).await;
+        Ok(provider.status(&device).await)
+    }
+
     pub async fn status(
         &self,
         tenant: Uuid,
@@ -659,6 +692,9 @@ fn permanent_code(reason: &str) -> &'static str {
     match reason {
         reason::NOT_ON_WHATSAPP => code::NOT_ON_WHATSAPP,
         reason::BAD_IMAGE => code::BAD_IMAGE,
+        reason::TEMPLATE_REQUIRED => code::TEMPLATE_REQUIRED,
+        reason::PROVIDER_REJECTED => code::PROVIDER_REJECTED,
+        reason::OUTCOME_UNKNOWN => code::OUTCOME_UNKNOWN,
         _ => code::INVALID_PAYLOAD,
     }
 }

@@ -133,6 +133,36 @@ enum DeviceCmd {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Cloud API device: set its phone-number id and access token (read from the environment,
+    /// never from the command line), then ask the host to connect it and print the result.
+    CloudApi {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+        /// Meta's phone-number id (WhatsApp Manager > API setup).
+        #[arg(long)]
+        phone_number_id: String,
+        /// A system-user access token with whatsapp_business_messaging.
+        #[arg(
+            long = "access-token",
+            env = "CLOUD_API_ACCESS_TOKEN",
+            hide_env_values = true
+        )]
+        access_token: String,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Connect a device again: after its credentials changed, or once a person has resolved
+    /// what stopped it (restricted, logged out). Prints its status.
+    Connect {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+        #[command(flatten)]
+        host: HostArgs,
+    },
     /// Simulator only: take a device offline or bring it back online.
     Simulate {
         #[arg(long)]
@@ -392,6 +422,44 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
                     pairing.expires_in_s, pairing.code
                 ),
             }
+        }
+        DeviceCmd::CloudApi {
+            tenant,
+            device,
+            phone_number_id,
+            access_token,
+            host,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let mut tx = pool.begin().await?;
+            repo::cloud_api::set_cloud_credentials(
+                &mut tx,
+                tenant,
+                device,
+                &phone_number_id,
+                &shared::config::Secret::new(access_token),
+            )
+            .await?;
+            tx.commit().await?;
+            let s = host_client(&host)?.connect_device(tenant, device).await?;
+            println!(
+                "credentials saved; device {}{}",
+                s.status,
+                s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            );
+        }
+        DeviceCmd::Connect {
+            tenant,
+            device,
+            host,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let s = host_client(&host)?.connect_device(tenant, device).await?;
+            println!(
+                "{}{}",
+                s.status,
+                s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            );
         }
         DeviceCmd::Simulate {
             tenant,

@@ -5,6 +5,7 @@
 //! Writes take `&mut PgConnection` (the caller owns the transaction); reads take the pool.
 
 pub mod campaigns;
+pub mod cloud_api;
 pub mod devices;
 pub mod host_sends;
 pub mod leads;
