@@ -232,6 +232,16 @@ db_enum!(
 );
 
 db_enum!(
+    /// A sequence (drip campaign): `draft` until first activated.
+    SequenceStatus {
+        Draft => "draft",
+        Active => "active",
+        Paused => "paused",
+        Cancelled => "cancelled",
+    }
+);
+
+db_enum!(
     /// One vocabulary for a device's connection, shared by every provider.
     DeviceStatus {
         Connecting => "connecting",
@@ -277,6 +287,7 @@ pub mod reason {
     pub const DEVICE_OFFLINE: &str = "device_offline";
     pub const DEVICE_DELETED: &str = "device_deleted";
     pub const CAMPAIGN_CANCELLED: &str = "campaign_cancelled";
+    pub const SEQUENCE_CANCELLED: &str = "sequence_cancelled";
     pub const NOT_ON_WHATSAPP: &str = "not_on_whatsapp";
     pub const INVALID_PAYLOAD: &str = "invalid_payload";
     pub const BAD_IMAGE: &str = "bad_image";

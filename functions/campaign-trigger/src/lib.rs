@@ -2,6 +2,12 @@
 //! row per matching lead, rendered for that lead, in one transaction with the campaign's
 //! `scheduled → running`. Running it twice, or twice at once, creates nothing new: claims skip
 //! locked campaigns and the database refuses a second row per (campaign, lead).
+//!
+//! Then the sequences: enrolls the leads whose triggers name an active sequence (consuming the
+//! token), materialises the next due step of each enrollment (only that one: no sequence ever
+//! writes its future up front) and advances it, and completes finished enrollments, chaining
+//! the lead into the next sequence by adding its next trigger. Due instants come from the
+//! tenant's local date and the sequence's time of day through chrono-tz.
 
 use rand::SeedableRng;
 use serde::Serialize;
@@ -21,7 +27,13 @@ pub struct Deps {
 pub struct TriggerReport {
     pub campaigns_started: usize,
     pub rows_created: u64,
+    pub leads_enrolled: u64,
+    pub step_rows_created: u64,
+    pub enrollments_completed: u64,
 }
+
+/// Enrollments materialised per transaction at most.
+const STEP_CHUNK: i64 = 200_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TriggerError {
@@ -78,7 +90,157 @@ pub async fn handle(event: serde_json::Value, deps: &Deps) -> Result<TriggerRepo
         report.campaigns_started += 1;
         report.rows_created += created;
     }
+    run_sequences(deps, &mut report).await?;
     Ok(report)
+}
+
+/// The step of `day_offset` days after `enrolled_on`, at the sequence's local time of day.
+fn step_due(
+    zone: chrono_tz::Tz,
+    enrolled_on: chrono::NaiveDate,
+    day_offset: i32,
+    send_time: chrono::NaiveTime,
+) -> Result<chrono::DateTime<chrono::Utc>, InvalidInput> {
+    let date = enrolled_on
+        .checked_add_days(chrono::Days::new(day_offset.max(0) as u64))
+        .ok_or_else(|| InvalidInput::new("day_offset", "date out of range"))?;
+    shared::tz::resolve_local(zone, date, Some(send_time), chrono::Utc::now())
+}
+
+/// Enrollment, lazy materialisation and completion of sequences (see the module docs).
+async fn run_sequences(deps: &Deps, report: &mut TriggerReport) -> Result<(), TriggerError> {
+    use anyhow::Context;
+    let now = chrono::Utc::now();
+    let sequences = {
+        let mut conn = deps.pool.acquire().await.context("failed to connect")?;
+        repo::sequences::list_active_sequences(&mut conn)
+            .await
+            .context("failed to list active sequences")?
+    };
+    for seq in &sequences {
+        let zone = match shared::tz::parse_zone(&seq.time_zone) {
+            Ok(z) => z,
+            Err(e) => {
+                tracing::warn!(sequence_id = %seq.id, error = %e, "tenant time zone invalid; sequence skipped");
+                continue;
+            }
+        };
+        let today = now.with_timezone(&zone).date_naive();
+        let first_due =
+            step_due(zone, today, seq.first_day_offset, seq.send_time).map_err(|problem| {
+                TriggerError::InvalidCampaign {
+                    campaign: seq.id,
+                    problem,
+                }
+            })?;
+        let mut tx = deps.pool.begin().await.context("failed to begin")?;
+        let n = repo::sequences::enroll_triggered_leads(&mut tx, seq, today, first_due)
+            .await
+            .context("failed to enroll leads")?;
+        tx.commit().await.context("failed to commit enrollments")?;
+        if n > 0 {
+            info!(sequence_id = %seq.id, enrolled = n, "leads enrolled");
+        }
+        report.leads_enrolled += n;
+    }
+    loop {
+        let groups = {
+            let mut conn = deps.pool.acquire().await.context("failed to connect")?;
+            repo::sequences::list_due_groups(&mut conn, 100)
+                .await
+                .context("failed to list due steps")?
+        };
+        if groups.is_empty() {
+            break;
+        }
+        let mut progressed = 0u64;
+        for group in &groups {
+            progressed += materialise_group(deps, group, report).await?;
+        }
+        if progressed == 0 {
+            // Everything due is locked by a concurrent trigger.
+            break;
+        }
+    }
+    let mut tx = deps.pool.begin().await.context("failed to begin")?;
+    report.enrollments_completed += repo::sequences::complete_finished_enrollments(&mut tx)
+        .await
+        .context("failed to complete enrollments")?;
+    tx.commit().await.context("failed to commit completions")?;
+    Ok(())
+}
+
+/// Materialises one group's step (same sequence, step and local enrollment date) and advances
+/// its enrollments, in one transaction. Returns how many enrollments it moved.
+async fn materialise_group(
+    deps: &Deps,
+    group: &repo::sequences::DueGroup,
+    report: &mut TriggerReport,
+) -> Result<u64, TriggerError> {
+    use anyhow::Context;
+    let invalid = |problem| TriggerError::InvalidCampaign {
+        campaign: group.campaign_id,
+        problem,
+    };
+    let zone = shared::tz::parse_zone(&group.time_zone).map_err(invalid)?;
+    let template = Template::parse(&group.template).map_err(invalid)?;
+    // The instant this step was due for the whole group (it may lie in the past: a sequence
+    // resumed after a pause sends what fell due meanwhile at once).
+    let due =
+        step_due(zone, group.enrolled_on, group.day_offset, group.send_time).map_err(invalid)?;
+    let mut tx = deps.pool.begin().await.context("failed to begin")?;
+    let due_rows = repo::sequences::claim_due_enrollments(&mut tx, group, STEP_CHUNK)
+        .await
+        .context("failed to claim due enrollments")?;
+    if due_rows.is_empty() {
+        return Ok(0);
+    }
+    let (opted_out, live): (Vec<_>, Vec<_>) = due_rows.iter().partition(|e| e.opted_out);
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let rows: Vec<repo::sequences::StepMessage<'_>> = live
+        .iter()
+        .map(|e| repo::sequences::StepMessage {
+            enrollment_id: e.id,
+            lead_id: e.lead_id,
+            device_id: e.device_id,
+            recipient: &e.phone,
+            body: template.render(
+                &Recipient {
+                    name: &e.name,
+                    phone: &e.phone,
+                },
+                &mut rng,
+            ),
+        })
+        .collect();
+    let created = repo::sequences::insert_step_messages(
+        &mut tx,
+        group.tenant_id,
+        group.campaign_id,
+        group.image.as_deref(),
+        due,
+        &rows,
+    )
+    .await
+    .context("failed to insert step messages")?;
+    let next = match (group.next_position, group.next_day_offset) {
+        (Some(p), Some(offset)) => Some((
+            p,
+            step_due(zone, group.enrolled_on, offset, group.send_time).map_err(invalid)?,
+        )),
+        _ => None,
+    };
+    let live_ids: Vec<i64> = live.iter().map(|e| e.id).collect();
+    let moved = repo::sequences::advance_enrollments(&mut tx, group.tenant_id, &live_ids, next)
+        .await
+        .context("failed to advance enrollments")?;
+    let out_ids: Vec<i64> = opted_out.iter().map(|e| e.id).collect();
+    let cancelled = repo::sequences::cancel_enrollments(&mut tx, group.tenant_id, &out_ids)
+        .await
+        .context("failed to cancel opted-out enrollments")?;
+    tx.commit().await.context("failed to commit step")?;
+    report.step_rows_created += created;
+    Ok(moved + cancelled)
 }
 
 /// Renders and inserts one campaign's rows, then marks it running; all in the caller's transaction.
@@ -146,6 +308,42 @@ async fn fan_out(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::{NaiveDate, NaiveTime, TimeZone, Utc};
+
+    fn zone(name: &str) -> chrono_tz::Tz {
+        shared::tz::parse_zone(name).unwrap()
+    }
+
+    #[test]
+    fn steps_fall_due_at_the_local_time_of_day_in_the_tenants_zone() {
+        let d = |y, m, day| NaiveDate::from_ymd_opt(y, m, day).unwrap();
+        let t = |h, min| NaiveTime::from_hms_opt(h, min, 0).unwrap();
+        // Kuala Lumpur, UTC+8 all year: day 2 at 09:00 local is 01:00 UTC.
+        assert_eq!(
+            step_due(zone("Asia/Kuala_Lumpur"), d(2026, 11, 25), 2, t(9, 0)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 11, 27, 1, 0, 0).unwrap()
+        );
+        let ny = zone("America/New_York");
+        // The same local time on both sides of the spring change is an hour apart in UTC.
+        assert_eq!(
+            step_due(ny, d(2026, 3, 7), 0, t(9, 0)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 3, 7, 14, 0, 0).unwrap()
+        );
+        assert_eq!(
+            step_due(ny, d(2026, 3, 7), 1, t(9, 0)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 3, 8, 13, 0, 0).unwrap()
+        );
+        // 02:30 does not exist on 8 March 2026: the first instant after the gap, 03:00 EDT.
+        assert_eq!(
+            step_due(ny, d(2026, 3, 7), 1, t(2, 30)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 3, 8, 7, 0, 0).unwrap()
+        );
+        // 01:30 happens twice on 1 November 2026: the earlier one, still EDT.
+        assert_eq!(
+            step_due(ny, d(2026, 10, 31), 1, t(1, 30)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 11, 1, 5, 30, 0).unwrap()
+        );
+    }
 
     #[test]
     fn events_are_any_object_with_an_optional_override() {

@@ -3,6 +3,7 @@
 //! the demo. Every input is validated at this edge; bad input is refused whole, changing nothing.
 
 mod demo;
+mod sequence;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -59,6 +60,15 @@ enum Command {
     Demo(demo::DemoCmd),
     #[command(subcommand)]
     Queue(QueueCmd),
+    #[command(subcommand)]
+    Sequence(sequence::SequenceCmd),
+    /// Every state change of one message, with times and reasons.
+    History {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        message: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +163,13 @@ enum DeviceCmd {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Send all of a device's failed messages again (every campaign and sequence step).
+    RetryFailed {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+    },
     /// Connect a device again: after its credentials changed, or once a person has resolved
     /// what stopped it (restricted, logged out). Prints its status.
     Connect {
@@ -246,6 +263,16 @@ enum CampaignCmd {
         #[arg(long)]
         campaign: Uuid,
     },
+    /// Send a campaign's failed messages again (optionally only one device's); they go through
+    /// pacing again and keep their history.
+    RetryFailed {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        campaign: Uuid,
+        #[arg(long)]
+        device: Option<Uuid>,
+    },
     /// Counts per state (with reasons) and per device.
     Progress {
         #[arg(long)]
@@ -303,6 +330,21 @@ async fn run(cli: Cli) -> Result<()> {
             status(&pool, tenant).await?;
         }
         Command::Demo(cmd) => demo::run(&pool, cmd).await?,
+        Command::Sequence(cmd) => sequence::run(&pool, cmd).await?,
+        Command::History { tenant, message } => {
+            let tenant = resolve_tenant(&pool, &tenant).await?;
+            let steps = repo::campaigns::list_message_transitions(&pool, tenant, message).await?;
+            if steps.is_empty() {
+                bail!("no history for message {message} in this tenant");
+            }
+            for (at, from, to, reason) in steps {
+                println!(
+                    "{}  {from:>9} -> {to:<9} {}",
+                    at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                    reason.unwrap_or_default()
+                );
+            }
+        }
         // Handled above, before connecting to the database.
         Command::Queue(_) => {}
     }
@@ -447,6 +489,22 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
                 s.status,
                 s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
             );
+        }
+        DeviceCmd::RetryFailed { tenant, device } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            repo::devices::get_device(pool, tenant, device).await?;
+            let mut tx = pool.begin().await?;
+            let n = repo::campaigns::retry_failed_messages(
+                &mut tx,
+                tenant,
+                repo::campaigns::RetryScope {
+                    campaign: None,
+                    device: Some(device),
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            println!("{n} failed messages of the device will be sent again");
         }
         DeviceCmd::Connect {
             tenant,
@@ -685,6 +743,26 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             let tenant = resolve_tenant(pool, &tenant).await?;
             print_progress(pool, tenant, campaign).await?;
         }
+        CampaignCmd::RetryFailed {
+            tenant,
+            campaign,
+            device,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            repo::campaigns::get_campaign(pool, tenant, campaign).await?;
+            let mut tx = pool.begin().await?;
+            let n = repo::campaigns::retry_failed_messages(
+                &mut tx,
+                tenant,
+                repo::campaigns::RetryScope {
+                    campaign: Some(campaign),
+                    device,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            println!("{n} failed messages will be sent again");
+        }
     }
     Ok(())
 }
@@ -701,9 +779,19 @@ async fn set_status(pool: &PgPool, tenant: &str, campaign: Uuid, to: CampaignSta
 pub(crate) async fn print_progress(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> Result<()> {
     let c = repo::campaigns::get_campaign(pool, tenant, campaign).await?;
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await?;
+    print_report(pool, tenant, &format!("{} [{}]", c.title, c.status), &p).await
+}
+
+/// Prints one report (a campaign, a sequence, or one of its steps).
+pub(crate) async fn print_report(
+    pool: &PgPool,
+    tenant: Uuid,
+    title: &str,
+    p: &repo::campaigns::Progress,
+) -> Result<()> {
     println!(
-        "{} [{}]: {} messages, {} delivered, {} read",
-        c.title, c.status, p.total, p.delivered, p.read
+        "{title}: {} messages, {} delivered, {} read",
+        p.total, p.delivered, p.read
     );
     for (status, n) in &p.by_status {
         println!("  {status:<10} {n:>8}");

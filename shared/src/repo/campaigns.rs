@@ -85,7 +85,8 @@ pub async fn get_campaign(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Campa
 
 pub async fn list_campaigns(pool: &PgPool, tenant: Uuid) -> Result<Vec<Campaign>, RepoError> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE tenant_id = $1 ORDER BY created_at DESC"
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE tenant_id = $1 AND sequence_id IS NULL
+         ORDER BY created_at DESC"
     ))
     .bind(tenant)
     .fetch_all(pool)
@@ -196,7 +197,7 @@ pub async fn insert_campaign_messages(
 }
 
 /// Escapes a value for COPY's text format.
-fn copy_escape(v: &str) -> String {
+pub(crate) fn copy_escape(v: &str) -> String {
     let mut out = String::with_capacity(v.len() + 8);
     for c in v.chars() {
         match c {
@@ -235,14 +236,20 @@ pub async fn change_campaign_status(
     campaign: Uuid,
     to: CampaignStatus,
 ) -> Result<CampaignStatus, RepoError> {
-    let current: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
-        "SELECT status, started_at FROM campaigns WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+    let current: Option<(String, Option<DateTime<Utc>>, Option<Uuid>)> = sqlx::query_as(
+        "SELECT status, started_at, sequence_id FROM campaigns
+         WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
     )
     .bind(campaign)
     .bind(tenant)
     .fetch_optional(&mut *tx)
     .await?;
-    let (current, started_at) = current.ok_or(RepoError::NotFound("campaign"))?;
+    let (current, started_at, sequence) = current.ok_or(RepoError::NotFound("campaign"))?;
+    if let Some(sequence) = sequence {
+        return Err(RepoError::Conflict(format!(
+            "this is a step of sequence {sequence}: pause, resume or cancel the sequence"
+        )));
+    }
     let current: CampaignStatus = current.parse()?;
     use CampaignStatus as S;
     let next = match (current, to) {
@@ -285,7 +292,7 @@ pub async fn change_campaign_status(
 pub async fn complete_finished_campaigns(tx: &mut PgConnection) -> Result<u64, RepoError> {
     let res = sqlx::query(
         "UPDATE campaigns c SET status = 'completed', finished_at = now()
-         WHERE c.status = 'running' AND NOT EXISTS (
+         WHERE c.status = 'running' AND c.sequence_id IS NULL AND NOT EXISTS (
              SELECT 1 FROM broadcast_messages m
              WHERE m.campaign_id = c.id AND m.status IN ('pending', 'queued', 'sending'))",
     )
@@ -312,30 +319,153 @@ pub async fn get_campaign_progress(
 ) -> Result<Progress, RepoError> {
     // The campaign lookup is the tenant check; the counts then use the progress index.
     get_campaign(pool, tenant, campaign).await?;
-    let rows: Vec<(String, Option<String>, Uuid, i64, i64, i64)> = sqlx::query_as(
-        "SELECT status, reason, device_id, count(*),
+    Ok(progress_of(pool, tenant, &[campaign])
+        .await?
+        .remove(&campaign)
+        .unwrap_or_default())
+}
+
+/// (campaign, status, reason, device, count, delivered, read)
+type ProgressRow = (Uuid, String, Option<String>, Uuid, i64, i64, i64);
+
+/// The one definition of every count a report shows (total, per state, per state and reason,
+/// per device, delivered, read), per campaign, in one statement, so the parts of a report always
+/// add up to its total even while the campaign runs. A sequence's steps are campaigns.
+pub async fn progress_of(
+    pool: &PgPool,
+    tenant: Uuid,
+    campaigns: &[Uuid],
+) -> Result<BTreeMap<Uuid, Progress>, RepoError> {
+    let rows: Vec<ProgressRow> = sqlx::query_as(
+        "SELECT campaign_id, status, reason, device_id, count(*),
                 count(delivered_at), count(read_at)
-         FROM broadcast_messages WHERE campaign_id = $1 AND tenant_id = $2
-         GROUP BY status, reason, device_id",
+         FROM broadcast_messages WHERE campaign_id = ANY($1) AND tenant_id = $2
+         GROUP BY campaign_id, status, reason, device_id",
     )
-    .bind(campaign)
+    .bind(campaigns)
     .bind(tenant)
     .fetch_all(pool)
     .await?;
-    let mut p = Progress::default();
-    for (status, reason, device, n, delivered, read) in rows {
-        p.total += n;
-        p.delivered += delivered;
-        p.read += read;
-        *p.by_status.entry(status.clone()).or_default() += n;
+    let mut out: BTreeMap<Uuid, Progress> = campaigns
+        .iter()
+        .map(|c| (*c, Progress::default()))
+        .collect();
+    for (campaign, status, reason, device, n, delivered, read) in rows {
+        out.entry(campaign).or_default().add(
+            &status,
+            reason.as_deref(),
+            device,
+            n,
+            delivered,
+            read,
+        );
+    }
+    Ok(out)
+}
+
+impl Progress {
+    fn add(
+        &mut self,
+        status: &str,
+        reason: Option<&str>,
+        device: Uuid,
+        n: i64,
+        delivered: i64,
+        read: i64,
+    ) {
+        self.total += n;
+        self.delivered += delivered;
+        self.read += read;
+        *self.by_status.entry(status.to_string()).or_default() += n;
         if let Some(r) = reason {
-            *p.by_reason.entry((status.clone(), r)).or_default() += n;
+            *self
+                .by_reason
+                .entry((status.to_string(), r.to_string()))
+                .or_default() += n;
         }
-        *p.by_device
+        *self
+            .by_device
             .entry(device)
             .or_default()
-            .entry(status)
+            .entry(status.to_string())
             .or_default() += n;
     }
-    Ok(p)
+
+    /// Sums another report into this one (a sequence's total over its steps).
+    pub fn merge(&mut self, other: &Progress) {
+        self.total += other.total;
+        self.delivered += other.delivered;
+        self.read += other.read;
+        for (k, v) in &other.by_status {
+            *self.by_status.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.by_reason {
+            *self.by_reason.entry(k.clone()).or_default() += v;
+        }
+        for (d, m) in &other.by_device {
+            let mine = self.by_device.entry(*d).or_default();
+            for (k, v) in m {
+                *mine.entry(k.clone()).or_default() += v;
+            }
+        }
+    }
+}
+
+/// Which failed messages to retry: all of a tenant's, narrowed by campaign (or sequence step)
+/// and by device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetryScope {
+    pub campaign: Option<Uuid>,
+    pub device: Option<Uuid>,
+}
+
+/// `failed → pending`, due now, attempts reset: the rows go through pacing again, their history
+/// stays in `message_transitions`, the host's record is marked for a fresh attempt, and a
+/// completed campaign runs again until they finish. Returns how many rows were retried.
+pub async fn retry_failed_messages(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    scope: RetryScope,
+) -> Result<u64, RepoError> {
+    let n: i64 = sqlx::query_scalar(
+        "WITH r AS (
+             UPDATE broadcast_messages
+             SET status = 'pending', reason = NULL, finished_at = NULL, attempts = 0,
+                 due_at = now(), lease_until = NULL
+             WHERE tenant_id = $1 AND status = 'failed'
+               AND ($2::uuid IS NULL OR campaign_id = $2)
+               AND ($3::uuid IS NULL OR device_id = $3)
+             RETURNING id, campaign_id
+         ), h AS (
+             UPDATE host_sends SET state = 'retry', updated_at = now()
+             WHERE tenant_id = $1 AND message_id IN (SELECT id FROM r)
+               AND state IN ('failed', 'aborted', 'attempting')
+         ), c AS (
+             UPDATE campaigns SET status = 'running', finished_at = NULL
+             WHERE tenant_id = $1 AND id IN (SELECT campaign_id FROM r) AND status = 'completed'
+         )
+         SELECT count(*) FROM r",
+    )
+    .bind(tenant)
+    .bind(scope.campaign)
+    .bind(scope.device)
+    .fetch_one(tx)
+    .await?;
+    Ok(n as u64)
+}
+
+/// A message's transitions, oldest first: (at, from, to, reason).
+pub async fn list_message_transitions(
+    pool: &PgPool,
+    tenant: Uuid,
+    message: i64,
+) -> Result<Vec<(DateTime<Utc>, String, String, Option<String>)>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT at, from_status, to_status, reason FROM message_transitions
+         WHERE message_id = $1 AND tenant_id = $2 ORDER BY id",
+    )
+    .bind(message)
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?)
 }

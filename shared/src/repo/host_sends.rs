@@ -34,7 +34,8 @@ pub type NewAttempt = (i64, Uuid, Uuid, String);
 
 /// Starts attempts for a batch of message ids in one statement, or reports the ones already
 /// recorded. An `aborted` attempt (certainly not sent) is taken over, keeping its provider
-/// message id, so a retry reuses the id the provider may already know. The caller must commit
+/// message id, so a retry reuses the id the provider may already know; a `retry` (a person
+/// retried a failed message) starts over with a fresh id. The caller must commit
 /// this durably before calling the provider: it is what stops a second send.
 pub async fn begin_host_sends(
     tx: &mut PgConnection,
@@ -51,8 +52,11 @@ pub async fn begin_host_sends(
          FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[]) AS u(id, t, d, p)
          ORDER BY id
          ON CONFLICT (message_id) DO UPDATE
-             SET state = 'attempting', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL
-             WHERE host_sends.state = 'aborted' AND host_sends.tenant_id = EXCLUDED.tenant_id
+             SET state = 'attempting', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
+                 provider_message_id = CASE WHEN host_sends.state = 'retry'
+                     THEN EXCLUDED.provider_message_id ELSE host_sends.provider_message_id END
+             WHERE host_sends.state IN ('aborted', 'retry')
+               AND host_sends.tenant_id = EXCLUDED.tenant_id
          RETURNING message_id, provider_message_id",
     )
     .bind(&ids)

@@ -122,6 +122,21 @@ pub async fn opt_out_lead(
     Ok(ids.len() as u64)
 }
 
+/// The tenant's leads with this number (one per device that has it).
+pub async fn find_leads_by_phone(
+    pool: &PgPool,
+    tenant: Uuid,
+    phone: &PhoneE164,
+) -> Result<Vec<i64>, RepoError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM leads WHERE tenant_id = $1 AND phone = $2 ORDER BY id")
+            .bind(tenant)
+            .bind(phone.as_str())
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
 pub async fn count_leads(pool: &PgPool, tenant: Uuid) -> Result<i64, RepoError> {
     Ok(
         sqlx::query_scalar("SELECT count(*) FROM leads WHERE tenant_id = $1")

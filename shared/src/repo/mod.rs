@@ -11,6 +11,7 @@ pub mod host_sends;
 pub mod leads;
 pub mod media;
 pub mod messages;
+pub mod sequences;
 pub mod tenants;
 
 /// Lets the caller's transaction commit without waiting for its WAL flush

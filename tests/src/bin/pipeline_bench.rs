@@ -12,7 +12,9 @@
 //!    devices, latency = queued_at − due_at with the default 1 s tick (p50, p99);
 //! 4. through `cargo lambda watch` and the local emulator (`--watch-messages`, 0 to skip);
 //!
-//! 5. the worker's cost per message: one poller alone (as one Lambda instance), records per batch
+//! 5. sequences: `--messages` leads enrolled by their trigger and their first step materialised
+//!    in one trigger run;
+//! 6. the worker's cost per message: one poller alone (as one Lambda instance), records per batch
 //!    and the handler's duration, which the README's cost model uses.
 //!
 //! It also prints the peak RSS of the host and of the functions.
@@ -330,6 +332,83 @@ async fn main() {
     let floor_rate = floor(&floor_pool, a.messages).await;
     floor_pool.close().await;
     println!("floor (insert + 2 status updates, batches of 1,000): {floor_rate:>10.0} messages/s");
+
+    // Sequences: 100,000 leads enrolled by their trigger and their first step materialised in
+    // one trigger run (issue: enrollment must not be a bottleneck).
+    {
+        let (_, seq_pool) = fresh_database(&base, "wabcast_bench_seq").await;
+        let (tenant, campaign, _) = seed(&seq_pool, a.devices, a.messages, "seq", 0.0, 0.0).await;
+        let mut tx = seq_pool.begin().await.unwrap();
+        repo::campaigns::change_campaign_status(
+            &mut tx,
+            tenant,
+            campaign,
+            shared::domain::CampaignStatus::Cancelled,
+        )
+        .await
+        .unwrap();
+        sqlx::query("UPDATE leads SET triggers = ARRAY['cold'] WHERE tenant_id = $1")
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let niche = Token::parse("seq").unwrap();
+        let trigger = Token::parse("cold").unwrap();
+        let next = Token::parse("warm").unwrap();
+        let steps = [
+            repo::sequences::NewStep {
+                day_offset: 0,
+                template: "{Hi|Hello} {name}, welcome!",
+                image: None,
+            },
+            repo::sequences::NewStep {
+                day_offset: 1,
+                template: "Day two, {name}",
+                image: None,
+            },
+            repo::sequences::NewStep {
+                day_offset: 3,
+                template: "Last call, {name}",
+                image: None,
+            },
+        ];
+        let seq = repo::sequences::insert_sequence(
+            &mut tx,
+            tenant,
+            &repo::sequences::NewSequence {
+                name: "bench",
+                niche: &niche,
+                target: TargetStatus::All,
+                trigger: &trigger,
+                send_time: chrono::NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
+                delay: DelayRange::new(0.0, 0.0).unwrap(),
+                next_trigger: Some(&next),
+                steps: &steps,
+            },
+        )
+        .await
+        .unwrap();
+        repo::sequences::change_sequence_status(
+            &mut tx,
+            tenant,
+            seq,
+            shared::domain::SequenceStatus::Active,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        let t = Instant::now();
+        let r = run_trigger(&seq_pool).await;
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "sequence enrollment (one trigger run): {} leads enrolled, {} first-step rows in {:.2}s ({:.0} leads/s)",
+            r.leads_enrolled,
+            r.step_rows_created,
+            secs,
+            r.leads_enrolled as f64 / secs
+        );
+        seq_pool.close().await;
+    }
 
     let (db_url, pool) = fresh_database(&base, "wabcast_bench").await;
     let (tenant, campaign, _) = seed(&pool, a.devices, a.messages, "bench", 0.0, 0.0).await;

@@ -1,0 +1,370 @@
+//! `wabcast sequence …`: create, list, activate, pause, resume, cancel sequences, enroll leads,
+//! edit a step (its unsent messages are re-rendered at once), retry a step's failures, and the
+//! report per step.
+
+use crate::{print_report, resolve_tenant, store_image};
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use shared::domain::{DelayRange, PhoneE164, SequenceStatus, TargetStatus, Token};
+use shared::repo;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+#[derive(Subcommand)]
+pub enum SequenceCmd {
+    /// Create a sequence (draft unless --activate). Steps: --step "DAYS:template", in order.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        niche: String,
+        /// prospect | customer | all
+        #[arg(long, default_value = "all")]
+        target: String,
+        /// The lead trigger token that enrolls a lead (consumed on enrollment).
+        #[arg(long)]
+        trigger: String,
+        /// Local time of day (tenant's zone) at which steps go out, HH:MM.
+        #[arg(long)]
+        time: chrono::NaiveTime,
+        #[arg(long = "step", required = true)]
+        steps: Vec<String>,
+        /// Image for every step (https URL, data: URL or @file).
+        #[arg(long)]
+        image: Option<String>,
+        /// Trigger added to the lead when it finishes (enrolls it in the next sequence).
+        #[arg(long)]
+        next_trigger: Option<String>,
+        #[arg(long, default_value_t = 0.0)]
+        min_delay: f64,
+        #[arg(long, default_value_t = 0.0)]
+        max_delay: f64,
+        #[arg(long)]
+        activate: bool,
+    },
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    Activate {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+    },
+    Pause {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+    },
+    Resume {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+    },
+    Cancel {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+    },
+    /// Enroll the tenant's leads with this phone number explicitly.
+    Enroll {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+        #[arg(long)]
+        phone: String,
+    },
+    /// Replace a step's template; its unsent messages are re-rendered now.
+    EditStep {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+        #[arg(long)]
+        position: i32,
+        #[arg(long)]
+        template: String,
+    },
+    /// Retry the failed messages of one step (they go through pacing again).
+    RetryFailed {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+        #[arg(long)]
+        position: i32,
+    },
+    /// Counts per step, state, reason and device, and the enrollments.
+    Report {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+    },
+}
+
+/// "2:Hello {name}" → (2, "Hello {name}").
+fn parse_step(raw: &str) -> Result<(i32, String)> {
+    let (days, template) = raw
+        .split_once(':')
+        .context("a step is DAYS:template, e.g. \"0:Hi {name}\"")?;
+    let days: i32 = days
+        .trim()
+        .parse()
+        .with_context(|| format!("{days:?} is not a number of days"))?;
+    shared::render::Template::parse(template)?;
+    Ok((days, template.to_string()))
+}
+
+async fn step_campaign(pool: &PgPool, tenant: Uuid, sequence: Uuid, position: i32) -> Result<Uuid> {
+    let mut conn = pool.acquire().await?;
+    repo::sequences::list_steps(&mut conn, tenant, sequence)
+        .await?
+        .into_iter()
+        .find(|s| s.position == position)
+        .map(|s| s.campaign_id)
+        .with_context(|| format!("sequence {sequence} has no step {position}"))
+}
+
+pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
+    match cmd {
+        SequenceCmd::Create {
+            tenant,
+            name,
+            niche,
+            target,
+            trigger,
+            time,
+            steps,
+            image,
+            next_trigger,
+            min_delay,
+            max_delay,
+            activate,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let parsed: Vec<(i32, String)> =
+                steps.iter().map(|s| parse_step(s)).collect::<Result<_>>()?;
+            let niche = Token::parse(&niche)?;
+            let trigger = Token::parse(&trigger)?;
+            let next = next_trigger.as_deref().map(Token::parse).transpose()?;
+            let target: TargetStatus = target.parse()?;
+            let image = match image {
+                Some(raw) => Some(store_image(pool, tenant, &raw).await?),
+                None => None,
+            };
+            let new_steps: Vec<repo::sequences::NewStep<'_>> = parsed
+                .iter()
+                .map(|(d, t)| repo::sequences::NewStep {
+                    day_offset: *d,
+                    template: t,
+                    image: image.as_deref(),
+                })
+                .collect();
+            let mut tx = pool.begin().await?;
+            let id = repo::sequences::insert_sequence(
+                &mut tx,
+                tenant,
+                &repo::sequences::NewSequence {
+                    name: &name,
+                    niche: &niche,
+                    target,
+                    trigger: &trigger,
+                    send_time: time,
+                    delay: DelayRange::new(min_delay, max_delay)?,
+                    next_trigger: next.as_ref(),
+                    steps: &new_steps,
+                },
+            )
+            .await?;
+            if activate {
+                repo::sequences::change_sequence_status(
+                    &mut tx,
+                    tenant,
+                    id,
+                    SequenceStatus::Active,
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            println!("{id}");
+        }
+        SequenceCmd::List { tenant } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            println!(
+                "{:<36}  {:<9} {:<6} {:<10} {:<10} name",
+                "id", "status", "time", "trigger", "next"
+            );
+            for s in repo::sequences::list_sequences(pool, tenant).await? {
+                println!(
+                    "{:<36}  {:<9} {:<6} {:<10} {:<10} {}",
+                    s.id,
+                    s.status,
+                    s.send_time.format("%H:%M"),
+                    s.trigger_token,
+                    s.next_trigger.unwrap_or_default(),
+                    s.name
+                );
+            }
+        }
+        SequenceCmd::Activate { tenant, sequence } | SequenceCmd::Resume { tenant, sequence } => {
+            set(pool, &tenant, sequence, SequenceStatus::Active).await?
+        }
+        SequenceCmd::Pause { tenant, sequence } => {
+            set(pool, &tenant, sequence, SequenceStatus::Paused).await?
+        }
+        SequenceCmd::Cancel { tenant, sequence } => {
+            set(pool, &tenant, sequence, SequenceStatus::Cancelled).await?
+        }
+        SequenceCmd::Enroll {
+            tenant,
+            sequence,
+            phone,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let phone = PhoneE164::parse(&phone)?;
+            let seq = repo::sequences::get_sequence(pool, tenant, sequence).await?;
+            if seq.status != "active" {
+                bail!("sequence {sequence} is {}: activate it first", seq.status);
+            }
+            let mut conn = pool.acquire().await?;
+            let active = repo::sequences::list_active_sequences(&mut conn)
+                .await?
+                .into_iter()
+                .find(|s| s.id == sequence && s.tenant_id == tenant)
+                .context("sequence not active")?;
+            drop(conn);
+            let leads = repo::leads::find_leads_by_phone(pool, tenant, &phone).await?;
+            if leads.is_empty() {
+                bail!("no lead of this tenant has {phone}");
+            }
+            let zone =
+                shared::tz::parse_zone(&repo::tenants::get_tenant(pool, tenant).await?.time_zone)?;
+            let now = chrono::Utc::now();
+            let today = now.with_timezone(&zone).date_naive();
+            let first_due = shared::tz::resolve_local(
+                zone,
+                today
+                    .checked_add_days(chrono::Days::new(active.first_day_offset.max(0) as u64))
+                    .context("date out of range")?,
+                Some(active.send_time),
+                now,
+            )?;
+            let mut tx = pool.begin().await?;
+            let mut n = 0;
+            for lead in leads {
+                if repo::sequences::enroll_lead(&mut tx, &active, lead, today, first_due).await? {
+                    n += 1;
+                }
+            }
+            tx.commit().await?;
+            println!(
+                "{n} enrolled; first step due {}",
+                first_due.with_timezone(&zone)
+            );
+        }
+        SequenceCmd::EditStep {
+            tenant,
+            sequence,
+            position,
+            template,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let parsed = shared::render::Template::parse(&template)?;
+            let mut tx = pool.begin().await?;
+            let campaign =
+                repo::sequences::update_step(&mut tx, tenant, sequence, position, &template, None)
+                    .await?;
+            let image = repo::campaigns::get_campaign(pool, tenant, campaign)
+                .await?
+                .image;
+            let unsent =
+                repo::sequences::list_unsent_step_messages(&mut tx, tenant, campaign).await?;
+            let mut rng = rand::rng();
+            let bodies: Vec<(i64, String)> = unsent
+                .iter()
+                .map(|u| {
+                    (
+                        u.id,
+                        parsed.render(
+                            &shared::render::Recipient {
+                                name: &u.name,
+                                phone: &u.phone,
+                            },
+                            &mut rng,
+                        ),
+                    )
+                })
+                .collect();
+            let n =
+                repo::sequences::update_message_bodies(&mut tx, tenant, image.as_deref(), &bodies)
+                    .await?;
+            tx.commit().await?;
+            println!("step {position} updated; {n} unsent messages re-rendered");
+        }
+        SequenceCmd::RetryFailed {
+            tenant,
+            sequence,
+            position,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let campaign = step_campaign(pool, tenant, sequence, position).await?;
+            let mut tx = pool.begin().await?;
+            let n = repo::campaigns::retry_failed_messages(
+                &mut tx,
+                tenant,
+                repo::campaigns::RetryScope {
+                    campaign: Some(campaign),
+                    device: None,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            println!("{n} failed messages of step {position} will be sent again");
+        }
+        SequenceCmd::Report { tenant, sequence } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let seq = repo::sequences::get_sequence(pool, tenant, sequence).await?;
+            let mut conn = pool.acquire().await?;
+            let steps = repo::sequences::list_steps(&mut conn, tenant, sequence).await?;
+            drop(conn);
+            let ids: Vec<Uuid> = steps.iter().map(|s| s.campaign_id).collect();
+            let by_step = repo::campaigns::progress_of(pool, tenant, &ids).await?;
+            let mut total = repo::campaigns::Progress::default();
+            for p in by_step.values() {
+                total.merge(p);
+            }
+            let enrolled = repo::sequences::count_enrollments(pool, tenant, sequence).await?;
+            let e: Vec<String> = enrolled.iter().map(|(s, n)| format!("{s}={n}")).collect();
+            println!("{} [{}] enrollments: {}", seq.name, seq.status, e.join(" "));
+            print_report(pool, tenant, "all steps", &total).await?;
+            for s in &steps {
+                let p = by_step.get(&s.campaign_id).cloned().unwrap_or_default();
+                print_report(
+                    pool,
+                    tenant,
+                    &format!("step {} (day {})", s.position, s.day_offset),
+                    &p,
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn set(pool: &PgPool, tenant: &str, sequence: Uuid, to: SequenceStatus) -> Result<()> {
+    let tenant = resolve_tenant(pool, tenant).await?;
+    let mut tx = pool.begin().await?;
+    let now = repo::sequences::change_sequence_status(&mut tx, tenant, sequence, to).await?;
+    tx.commit().await?;
+    println!("sequence {sequence} is {now}");
+    Ok(())
+}
