@@ -76,8 +76,9 @@ ALTER TABLE host_sends ADD CONSTRAINT host_sends_state_check
 -- every count can be explained. Recorded per statement from the transition tables: one insert
 -- per UPDATE statement, not one trigger call per row. The creation (-> pending) is the row's
 -- created_at.
+-- No surrogate key: one index, read by message. A message's transitions are serialised by its
+-- row lock, so `at` (clock_timestamp) orders them.
 CREATE TABLE message_transitions (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     tenant_id    uuid NOT NULL,
     message_id   bigint NOT NULL,
     at           timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -85,9 +86,13 @@ CREATE TABLE message_transitions (
     to_status    text NOT NULL,
     reason       text
 );
-CREATE INDEX message_transitions_message ON message_transitions (message_id, id);
+CREATE INDEX message_transitions_message ON message_transitions (message_id, at);
 
-CREATE FUNCTION record_message_transitions() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The transition tables carry no statistics, so PL/pgSQL's cached plan assumes one row each and
+-- joins them in a nested loop: quadratic, 6.8 s for a 10,000-row claim (measured). Without nested
+-- loops the planner hashes them: linear.
+CREATE FUNCTION record_message_transitions() RETURNS trigger LANGUAGE plpgsql
+SET enable_nestloop = off AS $$
 BEGIN
     INSERT INTO message_transitions (tenant_id, message_id, from_status, to_status, reason)
     SELECT n.tenant_id, n.id, o.status, n.status, n.reason

@@ -462,7 +462,7 @@ pub async fn list_message_transitions(
 ) -> Result<Vec<(DateTime<Utc>, String, String, Option<String>)>, RepoError> {
     Ok(sqlx::query_as(
         "SELECT at, from_status, to_status, reason FROM message_transitions
-         WHERE message_id = $1 AND tenant_id = $2 ORDER BY id",
+         WHERE message_id = $1 AND tenant_id = $2 ORDER BY at",
     )
     .bind(message)
     .bind(tenant)

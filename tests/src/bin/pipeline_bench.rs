@@ -411,6 +411,16 @@ async fn main() {
     }
 
     let (db_url, pool) = fresh_database(&base, "wabcast_bench").await;
+    if std::env::var("BENCH_WITHOUT_TRANSITION_LOG").is_ok() {
+        // Diagnostics only: what the transition log costs.
+        sqlx::query(
+            "ALTER TABLE broadcast_messages DISABLE TRIGGER broadcast_messages_transitions",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        println!("(transition log disabled)");
+    }
     let (tenant, campaign, _) = seed(&pool, a.devices, a.messages, "bench", 0.0, 0.0).await;
     // The worker's pool as in production (see message_worker::Deps::pool).
     let relaxed = shared::db::connect_with(&db_url, 40, shared::db::Durability::Relaxed)
