@@ -8,6 +8,20 @@ use std::time::Duration;
 
 /// The gap range a message's send imposes on its device: the campaign's range, but never below
 /// the device's own floor (a device configured at 30–90 s stays safe whatever a campaign says).
+/// Whether local time `t` is inside quiet hours `[start, end)`; a window with `start > end`
+/// wraps past midnight (22:00–08:00).
+pub fn in_quiet_hours(
+    t: chrono::NaiveTime,
+    start: chrono::NaiveTime,
+    end: chrono::NaiveTime,
+) -> bool {
+    if start <= end {
+        start <= t && t < end
+    } else {
+        t >= start || t < end
+    }
+}
+
 pub fn effective_range(device: DelayRange, campaign: DelayRange) -> DelayRange {
     let min_s = device.min_s.max(campaign.min_s);
     let max_s = device.max_s.max(campaign.max_s).max(min_s);
@@ -42,6 +56,18 @@ pub fn gap_summary(mut gaps: Vec<f64>) -> Option<(f64, f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quiet_hours_may_wrap_past_midnight() {
+        let t = |h, m| chrono::NaiveTime::from_hms_opt(h, m, 0).unwrap();
+        assert!(in_quiet_hours(t(23, 0), t(22, 0), t(8, 0)));
+        assert!(in_quiet_hours(t(3, 0), t(22, 0), t(8, 0)));
+        assert!(!in_quiet_hours(t(8, 0), t(22, 0), t(8, 0)));
+        assert!(!in_quiet_hours(t(12, 0), t(22, 0), t(8, 0)));
+        assert!(in_quiet_hours(t(13, 0), t(12, 0), t(14, 0)));
+        assert!(!in_quiet_hours(t(14, 0), t(12, 0), t(14, 0)));
+        assert!(!in_quiet_hours(t(11, 59), t(12, 0), t(14, 0)));
+    }
     use rand::SeedableRng;
 
     #[test]

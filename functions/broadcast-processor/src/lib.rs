@@ -214,11 +214,18 @@ async fn claim_and_enqueue(
     repo::relax_durability(&mut tx)
         .await
         .context("failed to relax durability")?;
+    let limits = device_limits(
+        &repo::devices::list_limited_devices(&mut tx)
+            .await
+            .context("failed to list device limits")?,
+        chrono::Utc::now(),
+    );
     let claimed = repo::messages::claim_ready_messages(
         &mut tx,
         settings.max_devices_per_claim,
         settings.per_device_burst,
         settings.lease.as_secs_f64(),
+        &limits,
     )
     .await
     .context("failed to claim ready messages")?;
@@ -235,6 +242,39 @@ async fn claim_and_enqueue(
     let saturated = per_device.len() as i64 >= settings.max_devices_per_claim
         || per_device.values().any(|n| *n >= settings.per_device_burst);
     Ok((claimed.len(), saturated))
+}
+
+/// Resolves each limited device's local day and quiet hours in its tenant's zone (chrono-tz).
+/// A device whose zone cannot be resolved is held (quiet) rather than sent without its limits.
+fn device_limits(
+    devices: &[repo::devices::LimitedDevice],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<repo::messages::DeviceLimit> {
+    devices
+        .iter()
+        .map(|d| match shared::tz::parse_zone(&d.time_zone) {
+            Ok(zone) => {
+                let local = now.with_timezone(&zone);
+                let quiet = match (d.quiet_start, d.quiet_end) {
+                    (Some(a), Some(b)) => shared::pacing::in_quiet_hours(local.time(), a, b),
+                    _ => false,
+                };
+                repo::messages::DeviceLimit {
+                    device: d.id,
+                    local_day: local.date_naive(),
+                    quiet,
+                }
+            }
+            Err(e) => {
+                warn!(device = %d.id, error = %e, "time zone unresolved: device held");
+                repo::messages::DeviceLimit {
+                    device: d.id,
+                    local_day: now.date_naive(),
+                    quiet: true,
+                }
+            }
+        })
+        .collect()
 }
 
 /// Enqueues after the claim committed. If the queue refuses, the rows stay `queued` with their

@@ -163,6 +163,25 @@ enum DeviceCmd {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Account safety for a device: daily cap, warm-up ramp, quiet hours (tenant's time zone).
+    /// Unset options keep their current value.
+    Safety {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+        /// Messages per tenant-local day, or `none`.
+        #[arg(long)]
+        daily_cap: Option<String>,
+        /// Quiet hours as HH:MM-HH:MM (may wrap past midnight), or `none`.
+        #[arg(long)]
+        quiet: Option<String>,
+        /// Days of warm-up after pairing (0 = off); the cap starts at --warmup-start and doubles daily.
+        #[arg(long)]
+        warmup_days: Option<i32>,
+        #[arg(long)]
+        warmup_start: Option<i32>,
+    },
     /// Send all of a device's failed messages again (every campaign and sequence step).
     RetryFailed {
         #[arg(long)]
@@ -488,6 +507,55 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
                 "credentials saved; device {}{}",
                 s.status,
                 s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            );
+        }
+        DeviceCmd::Safety {
+            tenant,
+            device,
+            daily_cap,
+            quiet,
+            warmup_days,
+            warmup_start,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let current = repo::devices::get_safety_settings(pool, tenant, device).await?;
+            let daily_cap = match daily_cap.as_deref() {
+                None => current.daily_cap,
+                Some("none") => None,
+                Some(n) => Some(
+                    n.parse::<i32>()
+                        .context("--daily-cap is a number or none")?,
+                ),
+            };
+            let quiet_hours = match quiet.as_deref() {
+                None => current.quiet_hours,
+                Some("none") => None,
+                Some(w) => {
+                    let (a, b) = w.split_once('-').context("--quiet is HH:MM-HH:MM")?;
+                    let t = |x: &str| {
+                        chrono::NaiveTime::parse_from_str(x.trim(), "%H:%M")
+                            .with_context(|| format!("{x:?} is not HH:MM"))
+                    };
+                    Some((t(a)?, t(b)?))
+                }
+            };
+            let s = repo::devices::SafetySettings {
+                daily_cap,
+                warmup_days: warmup_days.unwrap_or(current.warmup_days),
+                warmup_start: warmup_start.unwrap_or(current.warmup_start),
+                quiet_hours,
+            };
+            let mut tx = pool.begin().await?;
+            repo::devices::set_safety_settings(&mut tx, tenant, device, &s).await?;
+            tx.commit().await?;
+            println!(
+                "daily cap {}, warm-up {} days from {}/day, quiet hours {}",
+                s.daily_cap.map(|c| c.to_string()).unwrap_or("none".into()),
+                s.warmup_days,
+                s.warmup_start,
+                s.quiet_hours
+                    .map(|(a, b)| format!("{}-{}", a.format("%H:%M"), b.format("%H:%M")))
+                    .unwrap_or("none".into())
             );
         }
         DeviceCmd::RetryFailed { tenant, device } => {

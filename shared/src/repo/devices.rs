@@ -108,7 +108,10 @@ pub async fn set_device_status(
     let res = sqlx::query(
         "UPDATE devices SET
              status_changed_at = CASE WHEN status <> $3 THEN now() ELSE status_changed_at END,
-             status = $3, status_reason = $4
+             status = $3, status_reason = $4,
+             -- the warm-up ramp starts the first time a real WhatsApp number comes online
+             paired_at = CASE WHEN paired_at IS NULL AND $3 = 'online' AND provider <> 'simulator'
+                              THEN now() ELSE paired_at END
          WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
     )
     .bind(device)
@@ -121,6 +124,115 @@ pub async fn set_device_status(
         return Err(RepoError::NotFound("device"));
     }
     Ok(())
+}
+
+/// A device's account-safety settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SafetySettings {
+    pub daily_cap: Option<i32>,
+    pub warmup_days: i32,
+    pub warmup_start: i32,
+    /// Local (start, end) in the tenant's zone; may wrap past midnight.
+    pub quiet_hours: Option<(chrono::NaiveTime, chrono::NaiveTime)>,
+}
+
+/// (daily_cap, warmup_days, warmup_start, quiet_start, quiet_end)
+type SafetyRow = (
+    Option<i32>,
+    i32,
+    i32,
+    Option<chrono::NaiveTime>,
+    Option<chrono::NaiveTime>,
+);
+
+pub async fn get_safety_settings(
+    pool: &PgPool,
+    tenant: Uuid,
+    device: Uuid,
+) -> Result<SafetySettings, RepoError> {
+    let row: Option<SafetyRow> = sqlx::query_as(
+        "SELECT daily_cap, warmup_days, warmup_start, quiet_start, quiet_end FROM devices
+             WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(device)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?;
+    let (daily_cap, warmup_days, warmup_start, qs, qe) =
+        row.ok_or(RepoError::NotFound("device"))?;
+    Ok(SafetySettings {
+        daily_cap,
+        warmup_days,
+        warmup_start,
+        quiet_hours: qs.zip(qe),
+    })
+}
+
+pub async fn set_safety_settings(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    device: Uuid,
+    s: &SafetySettings,
+) -> Result<(), RepoError> {
+    if s.daily_cap.is_some_and(|c| c <= 0) {
+        return Err(crate::domain::InvalidInput::new("daily_cap", "must be positive").into());
+    }
+    if !(0..=365).contains(&s.warmup_days) || !(1..=100_000).contains(&s.warmup_start) {
+        return Err(crate::domain::InvalidInput::new(
+            "warm-up",
+            "days 0 to 365, start 1 to 100000 messages",
+        )
+        .into());
+    }
+    if s.quiet_hours.is_some_and(|(a, b)| a == b) {
+        return Err(
+            crate::domain::InvalidInput::new("quiet_hours", "start and end must differ").into(),
+        );
+    }
+    let res = sqlx::query(
+        "UPDATE devices SET daily_cap = $3, warmup_days = $4, warmup_start = $5,
+             quiet_start = $6, quiet_end = $7
+         WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(device)
+    .bind(tenant)
+    .bind(s.daily_cap)
+    .bind(s.warmup_days)
+    .bind(s.warmup_start)
+    .bind(s.quiet_hours.map(|q| q.0))
+    .bind(s.quiet_hours.map(|q| q.1))
+    .execute(tx)
+    .await?;
+    if res.rows_affected() == 0 {
+        return Err(RepoError::NotFound("device"));
+    }
+    Ok(())
+}
+
+/// What the processor resolves each tick for a device with limits: its tenant's zone and
+/// quiet hours (capped devices need the local day too).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LimitedDevice {
+    pub id: Uuid,
+    pub time_zone: String,
+    pub quiet_start: Option<chrono::NaiveTime>,
+    pub quiet_end: Option<chrono::NaiveTime>,
+}
+
+/// System scope: online devices with a daily cap, a warm-up or quiet hours.
+pub async fn list_limited_devices(
+    conn: &mut PgConnection,
+) -> Result<Vec<LimitedDevice>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT d.id, t.time_zone, d.quiet_start, d.quiet_end
+         FROM devices d JOIN tenants t ON t.id = d.tenant_id
+         WHERE d.status = 'online' AND d.deleted_at IS NULL
+           AND (d.daily_cap IS NOT NULL OR d.quiet_start IS NOT NULL
+                OR (d.paired_at IS NOT NULL AND d.warmup_days > 0
+                    AND d.paired_at > now() - make_interval(days => d.warmup_days)))",
+    )
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Deletes a device: it keeps its id and history but sends nothing more. The processor ends its

@@ -4,12 +4,21 @@
 
 use super::RepoError;
 use crate::queue::WorkItem;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// A claimed item and how many times its row has been enqueued (for the deduplication id).
 pub type ClaimedItem = (WorkItem, i32);
+
+/// A device's limits as resolved for this tick in its tenant's zone (chrono-tz): the local day
+/// its daily cap counts in, and whether it is inside its quiet hours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLimit {
+    pub device: Uuid,
+    pub local_day: NaiveDate,
+    pub quiet: bool,
+}
 
 /// System scope: the processor's claim. For every online device whose pacing cursor has passed
 /// and which has no paced message in flight, takes its next due pending message of a running
@@ -21,21 +30,51 @@ pub type ClaimedItem = (WorkItem, i32);
 /// gaps are zero a device takes up to `per_device` messages at once, so a zero gap never caps
 /// throughput at one per tick. Concurrent processors skip each other's locked devices and rows,
 /// so a message is queued once.
+///
+/// Account safety is enforced here too, so no path reaches the queue around it: a device inside
+/// its quiet hours is not claimed; a device with a daily cap (or in its warm-up ramp: the cap
+/// starts at `warmup_start` on the day it was paired and doubles daily for `warmup_days`) takes
+/// at most what is left of its tenant-local day's allowance, counted as messages are queued.
+/// Held messages simply stay `pending`.
 pub async fn claim_ready_messages(
     tx: &mut PgConnection,
     max_devices: i64,
     per_device: i64,
     lease_s: f64,
+    limits: &[DeviceLimit],
 ) -> Result<Vec<ClaimedItem>, RepoError> {
+    let lim_ids: Vec<Uuid> = limits.iter().map(|l| l.device).collect();
+    let lim_days: Vec<NaiveDate> = limits.iter().map(|l| l.local_day).collect();
+    let lim_quiet: Vec<bool> = limits.iter().map(|l| l.quiet).collect();
     let rows: Vec<(i64, Uuid, Uuid, i32)> = sqlx::query_as(
-        "WITH ready AS (
-             SELECT id, tenant_id, min_delay_s, max_delay_s FROM devices
-             WHERE status = 'online' AND deleted_at IS NULL AND next_send_at <= now()
+        "WITH lim AS (
+             SELECT * FROM unnest($4::uuid[], $5::date[], $6::bool[]) AS l(id, day, quiet)
+         ), ready AS (
+             SELECT d.id, d.tenant_id, d.min_delay_s, d.max_delay_s, lim.day,
+                    CASE WHEN a.cap IS NULL THEN $2::bigint
+                         ELSE LEAST($2::bigint, a.cap - CASE WHEN d.cap_day = lim.day
+                                                             THEN d.cap_used ELSE 0 END)
+                    END AS allow
+             FROM devices d
+             LEFT JOIN lim ON lim.id = d.id
+             CROSS JOIN LATERAL (SELECT CASE
+                 WHEN d.paired_at IS NOT NULL AND d.warmup_days > 0
+                      AND d.paired_at > now() - make_interval(days => d.warmup_days)
+                 THEN LEAST(COALESCE(d.daily_cap, 2147483647)::float8,
+                            d.warmup_start * power(2::float8,
+                                floor(extract(epoch FROM now() - d.paired_at) / 86400)))::bigint
+                 ELSE d.daily_cap::bigint END AS cap) a
+             WHERE d.status = 'online' AND d.deleted_at IS NULL AND d.next_send_at <= now()
+               AND NOT COALESCE(lim.quiet, false)
+               -- a capped device is claimed only with its local day resolved, and while the
+               -- day's allowance lasts
+               AND (a.cap IS NULL OR (lim.day IS NOT NULL
+                    AND a.cap > CASE WHEN d.cap_day = lim.day THEN d.cap_used ELSE 0 END))
                AND NOT EXISTS (SELECT 1 FROM broadcast_messages f
-                               WHERE f.device_id = devices.id AND f.status IN ('queued', 'sending')
+                               WHERE f.device_id = d.id AND f.status IN ('queued', 'sending')
                                  AND f.gap_s > 0)
-             ORDER BY next_send_at LIMIT $1
-             FOR UPDATE SKIP LOCKED
+             ORDER BY d.next_send_at LIMIT $1
+             FOR UPDATE OF d SKIP LOCKED
          ), cand AS (
              SELECT r.id AS device_id, m.id,
                     row_number() OVER (PARTITION BY r.id ORDER BY m.due_at, m.id) AS rn,
@@ -49,7 +88,7 @@ pub async fn claim_ready_messages(
                  WHERE bm.device_id = r.id AND bm.tenant_id = r.tenant_id
                    AND bm.status = 'pending' AND bm.due_at <= now() AND c.status = 'running'
                  ORDER BY bm.due_at, bm.id
-                 LIMIT $2
+                 LIMIT r.allow
                  FOR UPDATE OF bm SKIP LOCKED
              ) m
          ), gapped AS (
@@ -68,8 +107,14 @@ pub async fn claim_ready_messages(
              FROM kept WHERE bm.id = kept.id AND bm.status = 'pending'
              RETURNING bm.id, bm.tenant_id, bm.device_id, bm.enqueue_count
          ), cursor AS (
-             UPDATE devices d SET next_send_at = now() + make_interval(secs => g.total)
-             FROM (SELECT device_id, sum(gap) AS total FROM kept GROUP BY device_id) g
+             UPDATE devices d SET next_send_at = now() + make_interval(secs => g.total),
+                 cap_day = COALESCE(g.day, d.cap_day),
+                 cap_used = CASE WHEN g.day IS NULL THEN d.cap_used
+                                 WHEN d.cap_day = g.day THEN d.cap_used + g.n
+                                 ELSE g.n END
+             FROM (SELECT k.device_id, sum(k.gap) AS total, count(*) AS n, max(r.day) AS day
+                   FROM kept k JOIN ready r ON r.id = k.device_id
+                   GROUP BY k.device_id) g
              WHERE d.id = g.device_id
          )
          SELECT id, tenant_id, device_id, enqueue_count FROM upd",
@@ -77,6 +122,9 @@ pub async fn claim_ready_messages(
     .bind(max_devices)
     .bind(per_device)
     .bind(lease_s)
+    .bind(&lim_ids)
+    .bind(&lim_days)
+    .bind(&lim_quiet)
     .fetch_all(tx)
     .await?;
     Ok(to_items(rows))

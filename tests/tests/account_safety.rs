@@ -1,0 +1,264 @@
+//! Account safety, enforced in the processor's claim: a daily cap per tenant-local day, the
+//! warm-up ramp of a newly paired number, quiet hours in the tenant's time zone. Held messages
+//! stay pending (never skipped or failed) and go out in the next allowed window.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{Duration as ChronoDuration, Timelike, Utc};
+use shared::domain::LeadStatus;
+use shared::repo;
+use shared::repo::devices::SafetySettings;
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+use wabcast_tests::*;
+
+async fn drain(p: &Pipeline) {
+    for _ in 0..5 {
+        p.tick().await;
+        while p.deliver().await > 0 {}
+    }
+}
+
+async fn set_safety(pool: &PgPool, tenant: Uuid, device: Uuid, s: SafetySettings) {
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::set_safety_settings(&mut tx, tenant, device, &s)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+fn none() -> SafetySettings {
+    SafetySettings {
+        daily_cap: None,
+        warmup_days: 14,
+        warmup_start: 20,
+        quiet_hours: None,
+    }
+}
+
+/// Moves the device's cap counter to yesterday: the next tenant-local day begins.
+async fn next_day(pool: &PgPool, device: Uuid) {
+    sqlx::query("UPDATE devices SET cap_day = cap_day - 1 WHERE id = $1")
+        .bind(device)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_daily_cap_holds_the_rest_until_the_next_local_day(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "cap@example.com").await;
+    let device = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    let other = seed_device(&pool, tenant, "d2", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, device, 0, 12, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, other, 100, 12, "cars", LeadStatus::Prospect).await;
+    set_safety(
+        &pool,
+        tenant,
+        device,
+        SafetySettings {
+            daily_cap: Some(5),
+            ..none()
+        },
+    )
+    .await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    // A second campaign on the same device counts against the same cap.
+    let second = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.trigger().await;
+    drain(&p).await;
+    let sent_on = |d: Uuid| {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM broadcast_messages WHERE device_id = $1 AND status = 'sent'",
+            )
+            .bind(d)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    assert_eq!(sent_on(device).await, 5, "the cap holds across campaigns");
+    assert_eq!(sent_on(other).await, 24, "an uncapped device is not slowed");
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages WHERE device_id = $1 AND status = 'pending'",
+    )
+    .bind(device)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pending, 19, "held, not skipped or failed");
+
+    next_day(&pool, device).await;
+    drain(&p).await;
+    assert_eq!(sent_on(device).await, 10, "the next day's allowance");
+    let _ = (campaign, second);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_newly_paired_number_warms_up_doubling_each_day(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "warm@example.com").await;
+    let device = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, device, 0, 40, "cars", LeadStatus::Prospect).await;
+    set_safety(
+        &pool,
+        tenant,
+        device,
+        SafetySettings {
+            warmup_start: 4,
+            warmup_days: 7,
+            ..none()
+        },
+    )
+    .await;
+    // Paired just now: day 0 of the ramp.
+    sqlx::query("UPDATE devices SET paired_at = now() WHERE id = $1")
+        .bind(device)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.trigger().await;
+    let mut sent_per_day = Vec::new();
+    for day in 0..4 {
+        drain(&p).await;
+        let sent = status_counts(&pool, tenant, campaign)
+            .await
+            .get("sent")
+            .copied()
+            .unwrap_or(0);
+        sent_per_day.push(sent);
+        // One day later: the ramp moves on and a new local day begins.
+        sqlx::query(
+            "UPDATE devices SET paired_at = paired_at - interval '1 day', cap_day = cap_day - 1
+             WHERE id = $1",
+        )
+        .bind(device)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let _ = day;
+    }
+    // 4, then 8, 16, 32 a day: cumulative 4, 12, 28, 40 (all sent by day 3).
+    assert_eq!(sent_per_day, vec![4, 12, 28, 40]);
+    // A simulator device is never "paired": no ramp for it (the other tests rely on that too).
+    let sim_paired: Option<chrono::DateTime<Utc>> = {
+        let d2 = seed_device(&pool, tenant, "sim", 0.0, 0.0).await;
+        sqlx::query_scalar("SELECT paired_at FROM devices WHERE id = $1")
+            .bind(d2)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert!(sim_paired.is_none());
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn quiet_hours_in_the_tenants_zone_hold_messages_until_they_end(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "quiet@example.com").await;
+    let device = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, device, 0, 6, "cars", LeadStatus::Prospect).await;
+    // Quiet from an hour ago to an hour from now, in Kuala Lumpur time (the tenant's zone).
+    let kl = shared::tz::parse_zone("Asia/Kuala_Lumpur").unwrap();
+    let local = Utc::now().with_timezone(&kl);
+    let around = |h: i64| {
+        (local + ChronoDuration::hours(h))
+            .time()
+            .with_second(0)
+            .unwrap()
+            .with_nanosecond(0)
+            .unwrap()
+    };
+    set_safety(
+        &pool,
+        tenant,
+        device,
+        SafetySettings {
+            quiet_hours: Some((around(-1), around(1))),
+            ..none()
+        },
+    )
+    .await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.trigger().await;
+    drain(&p).await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("pending"),
+        Some(&6),
+        "nothing goes out in quiet hours, nothing is skipped"
+    );
+    // The same hours, but already over: everything goes.
+    set_safety(
+        &pool,
+        tenant,
+        device,
+        SafetySettings {
+            quiet_hours: Some((around(-3), around(-1))),
+            ..none()
+        },
+    )
+    .await;
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sent"),
+        Some(&6)
+    );
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn safety_settings_are_validated_and_tenant_scoped(pool: PgPool) {
+    let a = seed_tenant(&pool, "a@example.com").await;
+    let b = seed_tenant(&pool, "b@example.com").await;
+    let db = seed_device(&pool, b, "b1", 0.0, 0.0).await;
+    let t = |h| chrono::NaiveTime::from_hms_opt(h, 0, 0).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for (tenant, s, want) in [
+        (
+            a,
+            SafetySettings {
+                daily_cap: Some(10),
+                ..none()
+            },
+            "not found",
+        ),
+        (
+            b,
+            SafetySettings {
+                daily_cap: Some(0),
+                ..none()
+            },
+            "positive",
+        ),
+        (
+            b,
+            SafetySettings {
+                quiet_hours: Some((t(9), t(9))),
+                ..none()
+            },
+            "differ",
+        ),
+        (
+            b,
+            SafetySettings {
+                warmup_days: 400,
+                ..none()
+            },
+            "days",
+        ),
+    ] {
+        let err = repo::devices::set_safety_settings(&mut tx, tenant, db, &s)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
