@@ -422,12 +422,24 @@ impl Pipeline {
 /// `SqsEvent`, delete the ones it did not report as failures (those reappear after the
 /// visibility timeout). Returns how many records the worker got.
 pub async fn deliver_once(queue: &dyn Queue, worker: &message_worker::Deps) -> usize {
-    let msgs = queue.receive(10, Duration::from_secs(60)).await.unwrap();
+    deliver_batch(queue, worker, 10).await.0
+}
+
+/// Plays the SQS event source once with batches of up to `max`: receive, invoke the worker,
+/// delete what succeeded. Returns the records delivered and the worker's duration.
+pub async fn deliver_batch(
+    queue: &dyn Queue,
+    worker: &message_worker::Deps,
+    max: usize,
+) -> (usize, Duration) {
+    let msgs = queue.receive(max, Duration::from_secs(60)).await.unwrap();
     if msgs.is_empty() {
-        return 0;
+        return (0, Duration::ZERO);
     }
     let event = to_sqs_event(&msgs, "arn:aws:sqs:local:000000000000:test.fifo");
+    let started = std::time::Instant::now();
     let response = message_worker::handle(event, worker).await;
+    let took = started.elapsed();
     let failed: std::collections::HashSet<String> = response
         .batch_item_failures
         .into_iter()
@@ -439,7 +451,7 @@ pub async fn deliver_once(queue: &dyn Queue, worker: &message_worker::Deps) -> u
         .map(|m| m.receipt_handle.clone())
         .collect();
     queue.delete_batch(&done).await.unwrap();
-    msgs.len()
+    (msgs.len(), took)
 }
 
 /// Status counts of a campaign, as a map.

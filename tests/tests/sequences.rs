@@ -364,32 +364,11 @@ async fn pause_resume_edit_and_cancel_act_on_unsent_rows_at_once(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(campaign, step1);
-    let unsent = repo::sequences::list_unsent_step_messages(&mut tx, tenant, step1)
+    let t = shared::render::Template::parse("Edited {name:friend}").unwrap();
+    let changed = repo::sequences::rerender_unsent_messages(&mut tx, tenant, step1, &t, None)
         .await
         .unwrap();
-    let t = shared::render::Template::parse("Edited {name:friend}").unwrap();
-    let mut rng = rand::rng();
-    let bodies: Vec<(i64, String)> = unsent
-        .iter()
-        .map(|u| {
-            (
-                u.id,
-                t.render(
-                    &shared::render::Recipient {
-                        name: &u.name,
-                        phone: &u.phone,
-                    },
-                    &mut rng,
-                ),
-            )
-        })
-        .collect();
-    assert_eq!(
-        repo::sequences::update_message_bodies(&mut tx, tenant, None, &bodies)
-            .await
-            .unwrap(),
-        10
-    );
+    assert_eq!(changed, 10);
     tx.commit().await.unwrap();
     let rows = repo::messages::list_campaign_messages(&pool, tenant, step1)
         .await

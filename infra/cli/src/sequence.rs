@@ -285,27 +285,14 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             let image = repo::campaigns::get_campaign(pool, tenant, campaign)
                 .await?
                 .image;
-            let unsent =
-                repo::sequences::list_unsent_step_messages(&mut tx, tenant, campaign).await?;
-            let mut rng = rand::rng();
-            let bodies: Vec<(i64, String)> = unsent
-                .iter()
-                .map(|u| {
-                    (
-                        u.id,
-                        parsed.render(
-                            &shared::render::Recipient {
-                                name: &u.name,
-                                phone: &u.phone,
-                            },
-                            &mut rng,
-                        ),
-                    )
-                })
-                .collect();
-            let n =
-                repo::sequences::update_message_bodies(&mut tx, tenant, image.as_deref(), &bodies)
-                    .await?;
+            let n = repo::sequences::rerender_unsent_messages(
+                &mut tx,
+                tenant,
+                campaign,
+                &parsed,
+                image.as_deref(),
+            )
+            .await?;
             tx.commit().await?;
             println!("step {position} updated; {n} unsent messages re-rendered");
         }

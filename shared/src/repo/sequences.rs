@@ -289,6 +289,31 @@ pub async fn update_step(
     campaign.ok_or(RepoError::NotFound("step of a live sequence"))
 }
 
+/// Re-renders every unsent message of a step campaign with `template` (spintax drawn anew per
+/// recipient) and sets its image; call it in the transaction that changed the step
+/// ([`update_step`]). Returns how many rows changed.
+pub async fn rerender_unsent_messages(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    campaign: Uuid,
+    template: &crate::render::Template,
+    image: Option<&str>,
+) -> Result<u64, RepoError> {
+    let unsent = list_unsent_step_messages(tx, tenant, campaign).await?;
+    let mut rng = rand::rng();
+    let bodies: Vec<(i64, String)> = unsent
+        .iter()
+        .map(|u| {
+            let to = crate::render::Recipient {
+                name: &u.name,
+                phone: &u.phone,
+            };
+            (u.id, template.render(&to, &mut rng))
+        })
+        .collect();
+    update_message_bodies(tx, tenant, image, &bodies).await
+}
+
 /// A step's rows not yet handed to the provider, with what rendering needs.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UnsentMessage {

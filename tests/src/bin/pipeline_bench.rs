@@ -544,27 +544,13 @@ async fn main() {
         run_trigger(&pool).await;
         let (mut durations, mut records) = (Vec::new(), 0usize);
         while count_status(&pool, c3, "sent").await < n as i64 {
-            let msgs = queue.receive(batch, Duration::from_secs(60)).await.unwrap();
-            if msgs.is_empty() {
+            let (got, took) = wabcast_tests::deliver_batch(queue.as_ref(), &deps, batch).await;
+            if got == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
-            let event = shared::queue::to_sqs_event(&msgs, "arn:aws:sqs:local:0:bench.fifo");
-            let t = Instant::now();
-            let response = message_worker::handle(event, &deps).await;
-            durations.push(t.elapsed().as_secs_f64() * 1000.0);
-            records += msgs.len();
-            let failed: std::collections::HashSet<String> = response
-                .batch_item_failures
-                .into_iter()
-                .map(|f| f.item_identifier)
-                .collect();
-            let done: Vec<String> = msgs
-                .iter()
-                .filter(|m| !failed.contains(&m.message_id))
-                .map(|m| m.receipt_handle.clone())
-                .collect();
-            queue.delete_batch(&done).await.unwrap();
+            durations.push(took.as_secs_f64() * 1000.0);
+            records += got;
         }
         let mean_ms = durations.iter().sum::<f64>() / durations.len() as f64;
         let per_batch = records as f64 / durations.len() as f64;
