@@ -262,3 +262,57 @@ async fn safety_settings_are_validated_and_tenant_scoped(pool: PgPool) {
         assert!(err.contains(want), "{err}");
     }
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_lead_frequency_cap_spaces_messages_to_one_lead_across_campaigns(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "freq@example.com").await;
+    let device = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, device, 0, 5, "cars", LeadStatus::Prospect).await;
+    let mut tx = pool.begin().await.unwrap();
+    repo::tenants::set_lead_min_gap(&mut tx, tenant, 3600.0)
+        .await
+        .unwrap();
+    assert!(repo::tenants::set_lead_min_gap(&mut tx, tenant, -1.0)
+        .await
+        .is_err());
+    tx.commit().await.unwrap();
+    let first = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let second = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.trigger().await;
+    drain(&p).await;
+    // Each lead got exactly one of its two messages; the other waits.
+    let per_lead: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT lead_id, count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status = 'pending')
+         FROM broadcast_messages WHERE tenant_id = $1 GROUP BY lead_id",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(per_lead.len(), 5);
+    assert!(
+        per_lead.iter().all(|(_, s, p)| (*s, *p) == (1, 1)),
+        "{per_lead:?}"
+    );
+    // An hour later the rest goes out.
+    sqlx::query("UPDATE leads SET last_contacted_at = last_contacted_at - interval '2 hours' WHERE tenant_id = $1")
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    p.run_until_done(
+        &[(tenant, first), (tenant, second)],
+        Duration::from_secs(30),
+    )
+    .await;
+    let sent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages WHERE tenant_id = $1 AND status = 'sent'",
+    )
+    .bind(tenant)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(sent, 10);
+}

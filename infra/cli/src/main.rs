@@ -100,6 +100,14 @@ enum TenantCmd {
         #[arg(long, default_value = shared::tz::DEFAULT_TIME_ZONE)]
         time_zone: String,
     },
+    /// Per-lead frequency cap: at most one message per lead every N hours, across all campaigns
+    /// and sequences (0 = off, the default).
+    LeadGap {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        hours: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -337,6 +345,17 @@ async fn run(cli: Cli) -> Result<()> {
         }) => {
             let id = create_tenant(&pool, &email, &password, &time_zone).await?;
             println!("{id}");
+        }
+        Command::Tenant(TenantCmd::LeadGap { tenant, hours }) => {
+            let tenant = resolve_tenant(&pool, &tenant).await?;
+            let mut tx = pool.begin().await?;
+            repo::tenants::set_lead_min_gap(&mut tx, tenant, hours * 3600.0).await?;
+            tx.commit().await?;
+            if hours == 0.0 {
+                println!("per-lead frequency cap off");
+            } else {
+                println!("at most one message per lead every {hours} h");
+            }
         }
         Command::Device(cmd) => device(&pool, cmd).await?,
         Command::Leads(cmd) => leads(&pool, cmd).await?,

@@ -35,7 +35,9 @@ pub struct DeviceLimit {
 /// its quiet hours is not claimed; a device with a daily cap (or in its warm-up ramp: the cap
 /// starts at `warmup_start` on the day it was paired and doubles daily for `warmup_days`) takes
 /// at most what is left of its tenant-local day's allowance, counted as messages are queued.
-/// Held messages simply stay `pending`.
+/// With a per-lead frequency cap (the tenant's `lead_min_gap_s`), a lead contacted within the
+/// gap is skipped over (its message waits) and is contacted at most once per claim. Held
+/// messages simply stay `pending`.
 pub async fn claim_ready_messages(
     tx: &mut PgConnection,
     max_devices: i64,
@@ -50,12 +52,13 @@ pub async fn claim_ready_messages(
         "WITH lim AS (
              SELECT * FROM unnest($4::uuid[], $5::date[], $6::bool[]) AS l(id, day, quiet)
          ), ready AS (
-             SELECT d.id, d.tenant_id, d.min_delay_s, d.max_delay_s, lim.day,
+             SELECT d.id, d.tenant_id, d.min_delay_s, d.max_delay_s, lim.day, t.lead_min_gap_s,
                     CASE WHEN a.cap IS NULL THEN $2::bigint
                          ELSE LEAST($2::bigint, a.cap - CASE WHEN d.cap_day = lim.day
                                                              THEN d.cap_used ELSE 0 END)
                     END AS allow
              FROM devices d
+             JOIN tenants t ON t.id = d.tenant_id
              LEFT JOIN lim ON lim.id = d.id
              CROSS JOIN LATERAL (SELECT CASE
                  WHEN d.paired_at IS NOT NULL AND d.warmup_days > 0
@@ -76,26 +79,36 @@ pub async fn claim_ready_messages(
              ORDER BY d.next_send_at LIMIT $1
              FOR UPDATE OF d SKIP LOCKED
          ), cand AS (
-             SELECT r.id AS device_id, m.id,
+             SELECT r.id AS device_id, r.tenant_id, m.id, m.lead_id, r.lead_min_gap_s,
                     row_number() OVER (PARTITION BY r.id ORDER BY m.due_at, m.id) AS rn,
+                    row_number() OVER (PARTITION BY m.lead_id ORDER BY m.due_at, m.id) AS lead_rn,
                     GREATEST(r.min_delay_s, m.cmin) AS gmin,
                     GREATEST(r.max_delay_s, m.cmax, r.min_delay_s, m.cmin) AS gmax
              FROM ready r
              CROSS JOIN LATERAL (
-                 SELECT bm.id, bm.due_at, c.min_delay_s AS cmin, c.max_delay_s AS cmax
+                 SELECT bm.id, bm.lead_id, bm.due_at, c.min_delay_s AS cmin, c.max_delay_s AS cmax
                  FROM broadcast_messages bm
                  JOIN campaigns c ON c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id
                  WHERE bm.device_id = r.id AND bm.tenant_id = r.tenant_id
                    AND bm.status = 'pending' AND bm.due_at <= now() AND c.status = 'running'
+                   -- the per-lead frequency cap (off at 0): no lead contacted within the gap
+                   AND (r.lead_min_gap_s = 0 OR NOT EXISTS (
+                        SELECT 1 FROM leads l
+                        WHERE l.id = bm.lead_id AND l.tenant_id = bm.tenant_id
+                          AND l.last_contacted_at > now() - make_interval(secs => r.lead_min_gap_s)))
                  ORDER BY bm.due_at, bm.id
                  LIMIT r.allow
                  FOR UPDATE OF bm SKIP LOCKED
              ) m
          ), gapped AS (
-             SELECT device_id, id, rn, gmin + random() * (gmax - gmin) AS gap FROM cand
+             SELECT device_id, tenant_id, id, lead_id, lead_min_gap_s, rn,
+                    gmin + random() * (gmax - gmin) AS gap
+             FROM cand
+             -- with a frequency cap, one message per lead per claim
+             WHERE lead_min_gap_s = 0 OR lead_rn = 1
          ), kept AS (
-             SELECT device_id, id, gap FROM (
-                 SELECT device_id, id, gap,
+             SELECT device_id, tenant_id, id, lead_id, lead_min_gap_s, gap FROM (
+                 SELECT device_id, tenant_id, id, lead_id, lead_min_gap_s, gap,
                         COALESCE(sum(gap) OVER (PARTITION BY device_id ORDER BY rn
                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
                  FROM gapped) k
@@ -106,6 +119,10 @@ pub async fn claim_ready_messages(
                  lease_until = now() + make_interval(secs => $3), gap_s = kept.gap
              FROM kept WHERE bm.id = kept.id AND bm.status = 'pending'
              RETURNING bm.id, bm.tenant_id, bm.device_id, bm.enqueue_count
+         ), contacted AS (
+             UPDATE leads l SET last_contacted_at = now()
+             FROM kept k
+             WHERE k.lead_min_gap_s > 0 AND l.id = k.lead_id AND l.tenant_id = k.tenant_id
          ), cursor AS (
              UPDATE devices d SET next_send_at = now() + make_interval(secs => g.total),
                  cap_day = COALESCE(g.day, d.cap_day),

@@ -54,3 +54,26 @@ pub async fn find_tenant_by_email(pool: &PgPool, email: &str) -> Result<Tenant, 
         .await?
         .ok_or(RepoError::NotFound("tenant"))
 }
+
+/// Sets the tenant's per-lead frequency cap: at most one message per lead per `gap_s` seconds
+/// across all campaigns and sequences (0 = off; at most 31 days).
+pub async fn set_lead_min_gap(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    gap_s: f64,
+) -> Result<(), RepoError> {
+    if !(0.0..=31.0 * 86400.0).contains(&gap_s) {
+        return Err(
+            crate::domain::InvalidInput::new("lead_min_gap", "must be 0 (off) to 31 days").into(),
+        );
+    }
+    let res = sqlx::query("UPDATE tenants SET lead_min_gap_s = $2 WHERE id = $1")
+        .bind(tenant)
+        .bind(gap_s)
+        .execute(tx)
+        .await?;
+    if res.rows_affected() == 0 {
+        return Err(RepoError::NotFound("tenant"));
+    }
+    Ok(())
+}
