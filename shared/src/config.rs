@@ -66,6 +66,17 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Compares a presented value with the secret in constant time, so it cannot be guessed
+    /// byte by byte (bearer tokens, webhook verify tokens).
+    pub fn matches(&self, given: &str) -> bool {
+        let (a, b) = (given.as_bytes(), self.0.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for i in 0..a.len().max(b.len()) {
+            diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -82,6 +93,16 @@ impl fmt::Display for Secret {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn secret_comparison() {
+        let s = Secret::new("abc");
+        assert!(s.matches("abc"));
+        assert!(!s.matches("abd"));
+        assert!(!s.matches("ab"));
+        assert!(!s.matches(""));
+    }
+
     use super::*;
 
     #[test]

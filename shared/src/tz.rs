@@ -48,6 +48,21 @@ pub fn resolve_local(
     }
 }
 
+/// The instant `days` days after the local `date`, at local `time` in `zone` (a sequence step:
+/// enrollment date + day offset at the sequence's time of day). DST gaps and repeats resolve as
+/// in [`resolve_local`].
+pub fn resolve_days_after(
+    zone: Tz,
+    date: NaiveDate,
+    days: i32,
+    time: NaiveTime,
+) -> Result<DateTime<Utc>, InvalidInput> {
+    let date = date
+        .checked_add_days(chrono::Days::new(days.max(0) as u64))
+        .ok_or_else(|| InvalidInput::new("day_offset", "date out of range"))?;
+    resolve_local(zone, date, Some(time), Utc::now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,5 +102,38 @@ mod tests {
     #[test]
     fn unknown_zone_is_refused() {
         assert!(parse_zone("Mars/Olympus").is_err());
+    }
+
+    fn zone(name: &str) -> Tz {
+        parse_zone(name).unwrap()
+    }
+
+    #[test]
+    fn steps_fall_due_at_the_local_time_of_day_in_the_tenants_zone() {
+        // Kuala Lumpur, UTC+8 all year: day 2 at 09:00 local is 01:00 UTC.
+        assert_eq!(
+            resolve_days_after(zone("Asia/Kuala_Lumpur"), d(2026, 11, 25), 2, t(9, 0)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 11, 27, 1, 0, 0).unwrap()
+        );
+        let ny = zone("America/New_York");
+        // The same local time on both sides of the spring change is an hour apart in UTC.
+        assert_eq!(
+            resolve_days_after(ny, d(2026, 3, 7), 0, t(9, 0)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 3, 7, 14, 0, 0).unwrap()
+        );
+        assert_eq!(
+            resolve_days_after(ny, d(2026, 3, 7), 1, t(9, 0)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 3, 8, 13, 0, 0).unwrap()
+        );
+        // 02:30 does not exist on 8 March 2026: the first instant after the gap, 03:00 EDT.
+        assert_eq!(
+            resolve_days_after(ny, d(2026, 3, 7), 1, t(2, 30)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 3, 8, 7, 0, 0).unwrap()
+        );
+        // 01:30 happens twice on 1 November 2026: the earlier one, still EDT.
+        assert_eq!(
+            resolve_days_after(ny, d(2026, 10, 31), 1, t(1, 30)).unwrap(),
+            Utc.with_ymd_and_hms(2026, 11, 1, 5, 30, 0).unwrap()
+        );
     }
 }

@@ -162,15 +162,14 @@ async fn enrollment_is_idempotent_concurrent_safe_and_consumes_the_trigger(pool:
         .fetch_one(&pool)
         .await
         .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let active = repo::sequences::list_active_sequences(&mut conn)
+    let active = repo::sequences::get_active_sequence(&pool, tenant, seq)
         .await
+        .unwrap()
         .unwrap();
-    drop(conn);
     let mut tx = pool.begin().await.unwrap();
     let again = repo::sequences::enroll_lead(
         &mut tx,
-        &active[0],
+        &active,
         lead,
         chrono::Utc::now().date_naive(),
         chrono::Utc::now(),
@@ -217,15 +216,19 @@ async fn no_cross_tenant_enrollment_or_trigger_consumption(pool: PgPool) {
         .fetch_one(&pool)
         .await
         .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let active = repo::sequences::list_active_sequences(&mut conn)
+    let active = repo::sequences::get_active_sequence(&pool, a, seq)
         .await
+        .unwrap()
         .unwrap();
-    drop(conn);
+    // B cannot even look up A's sequence.
+    assert!(repo::sequences::get_active_sequence(&pool, b, seq)
+        .await
+        .unwrap()
+        .is_none());
     let mut tx = pool.begin().await.unwrap();
     let err = repo::sequences::enroll_lead(
         &mut tx,
-        &active[0],
+        &active,
         b_lead,
         chrono::Utc::now().date_naive(),
         chrono::Utc::now(),

@@ -94,19 +94,6 @@ pub async fn handle(event: serde_json::Value, deps: &Deps) -> Result<TriggerRepo
     Ok(report)
 }
 
-/// The step of `day_offset` days after `enrolled_on`, at the sequence's local time of day.
-fn step_due(
-    zone: chrono_tz::Tz,
-    enrolled_on: chrono::NaiveDate,
-    day_offset: i32,
-    send_time: chrono::NaiveTime,
-) -> Result<chrono::DateTime<chrono::Utc>, InvalidInput> {
-    let date = enrolled_on
-        .checked_add_days(chrono::Days::new(day_offset.max(0) as u64))
-        .ok_or_else(|| InvalidInput::new("day_offset", "date out of range"))?;
-    shared::tz::resolve_local(zone, date, Some(send_time), chrono::Utc::now())
-}
-
 /// Enrollment, lazy materialisation and completion of sequences (see the module docs).
 async fn run_sequences(deps: &Deps, report: &mut TriggerReport) -> Result<(), TriggerError> {
     use anyhow::Context;
@@ -127,12 +114,11 @@ async fn run_sequences(deps: &Deps, report: &mut TriggerReport) -> Result<(), Tr
         };
         let today = now.with_timezone(&zone).date_naive();
         let first_due =
-            step_due(zone, today, seq.first_day_offset, seq.send_time).map_err(|problem| {
-                TriggerError::InvalidCampaign {
+            shared::tz::resolve_days_after(zone, today, seq.first_day_offset, seq.send_time)
+                .map_err(|problem| TriggerError::InvalidCampaign {
                     campaign: seq.id,
                     problem,
-                }
-            })?;
+                })?;
         let mut tx = deps.pool.begin().await.context("failed to begin")?;
         let n = repo::sequences::enroll_triggered_leads(&mut tx, seq, today, first_due)
             .await
@@ -187,7 +173,8 @@ async fn materialise_group(
     // The instant this step was due for the whole group (it may lie in the past: a sequence
     // resumed after a pause sends what fell due meanwhile at once).
     let due =
-        step_due(zone, group.enrolled_on, group.day_offset, group.send_time).map_err(invalid)?;
+        shared::tz::resolve_days_after(zone, group.enrolled_on, group.day_offset, group.send_time)
+            .map_err(invalid)?;
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
     let due_rows = repo::sequences::claim_due_enrollments(&mut tx, group, STEP_CHUNK)
         .await
@@ -226,7 +213,8 @@ async fn materialise_group(
     let next = match (group.next_position, group.next_day_offset) {
         (Some(p), Some(offset)) => Some((
             p,
-            step_due(zone, group.enrolled_on, offset, group.send_time).map_err(invalid)?,
+            shared::tz::resolve_days_after(zone, group.enrolled_on, offset, group.send_time)
+                .map_err(invalid)?,
         )),
         _ => None,
     };
@@ -308,42 +296,6 @@ async fn fan_out(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::{NaiveDate, NaiveTime, TimeZone, Utc};
-
-    fn zone(name: &str) -> chrono_tz::Tz {
-        shared::tz::parse_zone(name).unwrap()
-    }
-
-    #[test]
-    fn steps_fall_due_at_the_local_time_of_day_in_the_tenants_zone() {
-        let d = |y, m, day| NaiveDate::from_ymd_opt(y, m, day).unwrap();
-        let t = |h, min| NaiveTime::from_hms_opt(h, min, 0).unwrap();
-        // Kuala Lumpur, UTC+8 all year: day 2 at 09:00 local is 01:00 UTC.
-        assert_eq!(
-            step_due(zone("Asia/Kuala_Lumpur"), d(2026, 11, 25), 2, t(9, 0)).unwrap(),
-            Utc.with_ymd_and_hms(2026, 11, 27, 1, 0, 0).unwrap()
-        );
-        let ny = zone("America/New_York");
-        // The same local time on both sides of the spring change is an hour apart in UTC.
-        assert_eq!(
-            step_due(ny, d(2026, 3, 7), 0, t(9, 0)).unwrap(),
-            Utc.with_ymd_and_hms(2026, 3, 7, 14, 0, 0).unwrap()
-        );
-        assert_eq!(
-            step_due(ny, d(2026, 3, 7), 1, t(9, 0)).unwrap(),
-            Utc.with_ymd_and_hms(2026, 3, 8, 13, 0, 0).unwrap()
-        );
-        // 02:30 does not exist on 8 March 2026: the first instant after the gap, 03:00 EDT.
-        assert_eq!(
-            step_due(ny, d(2026, 3, 7), 1, t(2, 30)).unwrap(),
-            Utc.with_ymd_and_hms(2026, 3, 8, 7, 0, 0).unwrap()
-        );
-        // 01:30 happens twice on 1 November 2026: the earlier one, still EDT.
-        assert_eq!(
-            step_due(ny, d(2026, 10, 31), 1, t(1, 30)).unwrap(),
-            Utc.with_ymd_and_hms(2026, 11, 1, 5, 30, 0).unwrap()
-        );
-    }
 
     #[test]
     fn events_are_any_object_with_an_optional_override() {

@@ -231,31 +231,21 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let phone = PhoneE164::parse(&phone)?;
             let seq = repo::sequences::get_sequence(pool, tenant, sequence).await?;
-            if seq.status != "active" {
+            let Some(active) = repo::sequences::get_active_sequence(pool, tenant, sequence).await?
+            else {
                 bail!("sequence {sequence} is {}: activate it first", seq.status);
-            }
-            let mut conn = pool.acquire().await?;
-            let active = repo::sequences::list_active_sequences(&mut conn)
-                .await?
-                .into_iter()
-                .find(|s| s.id == sequence && s.tenant_id == tenant)
-                .context("sequence not active")?;
-            drop(conn);
+            };
             let leads = repo::leads::find_leads_by_phone(pool, tenant, &phone).await?;
             if leads.is_empty() {
                 bail!("no lead of this tenant has {phone}");
             }
-            let zone =
-                shared::tz::parse_zone(&repo::tenants::get_tenant(pool, tenant).await?.time_zone)?;
-            let now = chrono::Utc::now();
-            let today = now.with_timezone(&zone).date_naive();
-            let first_due = shared::tz::resolve_local(
+            let zone = shared::tz::parse_zone(&active.time_zone)?;
+            let today = chrono::Utc::now().with_timezone(&zone).date_naive();
+            let first_due = shared::tz::resolve_days_after(
                 zone,
-                today
-                    .checked_add_days(chrono::Days::new(active.first_day_offset.max(0) as u64))
-                    .context("date out of range")?,
-                Some(active.send_time),
-                now,
+                today,
+                active.first_day_offset,
+                active.send_time,
             )?;
             let mut tx = pool.begin().await?;
             let mut n = 0;

@@ -377,22 +377,38 @@ pub struct ActiveSequence {
     pub first_day_offset: i32,
 }
 
+const ACTIVE_SEQUENCE: &str = "SELECT q.id, q.tenant_id, t.time_zone, q.niche, q.target_status,
+        q.trigger_token, q.send_time, s.position AS first_position, s.day_offset AS first_day_offset
+     FROM sequences q
+     JOIN tenants t ON t.id = q.tenant_id
+     JOIN LATERAL (SELECT position, day_offset FROM sequence_steps
+                   WHERE sequence_id = q.id AND tenant_id = q.tenant_id
+                   ORDER BY position LIMIT 1) s ON true
+     WHERE q.status = 'active'";
+
 /// System scope: every active sequence with its tenant's time zone and first step.
 pub async fn list_active_sequences(
     conn: &mut PgConnection,
 ) -> Result<Vec<ActiveSequence>, RepoError> {
-    Ok(sqlx::query_as(
-        "SELECT q.id, q.tenant_id, t.time_zone, q.niche, q.target_status, q.trigger_token,
-                q.send_time, s.position AS first_position, s.day_offset AS first_day_offset
-         FROM sequences q
-         JOIN tenants t ON t.id = q.tenant_id
-         JOIN LATERAL (SELECT position, day_offset FROM sequence_steps
-                       WHERE sequence_id = q.id AND tenant_id = q.tenant_id
-                       ORDER BY position LIMIT 1) s ON true
-         WHERE q.status = 'active'
-         ORDER BY q.created_at",
+    Ok(
+        sqlx::query_as(&format!("{ACTIVE_SEQUENCE} ORDER BY q.created_at"))
+            .fetch_all(conn)
+            .await?,
     )
-    .fetch_all(conn)
+}
+
+/// One of the tenant's sequences, if it is active (for an explicit enrollment).
+pub async fn get_active_sequence(
+    pool: &PgPool,
+    tenant: Uuid,
+    sequence: Uuid,
+) -> Result<Option<ActiveSequence>, RepoError> {
+    Ok(sqlx::query_as(&format!(
+        "{ACTIVE_SEQUENCE} AND q.id = $1 AND q.tenant_id = $2"
+    ))
+    .bind(sequence)
+    .bind(tenant)
+    .fetch_optional(pool)
     .await?)
 }
 
