@@ -395,13 +395,18 @@ pub(crate) async fn create_tenant(
     password: &str,
     time_zone: &str,
 ) -> Result<Uuid> {
-    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    use argon2::password_hash::{PasswordHasher, SaltString};
     shared::tz::parse_zone(time_zone)?;
     if password.chars().count() < 8 {
         bail!("password must be at least 8 characters");
     }
+    // 16 random bytes from the thread CSPRNG (seeded by the OS) as the salt.
+    let mut salt = [0u8; 16];
+    rand::Rng::fill(&mut rand::rng(), &mut salt);
+    let salt = SaltString::encode_b64(&salt)
+        .map_err(|e| anyhow::anyhow!("failed to encode the salt: {e}"))?;
     let hash = argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &SaltString::generate(&mut OsRng))
+        .hash_password(password.as_bytes(), &salt)
         .map_err(|e| anyhow::anyhow!("failed to hash password: {e}"))?
         .to_string();
     let mut tx = pool.begin().await?;

@@ -73,9 +73,9 @@ pub async fn insert_campaign(
 }
 
 pub async fn get_campaign(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Campaign, RepoError> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1 AND tenant_id = $2"
-    ))
+    )))
     .bind(id)
     .bind(tenant)
     .fetch_optional(pool)
@@ -84,10 +84,10 @@ pub async fn get_campaign(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Campa
 }
 
 pub async fn list_campaigns(pool: &PgPool, tenant: Uuid) -> Result<Vec<Campaign>, RepoError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE tenant_id = $1 AND sequence_id IS NULL
          ORDER BY created_at DESC"
-    ))
+    )))
     .bind(tenant)
     .fetch_all(pool)
     .await?)
@@ -99,11 +99,11 @@ pub async fn claim_due_campaigns(
     tx: &mut PgConnection,
     limit: i64,
 ) -> Result<Vec<Campaign>, RepoError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {CAMPAIGN_COLUMNS} FROM campaigns
          WHERE status = 'scheduled' AND scheduled_at <= now()
          ORDER BY scheduled_at LIMIT $1 FOR UPDATE SKIP LOCKED"
-    ))
+    )))
     .bind(limit)
     .fetch_all(tx)
     .await?)

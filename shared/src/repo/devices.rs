@@ -62,9 +62,9 @@ pub async fn insert_device(
 }
 
 pub async fn get_device(pool: &PgPool, tenant: Uuid, device: Uuid) -> Result<Device, RepoError> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1 AND tenant_id = $2"
-    ))
+    )))
     .bind(device)
     .bind(tenant)
     .fetch_optional(pool)
@@ -73,9 +73,9 @@ pub async fn get_device(pool: &PgPool, tenant: Uuid, device: Uuid) -> Result<Dev
 }
 
 pub async fn list_devices(pool: &PgPool, tenant: Uuid) -> Result<Vec<Device>, RepoError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY label, id"
-    ))
+    )))
     .bind(tenant)
     .fetch_all(pool)
     .await?)
@@ -87,10 +87,10 @@ pub async fn list_live_devices(
     providers: &[&str],
 ) -> Result<Vec<Device>, RepoError> {
     let providers: Vec<String> = providers.iter().map(|p| p.to_string()).collect();
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM devices
          WHERE deleted_at IS NULL AND provider = ANY($1) ORDER BY tenant_id, id"
-    ))
+    )))
     .bind(&providers)
     .fetch_all(pool)
     .await?)

@@ -149,9 +149,9 @@ pub async fn insert_sequence(
 }
 
 pub async fn get_sequence(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Sequence, RepoError> {
-    sqlx::query_as(&format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SEQUENCE_COLUMNS} FROM sequences WHERE id = $1 AND tenant_id = $2"
-    ))
+    )))
     .bind(id)
     .bind(tenant)
     .fetch_optional(pool)
@@ -160,9 +160,9 @@ pub async fn get_sequence(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Seque
 }
 
 pub async fn list_sequences(pool: &PgPool, tenant: Uuid) -> Result<Vec<Sequence>, RepoError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SEQUENCE_COLUMNS} FROM sequences WHERE tenant_id = $1 ORDER BY created_at DESC"
-    ))
+    )))
     .bind(tenant)
     .fetch_all(pool)
     .await?)
@@ -390,11 +390,11 @@ const ACTIVE_SEQUENCE: &str = "SELECT q.id, q.tenant_id, t.time_zone, q.niche, q
 pub async fn list_active_sequences(
     conn: &mut PgConnection,
 ) -> Result<Vec<ActiveSequence>, RepoError> {
-    Ok(
-        sqlx::query_as(&format!("{ACTIVE_SEQUENCE} ORDER BY q.created_at"))
-            .fetch_all(conn)
-            .await?,
-    )
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{ACTIVE_SEQUENCE} ORDER BY q.created_at"
+    )))
+    .fetch_all(conn)
+    .await?)
 }
 
 /// One of the tenant's sequences, if it is active (for an explicit enrollment).
@@ -403,9 +403,9 @@ pub async fn get_active_sequence(
     tenant: Uuid,
     sequence: Uuid,
 ) -> Result<Option<ActiveSequence>, RepoError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "{ACTIVE_SEQUENCE} AND q.id = $1 AND q.tenant_id = $2"
-    ))
+    )))
     .bind(sequence)
     .bind(tenant)
     .fetch_optional(pool)
