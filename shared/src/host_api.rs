@@ -96,6 +96,9 @@ pub struct PairingBody {
     pub method: String,
     pub code: String,
     pub expires_in_s: u64,
+    /// The QR code as an SVG image (QR pairing only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub svg: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +311,20 @@ impl HostClient {
         self.call(
             self.http
                 .post(format!("{}/v1/devices/{device}/connect", self.base))
+                .query(&[("tenant_id", tenant.to_string())]),
+        )
+        .await
+    }
+
+    /// Logs the device out: unlinked, session deleted, nothing reconnects until it is paired again.
+    pub async fn logout_device(
+        &self,
+        tenant: Uuid,
+        device: Uuid,
+    ) -> anyhow::Result<DeviceStatusBody> {
+        self.call(
+            self.http
+                .post(format!("{}/v1/devices/{device}/logout", self.base))
                 .query(&[("tenant_id", tenant.to_string())]),
         )
         .await

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod host_api;
 pub mod media;
 pub mod pacing;
+pub mod qr;
 pub mod queue;
 pub mod render;
 pub mod repo;

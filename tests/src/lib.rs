@@ -293,6 +293,12 @@ impl TestHost {
                 data_dir: dir.path().to_path_buf(),
                 simulator: sim,
                 cloud_api,
+                web: {
+                    // Never WhatsApp's servers from a test: a loopback port nobody listens on.
+                    let mut w = device_host_web::WebConfig::new(dir.path());
+                    w.ws_url = Some("ws://127.0.0.1:9/ws/chat".into());
+                    w
+                },
             },
             pool.clone(),
             pool.clone(),
@@ -469,4 +475,23 @@ pub fn sends_per_message(entries: &[SendLogEntry]) -> HashMap<i64, usize> {
         *m.entry(e.message_id).or_insert(0) += 1;
     }
     m
+}
+
+/// A fresh, migrated database `name` next to `base` (benchmarks): its URL and a pool of 40.
+pub async fn fresh_database(base: &str, name: &str) -> (String, PgPool) {
+    let admin = shared::db::connect(base, 2).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let pool = shared::db::connect(&url, 40).await.unwrap();
+    shared::db::migrate(&pool).await.unwrap();
+    (url, pool)
 }

@@ -85,7 +85,7 @@ async fn a_campaign_goes_out_through_the_cloud_api_with_each_error_classified(po
             by_phone(&phones[1]).status.as_str(),
             by_phone(&phones[1]).reason.as_deref()
         ),
-        ("failed", Some("not_on_whatsapp"))
+        ("skipped", Some("not_on_whatsapp"))
     );
     let closed = by_phone(&phones[2]);
     assert_eq!(

@@ -553,7 +553,7 @@ async fn transient_failures_retry_with_backoff_and_permanent_ones_fail_at_once(p
     assert_eq!(
         progress
             .by_reason
-            .get(&("failed".into(), "not_on_whatsapp".into()))
+            .get(&("skipped".into(), "not_on_whatsapp".into()))
             .copied()
             .unwrap_or(0),
         not_on_wa
@@ -577,7 +577,7 @@ async fn transient_failures_retry_with_backoff_and_permanent_ones_fail_at_once(p
     }
     assert!(rows
         .iter()
-        .all(|r| ["sent", "failed"].contains(&r.status.as_str())));
+        .all(|r| ["sent", "failed", "skipped"].contains(&r.status.as_str())));
     assert!(sends_per_message(&host.sends()).values().all(|n| *n == 1));
 }
 

@@ -410,15 +410,10 @@ impl CloudApi {
         }
         // Inbound messages: an opt-out keyword opts the lead out in this tenant only.
         for m in &value.messages {
-            let Some(text) = m.text.as_ref().map(|t| t.body.trim().to_uppercase()) else {
+            let Some(text) = m.text.as_ref().map(|t| t.body.as_str()) else {
                 continue;
             };
-            if !self
-                .config
-                .opt_out_keywords
-                .iter()
-                .any(|k| k.eq_ignore_ascii_case(&text))
-            {
+            if !crate::service::is_opt_out(&self.config.opt_out_keywords, text) {
                 continue;
             }
             let Ok(phone) = PhoneE164::parse(&format!("+{}", m.from.trim_start_matches('+')))

@@ -61,6 +61,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}/status", get(status))
         .route("/v1/devices/{id}/pair", post(pair))
         .route("/v1/devices/{id}/connect", post(connect))
+        .route("/v1/devices/{id}/logout", post(logout))
+        .route("/v1/devices/{id}/qr.svg", get(qr_svg))
         .route("/v1/sim/devices/{id}/{action}", post(simulate))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     // Meta calls the webhook without our token: it is authenticated by its HMAC signature.
@@ -176,6 +178,62 @@ async fn connect(
         status: status.to_string(),
         reason,
     }))
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    q: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DeviceStatusBody>, SendError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let device = state.host.device(q.tenant_id, id).await?;
+    let provider = state
+        .host
+        .provider(device.provider)
+        .ok_or_else(|| bad_request("provider not served by this host"))?;
+    provider
+        .logout(&device)
+        .await
+        .map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(DeviceStatusBody {
+        device_id: id,
+        status: DeviceStatus::LoggedOut.to_string(),
+        reason: Some("logged out by the user".into()),
+    }))
+}
+
+/// The current pairing QR code as an SVG image (starts QR pairing when none is on show).
+async fn qr_svg(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    q: Result<Query<TenantQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, SendError> {
+    let Query(q) = q.map_err(|e| bad_request(e.body_text()))?;
+    let device = state.host.device(q.tenant_id, id).await?;
+    let provider = state
+        .host
+        .provider(device.provider)
+        .ok_or_else(|| bad_request("provider not served by this host"))?;
+    let pairing = provider
+        .start_pairing(&device, None)
+        .await
+        .map_err(|e| SendError {
+            status: 409,
+            code: code::PROVIDER_ERROR,
+            message: e.to_string(),
+            retryable: true,
+        })?;
+    let svg = pairing
+        .svg
+        .ok_or_else(|| bad_request("this device pairs without a QR code"))?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "image/svg+xml"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        svg,
+    )
+        .into_response())
 }
 
 async fn pair(

@@ -12,6 +12,8 @@ pub mod http;
 pub mod provider;
 pub mod service;
 pub mod simulator;
+#[cfg(feature = "web")]
+pub mod web;
 
 use shared::config::{self, Secret};
 use shared::media::ImageFetcher;
@@ -29,6 +31,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub simulator: simulator::SimConfig,
     pub cloud_api: cloud_api::CloudApiConfig,
+    #[cfg(feature = "web")]
+    pub web: device_host_web::WebConfig,
 }
 
 impl Config {
@@ -37,11 +41,23 @@ impl Config {
             Ok(Duration::from_millis(config::parsed_or(name, default)?))
         };
         let receipts: bool = config::parsed_or("SIM_RECEIPTS", true)?;
+        let data_dir = PathBuf::from(config::string_or("HOST_DATA_DIR", ".local/host"));
+        #[cfg(feature = "web")]
+        let web = {
+            let mut w = device_host_web::WebConfig::new(&data_dir);
+            w.ws_url = std::env::var("WEB_WS_URL").ok().filter(|s| !s.is_empty());
+            w.typing_per_char = ms("WEB_TYPING_MS_PER_CHAR", 60)?;
+            w.typing_min = ms("WEB_TYPING_MIN_MS", 800)?;
+            w.typing_max = ms("WEB_TYPING_MAX_MS", 6_000)?;
+            w.restriction_hold =
+                chrono::Duration::hours(config::parsed_or("WEB_RESTRICTION_HOLD_H", 24)?);
+            w
+        };
         Ok(Self {
             bind: config::parsed_or("HOST_BIND", SocketAddr::from(([127, 0, 0, 1], 8700)))?,
             token: config::secret("HOST_TOKEN")?,
             host_id: config::string_or("HOST_ID", "host-1"),
-            data_dir: PathBuf::from(config::string_or("HOST_DATA_DIR", ".local/host")),
+            data_dir,
             simulator: simulator::SimConfig {
                 seed: config::parsed_or("SIM_SEED", 42)?,
                 latency: ms("SIM_LATENCY_MS", 0)?,
@@ -74,6 +90,8 @@ impl Config {
                         .collect()
                 },
             },
+            #[cfg(feature = "web")]
+            web,
         })
     }
 }
@@ -96,6 +114,8 @@ pub async fn start(
     use anyhow::Context;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let events_tx_cloud = events_tx.clone();
+    #[cfg(feature = "web")]
+    let events_tx_web = events_tx.clone();
     let simulator = Arc::new(simulator::Simulator::new(
         config.simulator.clone(),
         &config.data_dir,
@@ -106,17 +126,27 @@ pub async fn start(
         pool.clone(),
         events_tx_cloud,
     )?);
+    #[allow(unused_mut)]
+    let mut providers = vec![
+        simulator.clone() as Arc<dyn provider::Provider>,
+        cloud.clone() as Arc<dyn provider::Provider>,
+    ];
+    #[cfg(feature = "web")]
+    providers
+        .push(web::WebProvider::start(config.web.clone(), events_tx_web)
+            as Arc<dyn provider::Provider>);
     let host = Arc::new(service::Host::new(
         pool.clone(),
         relaxed_pool.clone(),
         config.host_id.clone(),
-        vec![
-            simulator.clone() as Arc<dyn provider::Provider>,
-            cloud.clone() as Arc<dyn provider::Provider>,
-        ],
+        providers,
         ImageFetcher::new()?,
     ));
-    tokio::spawn(service::run_event_writer(relaxed_pool, events_rx));
+    tokio::spawn(service::run_event_writer(
+        relaxed_pool,
+        events_rx,
+        config.cloud_api.opt_out_keywords.clone(),
+    ));
     host.restore_sessions().await?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await

@@ -70,6 +70,30 @@ pub enum ProviderEvent {
         read: bool,
         at: DateTime<Utc>,
     },
+    /// Receipts naming our provider message ids (the host finds the rows).
+    ReceiptByProviderId {
+        device: DeviceRef,
+        provider_message_ids: Vec<String>,
+        read: bool,
+        at: DateTime<Utc>,
+    },
+    /// The server accepted a message after the send returned: its attempt record becomes `sent`.
+    Accepted {
+        device: DeviceRef,
+        provider_message_id: String,
+    },
+    /// The server refused a message after the send returned (a nack): the row fails with it.
+    Refused {
+        device: DeviceRef,
+        provider_message_id: String,
+        code: String,
+    },
+    /// Text a contact sent to the device (opt-out keywords act on it).
+    Inbound {
+        device: DeviceRef,
+        from: PhoneE164,
+        text: String,
+    },
 }
 
 #[async_trait]
@@ -90,4 +114,26 @@ pub trait Provider: Send + Sync {
     /// After a crash mid-send: does the provider know this message id as sent? `None` = cannot
     /// tell, and the host then fails the message (`outcome_unknown`) rather than risk a second send.
     async fn was_sent(&self, device: &DeviceRef, provider_message_id: &str) -> Option<bool>;
+    /// Whether the host should check a lead's number (once, cached on the lead) before the first
+    /// send to it.
+    fn checks_numbers(&self) -> bool {
+        false
+    }
+    /// Is this number on WhatsApp? Only called when [`Provider::checks_numbers`] is true.
+    async fn check_number(
+        &self,
+        _device: &DeviceRef,
+        _to: &PhoneE164,
+    ) -> Result<bool, ProviderError> {
+        Ok(true)
+    }
+    /// Logs the device out: unlinks it, forgets its session, and nothing reconnects on its own.
+    async fn logout(&self, device: &DeviceRef) -> Result<(), ProviderError> {
+        Err(ProviderError::Rejected(format!(
+            "{} devices have no session to log out of",
+            device.provider
+        )))
+    }
+    /// Closes the device's session on this host without logging it out (another host takes it).
+    async fn release(&self, _device: &DeviceRef) {}
 }

@@ -565,7 +565,11 @@ impl Host {
                 text: req.text.clone(),
                 image,
             };
-            let result = p.provider.send(&p.device, &outbound).await;
+            let result = match self.number_known_absent(&p).await {
+                Ok(true) => Err(ProviderError::NotOnWhatsapp),
+                Ok(false) => p.provider.send(&p.device, &outbound).await,
+                Err(e) => Err(e),
+            };
             let attempt = match result {
                 Ok(()) => Attempt::Sent {
                     provider_message_id: p.provider_message_id,
@@ -581,6 +585,36 @@ impl Host {
             out.push((p.index, attempt));
         }
         out
+    }
+
+    /// For providers that check numbers: the lead's cached answer, or a check now (cached on the
+    /// lead, for every later message to it). True when the number is known not to be on WhatsApp.
+    async fn number_known_absent(&self, p: &Pending) -> Result<bool, ProviderError> {
+        if !p.provider.checks_numbers() {
+            return Ok(false);
+        }
+        let db = |e: RepoError| ProviderError::Transient(format!("lead lookup failed: {e}"));
+        let cached =
+            repo::leads::cached_on_whatsapp(&self.pool, p.device.tenant_id, p.device.id, &p.to)
+                .await
+                .map_err(db)?;
+        let on = match cached {
+            Some(on) => on,
+            None => {
+                let on = p.provider.check_number(&p.device, &p.to).await?;
+                repo::leads::cache_on_whatsapp(
+                    &self.pool,
+                    p.device.tenant_id,
+                    p.device.id,
+                    &p.to,
+                    on,
+                )
+                .await
+                .map_err(db)?;
+                on
+            }
+        };
+        Ok(!on)
     }
 
     /// Records outcomes in one statement on the relaxed pool: a lost
@@ -699,8 +733,13 @@ fn permanent_code(reason: &str) -> &'static str {
     }
 }
 
-/// Writes provider events to PostgreSQL: statuses as they come, receipts in batches.
-pub async fn run_event_writer(pool: PgPool, mut events: mpsc::UnboundedReceiver<ProviderEvent>) {
+/// Writes provider events to PostgreSQL: statuses as they come, receipts in batches, acks and
+/// nacks of accepted messages, opt-out keywords of inbound text (`opt_out_keywords`, upper case).
+pub async fn run_event_writer(
+    pool: PgPool,
+    mut events: mpsc::UnboundedReceiver<ProviderEvent>,
+    opt_out_keywords: Vec<String>,
+) {
     let mut receipts: Vec<Receipt> = Vec::new();
     loop {
         let first = if receipts.is_empty() {
@@ -747,12 +786,135 @@ pub async fn run_event_writer(pool: PgPool, mut events: mpsc::UnboundedReceiver<
                     read,
                     at,
                 }),
+                ProviderEvent::ReceiptByProviderId {
+                    device,
+                    provider_message_ids,
+                    read,
+                    at,
+                } => match repo::cloud_api::find_sends_by_provider_ids(
+                    &pool,
+                    device.tenant_id,
+                    device.id,
+                    &provider_message_ids,
+                )
+                .await
+                {
+                    Ok(found) => {
+                        receipts.extend(found.into_iter().map(|(_, message_id)| Receipt {
+                            tenant_id: device.tenant_id,
+                            message_id,
+                            read,
+                            at,
+                        }))
+                    }
+                    Err(e) => warn!(device_id = %device.id, error = %e, "could not match receipts"),
+                },
+                ProviderEvent::Accepted {
+                    device,
+                    provider_message_id,
+                } => {
+                    if let Err(e) = write_accepted(&pool, &device, &provider_message_id).await {
+                        warn!(device_id = %device.id, error = %e, "could not record an ack");
+                    }
+                }
+                ProviderEvent::Refused {
+                    device,
+                    provider_message_id,
+                    code,
+                } => {
+                    if let Err(e) = write_refused(&pool, &device, &provider_message_id, &code).await
+                    {
+                        warn!(device_id = %device.id, error = %e, "could not record a nack");
+                    }
+                }
+                ProviderEvent::Inbound { device, from, text } => {
+                    if !is_opt_out(&opt_out_keywords, &text) {
+                        continue;
+                    }
+                    match write_opt_out(&pool, &device, &from).await {
+                        Ok(n) => {
+                            info!(tenant = %device.tenant_id, leads = n, "opt-out keyword received")
+                        }
+                        Err(e) => {
+                            warn!(device_id = %device.id, error = %e, "could not record an opt-out")
+                        }
+                    }
+                }
             }
         }
         if receipts.len() >= 2_000 {
             flush_receipts(&pool, &mut receipts).await;
         }
     }
+}
+
+/// Whether inbound text is an opt-out: the whole message (trimmed, any case) is one keyword.
+pub fn is_opt_out(keywords: &[String], text: &str) -> bool {
+    let t = text.trim();
+    keywords.iter().any(|k| k.eq_ignore_ascii_case(t))
+}
+
+async fn message_of(
+    pool: &PgPool,
+    device: &DeviceRef,
+    provider_message_id: &str,
+) -> anyhow::Result<Option<i64>> {
+    Ok(repo::cloud_api::find_sends_by_provider_ids(
+        pool,
+        device.tenant_id,
+        device.id,
+        &[provider_message_id.to_string()],
+    )
+    .await?
+    .first()
+    .map(|(_, m)| *m))
+}
+
+async fn write_accepted(
+    pool: &PgPool,
+    device: &DeviceRef,
+    provider_message_id: &str,
+) -> anyhow::Result<()> {
+    if let Some(message_id) = message_of(pool, device, provider_message_id).await? {
+        let mut tx = pool.begin().await?;
+        repo::cloud_api::confirm_host_sends(&mut tx, device.tenant_id, &[message_id]).await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+async fn write_refused(
+    pool: &PgPool,
+    device: &DeviceRef,
+    provider_message_id: &str,
+    nack: &str,
+) -> anyhow::Result<()> {
+    let Some(message_id) = message_of(pool, device, provider_message_id).await? else {
+        return Ok(());
+    };
+    let detail = match nack {
+        "463" => format!("WhatsApp refused the message (nack {nack}: reach-out restriction)"),
+        "475" => format!("WhatsApp refused the message (nack {nack}: new-chat limit)"),
+        other => format!("WhatsApp refused the message (nack {other})"),
+    };
+    let mut tx = pool.begin().await?;
+    repo::cloud_api::fail_accepted_message(
+        &mut tx,
+        device.tenant_id,
+        message_id,
+        reason::PROVIDER_REJECTED,
+        &detail,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn write_opt_out(pool: &PgPool, device: &DeviceRef, from: &PhoneE164) -> anyhow::Result<u64> {
+    let mut tx = pool.begin().await?;
+    let n = repo::leads::opt_out_lead(&mut tx, device.tenant_id, from).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 async fn write_status(

@@ -350,13 +350,18 @@ impl Provider for Simulator {
                 method: "code".into(),
                 code: nonce[..8].to_uppercase(),
                 expires_in_s: 180,
+                svg: None,
             },
-            None => PairingBody {
-                device_id: device.id,
-                method: "qr".into(),
-                code: format!("2@SIM{},{}", &nonce[..16], device.id.simple()),
-                expires_in_s: 20,
-            },
+            None => {
+                let code = format!("2@SIM{},{}", &nonce[..16], device.id.simple());
+                PairingBody {
+                    device_id: device.id,
+                    method: "qr".into(),
+                    svg: shared::qr::svg(&code).ok(),
+                    code,
+                    expires_in_s: 20,
+                }
+            }
         })
     }
 
@@ -419,6 +424,22 @@ impl Provider for Simulator {
 
     async fn was_sent(&self, _device: &DeviceRef, provider_message_id: &str) -> Option<bool> {
         Some(self.log.contains(provider_message_id))
+    }
+
+    /// The simulated link is forgotten: the device needs pairing again.
+    async fn logout(&self, device: &DeviceRef) -> Result<(), ProviderError> {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            if let Some(s) = sessions.get_mut(&device.id) {
+                s.online = false;
+                s.paired = false;
+            }
+        }
+        let _ = self.events.send(ProviderEvent::Status {
+            device: device.clone(),
+            status: DeviceStatus::LoggedOut,
+            reason: Some("logged out by the user".into()),
+        });
+        Ok(())
     }
 }
 

@@ -140,7 +140,8 @@ enum DeviceCmd {
         #[arg(long)]
         device: Uuid,
     },
-    /// Start pairing: prints the QR payload (or the pair code with --phone).
+    /// Start pairing: draws the QR code in the terminal and redraws it as it rotates until the
+    /// device is online (or prints the pair code with --phone).
     Pair {
         #[arg(long)]
         tenant: String,
@@ -148,6 +149,9 @@ enum DeviceCmd {
         device: Uuid,
         #[arg(long)]
         phone: Option<String>,
+        /// Print the QR code once and return instead of following its rotation.
+        #[arg(long)]
+        once: bool,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -196,6 +200,16 @@ enum DeviceCmd {
         tenant: String,
         #[arg(long)]
         device: Uuid,
+    },
+    /// Log a device out: unlinks it from the phone, deletes its session, and nothing reconnects
+    /// until it is paired again.
+    Logout {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        device: Uuid,
+        #[command(flatten)]
+        host: HostArgs,
     },
     /// Connect a device again: after its credentials changed, or once a person has resolved
     /// what stopped it (restricted, logged out). Prints its status.
@@ -488,25 +502,65 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             tenant,
             device,
             phone,
+            once,
             host,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             if let Some(p) = &phone {
                 PhoneE164::parse(p)?;
             }
-            let pairing = host_client(&host)?
-                .start_pairing(tenant, device, phone)
-                .await?;
-            match pairing.method.as_str() {
-                "code" => println!(
-                    "On the phone: Linked devices > Link with phone number, then type {}",
-                    pairing.code
-                ),
-                _ => println!(
-                    "Scan within {} s (WhatsApp > Linked devices):\n{}",
-                    pairing.expires_in_s, pairing.code
-                ),
+            let client = host_client(&host)?;
+            let pairing = client.start_pairing(tenant, device, phone.clone()).await?;
+            if pairing.method == "code" {
+                println!(
+                    "On the phone: WhatsApp > Linked devices > Link with phone number, then type {} \
+                     (valid {} s)",
+                    pairing.code, pairing.expires_in_s
+                );
+                return Ok(());
             }
+            let mut shown = String::new();
+            let mut current = pairing;
+            loop {
+                if current.code != shown {
+                    println!(
+                        "{}\nScan within {} s: WhatsApp > Linked devices > Link a device",
+                        shared::qr::terminal(&current.code)?,
+                        current.expires_in_s
+                    );
+                    shown = current.code.clone();
+                }
+                if once {
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                let status = client.device_status(tenant, device).await?;
+                match status.status.as_str() {
+                    "online" => {
+                        println!("paired: the device is online");
+                        return Ok(());
+                    }
+                    "awaiting_pairing" | "connecting" => {}
+                    other => bail!(
+                        "pairing ended: {other}{}",
+                        status.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    ),
+                }
+                current = client.start_pairing(tenant, device, None).await?;
+            }
+        }
+        DeviceCmd::Logout {
+            tenant,
+            device,
+            host,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let s = host_client(&host)?.logout_device(tenant, device).await?;
+            println!(
+                "{}{}",
+                s.status,
+                s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            );
         }
         DeviceCmd::CloudApi {
             tenant,

@@ -155,7 +155,8 @@ pub async fn fail_accepted_message(
     .await?;
     let res = sqlx::query(
         "UPDATE broadcast_messages
-         SET status = 'failed', reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
+         SET status = CASE WHEN $3 = 'not_on_whatsapp' THEN 'skipped' ELSE 'failed' END,
+             reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
          WHERE id = $2 AND tenant_id = $1 AND status IN ('sending', 'sent')",
     )
     .bind(tenant)

@@ -137,6 +137,45 @@ pub async fn find_leads_by_phone(
     )
 }
 
+/// The cached answer to "is this lead's number on WhatsApp?" (`None`: never checked).
+pub async fn cached_on_whatsapp(
+    pool: &PgPool,
+    tenant: Uuid,
+    device: Uuid,
+    phone: &PhoneE164,
+) -> Result<Option<bool>, RepoError> {
+    Ok(sqlx::query_scalar(
+        "SELECT on_whatsapp FROM leads WHERE tenant_id = $1 AND device_id = $2 AND phone = $3",
+    )
+    .bind(tenant)
+    .bind(device)
+    .bind(phone.as_str())
+    .fetch_optional(pool)
+    .await?
+    .flatten())
+}
+
+/// Caches a number check on the lead.
+pub async fn cache_on_whatsapp(
+    pool: &PgPool,
+    tenant: Uuid,
+    device: Uuid,
+    phone: &PhoneE164,
+    on_whatsapp: bool,
+) -> Result<(), RepoError> {
+    sqlx::query(
+        "UPDATE leads SET on_whatsapp = $4, wa_checked_at = now()
+         WHERE tenant_id = $1 AND device_id = $2 AND phone = $3",
+    )
+    .bind(tenant)
+    .bind(device)
+    .bind(phone.as_str())
+    .bind(on_whatsapp)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 pub async fn count_leads(pool: &PgPool, tenant: Uuid) -> Result<i64, RepoError> {
     Ok(
         sqlx::query_scalar("SELECT count(*) FROM leads WHERE tenant_id = $1")

@@ -259,7 +259,9 @@ pub async fn mark_messages_sent(
     Ok(n as u64)
 }
 
-/// `sending → failed` with a machine-readable reason and the provider's detail.
+/// `sending → failed` with a machine-readable reason and the provider's detail; a number that is
+/// not on WhatsApp ends `skipped` instead (nothing was wrong with the send, there is no one to
+/// send to).
 pub async fn mark_message_failed(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -269,7 +271,8 @@ pub async fn mark_message_failed(
 ) -> Result<bool, RepoError> {
     let res = sqlx::query(
         "UPDATE broadcast_messages
-         SET status = 'failed', reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
+         SET status = CASE WHEN $3 = 'not_on_whatsapp' THEN 'skipped' ELSE 'failed' END,
+             reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
          WHERE id = $1 AND tenant_id = $2 AND status = 'sending'",
     )
     .bind(id)
@@ -363,7 +366,8 @@ pub async fn reconcile_stale_sending(
     .rows_affected();
     let failed = sqlx::query(
         "UPDATE broadcast_messages bm
-         SET status = 'failed', reason = COALESCE(h.error, 'provider_refused'), finished_at = now(),
+         SET status = CASE WHEN h.error = 'not_on_whatsapp' THEN 'skipped' ELSE 'failed' END,
+             reason = COALESCE(h.error, 'provider_refused'), finished_at = now(),
              lease_until = NULL
          FROM host_sends h
          WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id AND h.state = 'failed'

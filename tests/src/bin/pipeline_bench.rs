@@ -69,24 +69,6 @@ fn peak_rss_mb(pid: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-async fn fresh_database(base: &str, name: &str) -> (String, PgPool) {
-    let admin = shared::db::connect(base, 2).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
-    let pool = shared::db::connect(&url, 40).await.unwrap();
-    shared::db::migrate(&pool).await.unwrap();
-    (url, pool)
-}
-
 async fn floor(pool: &PgPool, n: usize) -> f64 {
     sqlx::query("CREATE TABLE floor_messages (LIKE broadcast_messages INCLUDING DEFAULTS INCLUDING INDEXES INCLUDING CONSTRAINTS)")
         .execute(pool)
@@ -330,7 +312,7 @@ async fn main() {
             .unwrap_or(0)
     );
 
-    let (_, floor_pool) = fresh_database(&base, "wabcast_bench_floor").await;
+    let (_, floor_pool) = wabcast_tests::fresh_database(&base, "wabcast_bench_floor").await;
     let floor_rate = floor(&floor_pool, a.messages).await;
     floor_pool.close().await;
     println!("floor (insert + 2 status updates, batches of 1,000): {floor_rate:>10.0} messages/s");
@@ -338,7 +320,7 @@ async fn main() {
     // Sequences: 100,000 leads enrolled by their trigger and their first step materialised in
     // one trigger run (issue: enrollment must not be a bottleneck).
     {
-        let (_, seq_pool) = fresh_database(&base, "wabcast_bench_seq").await;
+        let (_, seq_pool) = wabcast_tests::fresh_database(&base, "wabcast_bench_seq").await;
         let (tenant, campaign, _) = seed(&seq_pool, a.devices, a.messages, "seq", 0.0, 0.0).await;
         let mut tx = seq_pool.begin().await.unwrap();
         repo::campaigns::change_campaign_status(
@@ -412,7 +394,7 @@ async fn main() {
         seq_pool.close().await;
     }
 
-    let (db_url, pool) = fresh_database(&base, "wabcast_bench").await;
+    let (db_url, pool) = wabcast_tests::fresh_database(&base, "wabcast_bench").await;
     if std::env::var("BENCH_WITHOUT_TRANSITION_LOG").is_ok() {
         // Diagnostics only: what the transition log costs.
         sqlx::query(
@@ -590,7 +572,7 @@ fn shared_send_log(path: &Path) -> (usize, usize) {
 /// The same pipeline through `cargo lambda watch` (release builds) and the local emulator.
 async fn watch_run(base: &str, redis: &str, bin: &Path, root: &Path, messages: usize, work: &Path) {
     let devices = 20;
-    let (db_url, pool) = fresh_database(base, "wabcast_bench_watch").await;
+    let (db_url, pool) = wabcast_tests::fresh_database(base, "wabcast_bench_watch").await;
     let (_, campaign, _) = seed(&pool, devices, messages, "watch", 0.0, 0.0).await;
     let (host, host_url) = spawn_host(bin, &db_url, &work.join("watch-host")).await;
     let token = TOKEN;

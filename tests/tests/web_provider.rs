@@ -1,0 +1,350 @@
+//! The host's side of the web multi-device provider, without WhatsApp (unreachable from here):
+//! what its events do to PostgreSQL (acks, nacks, receipts by our message id, opt-out keywords),
+//! and the number check cached on the lead, with a fake provider in the web provider's place.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use async_trait::async_trait;
+use device_host::provider::{DeviceRef, Outbound, Provider, ProviderError, ProviderEvent};
+use device_host::service::Host;
+use shared::domain::{DeviceStatus, LeadStatus, PhoneE164, ProviderKind};
+use shared::host_api::{PairingBody, SendRequest};
+use shared::repo;
+use sqlx::PgPool;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+use wabcast_tests::*;
+
+/// Stands in for the web provider: numbers ending in 0 are not on WhatsApp.
+#[derive(Default)]
+struct FakeWeb {
+    checks: AtomicUsize,
+    sent: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Provider for FakeWeb {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Web
+    }
+    fn new_message_id(&self) -> String {
+        device_host_web::new_message_id()
+    }
+    async fn connect(&self, _device: &DeviceRef) -> DeviceStatus {
+        DeviceStatus::Online
+    }
+    async fn status(&self, _device: &DeviceRef) -> (DeviceStatus, Option<String>) {
+        (DeviceStatus::Online, None)
+    }
+    async fn start_pairing(
+        &self,
+        _device: &DeviceRef,
+        _phone: Option<&PhoneE164>,
+    ) -> Result<PairingBody, ProviderError> {
+        Err(ProviderError::Offline("fake".into()))
+    }
+    async fn send(&self, _device: &DeviceRef, m: &Outbound) -> Result<(), ProviderError> {
+        self.sent.lock().unwrap().push(m.to.as_str().to_string());
+        Ok(())
+    }
+    async fn was_sent(&self, _device: &DeviceRef, _id: &str) -> Option<bool> {
+        Some(false)
+    }
+    fn checks_numbers(&self) -> bool {
+        true
+    }
+    async fn check_number(&self, _d: &DeviceRef, to: &PhoneE164) -> Result<bool, ProviderError> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        Ok(!to.as_str().ends_with('0'))
+    }
+}
+
+async fn web_device(pool: &PgPool, tenant: Uuid) -> Uuid {
+    let device = seed_device(pool, tenant, "web-1", 0.0, 0.0).await;
+    sqlx::query("UPDATE devices SET provider = 'web', status = 'online' WHERE id = $1")
+        .bind(device)
+        .execute(pool)
+        .await
+        .unwrap();
+    device
+}
+
+fn fake_host(pool: &PgPool, fake: &Arc<FakeWeb>) -> Host {
+    Host::new(
+        pool.clone(),
+        pool.clone(),
+        "h1".into(),
+        vec![fake.clone() as Arc<dyn Provider>],
+        shared::media::ImageFetcher::new().unwrap(),
+    )
+}
+
+/// A campaign to every lead of the tenant, materialised.
+async fn new_campaign(pool: &PgPool, tenant: Uuid) -> (Uuid, Vec<repo::messages::MessageRow>) {
+    let campaign = seed_campaign(pool, tenant, &CampaignSpec::default()).await;
+    campaign_trigger::handle(
+        serde_json::json!({}),
+        &campaign_trigger::Deps {
+            pool: pool.clone(),
+            max_campaigns: 10,
+        },
+    )
+    .await
+    .unwrap();
+    let rows = repo::messages::list_campaign_messages(pool, tenant, campaign)
+        .await
+        .unwrap();
+    (campaign, rows)
+}
+
+async fn pending_rows(
+    pool: &PgPool,
+    tenant: Uuid,
+    device: Uuid,
+    n: u64,
+) -> (Uuid, Vec<repo::messages::MessageRow>) {
+    seed_leads(pool, tenant, device, 0, n, "cars", LeadStatus::Prospect).await;
+    let (campaign, rows) = new_campaign(pool, tenant).await;
+    assert_eq!(rows.len() as u64, n);
+    (campaign, rows)
+}
+
+fn request(r: &repo::messages::MessageRow) -> SendRequest {
+    SendRequest {
+        message_id: r.id,
+        tenant_id: r.tenant_id,
+        device_id: r.device_id,
+        to: r.recipient.clone(),
+        text: r.body.clone(),
+        image: None,
+    }
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_number_check_runs_once_per_lead_and_skips_absent_numbers(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "web@example.com").await;
+    let device = web_device(&pool, tenant).await;
+    let (_, rows) = pending_rows(&pool, tenant, device, 20).await;
+    let fake = Arc::new(FakeWeb::default());
+    let host = fake_host(&pool, &fake);
+    let results = host
+        .send_batch(&rows.iter().map(request).collect::<Vec<_>>())
+        .await;
+    let absent: Vec<&repo::messages::MessageRow> =
+        rows.iter().filter(|r| r.recipient.ends_with('0')).collect();
+    assert!(!absent.is_empty());
+    for (r, res) in rows.iter().zip(&results) {
+        match res {
+            Ok(_) => assert!(!r.recipient.ends_with('0')),
+            Err(e) => {
+                assert!(r.recipient.ends_with('0'));
+                assert_eq!(e.code, "not_on_whatsapp");
+                assert!(!e.retryable);
+            }
+        }
+    }
+    assert_eq!(fake.checks.load(Ordering::SeqCst), 20, "one check per lead");
+    assert_eq!(
+        fake.sent.lock().unwrap().len(),
+        20 - absent.len(),
+        "absent numbers are never sent to"
+    );
+    let cached: Vec<(Option<bool>, String)> =
+        sqlx::query_as("SELECT on_whatsapp, phone FROM leads WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(cached
+        .iter()
+        .all(|(on, phone)| *on == Some(!phone.ends_with('0'))));
+
+    // A second campaign to the same leads: answered from the lead, no new checks.
+    let (_, rows2) = new_campaign(&pool, tenant).await;
+    let results = host
+        .send_batch(&rows2.iter().map(request).collect::<Vec<_>>())
+        .await;
+    assert_eq!(fake.checks.load(Ordering::SeqCst), 20, "cached on the lead");
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), absent.len());
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "events@example.com").await;
+    let device = web_device(&pool, tenant).await;
+    let (campaign, rows) = pending_rows(&pool, tenant, device, 6).await;
+    // Rows 0..4 go out through the host (sending → sent as the worker would record them).
+    let fake = Arc::new(FakeWeb::default());
+    let host = fake_host(&pool, &fake);
+    let present: Vec<_> = rows
+        .iter()
+        .filter(|r| !r.recipient.ends_with('0'))
+        .take(4)
+        .cloned()
+        .collect();
+    assert_eq!(present.len(), 4);
+    sqlx::query("UPDATE broadcast_messages SET status = 'sending' WHERE id = ANY($1)")
+        .bind(present.iter().map(|r| r.id).collect::<Vec<_>>())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let results = host
+        .send_batch(&present.iter().map(request).collect::<Vec<_>>())
+        .await;
+    let ids: Vec<String> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().provider_message_id.clone())
+        .collect();
+    sqlx::query(
+        "UPDATE broadcast_messages
+         SET status = 'sent', reason = 'accepted', sent_at = now(), finished_at = now()
+         WHERE id = ANY($1)",
+    )
+    .bind(present[..3].iter().map(|r| r.id).collect::<Vec<_>>())
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(device_host::service::run_event_writer(
+        pool.clone(),
+        rx,
+        vec!["STOP".into(), "UNSUBSCRIBE".into(), "BERHENTI".into()],
+    ));
+    let dref = DeviceRef {
+        id: device,
+        tenant_id: tenant,
+        provider: ProviderKind::Web,
+    };
+    let at = chrono::Utc::now();
+    // A read before delivered (receipts name our ids, whoever the recipient JID was).
+    tx.send(ProviderEvent::ReceiptByProviderId {
+        device: dref.clone(),
+        provider_message_ids: vec![ids[0].clone()],
+        read: true,
+        at,
+    })
+    .unwrap();
+    tx.send(ProviderEvent::ReceiptByProviderId {
+        device: dref.clone(),
+        provider_message_ids: vec![ids[0].clone(), ids[1].clone(), "3EB0UNKNOWN".into()],
+        read: false,
+        at,
+    })
+    .unwrap();
+    // A nack of a message the server had not yet refused: it fails with the code.
+    tx.send(ProviderEvent::Refused {
+        device: dref.clone(),
+        provider_message_id: ids[2].clone(),
+        code: "463".into(),
+    })
+    .unwrap();
+    // A nack still in `sending` (the worker had not recorded it yet) fails too.
+    tx.send(ProviderEvent::Refused {
+        device: dref.clone(),
+        provider_message_id: ids[3].clone(),
+        code: "475".into(),
+    })
+    .unwrap();
+    // STOP from the lead of an unsent row, in another case and with spaces.
+    let unsent = rows
+        .iter()
+        .find(|r| !present.iter().any(|p| p.id == r.id))
+        .unwrap()
+        .clone();
+    tx.send(ProviderEvent::Inbound {
+        device: dref.clone(),
+        from: PhoneE164::parse(&unsent.recipient).unwrap(),
+        text: "  stop ".into(),
+    })
+    .unwrap();
+    // Chit-chat is not an opt-out.
+    tx.send(ProviderEvent::Inbound {
+        device: dref.clone(),
+        from: PhoneE164::parse(&present[0].recipient).unwrap(),
+        text: "please stop by tomorrow".into(),
+    })
+    .unwrap();
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    let by_id = |id: i64| rows.iter().find(|r| r.id == id).unwrap();
+    let r0 = by_id(present[0].id);
+    assert!(
+        r0.read_at.is_some() && r0.delivered_at.is_some(),
+        "read implies delivered"
+    );
+    let r1 = by_id(present[1].id);
+    assert!(r1.delivered_at.is_some() && r1.read_at.is_none());
+    for (p, code) in [(&present[2], "463"), (&present[3], "475")] {
+        let r = by_id(p.id);
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_deref()),
+            ("failed", Some("provider_rejected"))
+        );
+        assert!(r.last_error.as_deref().unwrap_or("").contains(code));
+    }
+    let u = by_id(unsent.id);
+    assert_eq!(
+        (u.status.as_str(), u.reason.as_deref()),
+        ("skipped", Some("lead_opted_out"))
+    );
+    let opted: Vec<String> = sqlx::query_scalar(
+        "SELECT phone FROM leads WHERE tenant_id = $1 AND opted_out_at IS NOT NULL",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(opted, vec![unsent.recipient.clone()]);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
+    let a = seed_tenant(&pool, "a@example.com").await;
+    let b = seed_tenant(&pool, "b@example.com").await;
+    let da = web_device(&pool, a).await;
+    let db = web_device(&pool, b).await;
+    // The same numbers are leads of both tenants.
+    seed_leads(&pool, a, da, 0, 3, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, b, db, 0, 3, "cars", LeadStatus::Prospect).await;
+    let phone: String = sqlx::query_scalar("SELECT phone FROM leads WHERE tenant_id = $1 LIMIT 1")
+        .bind(a)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(device_host::service::run_event_writer(
+        pool.clone(),
+        rx,
+        vec!["BERHENTI".into()],
+    ));
+    tx.send(ProviderEvent::Inbound {
+        device: DeviceRef {
+            id: da,
+            tenant_id: a,
+            provider: ProviderKind::Web,
+        },
+        from: PhoneE164::parse(&phone).unwrap(),
+        text: "Berhenti".into(),
+    })
+    .unwrap();
+    drop(tx);
+    writer.await.unwrap();
+    let opted: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT tenant_id FROM leads WHERE phone = $1 AND opted_out_at IS NOT NULL",
+    )
+    .bind(&phone)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(opted, vec![a]);
+}
