@@ -78,6 +78,8 @@ pub mod code {
     pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
     pub const INTERNAL: &str = "internal";
     pub const UNREACHABLE: &str = "host_unreachable";
+    /// Another host holds the device's lease: retry (the next claim routes to the owner).
+    pub const WRONG_HOST: &str = "wrong_host";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +144,19 @@ impl HostClient {
             base: base_url.trim_end_matches('/').to_string(),
             token,
         })
+    }
+
+    /// The same client (connection pool, token, timeouts) for another host.
+    pub fn at(&self, base_url: &str) -> Self {
+        Self {
+            http: self.http.clone(),
+            base: base_url.trim_end_matches('/').to_string(),
+            token: self.token.clone(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     pub async fn send(&self, req: &SendRequest) -> SendOutcome {

@@ -284,12 +284,41 @@ impl TestHost {
         sim: SimConfig,
         cloud_api: device_host::cloud_api::CloudApiConfig,
     ) -> Self {
+        Self::start_full(pool, "test-host", Duration::from_secs(30), sim, cloud_api).await
+    }
+
+    /// One of several hosts: its own id and lease length (its own data directory; give the
+    /// simulators one `log_path` to play one WhatsApp behind them).
+    pub async fn start_as(pool: &PgPool, host_id: &str, lease: Duration, sim: SimConfig) -> Self {
+        Self::start_full(
+            pool,
+            host_id,
+            lease,
+            sim,
+            device_host::cloud_api::CloudApiConfig {
+                base_url: "http://127.0.0.1:9/v21.0".into(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_full(
+        pool: &PgPool,
+        host_id: &str,
+        lease_ttl: Duration,
+        sim: SimConfig,
+        cloud_api: device_host::cloud_api::CloudApiConfig,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let running = device_host::start(
             device_host::Config {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 token: Secret::new(TOKEN),
-                host_id: "test-host".into(),
+                host_id: host_id.into(),
+                public_url: None,
+                lease_ttl,
+                max_devices: usize::MAX,
                 data_dir: dir.path().to_path_buf(),
                 simulator: sim,
                 cloud_api,

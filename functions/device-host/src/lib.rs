@@ -28,6 +28,12 @@ pub struct Config {
     pub bind: SocketAddr,
     pub token: Secret,
     pub host_id: String,
+    /// The URL the worker reaches this host at (`None`: `http://<bound address>`).
+    pub public_url: Option<String>,
+    /// Device lease length; the host renews every third of it.
+    pub lease_ttl: Duration,
+    /// At most this many devices on this host.
+    pub max_devices: usize,
     pub data_dir: PathBuf,
     pub simulator: simulator::SimConfig,
     pub cloud_api: cloud_api::CloudApiConfig,
@@ -56,7 +62,15 @@ impl Config {
         Ok(Self {
             bind: config::parsed_or("HOST_BIND", SocketAddr::from(([127, 0, 0, 1], 8700)))?,
             token: config::secret("HOST_TOKEN")?,
-            host_id: config::string_or("HOST_ID", "host-1"),
+            host_id: config::string_or("HOST_ID", &default_host_id()),
+            public_url: std::env::var("HOST_PUBLIC_URL")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            lease_ttl: Duration::from_secs(config::parsed_or("DEVICE_LEASE_S", 30)?),
+            max_devices: match config::parsed_or::<usize>("HOST_MAX_DEVICES", 0)? {
+                0 => usize::MAX,
+                n => n,
+            },
             data_dir,
             simulator: simulator::SimConfig {
                 seed: config::parsed_or("SIM_SEED", 42)?,
@@ -67,6 +81,10 @@ impl Config {
                 delivered_after: receipts.then_some(ms("SIM_DELIVERED_AFTER_MS", 500)?),
                 read_after: receipts.then_some(ms("SIM_READ_AFTER_MS", 2_000)?),
                 read_rate: config::parsed_or("SIM_READ_RATE", 0.5)?,
+                log_path: std::env::var("SIM_LOG_PATH")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from),
             },
             cloud_api: cloud_api::CloudApiConfig {
                 base_url: config::string_or(
@@ -96,12 +114,39 @@ impl Config {
     }
 }
 
+/// One id per host: the machine's (or container's) host name, which differs between tasks.
+fn default_host_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("host-{h}"))
+        .unwrap_or_else(|| "host-1".into())
+}
+
+/// The bound address as others reach it: a wildcard bind becomes this machine's outbound
+/// address (a UDP "connect" picks the route; nothing is sent).
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    if !addr.ip().is_unspecified() {
+        return addr;
+    }
+    let ip = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("10.255.255.254:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    SocketAddr::new(ip, addr.port())
+}
+
 /// A running host: its address, its simulator, and the task serving it.
 pub struct Running {
     pub addr: SocketAddr,
     pub simulator: Arc<simulator::Simulator>,
     pub host: Arc<service::Host>,
     pub server: tokio::task::JoinHandle<()>,
+    /// The lease renewal task: aborting it (and the server) is a crash as other hosts see it.
+    pub leases: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the host: providers, restored sessions, event writer, HTTP server.
@@ -135,23 +180,32 @@ pub async fn start(
     providers
         .push(web::WebProvider::start(config.web.clone(), events_tx_web)
             as Arc<dyn provider::Provider>);
-    let host = Arc::new(service::Host::new(
-        pool.clone(),
-        relaxed_pool.clone(),
-        config.host_id.clone(),
-        providers,
-        ImageFetcher::new()?,
-    ));
+    let host = Arc::new(
+        service::Host::new(
+            pool.clone(),
+            relaxed_pool.clone(),
+            config.host_id.clone(),
+            providers,
+            ImageFetcher::new()?,
+        )
+        .with_leases(config.lease_ttl, config.max_devices),
+    );
     tokio::spawn(service::run_event_writer(
         relaxed_pool,
         events_rx,
         config.cloud_api.opt_out_keywords.clone(),
     ));
-    host.restore_sessions().await?;
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await
         .with_context(|| format!("failed to bind {}", config.bind))?;
     let addr = listener.local_addr()?;
+    let url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", reachable(addr)));
+    shared::repo::hosts::register_host(&pool, &config.host_id, &url).await?;
+    host.restore_sessions().await?;
+    let leases = tokio::spawn(host.clone().run_leases(url));
     let app = http::router(http::AppState {
         host: host.clone(),
         simulator: Some(simulator.clone()),
@@ -169,5 +223,6 @@ pub async fn start(
         simulator,
         host,
         server,
+        leases,
     })
 }

@@ -30,7 +30,30 @@ async fn main() -> anyhow::Result<()> {
     println!("device-host listening on http://{}", running.addr);
     tokio::select! {
         r = running.server => r?,
-        _ = tokio::signal::ctrl_c() => tracing::info!("stopping"),
+        _ = stop_signal() => {
+            // Hand the devices over at once instead of after their leases run out.
+            running.leases.abort();
+            match running.host.release_all().await {
+                Ok(n) => tracing::info!(devices = n, "stopping: devices released"),
+                Err(e) => tracing::warn!(error = %e, "stopping: could not release devices"),
+            }
+        }
     }
     Ok(())
+}
+
+/// SIGINT (a terminal) or SIGTERM (ECS, systemd, `docker stop`).
+async fn stop_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }

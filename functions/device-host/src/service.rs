@@ -71,6 +71,18 @@ pub struct Host {
     in_flight: Mutex<HashSet<i64>>,
     fetcher: ImageFetcher,
     images: Mutex<HashMap<String, (Instant, ResolvedImage)>>,
+    /// How long a device lease lasts without renewal (renewed every third of it).
+    pub lease_ttl: Duration,
+    /// At most this many devices on this host (acquisition stops there).
+    pub max_devices: usize,
+}
+
+/// What one lease round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseReport {
+    pub kept: usize,
+    pub released: usize,
+    pub acquired: usize,
 }
 
 /// A validated request waiting to be sent.
@@ -192,7 +204,16 @@ impl Host {
             in_flight: Mutex::new(HashSet::new()),
             fetcher,
             images: Mutex::new(HashMap::new()),
+            lease_ttl: Duration::from_secs(30),
+            max_devices: usize::MAX,
         }
+    }
+
+    /// Sets the lease length and the device limit (before the host is shared).
+    pub fn with_leases(mut self, ttl: Duration, max_devices: usize) -> Self {
+        self.lease_ttl = ttl;
+        self.max_devices = max_devices;
+        self
     }
 
     pub fn provider(&self, kind: ProviderKind) -> Option<&Arc<dyn Provider>> {
@@ -203,25 +224,105 @@ impl Host {
         self.devices.read().map(|d| d.len()).unwrap_or(0)
     }
 
-    /// Restores a session for every live device of the providers this host serves.
+    /// Takes the leases of every device it can (no owner, or an owner that stopped renewing)
+    /// and restores their sessions.
     pub async fn restore_sessions(&self) -> anyhow::Result<usize> {
-        let kinds: Vec<&str> = self.providers.keys().map(|k| k.as_str()).collect();
-        let devices = repo::devices::list_live_devices(&self.pool, &kinds).await?;
-        let mut n = 0;
-        for d in devices {
-            let Ok(provider) = d.provider.parse::<ProviderKind>() else {
-                continue;
-            };
-            let device = DeviceRef {
-                id: d.id,
-                tenant_id: d.tenant_id,
-                provider,
-            };
-            self.connect(&device).await;
-            n += 1;
+        let r = self.lease_round().await?;
+        info!(sessions = r.kept + r.acquired, "sessions restored");
+        Ok(r.kept + r.acquired)
+    }
+
+    /// One round of device leases: renews this host's, closes the sessions of devices another
+    /// host took over (this one was too slow to renew), and takes unowned or expired devices up
+    /// to the limit, restoring their sessions.
+    pub async fn lease_round(&self) -> anyhow::Result<LeaseReport> {
+        let ttl = self.lease_ttl.as_secs_f64();
+        let kept: HashSet<Uuid> = repo::hosts::renew_leases(&self.pool, &self.host_id, ttl)
+            .await?
+            .into_iter()
+            .collect();
+        let lost: Vec<DeviceRef> = self
+            .devices
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|d| !kept.contains(&d.id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for d in &lost {
+            if let Some(p) = self.providers.get(&d.provider) {
+                p.release(d).await;
+            }
+            if let Ok(mut m) = self.devices.write() {
+                m.remove(&d.id);
+            }
+            info!(device_id = %d.id, "device lease lost: session closed here");
         }
-        info!(sessions = n, "sessions restored");
-        Ok(n)
+        let room = self.max_devices.saturating_sub(kept.len());
+        let mut acquired = 0;
+        if room > 0 {
+            let kinds: Vec<&str> = self.providers.keys().map(|k| k.as_str()).collect();
+            let limit = i64::try_from(room).unwrap_or(i64::MAX);
+            for (id, tenant_id, provider) in
+                repo::hosts::acquire_devices(&self.pool, &self.host_id, &kinds, ttl, limit).await?
+            {
+                let Ok(provider) = provider.parse::<ProviderKind>() else {
+                    continue;
+                };
+                self.connect(&DeviceRef {
+                    id,
+                    tenant_id,
+                    provider,
+                })
+                .await;
+                acquired += 1;
+            }
+        }
+        Ok(LeaseReport {
+            kept: kept.len(),
+            released: lost.len(),
+            acquired,
+        })
+    }
+
+    /// Renews and takes leases every third of the lease, until the task is dropped.
+    pub async fn run_leases(self: Arc<Self>, url: String) {
+        let every = self.lease_ttl / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = repo::hosts::register_host(&self.pool, &self.host_id, &url).await {
+                warn!(error = %e, "could not refresh the host record");
+            }
+            match self.lease_round().await {
+                Ok(r) if r.released + r.acquired > 0 => {
+                    info!(
+                        kept = r.kept,
+                        released = r.released,
+                        acquired = r.acquired,
+                        "device leases"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "device lease round failed"),
+            }
+        }
+    }
+
+    /// Gives every device back (a graceful stop), closing their sessions.
+    pub async fn release_all(&self) -> anyhow::Result<u64> {
+        let devices: Vec<DeviceRef> = self
+            .devices
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for d in &devices {
+            if let Some(p) = self.providers.get(&d.provider) {
+                p.release(d).await;
+            }
+        }
+        Ok(repo::hosts::release_all(&self.pool, &self.host_id).await?)
     }
 
     async fn connect(&self, device: &DeviceRef) {
@@ -264,6 +365,25 @@ impl Host {
                 422,
                 code::UNKNOWN_DEVICE,
                 format!("this host does not serve {provider} devices"),
+            ));
+        }
+        let owned = repo::hosts::acquire_device(
+            &self.pool,
+            &self.host_id,
+            tenant,
+            id,
+            self.lease_ttl.as_secs_f64(),
+        )
+        .await?;
+        if owned.is_none() {
+            let owner = repo::hosts::device_owner(&self.pool, tenant, id)
+                .await?
+                .map(|(h, _)| h)
+                .unwrap_or_else(|| "another host".into());
+            return Err(SendError::transient(
+                503,
+                code::WRONG_HOST,
+                format!("the device is served by {owner}"),
             ));
         }
         let device = DeviceRef {

@@ -33,6 +33,10 @@ pub struct SimConfig {
     pub delivered_after: Option<Duration>,
     pub read_after: Option<Duration>,
     pub read_rate: f64,
+    /// The send log ("what the simulated WhatsApp has accepted"); `None`: `sim-sends.jsonl` in
+    /// the host's data directory. Hosts that share one file play one WhatsApp: a host taking
+    /// over a device sees what the previous owner sent.
+    pub log_path: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -46,6 +50,7 @@ impl Default for SimConfig {
             delivered_after: Some(Duration::from_millis(500)),
             read_after: Some(Duration::from_secs(2)),
             read_rate: 0.5,
+            log_path: None,
         }
     }
 }
@@ -125,11 +130,29 @@ impl SendLog {
         Ok(())
     }
 
+    /// Whether the log holds this id; on a miss the file is read again, since another host may
+    /// share it (only the crash-recovery path asks about ids this process did not write).
     fn contains(&self, provider_message_id: &str) -> bool {
-        self.known
+        let known = self
+            .known
             .lock()
             .map(|k| k.contains(provider_message_id))
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if known {
+            return true;
+        }
+        match Self::read(&self.path) {
+            Ok(entries) => {
+                let found = entries
+                    .iter()
+                    .any(|e| e.provider_message_id == provider_message_id);
+                if let Ok(mut k) = self.known.lock() {
+                    k.extend(entries.into_iter().map(|e| e.provider_message_id));
+                }
+                found
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -170,7 +193,12 @@ impl Simulator {
         events: mpsc::UnboundedSender<ProviderEvent>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            log: SendLog::open(&data_dir.join("sim-sends.jsonl"))?,
+            log: SendLog::open(
+                &config
+                    .log_path
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("sim-sends.jsonl")),
+            )?,
             offline_file: data_dir.join("sim-offline.json"),
             config,
             events,

@@ -223,7 +223,40 @@ async fn send_all(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
             image: job.image.clone(),
         })
         .collect();
-    let outcomes = deps.host.send_batch(&requests).await;
+    // Each device's owner host (its lease), the default host for devices without a live lease;
+    // hosts concurrently, each with its share of the batch in order.
+    let mut groups: Vec<(Option<&str>, Vec<usize>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let url = job.host_url.as_deref();
+        match groups.iter_mut().find(|(u, _)| *u == url) {
+            Some((_, idx)) => idx.push(i),
+            None => groups.push((url, vec![i])),
+        }
+    }
+    let mut outcomes: Vec<Option<SendOutcome>> = vec![None; jobs.len()];
+    let sent = futures::future::join_all(groups.iter().map(|(url, idx)| {
+        let reqs: Vec<SendRequest> = idx.iter().map(|&i| requests[i].clone()).collect();
+        let client = match url {
+            Some(u) if *u != deps.host.base() => deps.host.at(u),
+            _ => deps.host.clone(),
+        };
+        async move { client.send_batch(&reqs).await }
+    }))
+    .await;
+    for ((_, idx), results) in groups.iter().zip(sent) {
+        for (&i, r) in idx.iter().zip(results) {
+            outcomes[i] = Some(r);
+        }
+    }
+    let outcomes: Vec<SendOutcome> = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or(SendOutcome::Transient {
+                reason: shared::host_api::code::PROVIDER_ERROR.into(),
+                detail: "no answer from the host for this message".into(),
+            })
+        })
+        .collect();
     jobs.into_iter()
         .zip(outcomes)
         .map(|(job, outcome)| {

@@ -172,6 +172,9 @@ pub struct SendJob {
     pub body: String,
     pub image: Option<String>,
     pub attempts: i32,
+    /// The URL of the host that holds the device's lease (`None`: no live lease; the worker's
+    /// default host takes it).
+    pub host_url: Option<String>,
 }
 
 /// The worker's claim: `queued → sending` for the given items whose campaign is running and
@@ -192,7 +195,9 @@ pub async fn claim_messages_for_send(
          WHERE bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'queued'
            AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'
            AND d.id = bm.device_id AND d.tenant_id = bm.tenant_id AND d.deleted_at IS NULL
-         RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image, bm.attempts",
+         RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image, bm.attempts,
+                   (SELECT h.url FROM hosts h
+                    WHERE h.id = d.host_id AND d.host_lease_until > now()) AS host_url",
     )
     .bind(&ids)
     .bind(&tenants)

@@ -8,6 +8,7 @@ pub mod campaigns;
 pub mod cloud_api;
 pub mod devices;
 pub mod host_sends;
+pub mod hosts;
 pub mod leads;
 pub mod media;
 pub mod messages;

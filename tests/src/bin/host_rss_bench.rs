@@ -51,6 +51,9 @@ async fn main() {
             bind: "127.0.0.1:0".parse().unwrap(),
             token: shared::config::Secret::new("bench"),
             host_id: "rss-bench".into(),
+            public_url: None,
+            lease_ttl: Duration::from_secs(30),
+            max_devices: usize::MAX,
             data_dir: dir.path().to_path_buf(),
             simulator: device_host::simulator::SimConfig::default(),
             cloud_api: device_host::cloud_api::CloudApiConfig {
