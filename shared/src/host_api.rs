@@ -16,6 +16,9 @@ pub struct SendRequest {
     pub text: String,
     #[serde(default)]
     pub image: Option<String>,
+    /// A Cloud API template to send instead of the text (other providers send the text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<crate::render::TemplateMessage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

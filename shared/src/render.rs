@@ -4,7 +4,7 @@
 //! malformed templates are refused when the campaign is created, never at send time.
 
 use crate::domain::InvalidInput;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 /// What an empty `{name}` becomes unless the template says otherwise.
 pub const DEFAULT_NAME_FALLBACK: &str = "there";
@@ -54,6 +54,90 @@ impl Template {
         let mut out = String::with_capacity(128);
         render_seq(&self.segments, to, rng, &mut out);
         out
+    }
+}
+
+/// A Cloud API message template a campaign sends instead of free text (needed outside the
+/// 24-hour window): its approved name and language, and the body parameters as templates
+/// rendered per recipient (`{name}`, `{phone}`, spintax). Devices of other providers send the
+/// campaign's text.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WaTemplate {
+    pub name: String,
+    pub language: String,
+    #[serde(default)]
+    pub body_params: Vec<String>,
+}
+
+/// A template as one recipient gets it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TemplateMessage {
+    pub name: String,
+    pub language: String,
+    #[serde(default)]
+    pub params: Vec<String>,
+}
+
+impl WaTemplate {
+    /// Checks the name (Meta's: lower-case letters, digits, underscores), the language code
+    /// (`en`, `en_US`, `ms`), and each parameter as a template (at most 10).
+    pub fn new(name: &str, language: &str, body_params: Vec<String>) -> Result<Self, InvalidInput> {
+        let name = name.trim();
+        if name.is_empty()
+            || name.len() > 512
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(InvalidInput::new(
+                "template name",
+                "must be 1 to 512 lower-case letters, digits or underscores",
+            ));
+        }
+        let language = language.trim();
+        let (lang, region) = match language.split_once('_') {
+            Some((l, r)) => (l, Some(r)),
+            None => (language, None),
+        };
+        let lang_ok = (2..=3).contains(&lang.len()) && lang.bytes().all(|b| b.is_ascii_lowercase());
+        let region_ok =
+            region.is_none_or(|r| r.len() == 2 && r.bytes().all(|b| b.is_ascii_uppercase()));
+        if !lang_ok || !region_ok {
+            return Err(InvalidInput::new(
+                "template language",
+                "must be a language code like en, ms or en_US",
+            ));
+        }
+        if body_params.len() > 10 {
+            return Err(InvalidInput::new(
+                "template parameters",
+                "at most 10 body parameters",
+            ));
+        }
+        for p in &body_params {
+            Template::parse(p)?;
+        }
+        Ok(Self {
+            name: name.to_string(),
+            language: language.to_string(),
+            body_params,
+        })
+    }
+
+    /// The template for one recipient; the same `seed` (the message id) renders the same
+    /// parameters, so a retry sends what the first attempt would have.
+    pub fn render(&self, to: &Recipient<'_>, seed: u64) -> Result<TemplateMessage, InvalidInput> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let params = self
+            .body_params
+            .iter()
+            .map(|p| Template::parse(p).map(|t| t.render(to, &mut rng)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TemplateMessage {
+            name: self.name.clone(),
+            language: self.language.clone(),
+            params,
+        })
     }
 }
 
@@ -177,8 +261,53 @@ fn push_name(out: &mut String, name: &str, fallback: &Option<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
     use std::collections::HashSet;
+
+    #[test]
+    fn wa_templates_are_checked_and_render_the_same_for_the_same_message() {
+        assert!(WaTemplate::new("promo_1", "en_US", vec![]).is_ok());
+        assert!(WaTemplate::new("promo_1", "ms", vec!["{name}".into()]).is_ok());
+        for (name, lang) in [
+            ("Promo", "en"),
+            ("promo-1", "en"),
+            ("", "en"),
+            ("p", "english"),
+            ("p", "en_us"),
+            ("p", "e"),
+        ] {
+            assert!(
+                WaTemplate::new(name, lang, vec![]).is_err(),
+                "{name} {lang}"
+            );
+        }
+        assert!(WaTemplate::new("p", "en", vec!["{unclosed".into()]).is_err());
+        assert!(WaTemplate::new("p", "en", vec!["x".into(); 11]).is_err());
+        let t = WaTemplate::new(
+            "p",
+            "en",
+            vec!["{name:friend}".into(), "{A|B|C|D|E|F}".into()],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let to = Recipient {
+            name: "",
+            phone: "+60123456789",
+        };
+        let a = t.render(&to, 42).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.params[0], "friend");
+        assert_eq!(
+            a,
+            t.render(&to, 42).unwrap_or_else(|e| panic!("{e}")),
+            "a retry renders the same"
+        );
+        let spins: HashSet<String> = (0..50u64)
+            .map(|seed| {
+                t.render(&to, seed)
+                    .map(|m| m.params[1].clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert!(spins.len() > 1, "different messages may differ");
+    }
 
     fn rng() -> rand::rngs::StdRng {
         rand::rngs::StdRng::seed_from_u64(7)

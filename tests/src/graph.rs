@@ -181,6 +181,17 @@ async fn messages(
         && match body["type"].as_str() {
             Some("text") => body["text"]["body"].is_string(),
             Some("image") => body["image"]["id"].is_string() || body["image"]["link"].is_string(),
+            Some("template") => {
+                let t = &body["template"];
+                t["name"].is_string()
+                    && t["language"]["code"].is_string()
+                    && t["components"].as_array().is_none_or(|cs| {
+                        cs.iter().all(|c| {
+                            matches!(c["type"].as_str(), Some("header" | "body"))
+                                && c["parameters"].is_array()
+                        })
+                    })
+            }
             _ => false,
         };
     if !shape_ok {

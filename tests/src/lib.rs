@@ -218,6 +218,7 @@ pub struct CampaignSpec<'a> {
     pub image: Option<&'a str>,
     pub min_s: f64,
     pub max_s: f64,
+    pub wa_template: Option<&'a shared::render::WaTemplate>,
 }
 
 impl Default for CampaignSpec<'_> {
@@ -229,6 +230,7 @@ impl Default for CampaignSpec<'_> {
             image: None,
             min_s: 0.0,
             max_s: 0.0,
+            wa_template: None,
         }
     }
 }
@@ -249,6 +251,7 @@ pub async fn seed_campaign(pool: &PgPool, tenant: Uuid, spec: &CampaignSpec<'_>)
             target: spec.target,
             scheduled_at: Utc::now() - chrono::Duration::seconds(1),
             delay: DelayRange::new(spec.min_s, spec.max_s).unwrap(),
+            wa_template: spec.wa_template,
         },
     )
     .await

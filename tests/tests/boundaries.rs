@@ -90,6 +90,7 @@ async fn a_tenant_never_sees_or_sends_to_another_tenants_leads(pool: PgPool) {
             to: "+60123456789".into(),
             text: "hi".into(),
             image: None,
+            template: None,
         })
         .await;
     assert!(
@@ -117,6 +118,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         to: "+60123456789".into(),
         text: "hi".into(),
         image: None,
+        template: None,
     };
     let cases = [
         (

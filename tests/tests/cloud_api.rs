@@ -532,3 +532,133 @@ async fn a_send_whose_host_died_is_never_resent_blindly(pool: PgPool) {
     assert_eq!(graph.sent(), 0, "nothing was sent again");
     let _ = phones;
 }
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_template_campaign_sends_the_approved_template_with_per_lead_parameters(pool: PgPool) {
+    let graph = FakeGraph::start().await;
+    graph.allow(PNID, TOKEN_A);
+    let tenant = seed_tenant(&pool, "tpl@example.com").await;
+    let device = seed_cloud_device(&pool, tenant, "biz-1", PNID, TOKEN_A).await;
+    seed_leads(&pool, tenant, device, 0, 4, "cars", LeadStatus::Prospect).await;
+    let template = shared::render::WaTemplate::new(
+        "november_promo",
+        "ms",
+        vec!["{name:Tuan/Puan}".into(), "{RM50|RM80}".into()],
+    )
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let media = repo::media::insert_media(&mut tx, tenant, "image/png", shared::media::TINY_PNG)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let image = format!("media:{media}");
+    let campaign = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            image: Some(&image),
+            wa_template: Some(&template),
+            ..Default::default()
+        },
+    )
+    .await;
+    let host = host(&pool, &graph).await;
+    host.client.connect_device(tenant, device).await.unwrap();
+    wait_for_device_status(&pool, tenant, device, "online").await;
+    Pipeline::new(&pool, test_queue(5).await, &host)
+        .run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    let rows = messages(&pool, tenant, campaign).await;
+    assert!(rows.iter().all(|r| r.status == "sent"));
+    let sends: Vec<_> = graph
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/messages"))
+        .collect();
+    assert_eq!(sends.len(), 4);
+    for r in &sends {
+        let t = &r.body["template"];
+        assert_eq!(r.body["type"], "template");
+        assert_eq!(t["name"], "november_promo");
+        assert_eq!(t["language"]["code"], "ms");
+        // The image is the template's header; the body parameters are rendered per lead.
+        assert_eq!(t["components"][0]["type"], "header");
+        assert_eq!(
+            t["components"][0]["parameters"][0]["image"]["id"],
+            "media-1"
+        );
+        let params = &t["components"][1]["parameters"];
+        let row = rows
+            .iter()
+            .find(|m| m.recipient.trim_start_matches('+') == r.body["to"].as_str().unwrap())
+            .unwrap();
+        let name = params[0]["text"].as_str().unwrap();
+        assert!(
+            row.body.contains(name) || name == "Tuan/Puan",
+            "{name} vs {}",
+            row.body
+        );
+        assert!(["RM50", "RM80"].contains(&params[1]["text"].as_str().unwrap()));
+    }
+    assert_eq!(graph.uploads(), 1);
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_image_with_a_public_link_is_sent_by_link_without_an_upload(pool: PgPool) {
+    use device_host::provider::{DeviceRef, Outbound, Provider, ResolvedImage};
+    let graph = FakeGraph::start().await;
+    graph.allow(PNID, TOKEN_A);
+    let tenant = seed_tenant(&pool, "link@example.com").await;
+    let device = seed_cloud_device(&pool, tenant, "biz-1", PNID, TOKEN_A).await;
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let cloud = device_host::cloud_api::CloudApi::new(
+        CloudApiConfig {
+            base_url: graph.base_url.clone(),
+            ..Default::default()
+        },
+        pool.clone(),
+        tx,
+    )
+    .unwrap();
+    let dref = DeviceRef {
+        id: device,
+        tenant_id: tenant,
+        provider: shared::domain::ProviderKind::CloudApi,
+    };
+    cloud.connect(&dref).await;
+    let image = ResolvedImage {
+        mime: "image/png".into(),
+        bytes: std::sync::Arc::new(shared::media::TINY_PNG.to_vec()),
+        key: "https://cdn.example.com/promo.png".into(),
+        link: Some("https://cdn.example.com/promo.png".into()),
+    };
+    for (i, to) in ["+60123000001", "+60123000002"].iter().enumerate() {
+        cloud
+            .send(
+                &dref,
+                &Outbound {
+                    message_id: i as i64 + 1,
+                    tenant_id: tenant,
+                    provider_message_id: format!("wbc.{i}"),
+                    to: shared::domain::PhoneE164::parse(to).unwrap(),
+                    text: "Promo!".into(),
+                    image: Some(image.clone()),
+                    template: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let sends: Vec<_> = graph
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/messages"))
+        .collect();
+    assert_eq!(sends.len(), 2);
+    for r in sends {
+        assert_eq!(r.body["type"], "image");
+        assert_eq!(r.body["image"]["link"], "https://cdn.example.com/promo.png");
+        assert_eq!(r.body["image"]["caption"], "Promo!");
+    }
+    assert_eq!(graph.uploads(), 0, "a public link needs no upload");
+}

@@ -206,6 +206,7 @@ async fn a_worker_killed_after_the_host_accepted_is_reconciled_without_a_second_
                 to: j.recipient.clone(),
                 text: j.body.clone(),
                 image: None,
+                template: None,
             })
             .await;
         assert!(

@@ -119,6 +119,7 @@ fn request(r: &repo::messages::MessageRow) -> SendRequest {
         to: r.recipient.clone(),
         text: r.body.clone(),
         image: None,
+        template: None,
     }
 }
 

@@ -512,16 +512,51 @@ impl Provider for CloudApi {
             "to": to,
             "biz_opaque_callback_data": message.provider_message_id,
         });
-        match &message.image {
-            Some(image) => {
-                let id = self
-                    .media_id(device, &creds, image)
-                    .await
-                    .map_err(|c| self.apply(device, c))?;
-                body["type"] = "image".into();
-                body["image"] = serde_json::json!({ "id": id, "caption": message.text });
+        // An image goes by its public link when it has one (Meta fetches and caches it), else
+        // by the media id of its one upload to this number.
+        let media = match &message.image {
+            None => None,
+            Some(image) => Some(match &image.link {
+                Some(link) => serde_json::json!({ "link": link }),
+                None => {
+                    let id = self
+                        .media_id(device, &creds, image)
+                        .await
+                        .map_err(|c| self.apply(device, c))?;
+                    serde_json::json!({ "id": id })
+                }
+            }),
+        };
+        match (&message.template, media) {
+            (Some(t), media) => {
+                let mut components = Vec::new();
+                if let Some(m) = media {
+                    components.push(serde_json::json!({
+                        "type": "header",
+                        "parameters": [{ "type": "image", "image": m }],
+                    }));
+                }
+                if !t.params.is_empty() {
+                    let params: Vec<serde_json::Value> = t
+                        .params
+                        .iter()
+                        .map(|p| serde_json::json!({ "type": "text", "text": p }))
+                        .collect();
+                    components.push(serde_json::json!({ "type": "body", "parameters": params }));
+                }
+                body["type"] = "template".into();
+                body["template"] = serde_json::json!({
+                    "name": t.name,
+                    "language": { "code": t.language },
+                    "components": components,
+                });
             }
-            None => {
+            (None, Some(mut m)) => {
+                m["caption"] = message.text.clone().into();
+                body["type"] = "image".into();
+                body["image"] = m;
+            }
+            (None, None) => {
                 body["type"] = "text".into();
                 body["text"] = serde_json::json!({ "preview_url": false, "body": message.text });
             }

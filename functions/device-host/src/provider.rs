@@ -22,6 +22,8 @@ pub struct ResolvedImage {
     pub bytes: std::sync::Arc<Vec<u8>>,
     /// Stable key for "upload once per image per device".
     pub key: String,
+    /// The public https URL it came from, when it did (a provider may send it by link).
+    pub link: Option<String>,
 }
 
 /// One message to send. `provider_message_id` was generated and recorded before the send, so a
@@ -34,6 +36,8 @@ pub struct Outbound {
     pub to: PhoneE164,
     pub text: String,
     pub image: Option<ResolvedImage>,
+    /// A Cloud API template to send instead of the text; other providers send the text.
+    pub template: Option<shared::render::TemplateMessage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -489,6 +489,21 @@ impl Host {
                 "message_id must be positive",
             ));
         }
+        if let Some(t) = &req.template {
+            let fits = t.params.len() <= 10
+                && t.params
+                    .iter()
+                    .all(|p| !p.trim().is_empty() && p.len() <= 1024)
+                && shared::render::WaTemplate::new(&t.name, &t.language, Vec::new()).is_ok();
+            if !fits {
+                return Err(SendError::permanent(
+                    422,
+                    code::INVALID_PAYLOAD,
+                    "template: a valid name and language and at most 10 non-empty parameters of \
+                     up to 1024 bytes",
+                ));
+            }
+        }
         if !seen.insert(req.message_id) {
             return Err(SendError::permanent(
                 422,
@@ -684,6 +699,7 @@ impl Host {
                 to: p.to.clone(),
                 text: req.text.clone(),
                 image,
+                template: req.template.clone(),
             };
             let result = match self.number_known_absent(&p).await {
                 Ok(true) => Err(ProviderError::NotOnWhatsapp),
@@ -810,6 +826,7 @@ impl Host {
             mime,
             bytes: Arc::new(bytes),
             key: src.to_string(),
+            link: src.starts_with("https://").then(|| src.to_string()),
         };
         if let Ok(mut cache) = self.images.lock() {
             if cache.len() >= IMAGE_CACHE_MAX {

@@ -221,6 +221,15 @@ async fn send_all(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
             to: job.recipient.clone(),
             text: job.body.clone(),
             image: job.image.clone(),
+            template: job.wa_template.as_ref().and_then(|t| {
+                let to = shared::render::Recipient {
+                    name: job.lead_name.as_deref().unwrap_or(""),
+                    phone: &job.recipient,
+                };
+                // Checked when the campaign was created; a row that no longer renders sends
+                // the text instead of failing.
+                t.0.render(&to, job.id.unsigned_abs()).ok()
+            }),
         })
         .collect();
     // Each device's owner host (its lease), the default host for devices without a live lease;

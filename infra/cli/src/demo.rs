@@ -143,6 +143,7 @@ async fn seed(
             target: TargetStatus::All,
             scheduled_at: chrono::Utc::now(),
             delay,
+            wa_template: None,
         },
     )
     .await?;

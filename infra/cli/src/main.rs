@@ -281,6 +281,14 @@ enum CampaignCmd {
         min_delay: f64,
         #[arg(long, default_value_t = 90.0)]
         max_delay: f64,
+        /// Cloud API devices send this approved template instead of the text: `name:language`
+        /// (e.g. `november_promo:ms`).
+        #[arg(long)]
+        wa_template: Option<String>,
+        /// A body parameter of the template, rendered per lead like the text (`{name}`, spintax);
+        /// repeat in order for {{1}}, {{2}}, ….
+        #[arg(long = "wa-template-param")]
+        wa_template_params: Vec<String>,
     },
     List {
         #[arg(long)]
@@ -819,9 +827,27 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             time,
             min_delay,
             max_delay,
+            wa_template,
+            wa_template_params,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             shared::render::Template::parse(&template)?;
+            let wa_template = match wa_template {
+                Some(spec) => {
+                    let (name, language) = spec
+                        .split_once(':')
+                        .context("--wa-template is name:language, e.g. november_promo:ms")?;
+                    Some(shared::render::WaTemplate::new(
+                        name,
+                        language,
+                        wa_template_params,
+                    )?)
+                }
+                None if !wa_template_params.is_empty() => {
+                    bail!("--wa-template-param needs --wa-template")
+                }
+                None => None,
+            };
             let niche = Token::parse(&niche)?;
             let target: TargetStatus = target.parse()?;
             let delay = DelayRange::new(min_delay, max_delay)?;
@@ -846,6 +872,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                     target,
                     scheduled_at,
                     delay,
+                    wa_template: wa_template.as_ref(),
                 },
             )
             .await?;

@@ -39,6 +39,8 @@ pub struct NewCampaign<'a> {
     pub target: TargetStatus,
     pub scheduled_at: DateTime<Utc>,
     pub delay: DelayRange,
+    /// Sent instead of the text by Cloud API devices (already checked by `WaTemplate::new`).
+    pub wa_template: Option<&'a crate::render::WaTemplate>,
 }
 
 pub async fn insert_campaign(
@@ -54,8 +56,8 @@ pub async fn insert_campaign(
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO campaigns (id, tenant_id, title, template, image, niche, target_status,
-                                scheduled_at, min_delay_s, max_delay_s)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                scheduled_at, min_delay_s, max_delay_s, wa_template)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(id)
     .bind(tenant)
@@ -67,6 +69,7 @@ pub async fn insert_campaign(
     .bind(new.scheduled_at)
     .bind(new.delay.min_s)
     .bind(new.delay.max_s)
+    .bind(new.wa_template.map(sqlx::types::Json))
     .execute(tx)
     .await?;
     Ok(id)

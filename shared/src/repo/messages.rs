@@ -175,6 +175,10 @@ pub struct SendJob {
     /// The URL of the host that holds the device's lease (`None`: no live lease; the worker's
     /// default host takes it).
     pub host_url: Option<String>,
+    /// The campaign's Cloud API template, with the lead's name to render it (both only when the
+    /// campaign has one).
+    pub wa_template: Option<sqlx::types::Json<crate::render::WaTemplate>>,
+    pub lead_name: Option<String>,
 }
 
 /// The worker's claim: `queued → sending` for the given items whose campaign is running and
@@ -197,7 +201,10 @@ pub async fn claim_messages_for_send(
            AND d.id = bm.device_id AND d.tenant_id = bm.tenant_id AND d.deleted_at IS NULL
          RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image, bm.attempts,
                    (SELECT h.url FROM hosts h
-                    WHERE h.id = d.host_id AND d.host_lease_until > now()) AS host_url",
+                    WHERE h.id = d.host_id AND d.host_lease_until > now()) AS host_url,
+                   c.wa_template,
+                   (SELECT l.name FROM leads l
+                    WHERE c.wa_template IS NOT NULL AND l.id = bm.lead_id) AS lead_name",
     )
     .bind(&ids)
     .bind(&tenants)

@@ -195,6 +195,7 @@ async fn seed(
             target: TargetStatus::All,
             scheduled_at: chrono::Utc::now(),
             delay: DelayRange::new(min_s, max_s).unwrap(),
+            wa_template: None,
         },
     )
     .await
