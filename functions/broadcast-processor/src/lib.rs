@@ -13,6 +13,7 @@ use serde::Serialize;
 use shared::queue::{enqueue_items, Queue};
 use shared::repo;
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, instrument, warn};
@@ -112,38 +113,65 @@ fn settings_for(event: &serde_json::Value, base: &Settings) -> Result<Settings, 
 #[instrument(skip_all)]
 pub async fn handle(event: serde_json::Value, deps: &Deps) -> Result<Report, ProcessorError> {
     let settings = settings_for(&event, &deps.settings)?;
-    let started = Instant::now();
-    let mut total = Report::default();
-    loop {
-        let tick_started = Instant::now();
-        let saturated = tick(deps, &settings, &mut total).await?;
-        total.ticks += 1;
-        let elapsed = started.elapsed();
-        if elapsed >= settings.run_for {
-            break;
-        }
-        if !saturated {
-            let rest = settings.tick.saturating_sub(tick_started.elapsed());
-            tokio::time::sleep(rest.min(settings.run_for - elapsed)).await;
-        }
-        if started.elapsed() >= settings.run_for {
-            break;
-        }
-    }
+    let deadline = Instant::now() + settings.run_for;
+    let total = run(deps, &settings, deadline, &AtomicBool::new(false)).await?;
     info!(?total, "processor run finished");
     Ok(total)
 }
 
-/// One tick. Returns true when the claim came back full (more is ready right now).
+/// The invocation's loop until `deadline`, or until `stop` is set (at least one tick always
+/// runs). Claims run back to back while they come back full; the housekeeping
+/// (sweeps and rescues) runs once per `tick` at most, whatever the claim rate, so that a busy
+/// queue is not slowed by work that only has to happen about once a second.
+pub async fn run(
+    deps: &Deps,
+    settings: &Settings,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<Report, ProcessorError> {
+    let done = || Instant::now() >= deadline || stop.load(Ordering::Relaxed);
+    let mut report = Report::default();
+    let mut housekept: Option<Instant> = None;
+    loop {
+        let tick_started = Instant::now();
+        if housekept.is_none_or(|at| at.elapsed() >= settings.tick) {
+            housekeeping(deps, settings, &mut report).await?;
+            housekept = Some(Instant::now());
+            report.ticks += 1;
+        }
+        let (_, saturated) = claim_and_enqueue(deps, settings, &mut report).await?;
+        if done() {
+            return Ok(report);
+        }
+        if !saturated {
+            let rest = settings.tick.saturating_sub(tick_started.elapsed());
+            tokio::time::sleep(rest.min(deadline.saturating_duration_since(Instant::now()))).await;
+            if done() {
+                return Ok(report);
+            }
+        }
+    }
+}
+
+/// One tick: housekeeping, then one claim. Returns true when the claim came back full (more is
+/// ready right now).
 pub async fn tick(
     deps: &Deps,
     settings: &Settings,
     report: &mut Report,
 ) -> Result<bool, ProcessorError> {
-    sweep(deps, settings, report).await?;
-    rescue(deps, settings, report).await?;
+    housekeeping(deps, settings, report).await?;
     let (_, saturated) = claim_and_enqueue(deps, settings, report).await?;
     Ok(saturated)
+}
+
+async fn housekeeping(
+    deps: &Deps,
+    settings: &Settings,
+    report: &mut Report,
+) -> Result<(), ProcessorError> {
+    sweep(deps, settings, report).await?;
+    rescue(deps, settings, report).await
 }
 
 async fn sweep(
@@ -185,6 +213,7 @@ async fn rescue(
         &mut tx,
         settings.max_attempts,
         settings.rescue_retry_after.as_secs_f64(),
+        settings.rescue_batch,
     )
     .await
     .context("failed to reconcile stale sending rows")?;

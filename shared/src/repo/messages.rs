@@ -129,9 +129,11 @@ pub async fn claim_ready_messages(
                  cap_used = CASE WHEN g.day IS NULL THEN d.cap_used
                                  WHEN d.cap_day = g.day THEN d.cap_used + g.n
                                  ELSE g.n END
-             FROM (SELECT k.device_id, sum(k.gap) AS total, count(*) AS n, max(r.day) AS day
-                   FROM kept k JOIN ready r ON r.id = k.device_id
-                   GROUP BY k.device_id) g
+             FROM (SELECT k.device_id, k.total, k.n, r.day
+                   -- aggregated before the join: kept has a row per message, ready per device
+                   FROM (SELECT device_id, sum(gap) AS total, count(*) AS n
+                         FROM kept GROUP BY device_id) k
+                   JOIN ready r ON r.id = k.device_id) g
              WHERE d.id = g.device_id
          )
          SELECT id, tenant_id, device_id, enqueue_count FROM upd",
@@ -238,7 +240,10 @@ pub async fn hold_paused_messages(
 pub type SentRecord = (i64, Uuid, String, DateTime<Utc>);
 
 /// `sending → sent` for a batch, with each send's acceptance time; each device's pacing cursor
-/// moves to (its latest acceptance + that message's gap) if that is later.
+/// moves to (its latest acceptance + that message's gap) if that is later and still ahead. A
+/// cursor that would land in the past changes nothing the claim can see (`next_send_at <=
+/// now()` holds either way), so the device row is not written: with zero gaps that would be a
+/// write per batch to one small, hot row that the processor's claim locks too.
 pub async fn mark_messages_sent(
     tx: &mut PgConnection,
     sent: &[SentRecord],
@@ -256,9 +261,10 @@ pub async fn mark_messages_sent(
              WHERE bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'sending'
              RETURNING bm.device_id, bm.tenant_id, w.at + make_interval(secs => COALESCE(bm.gap_s, 0)) AS next_at
          ), cursor AS (
-             UPDATE devices d SET next_send_at = GREATEST(d.next_send_at, n.next_at)
+             UPDATE devices d SET next_send_at = n.next_at
              FROM (SELECT device_id, tenant_id, max(next_at) AS next_at FROM upd GROUP BY 1, 2) n
              WHERE d.id = n.device_id AND d.tenant_id = n.tenant_id
+               AND n.next_at > d.next_send_at AND n.next_at > now()
          )
          SELECT count(*) FROM upd",
     )
@@ -359,20 +365,40 @@ pub struct Reconciled {
 
 /// System scope: rows `sending` past their lease are reconciled with the host's send record:
 /// sent there → `sent` (no second send); failed there → `failed`; otherwise back to `pending`
-/// with a backoff, or `failed / attempts_exhausted` once `max_attempts` were spent.
+/// with a backoff, or `failed / attempts_exhausted` once `max_attempts` were spent. At most
+/// `limit` rows per call, the longest overdue first.
+///
+/// The stale rows are found first, through the in-flight lease index, and every update is
+/// then restricted to their ids: the common case (nothing stale) costs one index probe, and no
+/// plan can start from `host_sends` or from every message (a join the planner chose with
+/// stale statistics, and paid a second per call for at 100,000 rows).
 pub async fn reconcile_stale_sending(
     tx: &mut PgConnection,
     max_attempts: i32,
     retry_after_s: f64,
+    limit: i64,
 ) -> Result<Reconciled, RepoError> {
+    let stale: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM broadcast_messages
+         WHERE status = 'sending' AND lease_until < now()
+         ORDER BY lease_until LIMIT $1
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    if stale.is_empty() {
+        return Ok(Reconciled::default());
+    }
     let sent = sqlx::query(
         "UPDATE broadcast_messages bm
          SET status = 'sent', reason = 'accepted', sent_at = h.updated_at, finished_at = now(),
              provider_message_id = h.provider_message_id, lease_until = NULL
          FROM host_sends h
-         WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id AND h.state = 'sent'
-           AND bm.status = 'sending' AND bm.lease_until < now()",
+         WHERE bm.id = ANY($1) AND h.message_id = bm.id AND h.tenant_id = bm.tenant_id
+           AND h.state = 'sent' AND bm.status = 'sending'",
     )
+    .bind(&stale)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -382,9 +408,10 @@ pub async fn reconcile_stale_sending(
              reason = COALESCE(h.error, 'provider_refused'), finished_at = now(),
              lease_until = NULL
          FROM host_sends h
-         WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id AND h.state = 'failed'
-           AND bm.status = 'sending' AND bm.lease_until < now()",
+         WHERE bm.id = ANY($1) AND h.message_id = bm.id AND h.tenant_id = bm.tenant_id
+           AND h.state = 'failed' AND bm.status = 'sending'",
     )
+    .bind(&stale)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -392,18 +419,20 @@ pub async fn reconcile_stale_sending(
         "UPDATE broadcast_messages bm
          SET status = 'failed', reason = 'attempts_exhausted', finished_at = now(), lease_until = NULL,
              last_error = COALESCE(bm.last_error, 'no answer from the device host')
-         WHERE bm.status = 'sending' AND bm.lease_until < now() AND bm.attempts >= $1",
+         WHERE bm.id = ANY($1) AND bm.status = 'sending' AND bm.attempts >= $2",
     )
+    .bind(&stale)
     .bind(max_attempts)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     let retried = sqlx::query(
         "UPDATE broadcast_messages bm
-         SET status = 'pending', due_at = now() + make_interval(secs => $1), lease_until = NULL,
+         SET status = 'pending', due_at = now() + make_interval(secs => $2), lease_until = NULL,
              last_error = 'lease expired while sending; reconciled with the host'
-         WHERE bm.status = 'sending' AND bm.lease_until < now()",
+         WHERE bm.id = ANY($1) AND bm.status = 'sending'",
     )
+    .bind(&stale)
     .bind(retry_after_s)
     .execute(&mut *tx)
     .await?
@@ -416,15 +445,33 @@ pub async fn reconcile_stale_sending(
     })
 }
 
+/// The sweeps below find their devices first and name them on the messages themselves
+/// (`bm.device_id = ANY(…)`), so that every index the planner may pick holds the device,
+/// whatever its statistics say, and a sweep with no device to act on costs one small query.
+/// Joined to the devices instead, a planner with stale statistics walked every pending message
+/// of the running campaigns and looked each device up: 8 s per sweep at 100,000 pending rows,
+/// once per tick.
+const OFFLINE_PAST_GRACE: &str = "d.deleted_at IS NULL
+    AND d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
+    AND d.status_changed_at <= now() - make_interval(secs => $1)";
+
 /// System scope: unsent rows of deleted devices end `skipped / device_deleted`.
 pub async fn skip_deleted_device_messages(tx: &mut PgConnection) -> Result<u64, RepoError> {
+    let devices: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE deleted_at IS NOT NULL")
+            .fetch_all(&mut *tx)
+            .await?;
+    if devices.is_empty() {
+        return Ok(0);
+    }
     let res = sqlx::query(
         "UPDATE broadcast_messages bm
          SET status = 'skipped', reason = 'device_deleted', finished_at = now(), lease_until = NULL
          FROM devices d
-         WHERE d.deleted_at IS NOT NULL AND bm.device_id = d.id AND bm.tenant_id = d.tenant_id
-           AND bm.status IN ('pending', 'queued')",
+         WHERE bm.device_id = ANY($1) AND d.id = bm.device_id AND d.tenant_id = bm.tenant_id
+           AND d.deleted_at IS NOT NULL AND bm.status IN ('pending', 'queued')",
     )
+    .bind(&devices)
     .execute(tx)
     .await?;
     Ok(res.rows_affected())
@@ -437,18 +484,27 @@ pub async fn skip_offline_device_messages(
     tx: &mut PgConnection,
     grace_s: f64,
 ) -> Result<u64, RepoError> {
-    let res = sqlx::query(
+    let devices: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM devices d WHERE {OFFLINE_PAST_GRACE}"
+    )))
+    .bind(grace_s)
+    .fetch_all(&mut *tx)
+    .await?;
+    if devices.is_empty() {
+        return Ok(0);
+    }
+    // The device's condition is checked again here: it may have come online meanwhile.
+    let res = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE broadcast_messages bm
          SET status = 'skipped', reason = 'device_offline', finished_at = now()
          FROM devices d, campaigns c
-         WHERE d.deleted_at IS NULL
-           AND d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
-           AND d.status_changed_at <= now() - make_interval(secs => $1)
-           AND bm.device_id = d.id AND bm.tenant_id = d.tenant_id
+         WHERE bm.device_id = ANY($2) AND d.id = bm.device_id AND d.tenant_id = bm.tenant_id
+           AND {OFFLINE_PAST_GRACE}
            AND bm.status = 'pending' AND bm.due_at <= now()
-           AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'",
-    )
+           AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'"
+    )))
     .bind(grace_s)
+    .bind(&devices)
     .execute(tx)
     .await?;
     Ok(res.rows_affected())
