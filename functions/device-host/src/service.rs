@@ -579,10 +579,12 @@ impl Host {
                 )
             })
             .collect();
-        let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
+        // One statement in autocommit on the durable pool: committed, WAL flushed, before any
+        // provider call (one round trip instead of begin, insert, commit).
+        let mut conn = self.pool.acquire().await.map_err(SendError::internal)?;
         let mut states =
-            repo::host_sends::begin_host_sends(&mut tx, &self.host_id, &attempts).await?;
-        tx.commit().await.map_err(SendError::internal)?;
+            repo::host_sends::begin_host_sends(&mut conn, &self.host_id, &attempts).await?;
+        drop(conn);
         let mut kept = Vec::new();
         for mut p in work.drain(..) {
             let r = &reqs[p.index];

@@ -88,7 +88,8 @@ pub async fn begin_host_sends(
         let existing: Vec<ExistingRow> = sqlx::query_as(
             "SELECT h.message_id, h.provider_message_id, h.state, h.error, h.updated_at
                  FROM host_sends h JOIN unnest($1::bigint[], $2::uuid[]) AS u(id, t)
-                   ON h.message_id = u.id AND h.tenant_id = u.t",
+                   ON h.message_id = u.id AND h.tenant_id = u.t
+                 WHERE h.message_id = ANY($1)",
         )
         .bind(&rest_ids)
         .bind(&rest_tenants)
@@ -144,8 +145,11 @@ pub async fn finish_host_sends(
     sqlx::query(
         "UPDATE host_sends h SET state = u.s, error = u.e, updated_at = now()
          FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[]) AS u(id, t, s, e)
-         WHERE h.message_id = u.id AND h.tenant_id = u.t",
+         WHERE h.message_id = ANY($1) AND h.message_id = u.id AND h.tenant_id = u.t",
     )
+    // Planned at every call, for the table's current size: a cached generic plan is chosen
+    // once, while the table is still nearly empty (a scan), and kept as the table grows.
+    .persistent(false)
     .bind(&ids)
     .bind(&tenants)
     .bind(&states)
