@@ -1010,6 +1010,13 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
             "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}",
             d.label, d.status, next, d.pending, d.queued, d.sending
         );
+        // Why a device is not online (a restriction and its end, a logout, a ban): the person
+        // who has to act reads it here.
+        if d.status != "online" {
+            if let Some(reason) = &d.status_reason {
+                println!("  └ {reason}");
+            }
+        }
     }
     let (p, q, s) = rows.iter().fold((0, 0, 0), |a, d| {
         (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending)

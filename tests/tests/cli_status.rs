@@ -1,0 +1,71 @@
+//! The operator's `wabcast status`, run as a person runs it: a device held by a restriction
+//! shows why, so the person who has to act reads it there.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use shared::domain::DeviceStatus;
+use shared::repo;
+use sqlx::PgPool;
+use std::path::PathBuf;
+use wabcast_tests::*;
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn status_shows_why_a_device_is_held(pool: PgPool) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let cli = root.join("target/debug/wabcast");
+    assert!(
+        cli.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (infra/test.sh does)",
+        cli.display()
+    );
+    let db_name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+
+    let tenant = seed_tenant(&pool, "status@example.com").await;
+    seed_device(&pool, tenant, "shop-ok", 0.0, 0.0).await;
+    let held = seed_device(&pool, tenant, "shop-held", 0.0, 0.0).await;
+    let why =
+        "WhatsApp refused a message (nack 463: reach-out restriction); new-contact sends paused";
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::set_device_status(&mut tx, tenant, held, DeviceStatus::Restricted, Some(why))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let out = std::process::Command::new(&cli)
+        .arg("status")
+        .env("DATABASE_URL", &database_url)
+        .env("QUEUE_BACKEND", "redis")
+        .env("QUEUE_PREFIX", format!("cli-status-{db_name}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("shop-held"))
+        .unwrap_or_else(|| panic!("no row for the held device:\n{stdout}"));
+    assert!(lines[at].contains("restricted"), "{stdout}");
+    assert!(
+        lines[at + 1].contains(why),
+        "the reason follows the held device's row:\n{stdout}"
+    );
+    let ok = lines.iter().position(|l| l.starts_with("shop-ok")).unwrap();
+    assert!(
+        !lines
+            .get(ok + 1)
+            .is_some_and(|l| l.trim_start().starts_with('└')),
+        "an online device has no reason line:\n{stdout}"
+    );
+}
