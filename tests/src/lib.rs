@@ -18,6 +18,7 @@ use shared::queue::{to_sqs_event, Queue, RedisQueue, RedisQueueConfig, SqsQueue,
 use shared::repo;
 use sqlx::PgPool;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
@@ -53,7 +54,7 @@ pub async fn moto_url() -> String {
         if let Ok(url) = std::env::var("WABCAST_MOTO_URL") {
             return url;
         }
-        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = workspace_root();
         let bin = root.join(".local/venv/bin/moto_server");
         if !bin.exists() {
             let ok = std::process::Command::new("bash")
@@ -507,6 +508,35 @@ pub fn sends_per_message(entries: &[SendLogEntry]) -> HashMap<i64, usize> {
         *m.entry(e.message_id).or_insert(0) += 1;
     }
     m
+}
+
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A debug binary of the workspace, as `infra/test.sh` builds them before the tests.
+pub fn built_binary(name: &str) -> PathBuf {
+    let bin = workspace_root().join("target/debug").join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (infra/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The URL of the database behind `pool` (a `#[sqlx::test]` database), for child processes.
+pub async fn database_url_of(pool: &PgPool) -> String {
+    let name: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap();
+    format!("{}/{name}", base.rsplit_once('/').unwrap().0)
 }
 
 /// A fresh, migrated database `name` next to `base` (benchmarks): its URL and a pool of 40.

@@ -5,27 +5,17 @@
 use shared::domain::DeviceStatus;
 use shared::repo;
 use sqlx::PgPool;
-use std::path::PathBuf;
 use wabcast_tests::*;
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn status_shows_why_a_device_is_held(pool: PgPool) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap();
-    let cli = root.join("target/debug/wabcast");
-    assert!(
-        cli.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (infra/test.sh does)",
-        cli.display()
-    );
-    let db_name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+    let cli = built_binary("wabcast");
+    let database_url = database_url_of(&pool).await;
+    let db_name = database_url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
 
     let tenant = seed_tenant(&pool, "status@example.com").await;
     seed_device(&pool, tenant, "shop-ok", 0.0, 0.0).await;

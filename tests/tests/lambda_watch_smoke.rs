@@ -7,7 +7,6 @@
 
 use shared::domain::LeadStatus;
 use sqlx::PgPool;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use wabcast_tests::process::{free_port, spawn};
@@ -30,22 +29,9 @@ async fn the_same_stack_drains_on_the_sqs_api(pool: PgPool) {
 }
 
 async fn drains_through_watch(pool: PgPool, backend: Backend) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap();
-    let emulator = root.join("target/debug/local-emulator");
-    assert!(
-        emulator.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (infra/test.sh does)",
-        emulator.display()
-    );
-    let db_name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let database_url = format!("{}/{db_name}", base.rsplit_once('/').unwrap().0);
+    let root = workspace_root();
+    let emulator = built_binary("local-emulator");
+    let database_url = database_url_of(&pool).await;
 
     let tenant = seed_tenant(&pool, "smoke@example.com").await;
     let d1 = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
