@@ -13,6 +13,7 @@
 
 pub mod campaigns;
 pub mod cloud_api;
+mod copy_rows;
 pub mod devices;
 pub mod host_sends;
 pub mod hosts;

@@ -595,38 +595,28 @@ pub async fn insert_step_messages(
     due_at: DateTime<Utc>,
     rows: &[StepMessage<'_>],
 ) -> Result<u64, RepoError> {
-    use std::fmt::Write;
     if rows.is_empty() {
         return Ok(0);
     }
-    let image = image
-        .map(super::campaigns::copy_escape)
-        .unwrap_or_else(|| "\\N".to_string());
-    let due = due_at.to_rfc3339();
-    let mut copy = tx
-        .copy_in_raw(
-            "COPY broadcast_messages (tenant_id, campaign_id, image, due_at, enrollment_id, lead_id, device_id, recipient, body) FROM STDIN",
-        )
-        .await?;
-    let mut buf = String::with_capacity(1 << 20);
-    for r in rows {
-        let _ = writeln!(
-            buf,
-            "{tenant}\t{campaign}\t{image}\t{due}\t{}\t{}\t{}\t{}\t{}",
-            r.enrollment_id,
-            r.lead_id,
-            r.device_id,
-            super::campaigns::copy_escape(r.recipient),
-            super::campaigns::copy_escape(&r.body)
-        );
-        if buf.len() > (1 << 20) {
-            copy.send(std::mem::take(&mut buf).into_bytes()).await?;
-        }
-    }
-    if !buf.is_empty() {
-        copy.send(buf.into_bytes()).await?;
-    }
-    Ok(copy.finish().await?)
+    Ok(super::copy_rows::copy_in(
+        tx,
+        "COPY broadcast_messages (tenant_id, campaign_id, image, due_at, enrollment_id, lead_id, device_id, recipient, body)
+         FROM STDIN (FORMAT binary)",
+        9,
+        rows,
+        |data, r| {
+            data.uuid(tenant);
+            data.uuid(campaign);
+            data.opt_text(image);
+            data.timestamptz(due_at);
+            data.int8(r.enrollment_id);
+            data.int8(r.lead_id);
+            data.uuid(r.device_id);
+            data.text(r.recipient);
+            data.text(&r.body);
+        },
+    )
+    .await?)
 }
 
 /// Moves enrollments past the step just materialised: to the next step and its due instant, or,
