@@ -285,3 +285,42 @@ async fn malformed_events_get_clear_errors_and_change_nothing(pool: PgPool) {
         .is_empty());
     assert!(host.sends().is_empty());
 }
+
+/// A message's recipient is its lead's phone (E.164: parsed at the edge and checked by a regular
+/// expression on `leads`); the database still refuses a message row whose recipient has not even
+/// the shape of one (a `+` and 7 to 15 more characters), whoever writes it.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_database_refuses_a_message_to_a_recipient_without_the_shape_of_a_number(pool: PgPool) {
+    let insert = |recipient: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO broadcast_messages (tenant_id, device_id, lead_id, campaign_id, recipient, body)
+                 VALUES (gen_random_uuid(), gen_random_uuid(), 1, gen_random_uuid(), $1, 'hi')",
+            )
+            .bind(recipient)
+            .execute(&pool)
+            .await
+        }
+    };
+    for bad in [
+        "60123456789",
+        "+6012",
+        "+601234567890123456",
+        "",
+        "0060123456789",
+    ] {
+        let err = insert(bad).await.expect_err(bad);
+        assert!(
+            err.to_string()
+                .contains("broadcast_messages_recipient_shape"),
+            "{bad:?}: {err}"
+        );
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM broadcast_messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 0);
+    insert("+60123456789").await.unwrap();
+}
