@@ -57,22 +57,26 @@ for _, g in ipairs(groups) do
     local id = redis.call('LINDEX', glist, idx)
     if not id then break end
     local mk = p .. ':m:' .. id
-    local rc = tonumber(redis.call('HGET', mk, 'rc'))
+    local h = redis.call('HMGET', mk, 'rc', 'body', 'dedup', 'sent', 'first')
+    local rc = tonumber(h[1])
     if rc >= maxrc then
-      local h = redis.call('HMGET', mk, 'body', 'dedup')
       redis.call('LREM', glist, 1, id)
-      redis.call('RPUSH', p .. ':dlq', cjson.encode({id = id, group = g, body = h[1], dedup = h[2], receive_count = rc, at = now}))
+      redis.call('RPUSH', p .. ':dlq', cjson.encode({id = id, group = g, body = h[2], dedup = h[3], receive_count = rc, at = now}))
       redis.call('DEL', mk)
       redis.call('ZREM', p .. ':ifl', id)
       redis.call('DECR', p .. ':count')
     else
       rc = rc + 1
-      redis.call('HSET', mk, 'rc', rc)
-      if rc == 1 then redis.call('HSET', mk, 'first', now) end
+      local first = tonumber(h[5])
+      if rc == 1 then
+        first = now
+        redis.call('HSET', mk, 'rc', rc, 'first', now)
+      else
+        redis.call('HSET', mk, 'rc', rc)
+      end
       redis.call('ZADD', p .. ':ifl', now + vis, id)
-      local h = redis.call('HMGET', mk, 'body', 'dedup', 'sent', 'first')
-      table.insert(out, {id = id, receipt = id .. ':' .. rc, body = h[1], group = g, dedup = h[2],
-        rc = rc, sent = tonumber(h[3]), first = tonumber(h[4])})
+      table.insert(out, {id = id, receipt = id .. ':' .. rc, body = h[2], group = g, dedup = h[3],
+        rc = rc, sent = tonumber(h[4]), first = first})
       taken = taken + 1
       idx = idx + 1
     end
@@ -101,9 +105,9 @@ local deleted = 0
 for i = 2, #ARGV do
   local id, rc = string.match(ARGV[i], '^(%d+):(%d+)$')
   local mk = p .. ':m:' .. id
-  local cur = redis.call('HGET', mk, 'rc')
-  if cur and cur == rc then
-    local g = redis.call('HGET', mk, 'group')
+  local h = redis.call('HMGET', mk, 'rc', 'group')
+  if h[1] and h[1] == rc then
+    local g = h[2]
     local glist = p .. ':g:' .. g
     redis.call('LREM', glist, 1, id)
     redis.call('DEL', mk)
