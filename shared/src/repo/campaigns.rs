@@ -170,9 +170,6 @@ pub async fn insert_campaign_messages(
     image: Option<&str>,
     rows: &[RenderedMessage<'_>],
 ) -> Result<u64, RepoError> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
     Ok(copy_in(
         tx,
         "COPY broadcast_messages (tenant_id, campaign_id, image, lead_id, device_id, recipient, body)

@@ -76,7 +76,8 @@ impl CopyRows {
 }
 
 /// Sends `rows` through `statement` (a `COPY … FROM STDIN (FORMAT binary)` naming `fields`
-/// columns), each encoded by `encode`, in pieces of about a megabyte. Returns the rows copied.
+/// columns), each encoded by `encode`, in pieces of about a megabyte. Returns the rows copied;
+/// with no rows, nothing is sent at all.
 pub(crate) async fn copy_in<T>(
     conn: &mut sqlx::PgConnection,
     statement: &'static str,
@@ -84,6 +85,9 @@ pub(crate) async fn copy_in<T>(
     rows: &[T],
     mut encode: impl FnMut(&mut CopyRows, &T),
 ) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
     let mut copy = conn.copy_in_raw(statement).await?;
     let mut data = CopyRows::new();
     for r in rows {

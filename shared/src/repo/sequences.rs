@@ -595,9 +595,6 @@ pub async fn insert_step_messages(
     due_at: DateTime<Utc>,
     rows: &[StepMessage<'_>],
 ) -> Result<u64, RepoError> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
     Ok(super::copy_rows::copy_in(
         tx,
         "COPY broadcast_messages (tenant_id, campaign_id, image, due_at, enrollment_id, lead_id, device_id, recipient, body)
