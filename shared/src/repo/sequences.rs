@@ -352,7 +352,8 @@ pub async fn update_message_bodies(
     let res = sqlx::query(
         "UPDATE broadcast_messages bm SET body = u.body, image = $3
          FROM unnest($1::bigint[], $2::text[]) AS u(id, body)
-         WHERE bm.id = u.id AND bm.tenant_id = $4 AND bm.status IN ('pending', 'queued')",
+         WHERE bm.id = ANY($1) AND bm.id = u.id AND bm.tenant_id = $4
+           AND bm.status IN ('pending', 'queued')",
     )
     .bind(&ids)
     .bind(&texts)
