@@ -1,6 +1,15 @@
 //! `broadcast_messages`: the state machine of DESIGN.md §2. Every transition is one conditional
 //! `UPDATE … WHERE status = <expected>`; a transition that matches no row did not happen.
 //! Nothing here deletes a row.
+//!
+//! **Rows named by id are found by primary key only.** A statement given message ids compares
+//! the expected status in the "C" collation (`status = 'sending' COLLATE "C"`: the same equality
+//! for these ASCII words). In the default collation `status = 'sending'` implies the predicate
+//! of the partial in-flight indexes (`status IN ('queued', 'sending')`), and a planner without
+//! statistics (a bulk load outruns autoanalyze) ANDs the primary key with a scan of the whole
+//! in-flight index: 10,000 index entries read to update 10 rows. In the 100,000-message
+//! benchmark that was 38 % of PostgreSQL's CPU (`perf`, 2026-12-01) in `mark_messages_sent`
+//! alone. Scans that *want* the in-flight index (the rescuer's lease scans) keep the default.
 
 use super::RepoError;
 use crate::queue::WorkItem;
@@ -192,11 +201,8 @@ pub struct SendJob {
 /// without statistics (a bulk load outruns autoanalyze), the planner started from every device
 /// and walked each one's in-flight rows: 0.4-1 s per batch of 10 with 25,000 rows queued, seen
 /// in the benchmark with `auto_explain`. Without the join it still ANDed the primary key with a
-/// scan of the whole in-flight index, which `status = 'queued'` lets it use; compared in the
-/// "C" collation (the same equality for these ASCII words) that condition no longer implies the
-/// partial indexes' predicates, which are in the default collation, so only the primary key
-/// is left. The statements below that take ids from an `unnest` also name them with
-/// `bm.id = ANY($1)`.
+/// scan of the whole in-flight index (see the module's note on the "C" collation). The
+/// statements below that take ids from an `unnest` also name them with `bm.id = ANY($1)`.
 pub async fn claim_messages_for_send(
     tx: &mut PgConnection,
     items: &[WorkItem],
@@ -244,7 +250,8 @@ pub async fn hold_paused_messages(
     let res = sqlx::query(
         "UPDATE broadcast_messages bm SET status = 'pending', lease_until = NULL
          FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant)
-         WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'queued'
+         WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
+           AND bm.status = 'queued' COLLATE \"C\"
            AND (SELECT c.status = 'paused' FROM campaigns c
                 WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)",
     )
@@ -277,7 +284,8 @@ pub async fn mark_messages_sent(
              SET status = 'sent', reason = 'accepted', sent_at = w.at, finished_at = now(),
                  provider_message_id = w.pid, lease_until = NULL
              FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::timestamptz[]) AS w(id, tenant, pid, at)
-             WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant AND bm.status = 'sending'
+             WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
+               AND bm.status = 'sending' COLLATE \"C\"
              RETURNING bm.device_id, bm.tenant_id, w.at + make_interval(secs => COALESCE(bm.gap_s, 0)) AS next_at
          ), cursor AS (
              UPDATE devices d SET next_send_at = n.next_at
@@ -310,7 +318,7 @@ pub async fn mark_message_failed(
         "UPDATE broadcast_messages
          SET status = CASE WHEN $3 = 'not_on_whatsapp' THEN 'skipped' ELSE 'failed' END,
              reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
-         WHERE id = $1 AND tenant_id = $2 AND status = 'sending'",
+         WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"",
     )
     .bind(id)
     .bind(tenant)
@@ -336,7 +344,7 @@ pub async fn mark_message_retry(
         "UPDATE broadcast_messages
          SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL,
              attempts = CASE WHEN $5 THEN attempts ELSE attempts - 1 END
-         WHERE id = $1 AND tenant_id = $2 AND status = 'sending'",
+         WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"",
     )
     .bind(id)
     .bind(tenant)
@@ -363,7 +371,7 @@ pub async fn requeue_stale_queued(
              SELECT id FROM broadcast_messages
              WHERE status = 'queued' AND lease_until < now()
              ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED)
-           AND bm.status = 'queued'
+           AND bm.status = 'queued' COLLATE \"C\"
          RETURNING bm.id, bm.tenant_id, bm.device_id, bm.enqueue_count",
     )
     .bind(limit)
@@ -415,7 +423,7 @@ pub async fn reconcile_stale_sending(
              provider_message_id = h.provider_message_id, lease_until = NULL
          FROM host_sends h
          WHERE bm.id = ANY($1) AND h.message_id = bm.id AND h.tenant_id = bm.tenant_id
-           AND h.state = 'sent' AND bm.status = 'sending'",
+           AND h.state = 'sent' AND bm.status = 'sending' COLLATE \"C\"",
     )
     .bind(&stale)
     .execute(&mut *tx)
@@ -428,7 +436,7 @@ pub async fn reconcile_stale_sending(
              lease_until = NULL
          FROM host_sends h
          WHERE bm.id = ANY($1) AND h.message_id = bm.id AND h.tenant_id = bm.tenant_id
-           AND h.state = 'failed' AND bm.status = 'sending'",
+           AND h.state = 'failed' AND bm.status = 'sending' COLLATE \"C\"",
     )
     .bind(&stale)
     .execute(&mut *tx)
@@ -438,7 +446,7 @@ pub async fn reconcile_stale_sending(
         "UPDATE broadcast_messages bm
          SET status = 'failed', reason = 'attempts_exhausted', finished_at = now(), lease_until = NULL,
              last_error = COALESCE(bm.last_error, 'no answer from the device host')
-         WHERE bm.id = ANY($1) AND bm.status = 'sending' AND bm.attempts >= $2",
+         WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\" AND bm.attempts >= $2",
     )
     .bind(&stale)
     .bind(max_attempts)
@@ -449,7 +457,7 @@ pub async fn reconcile_stale_sending(
         "UPDATE broadcast_messages bm
          SET status = 'pending', due_at = now() + make_interval(secs => $2), lease_until = NULL,
              last_error = 'lease expired while sending; reconciled with the host'
-         WHERE bm.id = ANY($1) AND bm.status = 'sending'",
+         WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"",
     )
     .bind(&stale)
     .bind(retry_after_s)
