@@ -91,15 +91,20 @@ pub async fn claim_ready_messages(
              SELECT r.id AS device_id, r.tenant_id, m.id, m.lead_id, r.lead_min_gap_s,
                     row_number() OVER (PARTITION BY r.id ORDER BY m.due_at, m.id) AS rn,
                     row_number() OVER (PARTITION BY m.lead_id ORDER BY m.due_at, m.id) AS lead_rn,
-                    GREATEST(r.min_delay_s, m.cmin) AS gmin,
-                    GREATEST(r.max_delay_s, m.cmax, r.min_delay_s, m.cmin) AS gmax
+                    GREATEST(r.min_delay_s, c.min_delay_s) AS gmin,
+                    GREATEST(r.max_delay_s, c.max_delay_s, r.min_delay_s, c.min_delay_s) AS gmax
              FROM ready r
+             -- The device's due messages in order, straight from `bm_claim`: the campaign is
+             -- looked up per row (a scalar subquery the planner cannot reorder), not joined. As
+             -- a join, with statistics that said nothing was pending, the planner read each
+             -- device's whole backlog through `bm_progress` and sorted it, every tick.
              CROSS JOIN LATERAL (
-                 SELECT bm.id, bm.lead_id, bm.due_at, c.min_delay_s AS cmin, c.max_delay_s AS cmax
+                 SELECT bm.id, bm.lead_id, bm.due_at, bm.campaign_id
                  FROM broadcast_messages bm
-                 JOIN campaigns c ON c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id
                  WHERE bm.device_id = r.id AND bm.tenant_id = r.tenant_id
-                   AND bm.status = 'pending' AND bm.due_at <= now() AND c.status = 'running'
+                   AND bm.status = 'pending' AND bm.due_at <= now()
+                   AND (SELECT c.status = 'running' FROM campaigns c
+                        WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)
                    -- the per-lead frequency cap (off at 0): no lead contacted within the gap
                    AND (r.lead_min_gap_s = 0 OR NOT EXISTS (
                         SELECT 1 FROM leads l
@@ -109,6 +114,7 @@ pub async fn claim_ready_messages(
                  LIMIT r.allow
                  FOR UPDATE OF bm SKIP LOCKED
              ) m
+             JOIN campaigns c ON c.id = m.campaign_id AND c.tenant_id = r.tenant_id
          ), gapped AS (
              SELECT device_id, tenant_id, id, lead_id, lead_min_gap_s, rn,
                     gmin + random() * (gmax - gmin) AS gap
@@ -126,7 +132,10 @@ pub async fn claim_ready_messages(
              UPDATE broadcast_messages bm
              SET status = 'queued', queued_at = now(), enqueue_count = bm.enqueue_count + 1,
                  lease_until = now() + make_interval(secs => $3), gap_s = kept.gap
-             FROM kept WHERE bm.id = kept.id AND bm.status = 'pending'
+             -- found by primary key only (see the module's note): with statistics taken while
+             -- nothing was pending, the planner walked every pending row through `bm_claim`
+             -- once per claimed message (4 min 27 s for 12,700 of 102,700, measured)
+             FROM kept WHERE bm.id = kept.id AND bm.status = 'pending' COLLATE \"C\"
              RETURNING bm.id, bm.tenant_id, bm.device_id, bm.enqueue_count
          ), contacted AS (
              UPDATE leads l SET last_contacted_at = now()
