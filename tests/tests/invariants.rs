@@ -697,7 +697,6 @@ async fn rows_visited(conn: &mut sqlx::PgConnection) -> i64 {
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_system(pool: PgPool) {
     let tenant = seed_tenant(&pool, "stats@example.com").await;
-    let mut devices = Vec::new();
     for i in 0..4 {
         let d = seed_device(&pool, tenant, &format!("d{i}"), 0.0, 0.0).await;
         seed_leads(
@@ -710,7 +709,6 @@ async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_sy
             LeadStatus::Prospect,
         )
         .await;
-        devices.push(d);
     }
     let deps = campaign_trigger::Deps {
         pool: pool.clone(),
