@@ -5,11 +5,12 @@
 //! **Rows named by id are found by primary key only.** A statement given message ids compares
 //! the expected status in the "C" collation (`status = 'sending' COLLATE "C"`: the same equality
 //! for these ASCII words). In the default collation `status = 'sending'` implies the predicate
-//! of the partial in-flight indexes (`status IN ('queued', 'sending')`), and a planner without
-//! statistics (a bulk load outruns autoanalyze) ANDs the primary key with a scan of the whole
-//! in-flight index: 10,000 index entries read to update 10 rows. In the 100,000-message
-//! benchmark that was 38 % of PostgreSQL's CPU (`perf`, 2026-12-01) in `mark_messages_sent`
-//! alone. Scans that *want* the in-flight index (the rescuer's lease scans) keep the default.
+//! of the partial in-flight indexes (`status IN ('queued', 'sending')`), and `'pending'` that of
+//! `bm_claim`, and the planner may then AND the primary key with a scan of the whole partial
+//! index, or walk it and join the ids against it: 10,000 index entries read to update 10 rows.
+//! In the 100,000-message benchmark that was 38 % of PostgreSQL's CPU (`perf`, 2026-12-01) in
+//! `mark_messages_sent` alone. Scans that *want* a partial index (the processor's per-device
+//! read of `bm_claim`, the rescuer's lease scans) keep the default.
 
 use super::RepoError;
 use crate::queue::WorkItem;
