@@ -750,3 +750,130 @@ async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_sy
         "claiming 40 of 4,000 pending messages visited {visited} rows of broadcast_messages"
     );
 }
+
+/// Devices that are ready but have nothing the claim may take (no messages, only a paused
+/// campaign's, only leads inside the frequency cap) must not fill the claim's places. The claim
+/// takes the ready devices with the oldest cursors, and a cursor moves only on a send: once more
+/// such devices were ready than one claim takes, they came first at every tick and a campaign
+/// on the other devices never sent (seen with 3,000 devices, 1,000 per claim).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn devices_with_nothing_to_claim_do_not_starve_the_others(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "busy@example.com").await;
+    let capped_tenant = seed_tenant(&pool, "capped@example.com").await;
+    let deps = campaign_trigger::Deps {
+        pool: pool.clone(),
+        max_campaigns: 10,
+    };
+    let mut blockers = Vec::new();
+    for i in 0..3 {
+        blockers.push(seed_device(&pool, tenant, &format!("idle{i}"), 0.0, 0.0).await);
+    }
+    // a device whose only due messages belong to a paused campaign
+    let paused_device = seed_device(&pool, tenant, "paused", 0.0, 0.0).await;
+    seed_leads(
+        &pool,
+        tenant,
+        paused_device,
+        0,
+        2,
+        "boats",
+        LeadStatus::Prospect,
+    )
+    .await;
+    let paused = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            niche: "boats",
+            ..CampaignSpec::default()
+        },
+    )
+    .await;
+    campaign_trigger::handle(serde_json::json!({}), &deps)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    repo::campaigns::change_campaign_status(&mut tx, tenant, paused, CampaignStatus::Paused)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    blockers.push(paused_device);
+    // a device whose only lead was contacted inside its tenant's frequency cap
+    let capped_device = seed_device(&pool, capped_tenant, "capped", 0.0, 0.0).await;
+    seed_leads(
+        &pool,
+        capped_tenant,
+        capped_device,
+        100,
+        1,
+        "cars",
+        LeadStatus::Prospect,
+    )
+    .await;
+    seed_campaign(&pool, capped_tenant, &CampaignSpec::default()).await;
+    campaign_trigger::handle(serde_json::json!({}), &deps)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE tenants SET lead_min_gap_s = 3600 WHERE id = $1")
+        .bind(capped_tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE leads SET last_contacted_at = now() WHERE tenant_id = $1")
+        .bind(capped_tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    blockers.push(capped_device);
+    // the devices with work, their cursors newer than every blocker's
+    let mut busy = Vec::new();
+    for i in 0..2 {
+        let d = seed_device(&pool, tenant, &format!("busy{i}"), 0.0, 0.0).await;
+        seed_leads(
+            &pool,
+            tenant,
+            d,
+            200 + i * 10,
+            3,
+            "cars",
+            LeadStatus::Prospect,
+        )
+        .await;
+        busy.push(d);
+    }
+    let running = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    campaign_trigger::handle(serde_json::json!({}), &deps)
+        .await
+        .unwrap();
+    assert_eq!(row_count(&pool, running).await, 6);
+    sqlx::query(
+        "UPDATE devices SET next_send_at = now() - CASE WHEN id = ANY($1) THEN interval '1 hour'
+                                                        ELSE interval '1 minute' END",
+    )
+    .bind(&blockers)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // Two devices per claim: before the fix every claim took two of the five blockers.
+    let mut tx = pool.begin().await.unwrap();
+    let claimed = repo::messages::claim_ready_messages(&mut tx, 2, 10, 60.0, &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut devices: Vec<uuid::Uuid> = claimed.iter().map(|(item, _)| item.device_id).collect();
+    devices.sort();
+    devices.dedup();
+    busy.sort();
+    assert_eq!(devices, busy, "the claim went to the devices with work");
+    assert_eq!(claimed.len(), 6);
+    // and what the blockers hold is still waiting, untouched
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages WHERE device_id = ANY($1) AND status = 'pending'",
+    )
+    .bind(&blockers)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 3);
+}

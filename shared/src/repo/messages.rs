@@ -77,6 +77,25 @@ pub async fn claim_ready_messages(
                             d.warmup_start * power(2::float8,
                                 floor(extract(epoch FROM now() - d.paired_at) / 86400)))::bigint
                  ELSE d.daily_cap::bigint END AS cap) a
+             -- Only devices with a message the claim may take (the conditions of `cand`'s
+             -- read below). A cursor moves only on a send, so ready devices with nothing to
+             -- take (none due, only a paused campaign's, only leads inside the frequency cap)
+             -- keep the oldest cursors: once more of them were ready than one claim takes,
+             -- they filled every claim and the other devices never sent (seen with 3,000
+             -- devices). A lateral with a LIMIT, so that it stays one probe of `bm_claim` per
+             -- device and is not turned into a join over every pending message.
+             CROSS JOIN LATERAL (
+                 SELECT 1 FROM broadcast_messages p
+                 WHERE p.device_id = d.id AND p.tenant_id = d.tenant_id
+                   AND p.status = 'pending' AND p.due_at <= now()
+                   AND (SELECT c.status = 'running' FROM campaigns c
+                        WHERE c.id = p.campaign_id AND c.tenant_id = p.tenant_id)
+                   AND (t.lead_min_gap_s = 0 OR NOT EXISTS (
+                        SELECT 1 FROM leads l
+                        WHERE l.id = p.lead_id AND l.tenant_id = p.tenant_id
+                          AND l.last_contacted_at > now() - make_interval(secs => t.lead_min_gap_s)))
+                 LIMIT 1
+             ) w
              WHERE d.status = 'online' AND d.deleted_at IS NULL AND d.next_send_at <= now()
                AND NOT COALESCE(lim.quiet, false)
                -- a capped device is claimed only with its local day resolved, and while the
@@ -95,7 +114,8 @@ pub async fn claim_ready_messages(
                     GREATEST(r.min_delay_s, c.min_delay_s) AS gmin,
                     GREATEST(r.max_delay_s, c.max_delay_s, r.min_delay_s, c.min_delay_s) AS gmax
              FROM ready r
-             -- The device's due messages in order, straight from `bm_claim`: the campaign is
+             -- The device's due messages in order, straight from `bm_claim` (the conditions
+             -- of `ready`'s probe above, which must stay the same): the campaign is
              -- looked up per row (a scalar subquery the planner cannot reorder), not joined. As
              -- a join, with statistics that said nothing was pending, the planner read each
              -- device's whole backlog through `bm_progress` and sorted it, every tick.
