@@ -4,9 +4,46 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 pub struct Group(pub Child);
+
+/// The process groups alive now, for `kill_groups_on_signal`.
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn kill_group(pid: u32, signal: &str) {
+    let group = format!("-{pid}");
+    let _ = Command::new("kill")
+        .args([signal, "--", &group])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A signal (TERM from `timeout`, INT from Ctrl-C) ends the process without running `Drop`,
+/// which left its children running: an orphaned device host kept serving and took device
+/// leases in the next benchmark run's database of the same name, so that run sent through two
+/// hosts and counted only one host's log. On TERM or INT this kills every live group, then exits.
+pub fn kill_groups_on_signal() {
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+        for pid in live {
+            kill_group(pid, "-KILL");
+        }
+        std::process::exit(143);
+    });
+}
 
 impl Group {
     pub fn pid(&self) -> u32 {
@@ -33,16 +70,19 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         // TERM, a moment to exit, then KILL.
-        let group = format!("-{}", self.0.id());
-        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let pid = self.0.id();
+        kill_group(pid, "-TERM");
         for _ in 0..20 {
             if matches!(self.0.try_wait(), Ok(Some(_))) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        kill_group(pid, "-KILL");
         let _ = self.0.wait();
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|p| *p != pid);
+        }
     }
 }
 
@@ -57,6 +97,9 @@ pub fn spawn(cmd: &mut Command, log: &Path) -> Group {
         .stderr(out)
         .spawn()
         .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e} (infra/test.sh installs cargo-lambda and builds the binaries)"));
+    if let Ok(mut live) = LIVE.lock() {
+        live.push(child.id());
+    }
     Group(child)
 }
 

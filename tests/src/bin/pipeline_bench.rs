@@ -324,6 +324,7 @@ async fn main() {
         std::env::set_var("RUST_LOG", "warn");
     }
     shared::telemetry::init();
+    wabcast_tests::process::kill_groups_on_signal();
     let a = args();
     let base =
         std::env::var("DATABASE_URL").expect("DATABASE_URL (infra/local-stack.sh exports it)");
