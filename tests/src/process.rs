@@ -33,15 +33,16 @@ pub fn kill_groups_on_signal() {
         ) else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        // the shell's convention: 128 + the signal's number
+        let code = tokio::select! {
+            _ = term.recv() => 143,
+            _ = int.recv() => 130,
+        };
         let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
         for pid in live {
             kill_group(pid, "-KILL");
         }
-        std::process::exit(143);
+        std::process::exit(code);
     });
 }
 
