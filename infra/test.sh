@@ -10,14 +10,19 @@ export PATH
 # shellcheck source=infra/moto.sh
 source infra/moto.sh
 trap '[ -n "${WABCAST_MOTO_PID:-}" ] && kill "$WABCAST_MOTO_PID" 2>/dev/null || true' EXIT
+# A clean CI build gains nothing from incremental state (2 GB of it in target/debug).
+if [ "${CI:-}" = true ]; then
+  export CARGO_INCREMENTAL=0
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== lint the cloud template"
 bash infra/lint.sh
-echo "== build binaries (the smoke test runs them through cargo lambda watch)"
-cargo build --workspace --bins --locked
+echo "== build binaries and tests in one invocation (the smoke test runs the binaries through"
+echo "   cargo lambda watch; built apart, the tests rebuilt the WhatsApp client a second time)"
+cargo build --workspace --all-targets --locked
 echo "== cargo test"
 cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
 echo "== release artifacts: every function's bootstrap (cargo lambda, x86_64 with zig), and the"
@@ -27,3 +32,4 @@ cargo build --release --locked -p device-host
 for f in campaign-trigger broadcast-processor message-worker; do
   test -x "target/lambda/$f/bootstrap" || { echo "missing target/lambda/$f/bootstrap" >&2; exit 1; }
 done
+echo "== disk: $(du -sh target | cut -f1) in target/ ($(df -h . | awk 'NR==2 {print $4}') left on the device)"

@@ -523,7 +523,7 @@ pub fn built_binary(name: &str) -> PathBuf {
     let bin = workspace_root().join("target/debug").join(name);
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (infra/test.sh does)",
+        "{} is missing: run `cargo build --workspace --bins` (infra/test.sh builds them)",
         bin.display()
     );
     bin
