@@ -10,6 +10,12 @@ export PATH
 # shellcheck source=infra/moto.sh
 source infra/moto.sh
 trap '[ -n "${WABCAST_MOTO_PID:-}" ] && kill "$WABCAST_MOTO_PID" 2>/dev/null || true' EXIT
+# A run from a fresh clone peaks at about 6 GB in target/ (2026-12-02); say so up front rather
+# than die of a linker's "No space left on device" ten minutes in.
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ]; then
+  echo "warning: $((free_kb / 1024)) MB free here; a fresh build and test run needs about 6 GB" >&2
+fi
 # A clean CI build gains nothing from incremental state (2 GB of it in target/debug).
 if [ "${CI:-}" = true ]; then
   export CARGO_INCREMENTAL=0
