@@ -30,7 +30,8 @@ echo "== build binaries and tests in one invocation (the smoke test runs the bin
 echo "   cargo lambda watch; built apart, the tests rebuilt the WhatsApp client a second time)"
 cargo build --workspace --all-targets --locked
 echo "== cargo test"
-cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-4}"
+# Every test binary runs even after one fails, so that one run reports every failure.
+cargo test --workspace --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-4}"
 echo "== release artifacts: every function's bootstrap (cargo lambda, x86_64 with zig), and the"
 echo "   device host exactly as infra/device-host.Dockerfile builds it"
 cargo lambda build --release --locked -p campaign-trigger -p broadcast-processor -p message-worker
