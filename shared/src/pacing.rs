@@ -6,8 +6,6 @@ use crate::domain::DelayRange;
 use rand::Rng;
 use std::time::Duration;
 
-/// The gap range a message's send imposes on its device: the campaign's range, but never below
-/// the device's own floor (a device configured at 30–90 s stays safe whatever a campaign says).
 /// Whether local time `t` is inside quiet hours `[start, end)`; a window with `start > end`
 /// wraps past midnight (22:00–08:00).
 pub fn in_quiet_hours(
@@ -22,11 +20,41 @@ pub fn in_quiet_hours(
     }
 }
 
+/// The gap range a message's send imposes on its device: the campaign's range, but never below
+/// the device's own floor (a device configured at 30–90 s stays safe whatever a campaign says).
 pub fn effective_range(device: DelayRange, campaign: DelayRange) -> DelayRange {
     let min_s = device.min_s.max(campaign.min_s);
     let max_s = device.max_s.max(campaign.max_s).max(min_s);
     DelayRange { min_s, max_s }
 }
+
+/// The range the processor draws a gap from, for a processor that claims every `tick`: the
+/// effective range with its top lowered by one tick, never below its bottom.
+///
+/// The device's cursor comes due at acceptance + gap, and the claim that takes its next message
+/// runs up to one tick later, so a real gap between two sends is the drawn gap plus that wait
+/// (uniform in [0, tick)) plus one pass through queue, worker and host. Drawn from the whole
+/// range, real gaps ran up to a tick past the maximum (the demo: median 1.0 s for 0.5–1.0 s at
+/// a 0.2 s tick). Drawn from this one they stay within [min, max] plus the pass, and never
+/// below the minimum, which is what protects the number. A range narrower than a tick draws
+/// its minimum. A paced range (maximum above zero) never draws below [`MIN_PACED_GAP_S`]: a
+/// zero gap means unpaced (a device then takes a burst of messages per claim), which 0–0.5 s
+/// with a 1 s tick must not become. `repo::messages::claim_ready_messages` applies this rule in
+/// SQL.
+pub fn draw_range(range: DelayRange, tick: Duration) -> DelayRange {
+    let min_s = if range.max_s > 0.0 {
+        range.min_s.max(MIN_PACED_GAP_S)
+    } else {
+        range.min_s
+    };
+    DelayRange {
+        min_s,
+        max_s: (range.max_s - tick.as_secs_f64()).max(min_s),
+    }
+}
+
+/// The smallest gap a paced range draws (1 ms; see [`draw_range`]).
+pub const MIN_PACED_GAP_S: f64 = 0.001;
 
 /// Exponential backoff with full jitter: a delay in [base·2^(n-1) / 2, base·2^(n-1)], capped.
 pub fn retry_delay(attempt: i32, base: Duration, cap: Duration, rng: &mut impl Rng) -> Duration {
@@ -94,6 +122,29 @@ mod tests {
             },
         );
         assert_eq!((r.min_s, r.max_s), (2.0, 4.0));
+    }
+
+    #[test]
+    fn the_draw_leaves_a_tick_of_the_range_for_the_wait() {
+        let r = |min_s, max_s| DelayRange { min_s, max_s };
+        let d = draw_range(r(30.0, 90.0), Duration::from_secs(1));
+        assert_eq!((d.min_s, d.max_s), (30.0, 89.0));
+        let d = draw_range(r(0.5, 1.0), Duration::from_millis(200));
+        assert_eq!(d.min_s, 0.5);
+        assert!((d.max_s - 0.8).abs() < 1e-9);
+        // narrower than a tick: the minimum, never less
+        let d = draw_range(r(10.0, 10.5), Duration::from_secs(1));
+        assert_eq!((d.min_s, d.max_s), (10.0, 10.0));
+        // unpaced stays unpaced; paced stays paced, however narrow
+        let d = draw_range(r(0.0, 0.0), Duration::from_secs(1));
+        assert_eq!((d.min_s, d.max_s), (0.0, 0.0));
+        let d = draw_range(r(0.0, 0.5), Duration::from_secs(1));
+        assert_eq!((d.min_s, d.max_s), (MIN_PACED_GAP_S, MIN_PACED_GAP_S));
+        let d = draw_range(r(0.0, 3.0), Duration::from_secs(1));
+        assert_eq!((d.min_s, d.max_s), (MIN_PACED_GAP_S, 2.0));
+        // no tick, no change
+        let d = draw_range(r(2.0, 4.0), Duration::ZERO);
+        assert_eq!((d.min_s, d.max_s), (2.0, 4.0));
     }
 
     #[test]

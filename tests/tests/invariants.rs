@@ -323,12 +323,15 @@ async fn pacing_gaps_stay_in_range_when_two_campaigns_share_a_device(pool: PgPoo
     let range = |c: uuid::Uuid| if c == a { (0.3, 0.5) } else { (0.7, 0.9) };
     let name = |c: uuid::Uuid| if c == a { "A" } else { "B" };
     // Exact: each drawn gap lies in the range of its own campaign, whichever campaign sent
-    // before or after it on the shared device.
+    // before or after it on the shared device, with the top lowered by the processor's tick
+    // (`pacing::draw_range`: the wait for the next claim fills it).
+    let tick = p.processor.settings.tick.as_secs_f64();
+    assert!(tick > 0.0);
     for (id, g) in &drawn {
         let (lo, hi) = range(campaign_of[id]);
         assert!(
-            (lo..=hi).contains(g),
-            "drawn gap {g:.3}s of a message of {} outside [{lo}, {hi}]",
+            *g >= lo && *g <= hi - tick + 1e-9,
+            "drawn gap {g:.3}s of a message of {} outside [{lo}, {hi} - {tick}]",
             name(campaign_of[id])
         );
     }
@@ -769,7 +772,7 @@ async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_sy
 
     let mut tx = pool.begin().await.unwrap();
     let before = rows_visited(&mut tx).await;
-    let claimed = repo::messages::claim_ready_messages(&mut tx, 100, 10, 60.0, &[])
+    let claimed = repo::messages::claim_ready_messages(&mut tx, 100, 10, 60.0, 0.0, &[])
         .await
         .unwrap();
     let visited = rows_visited(&mut tx).await - before;
@@ -783,6 +786,71 @@ async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_sy
         visited <= 200,
         "claiming 40 of 4,000 pending messages visited {visited} rows of broadcast_messages"
     );
+}
+
+/// The claim draws gaps by `pacing::draw_range`: the top of the range lowered by the claimant's
+/// tick (the next claim's wait fills it), a range narrower than the tick at its minimum, and a
+/// paced range never at zero, which would make the device unpaced (a burst per claim).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_claim_draws_gaps_below_the_top_by_a_tick_and_keeps_paced_devices_paced(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "draw@example.com").await;
+    let ranges = [(0.0, 0.0), (0.0, 0.5), (2.0, 4.0)];
+    let mut devices = Vec::new();
+    for (i, (min_s, max_s)) in ranges.iter().enumerate() {
+        let d = seed_device(&pool, tenant, &format!("d{i}"), *min_s, *max_s).await;
+        seed_leads(
+            &pool,
+            tenant,
+            d,
+            i as u64 * 100,
+            5,
+            "cars",
+            LeadStatus::Prospect,
+        )
+        .await;
+        devices.push(d);
+    }
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let deps = campaign_trigger::Deps {
+        pool: pool.clone(),
+        max_campaigns: 10,
+    };
+    campaign_trigger::handle(serde_json::json!({}), &deps)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let claimed = repo::messages::claim_ready_messages(&mut tx, 100, 10, 60.0, 1.0, &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let gaps = |d: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, f64>(
+                "SELECT gap_s FROM broadcast_messages
+                 WHERE tenant_id = $1 AND device_id = $2 AND status = 'queued'",
+            )
+            .bind(tenant)
+            .bind(d)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let per_device = |d: uuid::Uuid| claimed.iter().filter(|(i, _)| i.device_id == d).count();
+    // unpaced: the whole burst, zero gaps
+    assert_eq!(per_device(devices[0]), 5);
+    assert!(gaps(devices[0]).await.iter().all(|g| *g == 0.0));
+    // 0-0.5 s under a 1 s tick: one message, the smallest paced gap
+    assert_eq!(per_device(devices[1]), 1);
+    assert_eq!(
+        gaps(devices[1]).await,
+        vec![shared::pacing::MIN_PACED_GAP_S]
+    );
+    // 2-4 s under a 1 s tick: one message, drawn in [2, 3]
+    assert_eq!(per_device(devices[2]), 1);
+    let g = gaps(devices[2]).await;
+    assert!(g.len() == 1 && (2.0..=3.0).contains(&g[0]), "{g:?}");
 }
 
 /// Devices that are ready but have nothing the claim may take (no messages, only a paused
@@ -891,7 +959,7 @@ async fn devices_with_nothing_to_claim_do_not_starve_the_others(pool: PgPool) {
 
     // Two devices per claim: before the fix every claim took two of the five blockers.
     let mut tx = pool.begin().await.unwrap();
-    let claimed = repo::messages::claim_ready_messages(&mut tx, 2, 10, 60.0, &[])
+    let claimed = repo::messages::claim_ready_messages(&mut tx, 2, 10, 60.0, 0.0, &[])
         .await
         .unwrap();
     tx.commit().await.unwrap();

@@ -254,6 +254,7 @@ async fn claim_and_enqueue(
         settings.max_devices_per_claim,
         settings.per_device_burst,
         settings.lease.as_secs_f64(),
+        settings.tick.as_secs_f64(),
         &limits,
     )
     .await

@@ -32,10 +32,11 @@ pub struct DeviceLimit {
 
 /// System scope: the processor's claim. For every online device whose pacing cursor has passed
 /// and which has no paced message in flight, takes its next due pending message of a running
-/// campaign, marks it `queued` with a lease, draws its gap uniformly in the effective range (the
-/// rule of `pacing::effective_range`, written again here in SQL:
-/// campaign's range with the device's as a floor), stores it on the row and moves the device's
-/// cursor to now + gap. [`mark_messages_sent`] moves the cursor again to acceptance + gap, so
+/// campaign, marks it `queued` with a lease, draws its gap uniformly in the effective range
+/// with its top lowered by the claimant's tick `tick_s` (the rules of `pacing::effective_range`
+/// and `pacing::draw_range`, written again here in SQL: campaign's range with the device's as a
+/// floor; the tick is the longest a due cursor waits for the next claim, so that real gaps stay
+/// within the range), stores it on the row and moves the device's cursor to now + gap. [`mark_messages_sent`] moves the cursor again to acceptance + gap, so
 /// consecutive *sends* are spaced by the gap even when the queue delivers late. While the drawn
 /// gaps are zero a device takes up to `per_device` messages at once, so a zero gap never caps
 /// throughput at one per tick. Concurrent processors skip each other's locked devices and rows,
@@ -53,6 +54,7 @@ pub async fn claim_ready_messages(
     max_devices: i64,
     per_device: i64,
     lease_s: f64,
+    tick_s: f64,
     limits: &[DeviceLimit],
 ) -> Result<Vec<ClaimedItem>, RepoError> {
     let lim_ids: Vec<Uuid> = limits.iter().map(|l| l.device).collect();
@@ -138,8 +140,11 @@ pub async fn claim_ready_messages(
              JOIN campaigns c ON c.id = m.campaign_id AND c.tenant_id = r.tenant_id
          ), gapped AS (
              SELECT device_id, tenant_id, id, lead_id, lead_min_gap_s, rn,
-                    gmin + random() * (gmax - gmin) AS gap
-             FROM cand
+                    -- `pacing::draw_range`: the top lowered by the claimant's tick ($7), a
+                    -- paced range never below 1 ms (a zero gap means unpaced)
+                    lo + random() * (GREATEST(lo, gmax - $7::float8) - lo) AS gap
+             FROM (SELECT *, CASE WHEN gmax > 0 THEN GREATEST(gmin, 0.001) ELSE gmin END AS lo
+                   FROM cand) c
              -- with a frequency cap, one message per lead per claim
              WHERE lead_min_gap_s = 0 OR lead_rn = 1
          ), kept AS (
@@ -183,6 +188,7 @@ pub async fn claim_ready_messages(
     .bind(&lim_ids)
     .bind(&lim_days)
     .bind(&lim_quiet)
+    .bind(tick_s)
     .fetch_all(tx)
     .await?;
     Ok(to_items(rows))
