@@ -36,8 +36,9 @@ pub struct DeviceLimit {
 /// with its top lowered by the claimant's tick `tick_s` (the rules of `pacing::effective_range`
 /// and `pacing::draw_range`, written again here in SQL: campaign's range with the device's as a
 /// floor; the tick is the longest a due cursor waits for the next claim, so that real gaps stay
-/// within the range), stores it on the row and moves the device's cursor to now + gap. [`mark_messages_sent`] moves the cursor again to acceptance + gap, so
-/// consecutive *sends* are spaced by the gap even when the queue delivers late. While the drawn
+/// within the range), stores it on the row and moves the device's cursor to now + gap.
+/// [`mark_messages_sent`] moves the cursor again to acceptance + gap, so consecutive *sends* are
+/// spaced by the gap even when the queue delivers late. While the drawn
 /// gaps are zero a device takes up to `per_device` messages at once, so a zero gap never caps
 /// throughput at one per tick. Concurrent processors skip each other's locked devices and rows,
 /// so a message is queued once.
@@ -141,9 +142,9 @@ pub async fn claim_ready_messages(
          ), gapped AS (
              SELECT device_id, tenant_id, id, lead_id, lead_min_gap_s, rn,
                     -- `pacing::draw_range`: the top lowered by the claimant's tick ($7), a
-                    -- paced range never below 1 ms (a zero gap means unpaced)
+                    -- paced range never below MIN_PACED_GAP_S ($8; zero means unpaced)
                     lo + random() * (GREATEST(lo, gmax - $7::float8) - lo) AS gap
-             FROM (SELECT *, CASE WHEN gmax > 0 THEN GREATEST(gmin, 0.001) ELSE gmin END AS lo
+             FROM (SELECT *, CASE WHEN gmax > 0 THEN GREATEST(gmin, $8::float8) ELSE gmin END AS lo
                    FROM cand) c
              -- with a frequency cap, one message per lead per claim
              WHERE lead_min_gap_s = 0 OR lead_rn = 1
@@ -189,6 +190,7 @@ pub async fn claim_ready_messages(
     .bind(&lim_days)
     .bind(&lim_quiet)
     .bind(tick_s)
+    .bind(crate::pacing::MIN_PACED_GAP_S)
     .fetch_all(tx)
     .await?;
     Ok(to_items(rows))
