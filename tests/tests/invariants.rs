@@ -794,7 +794,7 @@ async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_sy
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn the_claim_draws_gaps_below_the_top_by_a_tick_and_keeps_paced_devices_paced(pool: PgPool) {
     let tenant = seed_tenant(&pool, "draw@example.com").await;
-    let ranges = [(0.0, 0.0), (0.0, 0.5), (2.0, 4.0)];
+    let ranges = [(0.0, 0.0), (0.0, 0.5), (2.0, 4.0), (10.0, 10.5), (0.0, 3.0)];
     let mut devices = Vec::new();
     for (i, (min_s, max_s)) in ranges.iter().enumerate() {
         let d = seed_device(&pool, tenant, &format!("d{i}"), *min_s, *max_s).await;
@@ -851,6 +851,21 @@ async fn the_claim_draws_gaps_below_the_top_by_a_tick_and_keeps_paced_devices_pa
     assert_eq!(per_device(devices[2]), 1);
     let g = gaps(devices[2]).await;
     assert!(g.len() == 1 && (2.0..=3.0).contains(&g[0]), "{g:?}");
+    // `pacing::draw_range` is the rule the SQL writes again: every drawn gap lies in it
+    for (d, (min_s, max_s)) in devices.iter().zip(ranges) {
+        let want = shared::pacing::draw_range(
+            shared::domain::DelayRange { min_s, max_s },
+            Duration::from_secs(1),
+        );
+        for g in gaps(*d).await {
+            assert!(
+                g >= want.min_s && g <= want.max_s + 1e-9,
+                "{min_s}-{max_s} s drew {g} outside [{}, {}]",
+                want.min_s,
+                want.max_s
+            );
+        }
+    }
 }
 
 /// Devices that are ready but have nothing the claim may take (no messages, only a paused
