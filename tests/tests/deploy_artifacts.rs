@@ -92,3 +92,55 @@ fn the_queue_keeps_its_records_hidden_six_times_the_worker_timeout() {
     }
     assert!(rows >= 4);
 }
+
+/// The lines of one resource of the template: from its `  Name:` line to the next resource.
+fn resource<'a>(template: &'a str, name: &str) -> Vec<&'a str> {
+    let header = format!("  {name}:");
+    template
+        .lines()
+        .skip_while(|l| *l != header)
+        .skip(1)
+        .take_while(|l| !(l.starts_with("  ") && !l.starts_with("   ") && l.ends_with(':')))
+        .collect()
+}
+
+fn number(lines: &[&str], key: &str) -> u64 {
+    let values: Vec<u64> = lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix(&format!("{key}: ")))
+        .map(|v| v.parse().unwrap_or_else(|e| panic!("{key}: {v}: {e}")))
+        .collect();
+    assert_eq!(values.len(), 1, "one {key} expected, found {values:?}");
+    values[0]
+}
+
+/// Drain latency is about a second only if some processor is looping at every second of the
+/// minute: each scheduled invocation must outlast the schedule's period (so a late schedule or a
+/// cold start leaves no undrained gap), and must finish its last tick before Lambda's timeout.
+#[test]
+fn the_processors_invocations_overlap_and_end_before_their_timeout() {
+    let template = read("infra/template.yaml");
+    let processor = resource(&template, "BroadcastProcessor");
+    assert!(
+        processor
+            .iter()
+            .any(|l| l.trim() == "ScheduleExpression: rate(1 minute)"),
+        "the processor runs every minute: {processor:#?}"
+    );
+    let run_for_ms = number(&processor, "PROCESSOR_RUN_FOR_S") * 1000;
+    let tick_ms = number(&processor, "PROCESSOR_TICK_MS");
+    let timeout_ms = number(&processor, "Timeout") * 1000;
+    assert!(
+        run_for_ms >= 60_000 + 3 * tick_ms,
+        "invocations of {run_for_ms} ms with a {tick_ms} ms tick leave part of each minute undrained"
+    );
+    assert!(
+        timeout_ms >= run_for_ms + 10_000,
+        "a {timeout_ms} ms timeout leaves no room for the last tick after {run_for_ms} ms"
+    );
+    assert_eq!(
+        broadcast_processor::Settings::default().run_for.as_millis(),
+        u128::from(run_for_ms),
+        "the code's default and the template agree"
+    );
+}

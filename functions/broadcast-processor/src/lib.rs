@@ -39,7 +39,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             tick: Duration::from_secs(1),
-            run_for: Duration::from_secs(55),
+            run_for: Duration::from_secs(64),
             offline_grace: Duration::from_secs(300),
             lease: Duration::from_secs(120),
             max_devices_per_claim: 1_000,
@@ -69,6 +69,11 @@ pub struct Report {
     pub skipped_deleted: u64,
     pub campaigns_completed: u64,
     pub enqueue_errors: u64,
+    /// The longest pass of the loop (housekeeping when due, claim, enqueue), in milliseconds:
+    /// drain latency is one tick plus this, so it tells a slow pass from a late tick.
+    pub slowest_pass_ms: u64,
+    /// Passes that took longer than the tick (each also logged as a warning).
+    pub slow_passes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +145,7 @@ pub async fn run(
             report.ticks += 1;
         }
         let (_, saturated) = claim_and_enqueue(deps, settings, &mut report).await?;
+        note_pass(&mut report, tick_started.elapsed(), settings.tick);
         if done() {
             return Ok(report);
         }
@@ -153,6 +159,19 @@ pub async fn run(
     }
 }
 
+fn note_pass(report: &mut Report, took: Duration, tick: Duration) {
+    let ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    report.slowest_pass_ms = report.slowest_pass_ms.max(ms);
+    if took > tick {
+        report.slow_passes += 1;
+        warn!(
+            pass_ms = ms,
+            tick_ms = tick.as_millis() as u64,
+            "a processor pass took longer than its tick: drain latency grows by the excess"
+        );
+    }
+}
+
 /// One tick: housekeeping, then one claim. Returns true when the claim came back full (more is
 /// ready right now).
 pub async fn tick(
@@ -160,8 +179,10 @@ pub async fn tick(
     settings: &Settings,
     report: &mut Report,
 ) -> Result<bool, ProcessorError> {
+    let started = Instant::now();
     housekeeping(deps, settings, report).await?;
     let (_, saturated) = claim_and_enqueue(deps, settings, report).await?;
+    note_pass(report, started.elapsed(), settings.tick);
     Ok(saturated)
 }
 
@@ -339,5 +360,17 @@ mod tests {
         assert!(settings_for(&serde_json::json!({"run_for_seconds": -1}), &base).is_err());
         assert!(settings_for(&serde_json::json!({"tick_ms": "fast"}), &base).is_err());
         assert!(settings_for(&serde_json::json!("x"), &base).is_err());
+    }
+
+    #[test]
+    fn passes_longer_than_the_tick_are_counted_and_the_slowest_kept() {
+        let mut r = Report::default();
+        let tick = Duration::from_secs(1);
+        note_pass(&mut r, Duration::from_millis(40), tick);
+        note_pass(&mut r, Duration::from_millis(1_500), tick);
+        note_pass(&mut r, Duration::from_millis(1_000), tick);
+        note_pass(&mut r, Duration::from_millis(1_200), tick);
+        assert_eq!(r.slowest_pass_ms, 1_500);
+        assert_eq!(r.slow_passes, 2, "a pass of exactly one tick is on time");
     }
 }
