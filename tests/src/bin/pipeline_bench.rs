@@ -38,6 +38,8 @@ struct Args {
     devices: usize,
     pollers: usize,
     watch_messages: usize,
+    /// Messages one (zero-gap) device may take per claim in the 100k run.
+    burst: i64,
 }
 
 fn args() -> Args {
@@ -46,6 +48,7 @@ fn args() -> Args {
         devices: 100,
         pollers: 16,
         watch_messages: 2_000,
+        burst: 100,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -56,7 +59,8 @@ fn args() -> Args {
             ("--devices", Some(n)) => a.devices = n,
             ("--pollers", Some(n)) => a.pollers = n,
             ("--watch-messages", Some(n)) => a.watch_messages = n,
-            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N"),
+            ("--burst", Some(n)) => a.burst = n as i64,
+            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N"),
         }
         i += 2;
     }
@@ -525,7 +529,7 @@ async fn main() {
         queue: queue.clone() as Arc<dyn Queue>,
         settings: broadcast_processor::Settings {
             run_for: Duration::from_secs(3600),
-            per_device_burst: 100,
+            per_device_burst: a.burst,
             max_devices_per_claim: 1000,
             ..Default::default()
         },
