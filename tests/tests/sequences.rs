@@ -536,37 +536,31 @@ async fn every_transition_is_logged_and_a_retried_failure_keeps_its_history(pool
     let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
         .await
         .unwrap();
-    let want: Vec<(String, String)> = [
+    // A row sent at the first try has exactly `want`; one held back behind a transient failure
+    // of its device first logs `held_back` once per hold, then `want`.
+    let want = [
         ("pending", "queued"),
         ("queued", "sending"),
         ("sending", "sent"),
-    ]
-    .iter()
-    .map(|(a, b)| (a.to_string(), b.to_string()))
-    .collect();
-    let held_back: Vec<(String, String)> = [
+    ];
+    let held_back = [
         ("pending", "queued"),
         ("queued", "sending"),
         ("sending", "pending"),
-    ]
-    .iter()
-    .map(|(a, b)| (a.to_string(), b.to_string()))
-    .collect();
-    // A row sent at the first try has exactly `want`; one held back behind a transient failure
-    // of its device first logs `held_back` once per hold, then `want`.
+    ];
     let mut found = false;
     for sent in rows.iter().filter(|r| r.status == "sent") {
-        let path: Vec<(String, String)> =
-            repo::campaigns::list_message_transitions(&pool, tenant, sent.id)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|(_, f, t, _)| (f, t))
-                .collect();
+        let transitions = repo::campaigns::list_message_transitions(&pool, tenant, sent.id)
+            .await
+            .unwrap();
+        let path: Vec<(&str, &str)> = transitions
+            .iter()
+            .map(|(_, f, t, _)| (f.as_str(), t.as_str()))
+            .collect();
         assert!(path.len() >= 3 && path.len().is_multiple_of(3), "{path:?}");
         let (holds, last) = path.split_at(path.len() - 3);
-        assert_eq!(last, &want[..], "{path:?}");
-        assert!(holds.chunks(3).all(|h| h == &held_back[..]), "{path:?}");
+        assert_eq!(last, want, "{path:?}");
+        assert!(holds.chunks(3).all(|h| h == held_back), "{path:?}");
         found |= holds.is_empty();
     }
     assert!(found, "some row was sent at its first try");
