@@ -47,6 +47,22 @@ where
     }
 }
 
+/// An optional count that must be at least one (a claim size, a batch size), with a default.
+pub fn count_or(name: &'static str, default: i64) -> Result<i64, ConfigError> {
+    at_least_one(name, parsed_or(name, default)?)
+}
+
+fn at_least_one(name: &'static str, n: i64) -> Result<i64, ConfigError> {
+    if n < 1 {
+        return Err(ConfigError::Invalid {
+            name,
+            value: n.to_string(),
+            problem: "must be at least 1".into(),
+        });
+    }
+    Ok(n)
+}
+
 /// An optional string variable with a default.
 pub fn string_or(name: &'static str, default: &str) -> String {
     match std::env::var(name) {
@@ -104,6 +120,22 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn counts_below_one_are_refused() {
+        for bad in [0, -3] {
+            let err = at_least_one("CLAIM_PER_DEVICE", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("CLAIM_PER_DEVICE") && err.contains("at least 1"),
+                "{err}"
+            );
+        }
+        assert_eq!(at_least_one("CLAIM_PER_DEVICE", 1).unwrap(), 1);
+        // unset: the default
+        assert_eq!(count_or("WABCAST_NEVER_SET_IN_TESTS", 5).unwrap(), 5);
+    }
 
     #[test]
     fn secrets_never_print() {

@@ -236,6 +236,19 @@ impl Default for CampaignSpec<'_> {
     }
 }
 
+/// Runs the trigger once: every due campaign is fanned out.
+pub async fn fan_out(pool: &PgPool) -> campaign_trigger::TriggerReport {
+    campaign_trigger::handle(
+        serde_json::json!({}),
+        &campaign_trigger::Deps {
+            pool: pool.clone(),
+            max_campaigns: 10,
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// A campaign due now.
 pub async fn seed_campaign(pool: &PgPool, tenant: Uuid, spec: &CampaignSpec<'_>) -> Uuid {
     shared::render::Template::parse(spec.template).unwrap();

@@ -11,6 +11,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 use wabcast_tests::*;
 
+fn claim_size(max_devices: i64, per_device: i64, max_messages: i64) -> repo::messages::ClaimSize {
+    repo::messages::ClaimSize {
+        max_devices,
+        per_device,
+        max_messages,
+    }
+}
+
 async fn row_count(pool: &PgPool, campaign: uuid::Uuid) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM broadcast_messages WHERE campaign_id = $1")
         .bind(campaign)
@@ -772,9 +780,11 @@ async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_sy
 
     let mut tx = pool.begin().await.unwrap();
     let before = rows_visited(&mut tx).await;
-    let claimed = repo::messages::claim_ready_messages(&mut tx, 100, 10, 60.0, 0.0, &[])
-        .await
-        .unwrap();
+    let claimed =
+        repo::messages::claim_ready_messages(&mut tx, claim_size(100, 10, 5_000), 60.0, 0.0, &[])
+            .await
+            .unwrap()
+            .items;
     let visited = rows_visited(&mut tx).await - before;
     tx.commit().await.unwrap();
     assert_eq!(
@@ -819,9 +829,11 @@ async fn the_claim_draws_gaps_below_the_top_by_a_tick_and_keeps_paced_devices_pa
         .await
         .unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let claimed = repo::messages::claim_ready_messages(&mut tx, 100, 10, 60.0, 1.0, &[])
-        .await
-        .unwrap();
+    let claimed =
+        repo::messages::claim_ready_messages(&mut tx, claim_size(100, 10, 5_000), 60.0, 1.0, &[])
+            .await
+            .unwrap()
+            .items;
     tx.commit().await.unwrap();
     let gaps = |d: uuid::Uuid| {
         let pool = pool.clone();
@@ -974,9 +986,11 @@ async fn devices_with_nothing_to_claim_do_not_starve_the_others(pool: PgPool) {
 
     // Two devices per claim: before the fix every claim took two of the five blockers.
     let mut tx = pool.begin().await.unwrap();
-    let claimed = repo::messages::claim_ready_messages(&mut tx, 2, 10, 60.0, 0.0, &[])
-        .await
-        .unwrap();
+    let claimed =
+        repo::messages::claim_ready_messages(&mut tx, claim_size(2, 10, 5_000), 60.0, 0.0, &[])
+            .await
+            .unwrap()
+            .items;
     tx.commit().await.unwrap();
     let mut devices: Vec<uuid::Uuid> = claimed.iter().map(|(item, _)| item.device_id).collect();
     devices.sort();
@@ -993,4 +1007,122 @@ async fn devices_with_nothing_to_claim_do_not_starve_the_others(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(waiting, 3);
+}
+
+/// A claim takes about `max_messages` rows in all, shared among its ready devices (at least one
+/// each): a zero-gap campaign over many devices makes several short claims, each reaching every
+/// ready device, instead of one long claim that holds back every other device's drain. Claims
+/// that took a device's whole share report `full`, and claiming until one does not takes every
+/// due message exactly once.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_claim_shares_its_message_budget_among_the_ready_devices(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "budget@example.com").await;
+    let mut unpaced = Vec::new();
+    for i in 0..12 {
+        let d = seed_device(&pool, tenant, &format!("fast{i}"), 0.0, 0.0).await;
+        seed_leads(&pool, tenant, d, i * 100, 20, "cars", LeadStatus::Prospect).await;
+        unpaced.push(d);
+    }
+    let mut paced = Vec::new();
+    for i in 0..3 {
+        let d = seed_device(&pool, tenant, &format!("paced{i}"), 30.0, 60.0).await;
+        seed_leads(
+            &pool,
+            tenant,
+            d,
+            5_000 + i * 100,
+            5,
+            "cars",
+            LeadStatus::Prospect,
+        )
+        .await;
+        paced.push(d);
+    }
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    let claim = |max_messages: i64| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let c = repo::messages::claim_ready_messages(
+                &mut tx,
+                claim_size(100, 10, max_messages),
+                60.0,
+                0.0,
+                &[],
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            c
+        }
+    };
+    let per_device = |c: &repo::messages::Claim| {
+        let mut n: HashMap<uuid::Uuid, usize> = HashMap::new();
+        for (item, _) in &c.items {
+            *n.entry(item.device_id).or_default() += 1;
+        }
+        n
+    };
+
+    // 15 ready devices and a budget of 5: one message each, never none
+    let first = claim(5).await;
+    let n = per_device(&first);
+    assert_eq!(n.len(), 15, "every ready device gets a message: {n:?}");
+    assert!(n.values().all(|k| *k == 1), "{n:?}");
+    assert!(first.full, "the unpaced devices took their whole share");
+
+    // 12 ready (the paced ones wait for their gap): 30 / 12 = 2 each
+    let second = claim(30).await;
+    let n = per_device(&second);
+    assert_eq!(n.len(), 12, "{n:?}");
+    assert!(unpaced.iter().all(|d| n.get(d) == Some(&2)), "{n:?}");
+    assert!(second.full);
+
+    // claiming until a claim is not full takes every due message once
+    let mut ids: Vec<i64> = first
+        .items
+        .iter()
+        .chain(second.items.iter())
+        .map(|(i, _)| i.message_id)
+        .collect();
+    let mut claims = 0;
+    loop {
+        let c = claim(30).await;
+        assert!(c.items.len() <= 30, "{} rows in one claim", c.items.len());
+        ids.extend(c.items.iter().map(|(i, _)| i.message_id));
+        claims += 1;
+        if !c.full {
+            break;
+        }
+        assert!(claims < 50, "claims never stopped coming back full");
+    }
+    let total = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "a message was claimed twice");
+    assert_eq!(
+        total,
+        12 * 20 + 3,
+        "every unpaced message and one per paced device"
+    );
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages WHERE status = 'queued' AND tenant_id = $1",
+    )
+    .bind(tenant)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(queued as usize, total);
+    let paced_queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages WHERE status = 'queued' AND device_id = ANY($1)",
+    )
+    .bind(&paced)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        paced_queued, 3,
+        "a paced device takes one message until its gap has passed"
+    );
 }

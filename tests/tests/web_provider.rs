@@ -84,15 +84,7 @@ fn fake_host(pool: &PgPool, fake: &Arc<FakeWeb>) -> Host {
 /// A campaign to every lead of the tenant, materialised.
 async fn new_campaign(pool: &PgPool, tenant: Uuid) -> (Uuid, Vec<repo::messages::MessageRow>) {
     let campaign = seed_campaign(pool, tenant, &CampaignSpec::default()).await;
-    campaign_trigger::handle(
-        serde_json::json!({}),
-        &campaign_trigger::Deps {
-            pool: pool.clone(),
-            max_campaigns: 10,
-        },
-    )
-    .await
-    .unwrap();
+    fan_out(pool).await;
     let rows = repo::messages::list_campaign_messages(pool, tenant, campaign)
         .await
         .unwrap();

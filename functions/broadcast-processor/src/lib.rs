@@ -29,6 +29,9 @@ pub struct Settings {
     pub max_devices_per_claim: i64,
     /// Messages one device may take in one claim while its gaps are zero.
     pub per_device_burst: i64,
+    /// Messages one claim takes in all (about): each ready device's share is this divided by
+    /// the ready devices, so no single claim (one pass of the loop) runs long.
+    pub max_messages_per_claim: i64,
     pub max_attempts: i32,
     /// Delay before a reconciled, unsent row is due again.
     pub rescue_retry_after: Duration,
@@ -44,6 +47,7 @@ impl Default for Settings {
             lease: Duration::from_secs(120),
             max_devices_per_claim: 1_000,
             per_device_burst: 50,
+            max_messages_per_claim: 5_000,
             max_attempts: 5,
             rescue_retry_after: Duration::from_secs(5),
             rescue_batch: 1_000,
@@ -270,10 +274,13 @@ async fn claim_and_enqueue(
             .context("failed to list device limits")?,
         chrono::Utc::now(),
     );
-    let claimed = repo::messages::claim_ready_messages(
+    let claim = repo::messages::claim_ready_messages(
         &mut tx,
-        settings.max_devices_per_claim,
-        settings.per_device_burst,
+        repo::messages::ClaimSize {
+            max_devices: settings.max_devices_per_claim,
+            per_device: settings.per_device_burst,
+            max_messages: settings.max_messages_per_claim,
+        },
         settings.lease.as_secs_f64(),
         settings.tick.as_secs_f64(),
         &limits,
@@ -281,18 +288,12 @@ async fn claim_and_enqueue(
     .await
     .context("failed to claim ready messages")?;
     tx.commit().await.context("failed to commit claim")?;
-    if claimed.is_empty() {
+    if claim.items.is_empty() {
         return Ok((0, false));
     }
-    enqueue(deps, &claimed, report).await;
-    report.queued += claimed.len() as u64;
-    let mut per_device = std::collections::HashMap::new();
-    for (item, _) in &claimed {
-        *per_device.entry(item.device_id).or_insert(0i64) += 1;
-    }
-    let saturated = per_device.len() as i64 >= settings.max_devices_per_claim
-        || per_device.values().any(|n| *n >= settings.per_device_burst);
-    Ok((claimed.len(), saturated))
+    enqueue(deps, &claim.items, report).await;
+    report.queued += claim.items.len() as u64;
+    Ok((claim.items.len(), claim.full))
 }
 
 /// Resolves each limited device's local day and quiet hours in its tenant's zone (chrono-tz).

@@ -40,6 +40,8 @@ struct Args {
     watch_messages: usize,
     /// Messages one (zero-gap) device may take per claim in the 100k run.
     burst: i64,
+    /// Messages one claim takes in all (shared among its ready devices) in the 100k run.
+    claim_messages: i64,
 }
 
 fn args() -> Args {
@@ -48,7 +50,9 @@ fn args() -> Args {
         devices: 100,
         pollers: 16,
         watch_messages: 2_000,
-        burst: 100,
+        // the production defaults (`CLAIM_PER_DEVICE`, `CLAIM_MAX_MESSAGES`)
+        burst: 50,
+        claim_messages: 5_000,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -60,7 +64,8 @@ fn args() -> Args {
             ("--pollers", Some(n)) => a.pollers = n,
             ("--watch-messages", Some(n)) => a.watch_messages = n,
             ("--burst", Some(n)) => a.burst = n as i64,
-            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N"),
+            ("--claim-messages", Some(n)) => a.claim_messages = n as i64,
+            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N --claim-messages N"),
         }
         i += 2;
     }
@@ -387,10 +392,12 @@ async fn main() {
     let bin = root.join("target/release");
     let work = tempfile::tempdir().unwrap();
     println!(
-        "wabcast pipeline benchmark: {} messages over {} devices, {} worker pollers, {} cores",
+        "wabcast pipeline benchmark: {} messages over {} devices, {} worker pollers, claims of up to {} messages ({} per device), {} cores",
         a.messages,
         a.devices,
         a.pollers,
+        a.claim_messages,
+        a.burst,
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0)
@@ -530,6 +537,7 @@ async fn main() {
         settings: broadcast_processor::Settings {
             run_for: Duration::from_secs(3600),
             per_device_burst: a.burst,
+            max_messages_per_claim: a.claim_messages,
             max_devices_per_claim: 1000,
             ..Default::default()
         },
