@@ -109,6 +109,7 @@ pub fn moto_sqs_config(endpoint: String) -> SqsQueueConfig {
         region: Some("us-east-1".into()),
         wait_time: Duration::ZERO,
         emulator_credentials: true,
+        send_concurrency: shared::queue::DEFAULT_SEND_CONCURRENCY,
     }
 }
 

@@ -15,6 +15,11 @@ async fn fifo_order_within_a_group() {
 }
 
 #[tokio::test]
+async fn a_large_send_keeps_each_groups_order() {
+    contract::a_large_send_keeps_each_groups_order(fresh().await).await;
+}
+
+#[tokio::test]
 async fn a_group_is_blocked_while_a_message_is_in_flight() {
     contract::a_group_is_blocked_while_a_message_is_in_flight(fresh().await).await;
 }

@@ -1054,6 +1054,7 @@ async fn create_sqs_queue(
         region: region.clone(),
         wait_time: std::time::Duration::ZERO,
         emulator_credentials,
+        send_concurrency: shared::queue::DEFAULT_SEND_CONCURRENCY,
     };
     let q = shared::queue::SqsQueue::create_fifo_with_dlq(
         base,

@@ -10,7 +10,7 @@ mod redis;
 mod sqs;
 
 pub use self::redis::{RedisQueue, RedisQueueConfig};
-pub use self::sqs::{SqsQueue, SqsQueueConfig};
+pub use self::sqs::{SqsQueue, SqsQueueConfig, DEFAULT_SEND_CONCURRENCY};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -162,6 +162,10 @@ impl QueueConfig {
                 emulator_credentials: optional("SQS_ENDPOINT_URL").is_some()
                     && optional("AWS_ACCESS_KEY_ID").is_none()
                     && optional("AWS_PROFILE").is_none(),
+                send_concurrency: config::count_or(
+                    "SQS_SEND_CONCURRENCY",
+                    DEFAULT_SEND_CONCURRENCY as i64,
+                )? as usize,
             })),
             other => Err(config::ConfigError::Invalid {
                 name: "QUEUE_BACKEND",

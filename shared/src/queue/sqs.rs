@@ -35,7 +35,12 @@ pub struct SqsQueueConfig {
     pub wait_time: Duration,
     /// Sign with fixed placeholder credentials: for an emulator (moto accepts any), never for AWS.
     pub emulator_credentials: bool,
+    /// `SendMessageBatch` calls in flight at once in `send_batch` (at least 1; see there).
+    pub send_concurrency: usize,
 }
+
+/// The default of [`SqsQueueConfig::send_concurrency`].
+pub const DEFAULT_SEND_CONCURRENCY: usize = 16;
 
 /// The queue on SQS FIFO.
 #[derive(Clone)]
@@ -195,6 +200,58 @@ fn seconds(d: Duration) -> i32 {
     i32::try_from(s).unwrap_or(i32::MAX)
 }
 
+impl SqsQueue {
+    /// One lane of [`Queue::send_batch`]: its calls of ten, one after the other.
+    async fn send_lane(&self, lane: &[&OutgoingMessage]) -> Result<usize, QueueError> {
+        let mut accepted = 0usize;
+        for chunk in lane.chunks(SQS_BATCH) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(&m.body)
+                        .message_group_id(&m.group_id)
+                        .message_deduplication_id(&m.dedup_id)
+                        .build()
+                        .map_err(|e| QueueError::Protocol(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.config.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            if let Some(f) = out.failed().first() {
+                return Err(QueueError::Protocol(format!(
+                    "SQS refused a message ({}): {}",
+                    f.code(),
+                    f.message().unwrap_or("")
+                )));
+            }
+            accepted += out.successful().len();
+        }
+        Ok(accepted)
+    }
+}
+
+/// Splits messages into `n` lanes by a hash of their group id, keeping their order within each
+/// lane (and so within each group).
+fn lanes_by_group(messages: &[OutgoingMessage], n: usize) -> Vec<Vec<&OutgoingMessage>> {
+    use std::hash::{Hash, Hasher};
+    let mut lanes: Vec<Vec<&OutgoingMessage>> = vec![Vec::new(); n];
+    for m in messages {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        m.group_id.hash(&mut h);
+        lanes[(h.finish() % n as u64) as usize].push(m);
+    }
+    lanes
+}
+
 fn sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
     e: SdkError<E, R>,
 ) -> QueueError {
@@ -227,43 +284,25 @@ fn is_stale_receipt<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
 
 #[async_trait]
 impl Queue for SqsQueue {
+    /// Sends in calls of ten, `send_concurrency` calls in flight at once: one claim of a thousand
+    /// devices is a hundred calls, a round trip each, which one after the other would hold the
+    /// processor's pass for a second or more. Each message group goes to one lane (by a hash of
+    /// its id) and a lane sends its calls in order, so a group's messages reach SQS, and are
+    /// delivered, in the order given.
+    ///
+    /// An error fails the whole send (the calls still in flight are dropped): the processor
+    /// has committed its claim already, so the rows stay `queued` and the rescuer enqueues them
+    /// again after their lease; what did reach SQS is deduplicated on the resend by its id.
     async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<usize, QueueError> {
-        let mut accepted = 0usize;
-        for chunk in messages.chunks(SQS_BATCH) {
-            let entries = chunk
+        let lanes = lanes_by_group(messages, self.config.send_concurrency.max(1));
+        let sent = futures::future::try_join_all(
+            lanes
                 .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(&m.body)
-                        .message_group_id(&m.group_id)
-                        .message_deduplication_id(&m.dedup_id)
-                        .build()
-                        .map_err(|e| QueueError::Protocol(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let out = self
-                .client
-                .send_message_batch()
-                .queue_url(&self.config.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(sdk_error)?;
-            if let Some(f) = out.failed().first() {
-                // A batch is all-or-error for the caller: the processor's claim transaction rolls
-                // back and the rows are claimed again; the entries that did go in are deduplicated
-                // on the resend by their ids.
-                return Err(QueueError::Protocol(format!(
-                    "SQS refused a message ({}): {}",
-                    f.code(),
-                    f.message().unwrap_or("")
-                )));
-            }
-            accepted += out.successful().len();
-        }
-        Ok(accepted)
+                .filter(|lane| !lane.is_empty())
+                .map(|lane| self.send_lane(lane)),
+        )
+        .await?;
+        Ok(sent.into_iter().sum())
     }
 
     async fn receive(
@@ -407,6 +446,40 @@ mod tests {
             Some("ap-southeast-1")
         );
         assert_eq!(region_of("http://127.0.0.1:5000/123/q.fifo"), None);
+    }
+
+    #[test]
+    fn lanes_keep_each_groups_order_and_every_message() {
+        let messages: Vec<OutgoingMessage> = (0..200)
+            .map(|i| OutgoingMessage {
+                group_id: format!("device-{}", i % 37),
+                dedup_id: format!("m{i}"),
+                body: format!("{i}"),
+            })
+            .collect();
+        for n in [1, 4, 16] {
+            let lanes = lanes_by_group(&messages, n);
+            assert_eq!(lanes.len(), n);
+            assert_eq!(lanes.iter().map(Vec::len).sum::<usize>(), 200);
+            if n > 1 {
+                assert!(lanes.iter().filter(|l| !l.is_empty()).count() > 1, "spread");
+            }
+            for g in 0..37 {
+                let group = format!("device-{g}");
+                let holding: Vec<&Vec<&OutgoingMessage>> = lanes
+                    .iter()
+                    .filter(|l| l.iter().any(|m| m.group_id == group))
+                    .collect();
+                assert_eq!(holding.len(), 1, "a group in one lane");
+                let order: Vec<usize> = holding[0]
+                    .iter()
+                    .filter(|m| m.group_id == group)
+                    .map(|m| m.body.parse().unwrap())
+                    .collect();
+                let want: Vec<usize> = (0..200).filter(|i| i % 37 == g).collect();
+                assert_eq!(order, want, "group {g} in order");
+            }
+        }
     }
 
     #[test]
