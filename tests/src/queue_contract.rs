@@ -20,20 +20,26 @@ fn msg(group: &str, dedup: &str) -> OutgoingMessage {
 
 const LONG: Duration = Duration::from_secs(30);
 
-pub async fn fifo_order_within_a_group(q: Arc<dyn Queue>) {
-    let sent: Vec<OutgoingMessage> = (0..7).map(|i| msg("g", &format!("m{i}"))).collect();
-    assert_eq!(q.send_batch(&sent).await.unwrap(), 7);
+/// Receives `max` at a time, deleting each message, until a receive comes back empty; returns
+/// the bodies in the order received.
+async fn drain(q: &dyn Queue, max: usize) -> Vec<String> {
     let mut bodies = Vec::new();
     loop {
-        let got = q.receive(3, LONG).await.unwrap();
+        let got = q.receive(max, LONG).await.unwrap();
         if got.is_empty() {
-            break;
+            return bodies;
         }
         for m in got {
             bodies.push(m.body.clone());
             q.delete(&m.receipt_handle).await.unwrap();
         }
     }
+}
+
+pub async fn fifo_order_within_a_group(q: Arc<dyn Queue>) {
+    let sent: Vec<OutgoingMessage> = (0..7).map(|i| msg("g", &format!("m{i}"))).collect();
+    assert_eq!(q.send_batch(&sent).await.unwrap(), 7);
+    let bodies = drain(q.as_ref(), 3).await;
     let want: Vec<String> = sent.iter().map(|m| m.body.clone()).collect();
     assert_eq!(bodies, want);
 }
@@ -45,17 +51,7 @@ pub async fn a_large_send_keeps_each_groups_order(q: Arc<dyn Queue>) {
         .map(|i| msg(&format!("g{}", i % 15), &format!("m{i:03}")))
         .collect();
     assert_eq!(q.send_batch(&sent).await.unwrap(), 150);
-    let mut got: Vec<String> = Vec::new();
-    loop {
-        let batch = q.receive(10, LONG).await.unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        for m in batch {
-            got.push(m.body.clone());
-            q.delete(&m.receipt_handle).await.unwrap();
-        }
-    }
+    let got = drain(q.as_ref(), 10).await;
     assert_eq!(got.len(), 150, "every message once");
     for g in 0..15 {
         let prefix = format!("g{g}/");

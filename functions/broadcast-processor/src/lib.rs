@@ -30,7 +30,9 @@ pub struct Settings {
     /// Messages one device may take in one claim while its gaps are zero.
     pub per_device_burst: i64,
     /// Messages one claim takes in all (about): each ready device's share is this divided by
-    /// the ready devices, so no single claim (one pass of the loop) runs long.
+    /// the ready devices (at least one), so a zero-gap campaign makes several short claims
+    /// instead of one long pass. The devices a claim takes are bounded by
+    /// `max_devices_per_claim`.
     pub max_messages_per_claim: i64,
     pub max_attempts: i32,
     /// Delay before a reconciled, unsent row is due again.
