@@ -13,12 +13,14 @@ use uuid::Uuid;
 use wabcast_tests::*;
 
 async fn owners(pool: &PgPool) -> HashMap<Uuid, Option<String>> {
-    sqlx::query_as::<_, (Uuid, Option<String>)>("SELECT id, host_id FROM devices")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect()
+    sqlx::query_as::<_, (Uuid, Option<String>)>(
+        "SELECT d.id, l.host_id FROM devices d LEFT JOIN device_leases l ON l.device_id = d.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -159,4 +161,84 @@ async fn a_host_refuses_a_device_another_host_holds(pool: PgPool) {
             .as_deref(),
         Some("host-b")
     );
+}
+
+/// Lease renewals never wait for a device row. The processor's claim holds the rows of the
+/// devices it claims (up to a second at 1,000 devices) and the worker's outcome update moves
+/// their pacing cursors; when leases lived in `devices`, a host's renewal of all its devices
+/// waited behind the claim and deadlocked with the worker (3,000 devices, 2026-12-03). With one
+/// device row locked as a claim locks it, a renewal, a takeover and the owner lookup all answer.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn lease_renewal_does_not_wait_for_a_claimed_device(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "leases@example.com").await;
+    let a = seed_device(&pool, tenant, "a", 1.0, 2.0).await;
+    let b = seed_device(&pool, tenant, "b", 1.0, 2.0).await;
+    repo::hosts::register_host(&pool, "h1", "http://127.0.0.1:1")
+        .await
+        .unwrap();
+    let taken = repo::hosts::acquire_devices(&pool, "h1", &["simulator"], 30.0, 10)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 2);
+
+    let mut claim = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM devices WHERE id = $1 FOR UPDATE")
+        .bind(a)
+        .execute(&mut *claim)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE devices SET next_send_at = now() + interval '1 second' WHERE id = $1")
+        .bind(a)
+        .execute(&mut *claim)
+        .await
+        .unwrap();
+
+    let mut kept = tokio::time::timeout(
+        Duration::from_secs(5),
+        repo::hosts::renew_leases(&pool, "h1", 30.0),
+    )
+    .await
+    .expect("the renewal waited for the locked device row")
+    .unwrap();
+    kept.sort();
+    let mut both = vec![a, b];
+    both.sort();
+    assert_eq!(kept, both, "both leases renewed, the locked device's too");
+    let owner = tokio::time::timeout(
+        Duration::from_secs(5),
+        repo::hosts::device_owner(&pool, tenant, a),
+    )
+    .await
+    .expect("the owner lookup waited")
+    .unwrap();
+    assert_eq!(owner.map(|o| o.0).as_deref(), Some("h1"));
+    // another host cannot take a live lease, and does not wait to find that out
+    let other = tokio::time::timeout(
+        Duration::from_secs(5),
+        repo::hosts::acquire_device(&pool, "h2", tenant, a, 30.0),
+    )
+    .await
+    .expect("the takeover attempt waited")
+    .unwrap();
+    assert_eq!(other, None);
+    claim.commit().await.unwrap();
+
+    // once the lease has run out, the other host takes it; the first one's renewal no longer
+    // returns it (its session is closed there)
+    sqlx::query(
+        "UPDATE device_leases SET lease_until = now() - interval '1 second' WHERE device_id = $1",
+    )
+    .bind(a)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let moved = repo::hosts::acquire_devices(&pool, "h2", &["simulator"], 30.0, 10)
+        .await
+        .unwrap();
+    assert_eq!(moved.iter().map(|m| m.0).collect::<Vec<_>>(), vec![a]);
+    assert_eq!(moved[0].1, tenant);
+    let kept = repo::hosts::renew_leases(&pool, "h1", 30.0).await.unwrap();
+    assert_eq!(kept, vec![b]);
+    assert_eq!(repo::hosts::release_all(&pool, "h2").await.unwrap(), 1);
+    assert_eq!(owners(&pool).await[&a], None);
 }

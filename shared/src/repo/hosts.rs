@@ -1,7 +1,13 @@
 //! Device hosts and their device leases. A device is owned by one host at a time: the owner
 //! renews its leases every few seconds; a lease that runs out (its host died) is taken by the
 //! next host that looks. These are system-scope statements (a host serves every tenant), except
-//! the on-demand acquisition, which takes the device's tenant.
+//! the on-demand acquisition and the owner lookup, which take the device's tenant.
+//!
+//! Leases live in `device_leases`, never in `devices`: a renewal rewrites every lease of a host
+//! at once, and the `devices` rows are the ones the processor's claim locks and the worker's
+//! outcome update moves; in one table the two deadlocked at 3,000 devices (see the migration).
+//! Nothing here locks a `devices` row. Where several lease rows are locked at once, they are
+//! locked in device id order, so two hosts never deadlock on them either.
 
 use super::RepoError;
 use sqlx::PgPool;
@@ -24,9 +30,12 @@ pub async fn register_host(pool: &PgPool, host: &str, url: &str) -> Result<(), R
 /// lease another host took is not returned (the caller releases its session).
 pub async fn renew_leases(pool: &PgPool, host: &str, ttl_s: f64) -> Result<Vec<Uuid>, RepoError> {
     Ok(sqlx::query_scalar(
-        "UPDATE devices SET host_lease_until = now() + make_interval(secs => $2)
-         WHERE host_id = $1 AND deleted_at IS NULL
-         RETURNING id",
+        "UPDATE device_leases l SET lease_until = now() + make_interval(secs => $2)
+         FROM (SELECT device_id FROM device_leases WHERE host_id = $1
+               ORDER BY device_id FOR UPDATE) o
+         WHERE l.device_id = o.device_id AND l.host_id = $1
+           AND EXISTS (SELECT 1 FROM devices d WHERE d.id = l.device_id AND d.deleted_at IS NULL)
+         RETURNING l.device_id",
     )
     .bind(host)
     .bind(ttl_s)
@@ -38,7 +47,8 @@ pub async fn renew_leases(pool: &PgPool, host: &str, ttl_s: f64) -> Result<Vec<U
 pub type Acquired = (Uuid, Uuid, String);
 
 /// Takes up to `limit` live devices of these providers that nobody owns or whose lease ran out.
-/// Concurrent hosts never take the same device (row locks, skip locked).
+/// Concurrent hosts never take the same device: a lease row is taken by an insert, or by an
+/// update that checks again, under the row's lock, that the lease is still out.
 pub async fn acquire_devices(
     pool: &PgPool,
     host: &str,
@@ -47,14 +57,19 @@ pub async fn acquire_devices(
     limit: i64,
 ) -> Result<Vec<Acquired>, RepoError> {
     Ok(sqlx::query_as(
-        "UPDATE devices d SET host_id = $1, host_lease_until = now() + make_interval(secs => $3)
-         FROM (SELECT id FROM devices
-               WHERE deleted_at IS NULL AND provider = ANY($2)
-                 AND (host_id IS NULL OR host_lease_until IS NULL OR host_lease_until < now())
-               ORDER BY id LIMIT $4
-               FOR UPDATE SKIP LOCKED) f
-         WHERE d.id = f.id
-         RETURNING d.id, d.tenant_id, d.provider",
+        "WITH taken AS (
+             INSERT INTO device_leases (device_id, host_id, lease_until)
+             SELECT d.id, $1, now() + make_interval(secs => $3)
+             FROM devices d LEFT JOIN device_leases l ON l.device_id = d.id
+             WHERE d.deleted_at IS NULL AND d.provider = ANY($2)
+               AND (l.device_id IS NULL OR l.lease_until < now())
+             ORDER BY d.id LIMIT $4
+             ON CONFLICT (device_id) DO UPDATE
+                 SET host_id = EXCLUDED.host_id, lease_until = EXCLUDED.lease_until
+                 WHERE device_leases.lease_until < now()
+             RETURNING device_id
+         )
+         SELECT d.id, d.tenant_id, d.provider FROM taken t JOIN devices d ON d.id = t.device_id",
     )
     .bind(host)
     .bind(providers)
@@ -74,11 +89,17 @@ pub async fn acquire_device(
     ttl_s: f64,
 ) -> Result<Option<String>, RepoError> {
     Ok(sqlx::query_scalar(
-        "UPDATE devices SET host_id = $1, host_lease_until = now() + make_interval(secs => $4)
-         WHERE id = $3 AND tenant_id = $2 AND deleted_at IS NULL
-           AND (host_id IS NULL OR host_id = $1 OR host_lease_until IS NULL
-                OR host_lease_until < now())
-         RETURNING provider",
+        "WITH taken AS (
+             INSERT INTO device_leases (device_id, host_id, lease_until)
+             SELECT id, $1, now() + make_interval(secs => $4) FROM devices
+             WHERE id = $3 AND tenant_id = $2 AND deleted_at IS NULL
+             ON CONFLICT (device_id) DO UPDATE
+                 SET host_id = EXCLUDED.host_id, lease_until = EXCLUDED.lease_until
+                 WHERE device_leases.host_id = EXCLUDED.host_id
+                    OR device_leases.lease_until < now()
+             RETURNING device_id
+         )
+         SELECT d.provider FROM taken t JOIN devices d ON d.id = t.device_id AND d.tenant_id = $2",
     )
     .bind(host)
     .bind(tenant)
@@ -91,15 +112,11 @@ pub async fn acquire_device(
 /// Gives every device of this host back at once (a graceful stop): the next host takes them
 /// without waiting for the leases to run out.
 pub async fn release_all(pool: &PgPool, host: &str) -> Result<u64, RepoError> {
-    Ok(
-        sqlx::query(
-            "UPDATE devices SET host_id = NULL, host_lease_until = NULL WHERE host_id = $1",
-        )
+    Ok(sqlx::query("DELETE FROM device_leases WHERE host_id = $1")
         .bind(host)
         .execute(pool)
         .await?
-        .rows_affected(),
-    )
+        .rows_affected())
 }
 
 /// Who owns the tenant's device now: (host id, its URL), if a live lease exists.
@@ -109,8 +126,10 @@ pub async fn device_owner(
     device: Uuid,
 ) -> Result<Option<(String, String)>, RepoError> {
     Ok(sqlx::query_as(
-        "SELECT h.id, h.url FROM devices d JOIN hosts h ON h.id = d.host_id
-         WHERE d.id = $2 AND d.tenant_id = $1 AND d.host_lease_until > now()",
+        "SELECT h.id, h.url FROM devices d
+         JOIN device_leases l ON l.device_id = d.id
+         JOIN hosts h ON h.id = l.host_id
+         WHERE d.id = $2 AND d.tenant_id = $1 AND l.lease_until > now()",
     )
     .bind(tenant)
     .bind(device)

@@ -303,9 +303,8 @@ pub async fn claim_messages_for_send(
            AND (SELECT d.deleted_at IS NULL FROM devices d
                 WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id)
          RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image, bm.attempts,
-                   (SELECT h.url FROM devices d JOIN hosts h ON h.id = d.host_id
-                    WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id
-                      AND d.host_lease_until > now()) AS host_url,
+                   (SELECT h.url FROM device_leases dl JOIN hosts h ON h.id = dl.host_id
+                    WHERE dl.device_id = bm.device_id AND dl.lease_until > now()) AS host_url,
                    (SELECT c.wa_template FROM campaigns c
                     WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id) AS wa_template,
                    (SELECT l.name FROM campaigns c JOIN leads l

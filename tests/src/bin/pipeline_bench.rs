@@ -241,7 +241,8 @@ async fn wait_owned(pool: &PgPool, tenant: Uuid) {
     let started = Instant::now();
     loop {
         let unowned: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM devices WHERE tenant_id = $1 AND host_id IS NULL",
+"SELECT count(*) FROM devices d WHERE d.tenant_id = $1
+             AND NOT EXISTS (SELECT 1 FROM device_leases l WHERE l.device_id = d.id)",
         )
         .bind(tenant)
         .fetch_one(pool)
