@@ -91,6 +91,10 @@ impl Drop for Group {
 pub fn spawn(cmd: &mut Command, log: &Path) -> Group {
     use std::os::unix::process::CommandExt;
     let out = std::fs::File::create(log).unwrap();
+    // Held across the spawn: a signal handled between the spawn and the push would otherwise
+    // kill every group but this one (an orphaned host outlived a benchmark stopped just as it
+    // started a host, 2026-12-03, and took leases in the next run's database of the same name).
+    let mut live = LIVE.lock().ok();
     let child = cmd
         .process_group(0)
         .stdin(Stdio::null())
@@ -98,7 +102,7 @@ pub fn spawn(cmd: &mut Command, log: &Path) -> Group {
         .stderr(out)
         .spawn()
         .unwrap_or_else(|e| panic!("could not start {cmd:?}: {e} (infra/test.sh installs cargo-lambda and builds the binaries)"));
-    if let Ok(mut live) = LIVE.lock() {
+    if let Some(live) = live.as_mut() {
         live.push(child.id());
     }
     Group(child)

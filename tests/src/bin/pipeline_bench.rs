@@ -17,7 +17,11 @@
 //! 5. sequences: `--messages` leads enrolled by their trigger and their first step materialised
 //!    in one trigger run;
 //! 6. the worker's cost per message: one poller alone (as one Lambda instance), records per batch
-//!    and the handler's duration, which the README's cost model uses.
+//!    and the handler's duration, which the README's cost model uses;
+//! 7. pacing at scale (`--paced-devices`, 3,000; 0 skips): every device with a short paced
+//!    backlog (1–3 s gaps), one run per claim size in `--paced-claims` (`CLAIM_MAX_DEVICES`;
+//!    1000,300,100): the rate, how late ready devices are claimed, whether the real gaps between
+//!    a device's sends stay within the range, the processor's slowest pass.
 //!
 //! It also prints the peak RSS of the host and of the functions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -42,6 +46,10 @@ struct Args {
     burst: i64,
     /// Messages one claim takes in all (shared among its ready devices) in the 100k run.
     claim_messages: i64,
+    /// Devices of the paced run (0 skips it).
+    paced_devices: usize,
+    /// The `CLAIM_MAX_DEVICES` values the paced run compares, one run each.
+    paced_claims: Vec<i64>,
 }
 
 fn args() -> Args {
@@ -53,10 +61,24 @@ fn args() -> Args {
         // the production defaults (`CLAIM_PER_DEVICE`, `CLAIM_MAX_MESSAGES`)
         burst: 50,
         claim_messages: 5_000,
+        paced_devices: 3_000,
+        paced_claims: vec![1_000, 300, 100],
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--paced-claims" {
+            a.paced_claims = argv
+                .get(i + 1)
+                .map(|l| {
+                    l.split(',')
+                        .map(|n| n.trim().parse().expect("--paced-claims N,N,…"))
+                        .collect()
+                })
+                .expect("--paced-claims N,N,…");
+            i += 2;
+            continue;
+        }
         let v = argv.get(i + 1).and_then(|s| s.parse().ok());
         match (argv[i].as_str(), v) {
             ("--messages", Some(n)) => a.messages = n,
@@ -65,7 +87,8 @@ fn args() -> Args {
             ("--watch-messages", Some(n)) => a.watch_messages = n,
             ("--burst", Some(n)) => a.burst = n as i64,
             ("--claim-messages", Some(n)) => a.claim_messages = n as i64,
-            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N --claim-messages N"),
+            ("--paced-devices", Some(n)) => a.paced_devices = n,
+            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N --claim-messages N --paced-devices N --paced-claims N,N,…"),
         }
         i += 2;
     }
@@ -241,7 +264,7 @@ async fn wait_owned(pool: &PgPool, tenant: Uuid) {
     let started = Instant::now();
     loop {
         let unowned: i64 = sqlx::query_scalar(
-"SELECT count(*) FROM devices d WHERE d.tenant_id = $1
+            "SELECT count(*) FROM devices d WHERE d.tenant_id = $1
              AND NOT EXISTS (SELECT 1 FROM device_leases l WHERE l.device_id = d.id)",
         )
         .bind(tenant)
@@ -675,9 +698,131 @@ async fn main() {
     drop(host);
     let _ = tenant;
 
+    for max_devices in a.paced_claims.iter().copied() {
+        if a.paced_devices > 0 {
+            paced_run(
+                &base,
+                &redis,
+                &bin,
+                work.path(),
+                a.paced_devices,
+                a.pollers,
+                max_devices,
+            )
+            .await;
+        }
+    }
+
     if a.watch_messages > 0 {
         watch_run(&base, &redis, &bin, &root, a.watch_messages, work.path()).await;
     }
+}
+
+/// Pacing at scale: `devices` devices, each with `PACED_PER_DEVICE` messages of a campaign paced
+/// at [1 s, 3 s], drained by one processor (default settings, 1 s tick) whose claims take at
+/// most `max_devices` devices. Most devices are ready at every moment, so this is where a
+/// claim's length shows: a device ready while a long claim runs waits for the next one.
+/// Prints the rate, the claim lateness (queued_at − the moment the device could take the
+/// message: its cursor passed, its previous message out of flight, the message due), the real
+/// gaps between a device's sends against [min, max], and the processor's slowest pass.
+async fn paced_run(
+    base: &str,
+    redis: &str,
+    bin: &Path,
+    work: &Path,
+    devices: usize,
+    pollers: usize,
+    max_devices: i64,
+) {
+    const PACED_PER_DEVICE: usize = 5;
+    let (min_s, max_s) = (1.0, 3.0);
+    let n = devices * PACED_PER_DEVICE;
+    let (db_url, pool) = wabcast_tests::fresh_database(base, "wabcast_bench_paced").await;
+    let (tenant, campaign, _) = seed(&pool, devices, n, "paced", min_s, max_s).await;
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+    let relaxed = shared::db::connect_with(&db_url, 40, shared::db::Durability::Relaxed)
+        .await
+        .unwrap();
+    let dir = work.join(format!("paced-host-{max_devices}"));
+    let (host, host_url) = spawn_host(bin, &db_url, &dir).await;
+    wait_owned(&pool, tenant).await;
+    let queue = Arc::new(
+        RedisQueue::connect(RedisQueueConfig {
+            url: redis.to_string(),
+            prefix: format!("benchp:{}", Uuid::new_v4().simple()),
+            max_receives: 5,
+            dedup_window: Duration::from_secs(300),
+        })
+        .await
+        .unwrap(),
+    );
+    let started = Instant::now();
+    run_trigger(&pool).await;
+    let (stop, proc_task) = spawn_processor(Arc::new(broadcast_processor::Deps {
+        pool: pool.clone(),
+        queue: queue.clone() as Arc<dyn Queue>,
+        settings: broadcast_processor::Settings {
+            run_for: Duration::from_secs(3600),
+            max_devices_per_claim: max_devices,
+            ..Default::default()
+        },
+    }));
+    let poll_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = start_pollers(
+        pollers,
+        queue.clone(),
+        worker_deps(&relaxed, &host_url, TOKEN),
+        poll_stop.clone(),
+    );
+    while unfinished(&pool, campaign).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "paced run not finished after 15 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = proc_task.await.unwrap();
+    poll_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let sent = count_status(&pool, campaign, "sent").await;
+    // Per device, in send order: when each message could have been claimed and when it was.
+    let rows: Vec<(f64, Option<f64>)> = sqlx::query_as(
+        "SELECT extract(epoch FROM queued_at - GREATEST(due_at, prev_finished,
+                    prev_sent + make_interval(secs => prev_gap)))::float8,
+                extract(epoch FROM sent_at - prev_sent)::float8
+         FROM (SELECT queued_at, due_at, sent_at,
+                      lag(finished_at) OVER w AS prev_finished, lag(sent_at) OVER w AS prev_sent,
+                      lag(gap_s) OVER w AS prev_gap
+               FROM broadcast_messages WHERE campaign_id = $1 AND status = 'sent'
+               WINDOW w AS (PARTITION BY device_id ORDER BY sent_at)) m",
+    )
+    .bind(campaign)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut late: Vec<f64> = rows.iter().map(|r| r.0.max(0.0)).collect();
+    late.sort_by(f64::total_cmp);
+    let gaps: Vec<f64> = rows.iter().filter_map(|r| r.1).collect();
+    let below = gaps.iter().filter(|g| **g < min_s).count();
+    let within = gaps.iter().filter(|g| **g >= min_s && **g <= max_s).count();
+    let (_, twice) = shared_send_log(&dir.join("sim-sends.jsonl"));
+    println!(
+        "paced: {devices} devices × {PACED_PER_DEVICE} at 1–3 s, claims of ≤ {max_devices:>4} devices: {:>5.0} msg/s ({sent} sent in {secs:.1}s); claim lateness p50 {:.2}s p99 {:.2}s max {:.2}s; gaps within [1 s, 3 s] {:.1} %, below 1 s {below}; slowest pass {} ms ({} over the tick); {twice} sent twice",
+        sent as f64 / secs,
+        percentile(&late, 0.5),
+        percentile(&late, 0.99),
+        percentile(&late, 1.0),
+        100.0 * within as f64 / gaps.len().max(1) as f64,
+        report.slowest_pass_ms,
+        report.slow_passes,
+    );
+    drop(host);
+    pool.close().await;
+    relaxed.close().await;
 }
 
 /// (sends, message ids sent more than once) from the simulator's durable log.
