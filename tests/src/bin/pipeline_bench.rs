@@ -308,6 +308,20 @@ async fn count_status(pool: &PgPool, campaign: Uuid, status: &str) -> i64 {
     .unwrap()
 }
 
+/// A Redis queue of its own (a fresh key prefix) with the production settings.
+async fn redis_queue(url: &str, label: &str) -> Arc<RedisQueue> {
+    Arc::new(
+        RedisQueue::connect(RedisQueueConfig {
+            url: url.to_string(),
+            prefix: format!("{label}:{}", Uuid::new_v4().simple()),
+            max_receives: 5,
+            dedup_window: Duration::from_secs(300),
+        })
+        .await
+        .unwrap(),
+    )
+}
+
 /// The device host as its own process (so its RSS is its own), receipts off.
 async fn spawn_host(bin: &Path, db_url: &str, dir: &Path) -> (Group, String) {
     let port = free_port();
@@ -542,16 +556,7 @@ async fn main() {
         .unwrap();
     let (host, host_url) = spawn_host(&bin, &db_url, &work.path().join("host")).await;
     let token = TOKEN;
-    let queue = Arc::new(
-        RedisQueue::connect(RedisQueueConfig {
-            url: redis.clone(),
-            prefix: format!("bench:{}", Uuid::new_v4().simple()),
-            max_receives: 5,
-            dedup_window: Duration::from_secs(300),
-        })
-        .await
-        .unwrap(),
-    );
+    let queue = redis_queue(&redis, "bench").await;
 
     // Trigger, processor loop, worker pollers.
     let started = Instant::now();
@@ -699,6 +704,9 @@ async fn main() {
     println!("peak RSS: device host {:.0} MB; functions in process (trigger + processor + {} worker pollers) {:.0} MB", host_rss.unwrap_or(f64::NAN), a.pollers, self_rss.unwrap_or(f64::NAN));
     drop(host);
     let _ = tenant;
+    // The paced runs open pools of their own: PostgreSQL's 100 connections do not hold both.
+    pool.close().await;
+    relaxed.close().await;
 
     sqs_send_lanes(1_000, Duration::from_millis(10)).await;
 
@@ -750,16 +758,7 @@ async fn paced_run(
     let dir = work.join(format!("paced-host-{max_devices}"));
     let (host, host_url) = spawn_host(bin, &db_url, &dir).await;
     wait_owned(&pool, tenant).await;
-    let queue = Arc::new(
-        RedisQueue::connect(RedisQueueConfig {
-            url: redis.to_string(),
-            prefix: format!("benchp:{}", Uuid::new_v4().simple()),
-            max_receives: 5,
-            dedup_window: Duration::from_secs(300),
-        })
-        .await
-        .unwrap(),
-    );
+    let queue = redis_queue(redis, "benchp").await;
     let started = Instant::now();
     run_trigger(&pool).await;
     let (stop, proc_task) = spawn_processor(Arc::new(broadcast_processor::Deps {
