@@ -250,6 +250,130 @@ async fn a_worker_killed_after_the_host_accepted_is_reconciled_without_a_second_
     assert!(sends_per_message(&host.sends()).values().all(|n| *n == 1));
 }
 
+/// Makes PostgreSQL abort the first `aborts` statements that move rows to `status`, with the
+/// deadlock detector's error code, as it aborts the victim of a real deadlock. Each such
+/// statement is counted in the sequence `writes_to_<status>` (a sequence, so that the count
+/// survives the abort).
+async fn abort_writes_to(pool: &PgPool, status: &str, aborts: i64) {
+    for sql in [
+        format!("CREATE SEQUENCE writes_to_{status}"),
+        format!(
+            "CREATE FUNCTION abort_writes_to_{status}() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM new_rows WHERE status = '{status}') THEN
+                     IF nextval('writes_to_{status}') <= {aborts} THEN
+                         RAISE EXCEPTION 'deadlock detected (injected by the test)'
+                             USING ERRCODE = '40P01';
+                     END IF;
+                 END IF;
+                 RETURN NULL;
+             END $$"
+        ),
+        format!(
+            "CREATE TRIGGER abort_writes_to_{status} AFTER UPDATE ON broadcast_messages
+             REFERENCING NEW TABLE AS new_rows
+             FOR EACH STATEMENT EXECUTE FUNCTION abort_writes_to_{status}()"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+async fn writes_to(pool: &PgPool, status: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM writes_to_{status}"
+    )))
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// One device with eight leads, their campaign fanned out and queued, the eight records
+/// received from the queue (not yet handed to a worker).
+async fn eight_messages_in_the_queue(
+    pool: &PgPool,
+) -> (
+    uuid::Uuid,
+    uuid::Uuid,
+    TestHost,
+    Pipeline,
+    Vec<shared::queue::ReceivedMessage>,
+) {
+    let tenant = seed_tenant(pool, "t@example.com").await;
+    let d = seed_device(pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(pool, tenant, d, 0, 8, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(pool, quiet_sim()).await;
+    let p = Pipeline::new(pool, test_queue(5).await, &host);
+    p.trigger().await;
+    p.tick().await;
+    let msgs = p.queue.receive(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(msgs.len(), 8);
+    (tenant, campaign, host, p, msgs)
+}
+
+/// Every row of the campaign `sent`, each message in the simulator's log exactly once.
+async fn eight_sent_once_each(
+    pool: &PgPool,
+    tenant: uuid::Uuid,
+    campaign: uuid::Uuid,
+    host: &TestHost,
+) {
+    assert_eq!(
+        status_counts(pool, tenant, campaign).await.get("sent"),
+        Some(&8)
+    );
+    assert_eq!(host.sends().len(), 8);
+    assert!(sends_per_message(&host.sends()).values().all(|n| *n == 1));
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_worker_write_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) {
+    let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue(&pool).await;
+    // The claim (`sending`) and the outcome (`sent`) are each aborted once.
+    abort_writes_to(&pool, "sending", 1).await;
+    abort_writes_to(&pool, "sent", 1).await;
+    let out = message_worker::handle(shared::queue::to_sqs_event(&msgs, "arn"), &p.worker).await;
+    assert!(out.batch_item_failures.is_empty(), "{out:?}");
+    assert_eq!(writes_to(&pool, "sending").await, 2);
+    assert_eq!(writes_to(&pool, "sent").await, 2);
+    eight_sent_once_each(&pool, tenant, campaign, &host).await;
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_outcome_write_that_keeps_being_aborted_is_left_to_the_rescuer(pool: PgPool) {
+    let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue(&pool).await;
+    abort_writes_to(&pool, "sent", i64::MAX).await;
+    let event = shared::queue::to_sqs_event(&msgs, "arn");
+    let out = message_worker::handle(event.clone(), &p.worker).await;
+    // Bounded: the outcome was tried three times, then every record is reported for redelivery.
+    assert_eq!(out.batch_item_failures.len(), 8);
+    assert_eq!(
+        writes_to(&pool, "sent").await,
+        i64::from(repo::ABORTED_ATTEMPTS)
+    );
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sending"),
+        Some(&8)
+    );
+    // Redelivered, the records are refused by the claim (the rows are `sending`) and
+    // acknowledged; past the lease, the rescuer reconciles them from the host's send record.
+    sqlx::query("DROP TRIGGER abort_writes_to_sent ON broadcast_messages")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(message_worker::handle(event, &p.worker)
+        .await
+        .batch_item_failures
+        .is_empty());
+    expire_leases(&pool).await;
+    assert_eq!(p.tick().await.reconciled_sent, 8);
+    eight_sent_once_each(&pool, tenant, campaign, &host).await;
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_host_that_died_mid_send_resumes_with_the_same_id_and_sends_once(pool: PgPool) {
     let tenant = seed_tenant(&pool, "t@example.com").await;

@@ -16,7 +16,7 @@ use shared::domain::reason;
 use shared::host_api::{HostClient, SendOutcome, SendRequest};
 use shared::pacing::retry_delay;
 use shared::queue::WorkItem;
-use shared::repo::{self, messages::SendJob};
+use shared::repo::{self, messages::SendJob, RepoError};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -156,16 +156,11 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
     }
     let started = std::time::Instant::now();
     // Single statements in autocommit (an implicit transaction each) on the worker's pool.
-    let mut conn = deps
-        .pool
-        .acquire()
-        .await
-        .context("failed to get a connection")?;
-    let jobs = repo::messages::claim_messages_for_send(
-        &mut conn,
-        items,
-        deps.settings.lease.as_secs_f64(),
-    )
+    let lease_s = deps.settings.lease.as_secs_f64();
+    let jobs = repo::retry_aborted(repo::ABORTED_ATTEMPTS, "claim for send", || async {
+        let mut conn = deps.pool.acquire().await?;
+        repo::messages::claim_messages_for_send(&mut conn, items, lease_s).await
+    })
     .await
     .context("failed to claim messages for send")?;
     if jobs.len() < items.len() {
@@ -175,6 +170,11 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
             .filter(|i| !claimed.contains(&i.message_id))
             .cloned()
             .collect();
+        let mut conn = deps
+            .pool
+            .acquire()
+            .await
+            .context("failed to get a connection")?;
         let held = repo::messages::hold_paused_messages(&mut conn, &rest)
             .await
             .context("failed to hold paused messages")?;
@@ -183,7 +183,6 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
             held, "records not sent: not queued any more"
         );
     }
-    drop(conn);
 
     // One request to the host for the whole batch, in batch order: the host keeps each
     // device's order and holds back a device's later messages after a transient error.
@@ -364,9 +363,16 @@ fn permanent_reason(code: &str) -> String {
     }
 }
 
-async fn write_sent(sent: &[repo::messages::SentRecord], deps: &Deps) -> anyhow::Result<()> {
-    let mut conn = deps.pool.acquire().await?;
-    repo::messages::mark_messages_sent(&mut conn, sent).await?;
+// The outcome writes are single conditional statements in autocommit: one that PostgreSQL
+// aborted as a deadlock victim is run again (`repo::retry_aborted`) instead of leaving its rows
+// to the rescuer, which would find them only after the lease (`LEASE_S`).
+
+async fn write_sent(sent: &[repo::messages::SentRecord], deps: &Deps) -> Result<(), RepoError> {
+    repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record sent", || async {
+        let mut conn = deps.pool.acquire().await?;
+        repo::messages::mark_messages_sent(&mut conn, sent).await
+    })
+    .await?;
     Ok(())
 }
 
@@ -375,9 +381,12 @@ async fn write_failed(
     reason: &str,
     detail: &str,
     deps: &Deps,
-) -> anyhow::Result<()> {
-    let mut conn = deps.pool.acquire().await?;
-    repo::messages::mark_message_failed(&mut conn, job.tenant_id, job.id, reason, detail).await?;
+) -> Result<(), RepoError> {
+    repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record failed", || async {
+        let mut conn = deps.pool.acquire().await?;
+        repo::messages::mark_message_failed(&mut conn, job.tenant_id, job.id, reason, detail).await
+    })
+    .await?;
     Ok(())
 }
 
@@ -387,9 +396,13 @@ async fn write_retry(
     error: &str,
     tried: bool,
     deps: &Deps,
-) -> anyhow::Result<()> {
-    let mut conn = deps.pool.acquire().await?;
-    repo::messages::mark_message_retry(&mut conn, job.tenant_id, job.id, due, error, tried).await?;
+) -> Result<(), RepoError> {
+    repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record retry", || async {
+        let mut conn = deps.pool.acquire().await?;
+        repo::messages::mark_message_retry(&mut conn, job.tenant_id, job.id, due, error, tried)
+            .await
+    })
+    .await?;
     Ok(())
 }
 

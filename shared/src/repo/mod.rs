@@ -45,3 +45,51 @@ pub enum RepoError {
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
+
+/// How many times in all [`retry_aborted`] runs a statement that PostgreSQL keeps aborting.
+pub const ABORTED_ATTEMPTS: u32 = 3;
+
+/// Whether PostgreSQL aborted the statement to break a deadlock (`40P01`) or for a
+/// serialization failure (`40001`): nothing of it happened, and the same statement run again
+/// may well succeed.
+pub fn is_aborted(e: &RepoError) -> bool {
+    match e {
+        RepoError::Db(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
+}
+
+/// Runs `op` again, after a short random pause, while PostgreSQL aborts it as a deadlock victim
+/// or a serialization failure, `attempts` times in all; any other error, or the last abort,
+/// is returned. `op` must be a whole transaction (one statement in autocommit, or its own
+/// begin … commit), so that an aborted attempt left nothing behind, and its writes must be
+/// conditional, so that an attempt whose commit succeeded but whose answer was lost changes
+/// nothing when run again.
+pub async fn retry_aborted<T, F, Fut>(attempts: u32, what: &str, mut op: F) -> Result<T, RepoError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RepoError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Err(e) if attempt < attempts && is_aborted(&e) => {
+                // The other transaction won and goes on; a pause of a few milliseconds, drawn at
+                // random, keeps two retrying victims from meeting again in step.
+                let pause_ms = rand::random_range(5..=25) * u64::from(attempt);
+                tracing::warn!(
+                    what,
+                    attempt,
+                    pause_ms,
+                    error = %e,
+                    "aborted by PostgreSQL (deadlock or serialization failure); running it again"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
