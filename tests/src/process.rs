@@ -51,6 +51,12 @@ impl Group {
         self.0.id()
     }
 
+    /// Kills the whole group at once (SIGKILL: no goodbye, as a machine that dies) and reaps it.
+    pub fn kill_now(&mut self) {
+        kill_group(self.0.id(), "-KILL");
+        let _ = self.0.wait();
+    }
+
     /// Waits until the child listens on `port`; fails at once, with its log, if it exits first.
     pub async fn wait_listening(&mut self, port: u16, timeout: Duration, log: &Path) {
         let deadline = tokio::time::Instant::now() + timeout;

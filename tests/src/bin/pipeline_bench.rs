@@ -21,7 +21,11 @@
 //! 7. pacing at scale (`--paced-devices`, 3,000; 0 skips): every device with a short paced
 //!    backlog (1–3 s gaps), one run per claim size in `--paced-claims` (`CLAIM_MAX_DEVICES`;
 //!    1000,300,100): the rate, how late ready devices are claimed, whether the real gaps between
-//!    a device's sends stay within the range, the processor's slowest pass;
+//!    a device's sends stay within the range, the processor's slowest pass. With
+//!    `--paced-hosts N` the devices are shared among N device hosts (`HOST_MAX_DEVICES`), and
+//!    with `--paced-kill` one more host stands by and the first is killed (SIGKILL, no goodbye)
+//!    once a third of the messages are sent: the standby takes its devices over after their
+//!    lease, and the run shows what that costs and that nothing was sent twice;
 //! 8. the processor's enqueue on SQS: one claim of 1,000 devices sent in one lane and in the
 //!    default lanes, against a stub of SQS that answers each call after 10 ms.
 //!
@@ -52,6 +56,10 @@ struct Args {
     paced_devices: usize,
     /// The `CLAIM_MAX_DEVICES` values the paced run compares, one run each.
     paced_claims: Vec<i64>,
+    /// Device hosts sharing the paced run's devices.
+    paced_hosts: usize,
+    /// Kill the first paced host a third of the way through (a standby host takes over).
+    paced_kill: bool,
 }
 
 fn args() -> Args {
@@ -65,6 +73,8 @@ fn args() -> Args {
         claim_messages: 5_000,
         paced_devices: 3_000,
         paced_claims: vec![1_000, 300, 100],
+        paced_hosts: 1,
+        paced_kill: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -81,6 +91,11 @@ fn args() -> Args {
             i += 2;
             continue;
         }
+        if argv[i] == "--paced-kill" {
+            a.paced_kill = true;
+            i += 1;
+            continue;
+        }
         let v = argv.get(i + 1).and_then(|s| s.parse().ok());
         match (argv[i].as_str(), v) {
             ("--messages", Some(n)) => a.messages = n,
@@ -90,7 +105,8 @@ fn args() -> Args {
             ("--burst", Some(n)) => a.burst = n as i64,
             ("--claim-messages", Some(n)) => a.claim_messages = n as i64,
             ("--paced-devices", Some(n)) => a.paced_devices = n,
-            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N --claim-messages N --paced-devices N --paced-claims N,N,…"),
+            ("--paced-hosts", Some(n)) if n > 0 => a.paced_hosts = n,
+            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N --claim-messages N --paced-devices N --paced-claims N,N,… --paced-hosts N --paced-kill"),
         }
         i += 2;
     }
@@ -324,6 +340,19 @@ async fn redis_queue(url: &str, label: &str) -> Arc<RedisQueue> {
 
 /// The device host as its own process (so its RSS is its own), receipts off.
 async fn spawn_host(bin: &Path, db_url: &str, dir: &Path) -> (Group, String) {
+    spawn_host_with(bin, db_url, dir, 0, 32, &dir.join("sim-sends.jsonl")).await
+}
+
+/// A device host that takes at most `max_devices` devices (0: no limit) and opens at most
+/// `connections` PostgreSQL connections.
+async fn spawn_host_with(
+    bin: &Path,
+    db_url: &str,
+    dir: &Path,
+    max_devices: usize,
+    connections: usize,
+    sim_log: &Path,
+) -> (Group, String) {
     let port = free_port();
     let host = spawn(
         Command::new(bin.join("device-host"))
@@ -331,8 +360,12 @@ async fn spawn_host(bin: &Path, db_url: &str, dir: &Path) -> (Group, String) {
             .env("HOST_TOKEN", TOKEN)
             .env("HOST_BIND", format!("127.0.0.1:{port}"))
             .env("HOST_DATA_DIR", dir)
+            // unique per host (the default is the machine's name, shared by every host here)
+            .env("HOST_ID", format!("bench-{port}"))
+            .env("HOST_MAX_DEVICES", max_devices.to_string())
+            .env("SIM_LOG_PATH", sim_log)
             .env("SIM_RECEIPTS", "false")
-            .env("DB_MAX_CONNECTIONS", "32")
+            .env("DB_MAX_CONNECTIONS", connections.to_string())
             .env("RUST_LOG", "warn"),
         &dir.with_extension("log"),
     );
@@ -720,6 +753,8 @@ async fn main() {
                 a.paced_devices,
                 a.pollers,
                 max_devices,
+                a.paced_hosts,
+                a.paced_kill,
             )
             .await;
         }
@@ -737,6 +772,13 @@ async fn main() {
 /// Prints the rate, the claim lateness (queued_at − the moment the device could take the
 /// message: its cursor passed, its previous message out of flight, the message due), the real
 /// gaps between a device's sends against [min, max], and the processor's slowest pass.
+///
+/// The devices are shared among `hosts` device hosts (each `HOST_MAX_DEVICES` = its share),
+/// behind one simulated WhatsApp (one send log). With `kill`, one more host with room for a
+/// share stands by, and the first host is killed with SIGKILL once a third of the messages are
+/// sent: its devices wait for their lease to run out, the standby takes them, and the rows the
+/// dead host left in flight are rescued.
+#[allow(clippy::too_many_arguments)]
 async fn paced_run(
     base: &str,
     redis: &str,
@@ -745,6 +787,8 @@ async fn paced_run(
     devices: usize,
     pollers: usize,
     max_devices: i64,
+    hosts: usize,
+    kill: bool,
 ) {
     const PACED_PER_DEVICE: usize = 5;
     let (min_s, max_s) = (1.0, 3.0);
@@ -755,9 +799,34 @@ async fn paced_run(
     let relaxed = shared::db::connect_with(&db_url, 40, shared::db::Durability::Relaxed)
         .await
         .unwrap();
-    let dir = work.join(format!("paced-host-{max_devices}"));
-    let (host, host_url) = spawn_host(bin, &db_url, &dir).await;
+    let dir = work.join(format!("paced-{max_devices}-{hosts}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sim_log = dir.join("whatsapp.jsonl");
+    let spawned = hosts + usize::from(kill);
+    let share = if spawned > 1 {
+        devices.div_ceil(hosts)
+    } else {
+        0
+    };
+    // PostgreSQL's 100 connections: the worker's 40, the processor's pool, the hosts' share.
+    let connections = (32 / spawned).max(8);
+    let mut procs: Vec<(Option<Group>, String)> = Vec::new();
+    for h in 0..hosts {
+        let hdir = dir.join(format!("host-{h}"));
+        procs.push({
+            let (g, url) = spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await;
+            (Some(g), url)
+        });
+    }
     wait_owned(&pool, tenant).await;
+    if kill {
+        // Started once the others own every device, so it owns nothing until one dies.
+        let hdir = dir.join("standby");
+        let (g, url) = spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await;
+        procs.push((Some(g), url));
+    }
+    // Devices without a live lease go to the worker's default host: the last one started.
+    let default_url = procs.last().map(|p| p.1.clone()).unwrap_or_default();
     let queue = redis_queue(redis, "benchp").await;
     let started = Instant::now();
     run_trigger(&pool).await;
@@ -774,14 +843,24 @@ async fn paced_run(
     let tasks = start_pollers(
         pollers,
         queue.clone(),
-        worker_deps(&relaxed, &host_url, TOKEN),
+        worker_deps(&relaxed, &default_url, TOKEN),
         poll_stop.clone(),
     );
+    let mut killed_at: Option<f64> = None;
     while unfinished(&pool, campaign).await {
         assert!(
             started.elapsed() < Duration::from_secs(900),
             "paced run not finished after 15 minutes"
         );
+        if kill
+            && killed_at.is_none()
+            && count_status(&pool, campaign, "sent").await * 3 >= n as i64
+        {
+            if let Some(g) = procs[0].0.as_mut() {
+                g.kill_now();
+            }
+            killed_at = Some(started.elapsed().as_secs_f64());
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let secs = started.elapsed().as_secs_f64();
@@ -812,9 +891,42 @@ async fn paced_run(
     let gaps: Vec<f64> = rows.iter().filter_map(|r| r.1).collect();
     let below = gaps.iter().filter(|g| **g < min_s).count();
     let within = gaps.iter().filter(|g| **g >= min_s && **g <= max_s).count();
-    let (_, twice) = shared_send_log(&dir.join("sim-sends.jsonl"));
+    let (_, twice) = shared_send_log(&sim_log);
+    let on_hosts = if spawned > 1 {
+        // Which host recorded each send (the host's send record), per host in start order.
+        let per_host: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT h.url, count(*) FROM host_sends s JOIN hosts h ON h.id = s.host_id
+             WHERE s.state = 'sent' GROUP BY h.url",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let counts: Vec<String> = procs
+            .iter()
+            .map(|(_, url)| {
+                per_host
+                    .iter()
+                    .find(|(u, _)| u == url)
+                    .map_or(0, |(_, c)| *c)
+                    .to_string()
+            })
+            .collect();
+        let killed = killed_at.map_or(String::new(), |t| {
+            format!(", the first killed at {t:.1}s, the last standing by")
+        });
+        format!(
+            " on {spawned} hosts (sends per host {}{killed}; {} rescued)",
+            counts.join(" / "),
+            report.requeued
+                + report.reconciled_sent
+                + report.reconciled_retry
+                + report.reconciled_failed
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "paced: {devices} devices × {PACED_PER_DEVICE} at 1–3 s, claims of ≤ {max_devices:>4} devices: {:>5.0} msg/s ({sent} sent in {secs:.1}s); claim lateness p50 {:.2}s p99 {:.2}s max {:.2}s; gaps within [1 s, 3 s] {:.1} %, below 1 s {below}; slowest pass {} ms ({} over the tick); {twice} sent twice",
+        "paced: {devices} devices × {PACED_PER_DEVICE} at 1–3 s, claims of ≤ {max_devices:>4} devices{on_hosts}: {:>5.0} msg/s ({sent} sent in {secs:.1}s); claim lateness p50 {:.2}s p99 {:.2}s max {:.2}s; gaps within [1 s, 3 s] {:.1} %, below 1 s {below}; slowest pass {} ms ({} over the tick); {twice} sent twice",
         sent as f64 / secs,
         percentile(&late, 0.5),
         percentile(&late, 0.99),
@@ -823,7 +935,7 @@ async fn paced_run(
         report.slowest_pass_ms,
         report.slow_passes,
     );
-    drop(host);
+    drop(procs);
     pool.close().await;
     relaxed.close().await;
 }
