@@ -80,9 +80,33 @@ pub mod code {
     pub const PROVIDER_REJECTED: &str = "provider_rejected";
     pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
     pub const INTERNAL: &str = "internal";
+    /// No connection to the host could be made (refused, or no answer to the connect): the
+    /// request never reached a host, so no provider saw the message.
     pub const UNREACHABLE: &str = "host_unreachable";
+    /// The request left but no answer came back (timeout, connection reset): the host may have
+    /// sent it, and its send record decides.
+    pub const NO_ANSWER: &str = "host_no_answer";
     /// Another host holds the device's lease: retry (the next claim routes to the owner).
     pub const WRONG_HOST: &str = "wrong_host";
+
+    /// Whether a transient error left the message untouched by any provider (it was never
+    /// offered to WhatsApp), so that the retry does not use up one of its attempts: held back
+    /// behind its device's earlier error, refused for another host's device, or a host that
+    /// could not be reached at all (a host that died, until its leases run out and another
+    /// takes its devices over).
+    pub fn never_offered(code: &str) -> bool {
+        matches!(code, HELD_BACK | WRONG_HOST | UNREACHABLE)
+    }
+}
+
+/// The transient outcome of a request that failed in transport.
+fn transport_error(e: &reqwest::Error) -> (String, String) {
+    let reason = if e.is_connect() {
+        code::UNREACHABLE
+    } else {
+        code::NO_ANSWER
+    };
+    (reason.into(), e.to_string())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,10 +197,8 @@ impl HostClient {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
-                return SendOutcome::Transient {
-                    reason: code::UNREACHABLE.into(),
-                    detail: e.to_string(),
-                }
+                let (reason, detail) = transport_error(&e);
+                return SendOutcome::Transient { reason, detail };
             }
         };
         let status = resp.status();
@@ -219,11 +241,11 @@ impl HostClient {
     /// Sends a batch; one outcome per request, in order. A transport failure makes every
     /// outcome transient (the send records decide later what really happened).
     pub async fn send_batch(&self, messages: &[SendRequest]) -> Vec<SendOutcome> {
-        let unreachable = |detail: String| {
+        let every = |reason: &str, detail: String| {
             messages
                 .iter()
                 .map(|_| SendOutcome::Transient {
-                    reason: code::UNREACHABLE.into(),
+                    reason: reason.to_string(),
                     detail: detail.clone(),
                 })
                 .collect::<Vec<_>>()
@@ -240,7 +262,10 @@ impl HostClient {
             .await
         {
             Ok(r) => r,
-            Err(e) => return unreachable(e.to_string()),
+            Err(e) => {
+                let (reason, detail) = transport_error(&e);
+                return every(&reason, detail);
+            }
         };
         if !resp.status().is_success() {
             let status = resp.status();
@@ -252,13 +277,13 @@ impl HostClient {
                         detail: b.message.clone(),
                     })
                     .collect(),
-                Ok(b) => unreachable(format!("{}: {}", b.error, b.message)),
-                Err(_) => unreachable(format!("HTTP {status}")),
+                Ok(b) => every(&b.error, b.message),
+                Err(_) => every(code::NO_ANSWER, format!("HTTP {status}")),
             };
         }
         let parsed = match resp.json::<SendBatchResponse>().await {
             Ok(p) => p,
-            Err(e) => return unreachable(format!("unreadable batch response: {e}")),
+            Err(e) => return every(code::NO_ANSWER, format!("unreadable batch response: {e}")),
         };
         let mut by_id: std::collections::HashMap<i64, SendItemResult> = parsed
             .results

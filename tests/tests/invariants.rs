@@ -752,6 +752,59 @@ async fn transient_failures_retry_with_backoff_and_permanent_ones_fail_at_once(p
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_host_that_cannot_be_reached_does_not_use_up_attempts(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "t@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 3, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    // The device's host dies (its server stops, its lease stays until it runs out).
+    let dead = TestHost::start(&pool, quiet_sim()).await;
+    dead.running.server.abort();
+    dead.running.leases.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut p = Pipeline::new(&pool, test_queue(50).await, &dead);
+    p.trigger().await;
+    // Twice as many rounds as a message has attempts, each due again at once.
+    for _ in 0..2 * p.worker.settings.max_attempts {
+        p.tick().await;
+        while p.deliver().await > 0 {}
+        sqlx::query("UPDATE broadcast_messages SET due_at = now() WHERE status = 'pending'")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        assert_eq!(r.status, "pending", "{r:?}");
+        assert_eq!(r.attempts, 0, "{r:?}");
+        assert!(
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("host_unreachable")),
+            "{r:?}"
+        );
+    }
+    // Once the lease runs out, another host takes the device and every message goes, once.
+    sqlx::query("UPDATE device_leases SET lease_until = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let other = TestHost::start_as(&pool, "host-b", Duration::from_secs(30), quiet_sim()).await;
+    p.worker.host = other.client.clone();
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sent"),
+        Some(&3)
+    );
+    assert_eq!(other.sends().len(), 3);
+    assert!(sends_per_message(&other.sends()).values().all(|n| *n == 1));
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn attempts_are_bounded(pool: PgPool) {
     let tenant = seed_tenant(&pool, "t@example.com").await;
     let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;

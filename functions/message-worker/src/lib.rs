@@ -66,7 +66,9 @@ enum Outcome {
         reason: String,
         detail: String,
     },
-    /// `tried = false`: held back behind an earlier transient error of its group, never sent.
+    /// `tried = false`: never offered to a provider (held back behind an earlier transient error
+    /// of its group, refused for another host's device, no host reached): the attempt is given
+    /// back (`code::never_offered`).
     Retry {
         reason: String,
         detail: String,
@@ -276,7 +278,7 @@ async fn send_all(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
                 } => Outcome::Sent(provider_message_id, accepted_at),
                 SendOutcome::Permanent { reason, detail } => Outcome::Failed { reason, detail },
                 SendOutcome::Transient { reason, detail } => {
-                    let tried = reason != shared::host_api::code::HELD_BACK;
+                    let tried = !shared::host_api::code::never_offered(&reason);
                     Outcome::Retry {
                         reason,
                         detail,
