@@ -1,5 +1,5 @@
 //! The operator's `wabcast status`, run as a person runs it: a device held by a restriction
-//! shows why, so the person who has to act reads it there.
+//! shows why, so the person who has to act reads it there; a device whose host died shows it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::DeviceStatus;
@@ -18,8 +18,19 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
         .to_string();
 
     let tenant = seed_tenant(&pool, "status@example.com").await;
-    seed_device(&pool, tenant, "shop-ok", 0.0, 0.0).await;
+    let ok_device = seed_device(&pool, tenant, "shop-ok", 0.0, 0.0).await;
     let held = seed_device(&pool, tenant, "shop-held", 0.0, 0.0).await;
+    // shop-ok is served by host-a; shop-held's host died a minute ago.
+    sqlx::query(
+        "INSERT INTO device_leases (device_id, host_id, lease_until)
+         VALUES ($1, 'host-a', now() + interval '30 seconds'),
+                ($2, 'host-dead', now() - interval '60 seconds')",
+    )
+    .bind(ok_device)
+    .bind(held)
+    .execute(&pool)
+    .await
+    .unwrap();
     let why =
         "WhatsApp refused a message (nack 463: reach-out restriction); new-contact sends paused";
     let mut tx = pool.begin().await.unwrap();
@@ -48,10 +59,19 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
         .unwrap_or_else(|| panic!("no row for the held device:\n{stdout}"));
     assert!(lines[at].contains("restricted"), "{stdout}");
     assert!(
+        lines[at].contains("none (host-dead's lease ran out"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 device(s) without a live host lease"),
+        "{stdout}"
+    );
+    assert!(
         lines[at + 1].contains(why),
         "the reason follows the held device's row:\n{stdout}"
     );
     let ok = lines.iter().position(|l| l.starts_with("shop-ok")).unwrap();
+    assert!(lines[ok].trim_end().ends_with("host-a"), "{stdout}");
     assert!(
         !lines
             .get(ok + 1)

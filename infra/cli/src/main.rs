@@ -996,10 +996,26 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     let rows = repo::devices::list_device_load(pool, tenant).await?;
     let now = chrono::Utc::now();
     println!(
-        "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}",
+        "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}  host",
         "device", "status", "next send", "pending", "queued", "sending"
     );
+    let mut unserved = 0;
     for d in &rows {
+        // Which host serves the device; a lease that ran out means none does.
+        let host = match (&d.host_id, d.lease_until) {
+            (Some(h), Some(until)) if until > now => h.clone(),
+            (Some(h), Some(until)) => {
+                unserved += 1;
+                format!(
+                    "none ({h}'s lease ran out {}s ago)",
+                    (now - until).num_seconds()
+                )
+            }
+            _ => {
+                unserved += 1;
+                "none yet".to_string()
+            }
+        };
         let next = (d.next_send_at - now).num_milliseconds() as f64 / 1000.0;
         let next = if next <= 0.0 {
             "ready".to_string()
@@ -1007,7 +1023,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
             format!("in {next:.1}s")
         };
         println!(
-            "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}",
+            "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}  {host}",
             d.label, d.status, next, d.pending, d.queued, d.sending
         );
         // Why a device is not online (a restriction and its end, a logout, a ban): the person
@@ -1022,6 +1038,11 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending)
     });
     println!("total: {p} pending, {q} queued, {s} sending");
+    if unserved > 0 {
+        println!(
+            "{unserved} device(s) without a live host lease: their messages wait until a host takes them (a host died, none has started, or every host is full: HOST_MAX_DEVICES)"
+        );
+    }
     match queue {
         Ok(queue) => match queue.stats().await {
             Ok(st) => println!(

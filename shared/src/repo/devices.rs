@@ -269,6 +269,11 @@ pub struct DeviceLoad {
     pub pending: i64,
     pub queued: i64,
     pub sending: i64,
+    /// The host that holds (or last held) the device's lease, and until when: a lease in the
+    /// past means no host serves the device (its host died, or every host is full), and its
+    /// messages wait until one takes it.
+    pub host_id: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
 }
 
 /// The status view for one tenant, or every tenant for an operator (`None`).
@@ -280,13 +285,15 @@ pub async fn list_device_load(
         "SELECT d.id, d.tenant_id, d.label, d.status, d.status_reason, d.next_send_at,
                 count(m.id) FILTER (WHERE m.status = 'pending') AS pending,
                 count(m.id) FILTER (WHERE m.status = 'queued') AS queued,
-                count(m.id) FILTER (WHERE m.status = 'sending') AS sending
+                count(m.id) FILTER (WHERE m.status = 'sending') AS sending,
+                l.host_id, l.lease_until
          FROM devices d
+         LEFT JOIN device_leases l ON l.device_id = d.id
          LEFT JOIN broadcast_messages m
            ON m.device_id = d.id AND m.tenant_id = d.tenant_id
           AND m.status IN ('pending', 'queued', 'sending')
          WHERE ($1::uuid IS NULL OR d.tenant_id = $1)
-         GROUP BY d.id ORDER BY d.tenant_id, d.label, d.id",
+         GROUP BY d.id, l.host_id, l.lease_until ORDER BY d.tenant_id, d.label, d.id",
     )
     .bind(tenant)
     .fetch_all(pool)
