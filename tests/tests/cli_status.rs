@@ -20,6 +20,13 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
     let tenant = seed_tenant(&pool, "status@example.com").await;
     let ok_device = seed_device(&pool, tenant, "shop-ok", 0.0, 0.0).await;
     let held = seed_device(&pool, tenant, "shop-held", 0.0, 0.0).await;
+    // A deleted device needs no host and is not counted among the unserved.
+    let gone = seed_device(&pool, tenant, "shop-gone", 0.0, 0.0).await;
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::delete_device(&mut tx, tenant, gone)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
     // shop-ok is served by host-a; shop-held's host died a minute ago.
     sqlx::query(
         "INSERT INTO device_leases (device_id, host_id, lease_until)

@@ -1003,6 +1003,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     for d in &rows {
         // Which host serves the device; a lease that ran out means none does.
         let host = match (&d.host_id, d.lease_until) {
+            _ if d.status == "deleted" => "-".to_string(),
             (Some(h), Some(until)) if until > now => h.clone(),
             (Some(h), Some(until)) => {
                 unserved += 1;
