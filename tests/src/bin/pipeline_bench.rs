@@ -810,20 +810,16 @@ async fn paced_run(
     };
     // PostgreSQL's 100 connections: the worker's 40, the processor's pool, the hosts' share.
     let connections = (32 / spawned).max(8);
-    let mut procs: Vec<(Option<Group>, String)> = Vec::new();
+    let mut procs: Vec<(Group, String)> = Vec::new();
     for h in 0..hosts {
         let hdir = dir.join(format!("host-{h}"));
-        procs.push({
-            let (g, url) = spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await;
-            (Some(g), url)
-        });
+        procs.push(spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await);
     }
     wait_owned(&pool, tenant).await;
     if kill {
         // Started once the others own every device, so it owns nothing until one dies.
         let hdir = dir.join("standby");
-        let (g, url) = spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await;
-        procs.push((Some(g), url));
+        procs.push(spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await);
     }
     // Devices without a live lease go to the worker's default host: the last one started.
     let default_url = procs.last().map(|p| p.1.clone()).unwrap_or_default();
@@ -856,9 +852,7 @@ async fn paced_run(
             && killed_at.is_none()
             && count_status(&pool, campaign, "sent").await * 3 >= n as i64
         {
-            if let Some(g) = procs[0].0.as_mut() {
-                g.kill_now();
-            }
+            procs[0].0.kill_now();
             killed_at = Some(started.elapsed().as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
