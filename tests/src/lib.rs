@@ -508,6 +508,34 @@ pub async fn deliver_batch(
 }
 
 /// Status counts of a campaign, as a map.
+/// Waits until the host has written this status for the device.
+pub async fn wait_for_status(pool: &PgPool, tenant: Uuid, device: Uuid, want: &str) {
+    // Up to 10 s: the host writes status through its event writer, which a loaded CI machine
+    // may hold up well past the usual few milliseconds.
+    for _ in 0..500 {
+        if repo::devices::get_device(pool, tenant, device)
+            .await
+            .unwrap()
+            .status
+            == want
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("device never became {want}");
+}
+
+/// Ends a test's "within the grace" phase: checks that it really ran within `grace` of `since`
+/// (else its assertions proved nothing), then sleeps until just past the grace.
+pub async fn sleep_past_grace(since: std::time::Instant, grace: Duration) {
+    assert!(
+        since.elapsed() < grace,
+        "the first phase outlasted the grace; its assertions proved nothing"
+    );
+    tokio::time::sleep((grace + Duration::from_millis(100)).saturating_sub(since.elapsed())).await;
+}
+
 pub async fn status_counts(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> HashMap<String, i64> {
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign)
         .await

@@ -12,9 +12,11 @@ use std::time::Duration;
 use uuid::Uuid;
 use wabcast_tests::*;
 
+/// Each device's owner: the host holding a live lease on it.
 async fn owners(pool: &PgPool) -> HashMap<Uuid, Option<String>> {
     sqlx::query_as::<_, (Uuid, Option<String>)>(
-        "SELECT d.id, l.host_id FROM devices d LEFT JOIN device_leases l ON l.device_id = d.id",
+        "SELECT d.id, l.host_id FROM devices d
+         LEFT JOIN device_leases l ON l.device_id = d.id AND l.lease_until > now()",
     )
     .fetch_all(pool)
     .await
@@ -241,4 +243,99 @@ async fn lease_renewal_does_not_wait_for_a_claimed_device(pool: PgPool) {
     assert_eq!(kept, vec![b]);
     assert_eq!(repo::hosts::release_all(&pool, "h2").await.unwrap(), 1);
     assert_eq!(owners(&pool).await[&a], None);
+}
+
+/// A device whose host died and that no other host takes over (every host is full, or there is
+/// no other) is offline from the moment its lease ran out, whatever status its host last wrote:
+/// its due messages wait through the offline grace and then end `skipped / device_offline`, as
+/// a disconnected device's do, instead of waiting without end. A graceful stop ends its leases
+/// the same way (it used to delete them, which left its devices looking served by nobody and
+/// never offline).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_device_no_host_serves_is_skipped_past_the_offline_grace(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "orphan@example.com").await;
+    let orphan = seed_device(&pool, tenant, "orphan", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, orphan, 0, 5, "cars", LeadStatus::Prospect).await;
+    // Its host takes it, reports it online, and dies without a goodbye.
+    let dead = TestHost::start_as(&pool, "host-dead", Duration::from_secs(30), quiet_sim()).await;
+    wait_for_status(&pool, tenant, orphan, "online").await;
+    dead.running.server.abort();
+    dead.running.leases.abort();
+    // The other host serves the other device and takes nothing more (no lease rounds: full).
+    let served = seed_device(&pool, tenant, "served", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, served, 100, 5, "cars", LeadStatus::Prospect).await;
+    let live = TestHost::start_as(&pool, "host-live", Duration::from_secs(30), quiet_sim()).await;
+    live.running.leases.abort();
+    assert_eq!(
+        owners(&pool).await,
+        HashMap::from([
+            (orphan, Some("host-dead".to_string())),
+            (served, Some("host-live".to_string()))
+        ])
+    );
+    // The dead host's lease runs out.
+    sqlx::query("UPDATE device_leases SET lease_until = now() WHERE device_id = $1")
+        .bind(orphan)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let lease_ran_out = std::time::Instant::now();
+    let grace = Duration::from_secs(4);
+    // The worker's default host is the dead one: nothing reaches the orphan.
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &dead);
+    p.processor.settings.offline_grace = grace;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    for _ in 0..5 {
+        p.tick().await;
+        while p.deliver().await > 0 {}
+        sqlx::query("UPDATE broadcast_messages SET due_at = now() WHERE status = 'pending'")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(counts.get("sent"), Some(&5), "{counts:?}");
+    assert_eq!(
+        counts.get("pending"),
+        Some(&5),
+        "within the grace the orphan's messages wait: {counts:?}"
+    );
+    sleep_past_grace(lease_ran_out, grace).await;
+    p.tick().await;
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    let orphaned: Vec<_> = rows.iter().filter(|r| r.device_id == orphan).collect();
+    assert_eq!(orphaned.len(), 5);
+    for r in orphaned {
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_deref(), r.attempts),
+            ("skipped", Some("device_offline"), 0),
+            "{r:?}"
+        );
+    }
+    // Its status is still the last its host wrote: only the lease tells.
+    assert_eq!(
+        repo::devices::get_device(&pool, tenant, orphan)
+            .await
+            .unwrap()
+            .status,
+        "online"
+    );
+    assert!(dead.sends().is_empty());
+    assert!(live.sends().iter().all(|e| e.device_id == served));
+
+    // A graceful stop: the served device's lease ends, and with a grace of 0 ("skip offline
+    // devices at once") its next messages are skipped like the orphan's.
+    assert_eq!(live.running.host.release_all().await.unwrap(), 1);
+    p.processor.settings.offline_grace = Duration::ZERO;
+    let second = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    p.tick().await;
+    assert_eq!(
+        status_counts(&pool, tenant, second).await.get("skipped"),
+        Some(&10)
+    );
+    assert_eq!(live.sends().len(), 5);
 }

@@ -1041,7 +1041,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     println!("total: {p} pending, {q} queued, {s} sending");
     if unserved > 0 {
         println!(
-            "{unserved} device(s) without a live host lease: their messages wait until a host takes them (a host died, none has started, or every host is full: HOST_MAX_DEVICES)"
+            "{unserved} device(s) without a live host lease (a host died or stopped, none has started, or every host is full: HOST_MAX_DEVICES): their messages wait until a host takes them; once a lease has been out for OFFLINE_GRACE_S its device counts as offline and its due messages are skipped"
         );
     }
     match queue {

@@ -110,13 +110,17 @@ pub async fn acquire_device(
 }
 
 /// Gives every device of this host back at once (a graceful stop): the next host takes them
-/// without waiting for the leases to run out.
+/// without waiting for the leases to run out. The leases are ended, not deleted: an ended lease
+/// is what tells the processor, once the offline grace has passed with no host taking the
+/// device over, that nobody serves it (see `messages::skip_offline_device_messages`).
 pub async fn release_all(pool: &PgPool, host: &str) -> Result<u64, RepoError> {
-    Ok(sqlx::query("DELETE FROM device_leases WHERE host_id = $1")
-        .bind(host)
-        .execute(pool)
-        .await?
-        .rows_affected())
+    Ok(sqlx::query(
+        "UPDATE device_leases SET lease_until = now() WHERE host_id = $1 AND lease_until > now()",
+    )
+    .bind(host)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Who owns the tenant's device now: (host id, its URL), if a live lease exists.

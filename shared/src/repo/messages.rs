@@ -558,9 +558,18 @@ pub async fn reconcile_stale_sending(
 /// Joined to the devices instead, a planner with stale statistics walked every pending message
 /// of the running campaigns and looked each device up: 8 s per sweep at 100,000 pending rows,
 /// once per tick.
+///
+/// A device is offline by its own status (since it last changed), or because no host serves it:
+/// a lease that ran out and nobody took over (its host died, or stopped, and every other host is
+/// full or there is none), counted from the moment the lease ran out. The status such a device
+/// shows is the last one its host wrote (often `online`): nobody is left to write another, so
+/// the lease is the only witness. A device that never had a host has no lease and is judged by
+/// its status alone (a host writes every status, and a new device starts `offline`).
 const OFFLINE_PAST_GRACE: &str = "d.deleted_at IS NULL
-    AND d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
-    AND d.status_changed_at <= now() - make_interval(secs => $1)";
+    AND ((d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
+          AND d.status_changed_at <= now() - make_interval(secs => $1))
+         OR d.id IN (SELECT device_id FROM device_leases
+                     WHERE lease_until <= now() - make_interval(secs => $1)))";
 
 /// System scope: unsent rows of deleted devices end `skipped / device_deleted`.
 pub async fn skip_deleted_device_messages(tx: &mut PgConnection) -> Result<u64, RepoError> {
@@ -584,9 +593,10 @@ pub async fn skip_deleted_device_messages(tx: &mut PgConnection) -> Result<u64, 
     Ok(res.rows_affected())
 }
 
-/// System scope: due rows of running campaigns whose device has been disconnected for longer
-/// than `grace_s` end `skipped / device_offline`. Within the grace they simply wait. A
-/// `restricted` device is not offline: its messages wait for the restriction to end.
+/// System scope: due rows of running campaigns whose device has been disconnected, or left
+/// without a host, for longer than `grace_s` end `skipped / device_offline`. Within the grace
+/// they simply wait. A `restricted` device is not offline while a host serves it: its messages
+/// wait for the restriction to end.
 pub async fn skip_offline_device_messages(
     tx: &mut PgConnection,
     grace_s: f64,
