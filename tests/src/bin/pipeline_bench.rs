@@ -842,7 +842,8 @@ async fn paced_run(
         worker_deps(&relaxed, &default_url, TOKEN),
         poll_stop.clone(),
     );
-    let mut killed_at: Option<f64> = None;
+    // (seconds into the run, the wall clock) of the kill
+    let mut killed_at: Option<(f64, chrono::DateTime<chrono::Utc>)> = None;
     while unfinished(&pool, campaign).await {
         assert!(
             started.elapsed() < Duration::from_secs(900),
@@ -853,7 +854,7 @@ async fn paced_run(
             && count_status(&pool, campaign, "sent").await * 3 >= n as i64
         {
             procs[0].0.kill_now();
-            killed_at = Some(started.elapsed().as_secs_f64());
+            killed_at = Some((started.elapsed().as_secs_f64(), chrono::Utc::now()));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -905,9 +906,27 @@ async fn paced_run(
                     .to_string()
             })
             .collect();
-        let killed = killed_at.map_or(String::new(), |t| {
-            format!(", the first killed at {t:.1}s, the last standing by")
-        });
+        let killed = match killed_at {
+            Some((t, wall)) => {
+                // The takeover: the standby's first send after the kill.
+                let standby = procs.last().map(|p| p.1.clone()).unwrap_or_default();
+                let first: Option<f64> = sqlx::query_scalar(
+                    "SELECT extract(epoch FROM min(s.created_at) - $2)::float8
+                     FROM host_sends s JOIN hosts h ON h.id = s.host_id WHERE h.url = $1",
+                )
+                .bind(&standby)
+                .bind(wall)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                let lease = std::env::var("DEVICE_LEASE_S").unwrap_or_else(|_| "30".into());
+                format!(
+                    ", the first killed at {t:.1}s, the last standing by; device lease {lease} s, the standby's first send {} after the kill",
+                    first.map_or("never".into(), |f| format!("{f:.1}s"))
+                )
+            }
+            None => String::new(),
+        };
         format!(
             " on {spawned} hosts (sends per host {}{killed}; {} rescued)",
             counts.join(" / "),
