@@ -742,6 +742,27 @@ async fn a_host_that_cannot_be_reached_does_not_use_up_attempts(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut p = Pipeline::new(&pool, test_queue(50).await, &dead);
     p.trigger().await;
+    // Its lease ends in 7 s: the messages come back then (when another host may take the
+    // device), not after their backoff (15-30 s).
+    let lease_end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "UPDATE device_leases SET lease_until = now() + interval '7 seconds' RETURNING lease_until",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    p.tick().await;
+    while p.deliver().await > 0 {}
+    for r in repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap()
+    {
+        assert_eq!((r.status.as_str(), r.attempts), ("pending", 0), "{r:?}");
+        let after = (r.due_at - lease_end).num_milliseconds();
+        assert!(
+            (0..=2_000).contains(&after),
+            "due {after} ms after the lease's end: {r:?}"
+        );
+    }
     // Twice as many rounds as a message has attempts, each due again at once.
     for _ in 0..2 * p.worker.settings.max_attempts {
         p.tick().await;

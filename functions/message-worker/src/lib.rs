@@ -332,13 +332,7 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
                 detail,
                 tried,
             } => {
-                let delay = retry_delay(
-                    job.attempts,
-                    deps.settings.retry_base,
-                    deps.settings.retry_cap,
-                    &mut rng,
-                );
-                let due = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                let due = retry_due(job, reason, &deps.settings, &mut rng);
                 write_retry(job, due, &format!("{reason}: {detail}"), *tried, deps).await
             }
         };
@@ -353,6 +347,33 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
     }
     Ok(unrecorded)
 }
+
+/// When a message that met a transient error is due again. Its device's owner could not be
+/// reached: no host can take the device over before the owner's lease ends, and one can right
+/// after (the default host on the next request, any host on its next lease round), so the
+/// message comes back then, with a little jitter, whatever its backoff would say. Waiting
+/// longer delayed every message of a dead host's devices by a backoff after the takeover (the
+/// paced benchmark's killed host); coming back sooner only finds the dead host again. Else:
+/// exponential backoff with jitter.
+fn retry_due(
+    job: &SendJob,
+    reason: &str,
+    settings: &Settings,
+    rng: &mut impl rand::Rng,
+) -> chrono::DateTime<Utc> {
+    let now = Utc::now();
+    if reason == shared::host_api::code::UNREACHABLE {
+        if let Some(until) = job.host_lease_until {
+            let jitter = chrono::Duration::milliseconds(rng.random_range(0..=TAKEOVER_JITTER_MS));
+            return until.max(now) + jitter;
+        }
+    }
+    let delay = retry_delay(job.attempts, settings.retry_base, settings.retry_cap, rng);
+    now + chrono::Duration::from_std(delay).unwrap_or_default()
+}
+
+/// Spread of the retries that wait for a dead host's lease to end (see [`retry_due`]).
+const TAKEOVER_JITTER_MS: i64 = 2_000;
 
 /// Host error codes become the row's machine-readable reason.
 fn permanent_reason(code: &str) -> String {

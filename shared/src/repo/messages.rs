@@ -267,6 +267,9 @@ pub struct SendJob {
     /// The URL of the host that holds the device's lease (`None`: no live lease; the worker's
     /// default host takes it).
     pub host_url: Option<String>,
+    /// When that lease ends unless its host renews it: the earliest moment another host may
+    /// take the device over if this one cannot be reached.
+    pub host_lease_until: Option<DateTime<Utc>>,
     /// The campaign's Cloud API template, with the lead's name to render it (both only when the
     /// campaign has one).
     pub wa_template: Option<sqlx::types::Json<crate::render::WaTemplate>>,
@@ -305,6 +308,8 @@ pub async fn claim_messages_for_send(
          RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image, bm.attempts,
                    (SELECT h.url FROM device_leases dl JOIN hosts h ON h.id = dl.host_id
                     WHERE dl.device_id = bm.device_id AND dl.lease_until > now()) AS host_url,
+                   (SELECT dl.lease_until FROM device_leases dl
+                    WHERE dl.device_id = bm.device_id AND dl.lease_until > now()) AS host_lease_until,
                    (SELECT c.wa_template FROM campaigns c
                     WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id) AS wa_template,
                    (SELECT l.name FROM campaigns c JOIN leads l
