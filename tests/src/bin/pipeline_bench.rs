@@ -910,19 +910,41 @@ async fn paced_run(
             Some((t, wall)) => {
                 // The takeover: the standby's first send after the kill.
                 let standby = procs.last().map(|p| p.1.clone()).unwrap_or_default();
+                // (A send record's creation is no measure: a host that takes over an attempt
+                // the dead host left keeps the record, created before the kill.)
                 let first: Option<f64> = sqlx::query_scalar(
-                    "SELECT extract(epoch FROM min(s.created_at) - $2)::float8
-                     FROM host_sends s JOIN hosts h ON h.id = s.host_id WHERE h.url = $1",
+                    "SELECT extract(epoch FROM min(s.updated_at) - $2)::float8
+                     FROM host_sends s JOIN hosts h ON h.id = s.host_id
+                     WHERE h.url = $1 AND s.state = 'sent'",
                 )
                 .bind(&standby)
                 .bind(wall)
                 .fetch_one(&pool)
                 .await
                 .unwrap();
+                // How long each of the dead host's devices stopped sending: its longest gap,
+                // for the devices whose longest gap is beyond anything pacing draws.
+                let mut stalls: Vec<f64> = sqlx::query_scalar(
+                    "SELECT max(gap) FROM (
+                         SELECT device_id, extract(epoch FROM sent_at - lag(sent_at)
+                             OVER (PARTITION BY device_id ORDER BY sent_at))::float8 AS gap
+                         FROM broadcast_messages WHERE campaign_id = $1 AND status = 'sent') g
+                     GROUP BY device_id HAVING max(gap) > $2",
+                )
+                .bind(campaign)
+                .bind(2.0 * max_s)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                stalls.sort_by(f64::total_cmp);
                 let lease = std::env::var("DEVICE_LEASE_S").unwrap_or_else(|_| "30".into());
                 format!(
-                    ", the first killed at {t:.1}s, the last standing by; device lease {lease} s, the standby's first send {} after the kill",
-                    first.map_or("never".into(), |f| format!("{f:.1}s"))
+                    ", the first killed at {t:.1}s, the last standing by; device lease {lease} s, the standby's first send {} after the kill; {} devices stalled, for p50 {:.1}s p90 {:.1}s max {:.1}s",
+                    first.map_or("never".into(), |f| format!("{f:.1}s")),
+                    stalls.len(),
+                    percentile(&stalls, 0.5),
+                    percentile(&stalls, 0.9),
+                    percentile(&stalls, 1.0),
                 )
             }
             None => String::new(),
