@@ -507,7 +507,6 @@ pub async fn deliver_batch(
     (msgs.len(), took)
 }
 
-/// Status counts of a campaign, as a map.
 /// Waits until the host has written this status for the device.
 pub async fn wait_for_status(pool: &PgPool, tenant: Uuid, device: Uuid, want: &str) {
     // Up to 10 s: the host writes status through its event writer, which a loaded CI machine
@@ -536,6 +535,7 @@ pub async fn sleep_past_grace(since: std::time::Instant, grace: Duration) {
     tokio::time::sleep((grace + Duration::from_millis(100)).saturating_sub(since.elapsed())).await;
 }
 
+/// Status counts of a campaign, as a map.
 pub async fn status_counts(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> HashMap<String, i64> {
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign)
         .await
