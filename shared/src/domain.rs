@@ -286,6 +286,9 @@ pub mod reason {
     pub const ACCEPTED: &str = "accepted";
     pub const DEVICE_OFFLINE: &str = "device_offline";
     pub const DEVICE_DELETED: &str = "device_deleted";
+    /// The device's host held its lease but the workers could not reach it for longer than the
+    /// offline grace (`hosts.unreachable_since`).
+    pub const HOST_UNREACHABLE: &str = "host_unreachable";
     pub const CAMPAIGN_CANCELLED: &str = "campaign_cancelled";
     pub const SEQUENCE_CANCELLED: &str = "sequence_cancelled";
     pub const NOT_ON_WHATSAPP: &str = "not_on_whatsapp";

@@ -3,6 +3,7 @@
 //! after the lease, and every message still ends exactly once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use chrono::{DateTime, Utc};
 use device_host::simulator::{SendLog, SimConfig};
 use shared::domain::LeadStatus;
 use shared::repo;
@@ -338,4 +339,174 @@ async fn a_device_no_host_serves_is_skipped_past_the_offline_grace(pool: PgPool)
         Some(&10)
     );
     assert_eq!(live.sends().len(), 5);
+}
+
+/// The host's record of an outage the workers met: (since, latest failure).
+async fn outage(pool: &PgPool, host: &str) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+    sqlx::query_as("SELECT unreachable_since, unreachable_at FROM hosts WHERE id = $1")
+        .bind(host)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_host_the_workers_cannot_reach_is_given_up_on_past_the_offline_grace(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "hidden@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 5, "cars", LeadStatus::Prospect).await;
+    let host = TestHost::start_as(&pool, "host-hidden", Duration::from_secs(30), quiet_sim()).await;
+    wait_for_status(&pool, tenant, d, "online").await;
+    // The host keeps the device's lease (as a host that renews it does: no other host may take
+    // the device) but advertises an address where nothing answers.
+    host.running.leases.abort();
+    let real_url: String = sqlx::query_scalar("SELECT url FROM hosts WHERE id = 'host-hidden'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let nowhere = format!("http://127.0.0.1:{}", wabcast_tests::process::free_port());
+    sqlx::query("UPDATE hosts SET url = $1 WHERE id = 'host-hidden'")
+        .bind(&nowhere)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE device_leases SET lease_until = now() + interval '1 hour'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let grace = Duration::from_secs(4);
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.processor.settings.offline_grace = grace;
+    let first = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    p.tick().await;
+    while p.deliver().await > 0 {}
+    let first_failure = std::time::Instant::now();
+    let (since, at) = outage(&pool, "host-hidden").await;
+    assert!(since.is_some() && since == at, "{since:?} {at:?}");
+    // Within the grace the messages come back (brought due at once: the lease's end is an hour
+    // away) and find the host unreachable again, with no attempt used; the outage keeps its
+    // start.
+    for _ in 0..3 {
+        sqlx::query("UPDATE broadcast_messages SET due_at = now() WHERE status = 'pending'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert_eq!(p.tick().await.skipped_unreachable, 0);
+        while p.deliver().await > 0 {}
+    }
+    for r in repo::messages::list_campaign_messages(&pool, tenant, first)
+        .await
+        .unwrap()
+    {
+        assert_eq!((r.status.as_str(), r.attempts), ("pending", 0), "{r:?}");
+        assert!(
+            r.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("host_unreachable")),
+            "{r:?}"
+        );
+    }
+    let (since_later, at_later) = outage(&pool, "host-hidden").await;
+    assert_eq!(since_later, since);
+    assert!(at_later > at);
+
+    // Past the grace: the messages that found the host unreachable are skipped. A new
+    // campaign's messages, not tried yet, are not: each gets its own attempt first.
+    sleep_past_grace(first_failure, grace).await;
+    let second = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    assert_eq!(p.tick().await.skipped_unreachable, 5);
+    for r in repo::messages::list_campaign_messages(&pool, tenant, first)
+        .await
+        .unwrap()
+    {
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_deref(), r.attempts),
+            ("skipped", Some("host_unreachable"), 0),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        status_counts(&pool, tenant, second).await.get("queued"),
+        Some(&5)
+    );
+    assert_eq!(
+        repo::devices::get_device(&pool, tenant, d)
+            .await
+            .unwrap()
+            .status,
+        "online"
+    );
+    assert!(host.sends().is_empty());
+
+    // The address is fixed: the next answer ends the outage, and the new campaign goes out.
+    sqlx::query("UPDATE hosts SET url = $1 WHERE id = 'host-hidden'")
+        .bind(&real_url)
+        .execute(&pool)
+        .await
+        .unwrap();
+    p.run_until_done(&[(tenant, second)], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        status_counts(&pool, tenant, second).await.get("sent"),
+        Some(&5)
+    );
+    assert_eq!(host.sends().len(), 5);
+    assert_eq!(outage(&pool, "host-hidden").await, (None, None));
+}
+
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_outage_starts_again_after_a_quiet_gap_or_a_new_address(pool: PgPool) {
+    repo::hosts::register_host(&pool, "h", "http://10.0.0.1:8080")
+        .await
+        .unwrap();
+    let hosts = ["h".to_string()];
+    repo::hosts::mark_unreachable(&pool, &hosts).await.unwrap();
+    let (since, at) = outage(&pool, "h").await;
+    assert!(since.is_some() && since == at);
+    // A failure within the gap continues the outage.
+    sqlx::query(
+        "UPDATE hosts SET unreachable_since = now() - interval '1 hour',
+                          unreachable_at = now() - interval '5 minutes'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    repo::hosts::mark_unreachable(&pool, &hosts).await.unwrap();
+    let continued: bool = sqlx::query_scalar(
+        "SELECT unreachable_since < now() - interval '59 minutes'
+                AND unreachable_at > now() - interval '1 minute' FROM hosts",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(continued);
+    // Nobody tried for longer than the gap: the host may have been reachable meanwhile, so a
+    // new failure starts a new outage.
+    sqlx::query("UPDATE hosts SET unreachable_at = now() - make_interval(secs => $1 + 1)")
+        .bind(repo::hosts::OUTAGE_GAP_S)
+        .execute(&pool)
+        .await
+        .unwrap();
+    repo::hosts::mark_unreachable(&pool, &hosts).await.unwrap();
+    let restarted: bool =
+        sqlx::query_scalar("SELECT unreachable_since > now() - interval '1 minute' FROM hosts")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(restarted);
+    // Re-registering at the same address keeps the record; a new address ends it.
+    repo::hosts::register_host(&pool, "h", "http://10.0.0.1:8080")
+        .await
+        .unwrap();
+    assert!(outage(&pool, "h").await.0.is_some());
+    repo::hosts::register_host(&pool, "h", "http://10.0.0.2:8080")
+        .await
+        .unwrap();
+    assert_eq!(outage(&pool, "h").await, (None, None));
+    // An answer ends it too.
+    repo::hosts::mark_unreachable(&pool, &hosts).await.unwrap();
+    repo::hosts::mark_reachable(&pool, &hosts).await.unwrap();
+    assert_eq!(outage(&pool, "h").await, (None, None));
 }

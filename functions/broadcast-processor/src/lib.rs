@@ -22,7 +22,8 @@ use tracing::{info, instrument, warn};
 pub struct Settings {
     pub tick: Duration,
     pub run_for: Duration,
-    /// How long a device may be disconnected before its due messages end `skipped`.
+    /// How long a device may be disconnected (or its host unreachable while holding its lease)
+    /// before its due messages end `skipped`.
     pub offline_grace: Duration,
     /// How long a `queued` or `sending` row may stay so before the rescuer acts.
     pub lease: Duration,
@@ -73,6 +74,8 @@ pub struct Report {
     pub reconciled_failed: u64,
     pub skipped_offline: u64,
     pub skipped_deleted: u64,
+    /// Messages of a device whose host held its lease but could not be reached past the grace.
+    pub skipped_unreachable: u64,
     pub campaigns_completed: u64,
     pub enqueue_errors: u64,
     /// The longest pass of the loop (housekeeping when due, claim, enqueue), in milliseconds:
@@ -214,6 +217,12 @@ async fn sweep(
         repo::messages::skip_offline_device_messages(&mut tx, settings.offline_grace.as_secs_f64())
             .await
             .context("failed to skip offline devices' messages")?;
+    report.skipped_unreachable += repo::messages::skip_unreachable_host_messages(
+        &mut tx,
+        settings.offline_grace.as_secs_f64(),
+    )
+    .await
+    .context("failed to skip unreachable hosts' messages")?;
     // Every tick, not only when idle: other campaigns' traffic must not keep a finished one
     // `running`. An index probe per running campaign.
     report.campaigns_completed += repo::campaigns::complete_finished_campaigns(&mut tx)

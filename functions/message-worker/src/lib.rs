@@ -253,11 +253,16 @@ async fn send_all(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
         async move { client.send_batch(&reqs).await }
     }))
     .await;
-    for ((_, idx), results) in groups.iter().zip(sent) {
+    let (mut unreachable, mut reachable) = (Vec::new(), Vec::new());
+    for ((url, idx), results) in groups.iter().zip(sent) {
+        if url.is_some() {
+            note_reachability(&jobs, idx, &results, &mut unreachable, &mut reachable);
+        }
         for (&i, r) in idx.iter().zip(results) {
             outcomes[i] = Some(r);
         }
     }
+    record_reachability(&unreachable, &reachable, deps).await;
     let outcomes: Vec<SendOutcome> = outcomes
         .into_iter()
         .map(|o| {
@@ -289,6 +294,53 @@ async fn send_all(jobs: Vec<SendJob>, deps: &Deps) -> Vec<(SendJob, Outcome)> {
             (job, o)
         })
         .collect()
+}
+
+/// What one request to the owners of these jobs' devices says of their reachability: a
+/// request that could not connect at all marks them unreachable; any answer marks those that
+/// were recorded unreachable reachable again (the others need no write).
+fn note_reachability(
+    jobs: &[SendJob],
+    idx: &[usize],
+    results: &[SendOutcome],
+    unreachable: &mut Vec<String>,
+    reachable: &mut Vec<String>,
+) {
+    let refused = !results.is_empty()
+        && results.iter().all(|r| {
+            matches!(r, SendOutcome::Transient { reason, .. }
+                if reason == shared::host_api::code::UNREACHABLE)
+        });
+    for &i in idx {
+        let job = &jobs[i];
+        let Some(host) = &job.host_id else { continue };
+        let list = if refused {
+            &mut *unreachable
+        } else if job.host_unreachable_since.is_some() {
+            &mut *reachable
+        } else {
+            continue;
+        };
+        if !list.contains(host) {
+            list.push(host.clone());
+        }
+    }
+}
+
+/// Records hosts found unreachable or reachable again. Best effort: a lost write delays giving
+/// up on an unreachable host's messages by one more round (or, for a reachable one, until its
+/// next answer), and changes nothing about any message.
+async fn record_reachability(unreachable: &[String], reachable: &[String], deps: &Deps) {
+    if !unreachable.is_empty() {
+        if let Err(e) = repo::hosts::mark_unreachable(&deps.pool, unreachable).await {
+            warn!(error = %e, hosts = ?unreachable, "could not record unreachable hosts");
+        }
+    }
+    if !reachable.is_empty() {
+        if let Err(e) = repo::hosts::mark_reachable(&deps.pool, reachable).await {
+            warn!(error = %e, hosts = ?reachable, "could not record hosts reachable again");
+        }
+    }
 }
 
 /// Writes every outcome: all `sent` rows in one statement, failures and retries one each.

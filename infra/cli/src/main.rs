@@ -999,12 +999,21 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}  host",
         "device", "status", "next send", "pending", "queued", "sending"
     );
-    let mut unserved = 0;
+    let (mut unserved, mut unreachable) = (0, 0);
     for d in &rows {
         // Which host serves the device; a lease that ran out means none does.
         let host = match (&d.host_id, d.lease_until) {
             _ if d.status == "deleted" => "-".to_string(),
-            (Some(h), Some(until)) if until > now => h.clone(),
+            (Some(h), Some(until)) if until > now => match d.host_unreachable_since {
+                Some(since) => {
+                    unreachable += 1;
+                    format!(
+                        "{h} (workers cannot reach it, for {}s)",
+                        (now - since).num_seconds()
+                    )
+                }
+                None => h.clone(),
+            },
             (Some(h), Some(until)) => {
                 unserved += 1;
                 format!(
@@ -1042,6 +1051,11 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     if unserved > 0 {
         println!(
             "{unserved} device(s) without a live host lease (a host died or stopped, none has started, or every host is full: HOST_MAX_DEVICES): their messages wait until a host takes them; once a lease has been out for OFFLINE_GRACE_S its device counts as offline and its due messages are skipped"
+        );
+    }
+    if unreachable > 0 {
+        println!(
+            "{unreachable} device(s) whose host holds their lease but cannot be reached by the workers (check the host's advertised URL, HOST_PUBLIC_URL, and the network between them): their messages wait; messages that found the host unreachable are skipped once that has lasted OFFLINE_GRACE_S"
         );
     }
     match queue {

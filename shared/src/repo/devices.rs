@@ -274,6 +274,8 @@ pub struct DeviceLoad {
     /// messages wait until one takes it.
     pub host_id: Option<String>,
     pub lease_until: Option<DateTime<Utc>>,
+    /// Since when the workers have failed to reach that host, if they have.
+    pub host_unreachable_since: Option<DateTime<Utc>>,
 }
 
 /// The status view for one tenant, or every tenant for an operator (`None`).
@@ -286,14 +288,15 @@ pub async fn list_device_load(
                 count(m.id) FILTER (WHERE m.status = 'pending') AS pending,
                 count(m.id) FILTER (WHERE m.status = 'queued') AS queued,
                 count(m.id) FILTER (WHERE m.status = 'sending') AS sending,
-                l.host_id, l.lease_until
+                l.host_id, l.lease_until, h.unreachable_since AS host_unreachable_since
          FROM devices d
          LEFT JOIN device_leases l ON l.device_id = d.id
+         LEFT JOIN hosts h ON h.id = l.host_id
          LEFT JOIN broadcast_messages m
            ON m.device_id = d.id AND m.tenant_id = d.tenant_id
           AND m.status IN ('pending', 'queued', 'sending')
          WHERE ($1::uuid IS NULL OR d.tenant_id = $1)
-         GROUP BY d.id, l.host_id, l.lease_until ORDER BY d.tenant_id, d.label, d.id",
+         GROUP BY d.id, l.host_id, l.lease_until, h.unreachable_since ORDER BY d.tenant_id, d.label, d.id",
     )
     .bind(tenant)
     .fetch_all(pool)

@@ -13,11 +13,15 @@ use super::RepoError;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Records (or refreshes) a host and the URL the worker reaches it at.
+/// Records (or refreshes) a host and the URL the worker reaches it at. A new URL ends an
+/// outage the workers recorded at the old one (see [`mark_unreachable`]).
 pub async fn register_host(pool: &PgPool, host: &str, url: &str) -> Result<(), RepoError> {
     sqlx::query(
         "INSERT INTO hosts (id, url, seen_at) VALUES ($1, $2, now())
-         ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, seen_at = now()",
+         ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, seen_at = now(),
+             unreachable_since = CASE WHEN hosts.url = EXCLUDED.url
+                                      THEN hosts.unreachable_since END,
+             unreachable_at = CASE WHEN hosts.url = EXCLUDED.url THEN hosts.unreachable_at END",
     )
     .bind(host)
     .bind(url)
@@ -139,4 +143,40 @@ pub async fn device_owner(
     .bind(device)
     .fetch_optional(pool)
     .await?)
+}
+
+/// Failures further apart than this belong to different outages: a host that nobody tried to
+/// reach for this long may have been reachable meanwhile, so its outage starts again.
+pub const OUTAGE_GAP_S: f64 = 600.0;
+
+/// A worker could not connect to these hosts (their devices' owners): the outage starts now,
+/// unless one is already under way (a failure within [`OUTAGE_GAP_S`]). Only a failure to
+/// connect counts: a request that left may have been served.
+pub async fn mark_unreachable(pool: &PgPool, hosts: &[String]) -> Result<(), RepoError> {
+    sqlx::query(
+        "UPDATE hosts SET
+             unreachable_since = CASE
+                 WHEN unreachable_since IS NULL
+                      OR unreachable_at < now() - make_interval(secs => $2)
+                 THEN now() ELSE unreachable_since END,
+             unreachable_at = now()
+         WHERE id = ANY($1)",
+    )
+    .bind(hosts)
+    .bind(OUTAGE_GAP_S)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// These hosts answered a worker: whatever outage was recorded is over.
+pub async fn mark_reachable(pool: &PgPool, hosts: &[String]) -> Result<(), RepoError> {
+    sqlx::query(
+        "UPDATE hosts SET unreachable_since = NULL, unreachable_at = NULL
+         WHERE id = ANY($1) AND unreachable_since IS NOT NULL",
+    )
+    .bind(hosts)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

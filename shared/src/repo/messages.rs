@@ -264,12 +264,16 @@ pub struct SendJob {
     pub body: String,
     pub image: Option<String>,
     pub attempts: i32,
-    /// The URL of the host that holds the device's lease (`None`: no live lease; the worker's
-    /// default host takes it).
+    /// The host that holds the device's live lease (`None`: no live lease; the worker's
+    /// default host takes it), and the URL it is reached at.
+    pub host_id: Option<String>,
     pub host_url: Option<String>,
     /// When that lease ends unless its host renews it: the earliest moment another host may
     /// take the device over if this one cannot be reached.
     pub host_lease_until: Option<DateTime<Utc>>,
+    /// Since when the workers have failed to reach that host, if they have (see
+    /// `hosts::mark_unreachable`): a worker that reaches it clears this.
+    pub host_unreachable_since: Option<DateTime<Utc>>,
     /// The campaign's Cloud API template, with the lead's name to render it (both only when the
     /// campaign has one).
     pub wa_template: Option<sqlx::types::Json<crate::render::WaTemplate>>,
@@ -287,6 +291,8 @@ pub struct SendJob {
 /// in the benchmark with `auto_explain`. Without the join it still ANDed the primary key with a
 /// scan of the whole in-flight index (see the module's note on the "C" collation). The
 /// statements below that take ids from an `unnest` also name them with `bm.id = ANY($1)`.
+/// What the send needs besides the row (the device's owner, its lease and reachability, the
+/// campaign's template) is looked up per claimed row, after the update.
 pub async fn claim_messages_for_send(
     tx: &mut PgConnection,
     items: &[WorkItem],
@@ -295,27 +301,41 @@ pub async fn claim_messages_for_send(
     let ids: Vec<i64> = items.iter().map(|i| i.message_id).collect();
     let tenants: Vec<Uuid> = items.iter().map(|i| i.tenant_id).collect();
     Ok(sqlx::query_as(
-        "UPDATE broadcast_messages bm
-         SET status = 'sending', sending_at = now(), attempts = bm.attempts + 1,
-             lease_until = now() + make_interval(secs => $3)
-         FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant)
-         WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
-           AND bm.status = 'queued' COLLATE \"C\"
-           AND (SELECT c.status = 'running' FROM campaigns c
-                WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)
-           AND (SELECT d.deleted_at IS NULL FROM devices d
-                WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id)
-         RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image, bm.attempts,
-                   (SELECT h.url FROM device_leases dl JOIN hosts h ON h.id = dl.host_id
-                    WHERE dl.device_id = bm.device_id AND dl.lease_until > now()) AS host_url,
-                   (SELECT dl.lease_until FROM device_leases dl
-                    WHERE dl.device_id = bm.device_id AND dl.lease_until > now()) AS host_lease_until,
-                   (SELECT c.wa_template FROM campaigns c
-                    WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id) AS wa_template,
-                   (SELECT l.name FROM campaigns c JOIN leads l
-                        ON l.id = bm.lead_id AND l.tenant_id = bm.tenant_id
-                    WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id
-                      AND c.wa_template IS NOT NULL) AS lead_name",
+        "WITH upd AS (
+             UPDATE broadcast_messages bm
+             SET status = 'sending', sending_at = now(), attempts = bm.attempts + 1,
+                 lease_until = now() + make_interval(secs => $3)
+             FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant)
+             WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
+               AND bm.status = 'queued' COLLATE \"C\"
+               AND (SELECT c.status = 'running' FROM campaigns c
+                    WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)
+               AND (SELECT d.deleted_at IS NULL FROM devices d
+                    WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id)
+             RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image,
+                       bm.attempts, bm.campaign_id, bm.lead_id
+         )
+         SELECT u.id, u.tenant_id, u.device_id, u.recipient, u.body, u.image, u.attempts,
+                o.host_id, o.url AS host_url, o.lease_until AS host_lease_until,
+                o.unreachable_since AS host_unreachable_since, t.wa_template, t.lead_name
+         FROM upd u
+         -- one probe of the device's lease and one of its host per row (laterals: never a
+         -- join the planner could start from the other side)
+         LEFT JOIN LATERAL (
+             SELECT dl.host_id, dl.lease_until, h.url, h.unreachable_since
+             FROM device_leases dl
+             LEFT JOIN LATERAL (SELECT h.url, h.unreachable_since FROM hosts h
+                                WHERE h.id = dl.host_id) h ON true
+             WHERE dl.device_id = u.device_id AND dl.lease_until > now()
+         ) o ON true
+         LEFT JOIN LATERAL (
+             SELECT c.wa_template,
+                    CASE WHEN c.wa_template IS NOT NULL THEN
+                        (SELECT l.name FROM leads l
+                         WHERE l.id = u.lead_id AND l.tenant_id = u.tenant_id)
+                    END AS lead_name
+             FROM campaigns c WHERE c.id = u.campaign_id AND c.tenant_id = u.tenant_id
+         ) t ON true",
     )
     .bind(&ids)
     .bind(&tenants)
@@ -625,6 +645,44 @@ pub async fn skip_offline_device_messages(
            AND bm.status = 'pending' AND bm.due_at <= now()
            AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'"
     )))
+    .bind(grace_s)
+    .bind(&devices)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// System scope: a host the workers have failed to reach for longer than `grace_s` while it
+/// still holds its devices' leases (it renews them, so no other host may take the devices over).
+/// Its devices' pending messages of running campaigns that themselves found it unreachable
+/// (their last error) end `skipped / host_unreachable`; a message not yet tried waits for its
+/// own attempt, so a host that became reachable again meanwhile is not given up on unseen.
+/// The outage is the workers' record (`hosts::mark_unreachable`); any answer ends it.
+pub async fn skip_unreachable_host_messages(
+    tx: &mut PgConnection,
+    grace_s: f64,
+) -> Result<u64, RepoError> {
+    let devices: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT dl.device_id FROM hosts h JOIN device_leases dl ON dl.host_id = h.id
+         WHERE h.unreachable_since <= now() - make_interval(secs => $1)
+           AND dl.lease_until > now()",
+    )
+    .bind(grace_s)
+    .fetch_all(&mut *tx)
+    .await?;
+    if devices.is_empty() {
+        return Ok(0);
+    }
+    // The host's condition is checked again here: a worker may have reached it meanwhile.
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'skipped', reason = 'host_unreachable', finished_at = now()
+         FROM device_leases dl, hosts h, campaigns c
+         WHERE bm.device_id = ANY($2) AND dl.device_id = bm.device_id AND dl.lease_until > now()
+           AND h.id = dl.host_id AND h.unreachable_since <= now() - make_interval(secs => $1)
+           AND bm.status = 'pending' AND bm.last_error LIKE 'host_unreachable%'
+           AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'",
+    )
     .bind(grace_s)
     .bind(&devices)
     .execute(tx)
