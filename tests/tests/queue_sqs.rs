@@ -61,6 +61,10 @@ async fn change_visibility_to_zero_makes_a_message_available_again() {
 }
 
 #[tokio::test]
+#[ignore = "moto differs from SQS: its ReceiveMessage checks that a message is visible and \
+            marks it received without a lock, so two concurrent receives can both take it \
+            (seen once: 201 receipts of 200 messages, in a full parallel test run); SQS never \
+            hands an in-flight message to a second consumer. The Redis suite runs this case"]
 async fn concurrent_consumers_never_share_an_in_flight_message() {
     contract::concurrent_consumers_never_share_an_in_flight_message(fresh().await).await;
 }
