@@ -170,25 +170,35 @@ async fn watch(pool: &PgPool, tenant: Uuid, campaign: Uuid, timeout: Duration) -
         let get = |s: &str| p.by_status.get(s).copied().unwrap_or(0);
         let done = get("sent") + get("failed") + get("skipped") + get("cancelled");
         let width = 40usize;
-        let filled = if p.total > 0 {
-            (done as usize * width) / p.total as usize
+        let elapsed = started.elapsed().as_secs_f64();
+        let line = if c.status == "scheduled" && p.total == 0 {
+            // Before the trigger's first run (cargo lambda watch starts a function on its
+            // first invocation) there is nothing to count yet.
+            format!(
+                "[{}] waiting for campaign-trigger to fan the campaign out | {elapsed:>4.0}s",
+                ".".repeat(width)
+            )
         } else {
-            0
+            let filled = if p.total > 0 {
+                (done as usize * width) / p.total as usize
+            } else {
+                0
+            };
+            format!(
+                "[{}{}] {done}/{} done | sent {} failed {} skipped {} | pending {} queued {} sending {} | {elapsed:>4.0}s",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                p.total,
+                get("sent"),
+                get("failed"),
+                get("skipped"),
+                get("pending"),
+                get("queued"),
+                get("sending"),
+            )
         };
-        let _ = write!(
-            err,
-            "\r[{}{}] {done}/{} done | sent {} failed {} skipped {} | pending {} queued {} sending {} | {:>4.0}s ",
-            "#".repeat(filled),
-            ".".repeat(width - filled),
-            p.total,
-            get("sent"),
-            get("failed"),
-            get("skipped"),
-            get("pending"),
-            get("queued"),
-            get("sending"),
-            started.elapsed().as_secs_f64()
-        );
+        // padded so that a shorter line overwrites a longer one
+        let _ = write!(err, "\r{line:<120} ");
         let _ = err.flush();
         if matches!(c.status.as_str(), "completed" | "cancelled") && p.total > 0 {
             let _ = writeln!(err);
