@@ -253,6 +253,11 @@ pub async fn change_campaign_status(
     .bind(next.as_str())
     .execute(&mut *tx)
     .await?;
+    match next {
+        S::Paused => set_messages_held(tx, tenant, &[campaign], true).await?,
+        S::Running => set_messages_held(tx, tenant, &[campaign], false).await?,
+        _ => 0,
+    };
     if next == S::Cancelled {
         sqlx::query(
             "UPDATE broadcast_messages SET status = 'cancelled', reason = 'campaign_cancelled', finished_at = now()
@@ -264,6 +269,30 @@ pub async fn change_campaign_status(
         .await?;
     }
     Ok(next)
+}
+
+/// Takes the pending rows of paused campaigns out of the processor's claim index (`held`,
+/// see the migration `held_messages`), or puts every held row back on resume. Only in the
+/// transaction that changes the campaigns' status, under their row locks, so that a pause and a
+/// resume cannot interleave: a row left held under a running campaign would never be claimed.
+/// Returns how many rows changed.
+pub(crate) async fn set_messages_held(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    campaigns: &[Uuid],
+    held: bool,
+) -> Result<u64, RepoError> {
+    let res = sqlx::query(
+        "UPDATE broadcast_messages SET held = $3
+         WHERE campaign_id = ANY($1) AND tenant_id = $2 AND held <> $3
+           AND (NOT $3 OR status = 'pending')",
+    )
+    .bind(campaigns)
+    .bind(tenant)
+    .bind(held)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
 }
 
 /// System scope: running campaigns with no row left unfinished become `completed`.
@@ -409,7 +438,7 @@ pub async fn retry_failed_messages(
         "WITH r AS (
              UPDATE broadcast_messages
              SET status = 'pending', reason = NULL, finished_at = NULL, attempts = 0,
-                 due_at = now(), lease_until = NULL
+                 due_at = now(), lease_until = NULL, held = false
              WHERE tenant_id = $1 AND status = 'failed'
                AND ($2::uuid IS NULL OR campaign_id = $2)
                AND ($3::uuid IS NULL OR device_id = $3)

@@ -95,7 +95,7 @@ pub async fn claim_ready_messages(
              CROSS JOIN LATERAL (
                  SELECT 1 FROM broadcast_messages p
                  WHERE p.device_id = d.id AND p.tenant_id = d.tenant_id
-                   AND p.status = 'pending' AND p.due_at <= now()
+                   AND p.status = 'pending' AND NOT p.held AND p.due_at <= now()
                    AND (SELECT c.status = 'running' FROM campaigns c
                         WHERE c.id = p.campaign_id AND c.tenant_id = p.tenant_id)
                    AND (t.lead_min_gap_s = 0 OR NOT EXISTS (
@@ -136,7 +136,7 @@ pub async fn claim_ready_messages(
                  SELECT bm.id, bm.lead_id, bm.due_at, bm.campaign_id
                  FROM broadcast_messages bm
                  WHERE bm.device_id = r.id AND bm.tenant_id = r.tenant_id
-                   AND bm.status = 'pending' AND bm.due_at <= now()
+                   AND bm.status = 'pending' AND NOT bm.held AND bm.due_at <= now()
                    AND (SELECT c.status = 'running' FROM campaigns c
                         WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)
                    -- the per-lead frequency cap (off at 0): no lead contacted within the gap
@@ -642,7 +642,7 @@ pub async fn skip_offline_device_messages(
          FROM devices d, campaigns c
          WHERE bm.device_id = ANY($2) AND d.id = bm.device_id AND d.tenant_id = bm.tenant_id
            AND {OFFLINE_PAST_GRACE}
-           AND bm.status = 'pending' AND bm.due_at <= now()
+           AND bm.status = 'pending' AND NOT bm.held AND bm.due_at <= now()
            AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'"
     )))
     .bind(grace_s)
@@ -680,7 +680,7 @@ pub async fn skip_unreachable_host_messages(
          FROM device_leases dl, hosts h, campaigns c
          WHERE bm.device_id = ANY($2) AND dl.device_id = bm.device_id AND dl.lease_until > now()
            AND h.id = dl.host_id AND h.unreachable_since <= now() - make_interval(secs => $1)
-           AND bm.status = 'pending' AND bm.last_error LIKE 'host_unreachable%'
+           AND bm.status = 'pending' AND NOT bm.held AND bm.last_error LIKE 'host_unreachable%'
            AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'running'",
     )
     .bind(grace_s)

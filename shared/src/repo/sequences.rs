@@ -224,16 +224,26 @@ pub async fn change_sequence_status(
         S::Draft | S::Paused => CampaignStatus::Paused,
         S::Cancelled => CampaignStatus::Cancelled,
     };
-    sqlx::query(
+    let steps: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE campaigns SET status = $3,
              finished_at = CASE WHEN $3 = 'cancelled' THEN now() ELSE finished_at END
-         WHERE sequence_id = $1 AND tenant_id = $2",
+         WHERE sequence_id = $1 AND tenant_id = $2
+         RETURNING id",
     )
     .bind(sequence)
     .bind(tenant)
     .bind(step_status.as_str())
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
+    match step_status {
+        CampaignStatus::Paused => {
+            super::campaigns::set_messages_held(tx, tenant, &steps, true).await?;
+        }
+        CampaignStatus::Running => {
+            super::campaigns::set_messages_held(tx, tenant, &steps, false).await?;
+        }
+        _ => {}
+    }
     if to == S::Cancelled {
         sqlx::query(
             "UPDATE broadcast_messages bm
