@@ -16,6 +16,7 @@ FROM campaigns c
 WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'paused'
   AND bm.status = 'pending';
 
+-- `held` second: the claim reads (device, not held) in due order; what needs every pending row of
+-- a device (the sweeps, the status view) still finds them all here.
 DROP INDEX bm_claim;
-CREATE INDEX bm_claim ON broadcast_messages (device_id, due_at, id)
-    WHERE status = 'pending' AND NOT held;
+CREATE INDEX bm_claim ON broadcast_messages (device_id, held, due_at, id) WHERE status = 'pending';

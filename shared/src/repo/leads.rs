@@ -111,9 +111,16 @@ pub async fn opt_out_lead(
     .bind(phone.as_str())
     .fetch_all(&mut *tx)
     .await?;
+    // Found through the lead's device (a lead is only sent through its own device) and the
+    // device's unsent rows, each status its own arm so that each implies a partial index: by
+    // lead alone, no index qualifies and an opt-out read the whole table.
     sqlx::query(
-        "UPDATE broadcast_messages SET status = 'skipped', reason = 'lead_opted_out', finished_at = now()
-         WHERE tenant_id = $1 AND lead_id = ANY($2) AND status IN ('pending', 'queued')",
+        "UPDATE broadcast_messages bm
+         SET status = 'skipped', reason = 'lead_opted_out', finished_at = now()
+         FROM leads l
+         WHERE l.tenant_id = $1 AND l.id = ANY($2)
+           AND bm.device_id = l.device_id AND bm.tenant_id = l.tenant_id AND bm.lead_id = l.id
+           AND (bm.status = 'pending' OR bm.status = 'queued')",
     )
     .bind(tenant)
     .bind(&ids)

@@ -610,7 +610,10 @@ pub async fn skip_deleted_device_messages(tx: &mut PgConnection) -> Result<u64, 
          SET status = 'skipped', reason = 'device_deleted', finished_at = now(), lease_until = NULL
          FROM devices d
          WHERE bm.device_id = ANY($1) AND d.id = bm.device_id AND d.tenant_id = bm.tenant_id
-           AND d.deleted_at IS NOT NULL AND bm.status IN ('pending', 'queued')",
+           AND d.deleted_at IS NOT NULL
+           -- OR, not IN: each arm implies a partial index (`bm_claim`, `bm_device_in_flight`);
+           -- as IN, no index qualifies and this read the whole table every tick
+           AND (bm.status = 'pending' OR bm.status = 'queued')",
     )
     .bind(&devices)
     .execute(tx)

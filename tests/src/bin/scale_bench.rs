@@ -16,8 +16,8 @@
 //! Each run: a campaign over the niche (fan-out rate), the processor's ticks until it is all
 //! queued (time per 1,000 queued), one worker playing the SQS event source until it is all
 //! sent (time per batch of 10: claim, the host's two records, the outcome), then the reports
-//! (campaign progress, the status view's device load, one message's history) and an idle
-//! processor tick, each the median of 9 calls.
+//! (campaign progress, the status view's device load, one message's history), a lead's opt-out
+//! and an idle processor tick, each the median of 9 calls.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::{LeadStatus, TargetStatus};
@@ -77,6 +77,7 @@ struct Figures {
     device_load_ms: f64,
     history_ms: f64,
     idle_tick_ms: f64,
+    opt_out_ms: f64,
 }
 
 /// The median of 9 calls, in ms.
@@ -162,6 +163,27 @@ async fn run(p: &Pipeline, tenant: Uuid, expected: i64) -> Figures {
             .await
             .unwrap();
         assert_eq!(h.len(), 3, "pending → queued → sending → sent");
+    })
+    .await;
+    // A lead's "STOP" (the host's inbound path calls the same function), a different lead each
+    // call: its unsent rows are skipped.
+    let phones: Vec<String> = sqlx::query_scalar(
+        "SELECT phone FROM leads WHERE tenant_id = $1 AND opted_out_at IS NULL
+         ORDER BY id DESC LIMIT 9",
+    )
+    .bind(tenant)
+    .fetch_all(&p.pool)
+    .await
+    .unwrap();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    f.opt_out_ms = median_ms(|| async {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let phone = shared::domain::PhoneE164::parse(&phones[i]).unwrap();
+        let mut tx = p.pool.begin().await.unwrap();
+        repo::leads::opt_out_lead(&mut tx, tenant, &phone)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
     })
     .await;
     f.idle_tick_ms = median_ms(|| async {
@@ -477,6 +499,11 @@ async fn main() {
         "one message's history (ms, median of 9)",
         empty.history_ms,
         full.history_ms,
+    );
+    line(
+        "a lead's opt-out (ms, median of 9)",
+        empty.opt_out_ms,
+        full.opt_out_ms,
     );
     println!("tables with indexes (MB): empty {empty_mb:.0}");
     // The largest reports the history holds, without a baseline: a paused campaign of every
