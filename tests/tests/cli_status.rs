@@ -86,3 +86,64 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
         "an online device has no reason line:\n{stdout}"
     );
 }
+
+/// The status view's counts per device: every unsent row of the device, a paused campaign's
+/// (held) ones included, by state; another tenant's devices only in the operator's view of all.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn status_counts_each_devices_unsent_rows_held_ones_included(pool: PgPool) {
+    use shared::domain::{CampaignStatus, LeadStatus};
+    let tenant = seed_tenant(&pool, "load@example.com").await;
+    let other = seed_tenant(&pool, "other-load@example.com").await;
+    let a = seed_device(&pool, tenant, "a", 0.0, 0.0).await;
+    let b = seed_device(&pool, tenant, "b", 0.0, 0.0).await;
+    let c = seed_device(&pool, other, "c", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, a, 0, 10, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, b, 100, 10, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, other, c, 200, 4, "cars", LeadStatus::Prospect).await;
+    let paused = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    seed_campaign(&pool, other, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    let mut tx = pool.begin().await.unwrap();
+    repo::campaigns::change_campaign_status(&mut tx, tenant, paused, CampaignStatus::Paused)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let running = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    // five of device a's running rows in flight: three queued, two sending
+    sqlx::query(
+        "UPDATE broadcast_messages m
+         SET status = CASE WHEN r.n <= 3 THEN 'queued' ELSE 'sending' END,
+             lease_until = now() + interval '1 minute'
+         FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM broadcast_messages
+               WHERE campaign_id = $1 AND device_id = $2) r
+         WHERE m.id = r.id AND r.n <= 5",
+    )
+    .bind(running)
+    .bind(a)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM broadcast_messages WHERE held")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(held, 20, "the paused campaign's rows are held");
+
+    let counts = |rows: Vec<repo::devices::DeviceLoad>| -> Vec<(String, i64, i64, i64)> {
+        rows.into_iter()
+            .map(|d| (d.label, d.pending, d.queued, d.sending))
+            .collect()
+    };
+    assert_eq!(
+        counts(
+            repo::devices::list_device_load(&pool, Some(tenant))
+                .await
+                .unwrap()
+        ),
+        vec![("a".into(), 15, 3, 2), ("b".into(), 20, 0, 0)]
+    );
+    let all = counts(repo::devices::list_device_load(&pool, None).await.unwrap());
+    assert_eq!(all.len(), 3);
+    assert!(all.contains(&("c".into(), 4, 0, 0)), "{all:?}");
+}

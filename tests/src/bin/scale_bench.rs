@@ -380,6 +380,18 @@ async fn add_history(pool: &PgPool, tenant: Uuid, history: i64, paused: i64) -> 
     )
 }
 
+/// Rows of `broadcast_messages` read by sequential scans so far (every backend's, parallel
+/// workers' included), after waiting for the backends' statistics to be flushed.
+async fn seq_rows_read(pool: &PgPool) -> i64 {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query_scalar(
+        "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'broadcast_messages'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 async fn size_mb(pool: &PgPool) -> f64 {
     let bytes: i64 = sqlx::query_scalar(
         "SELECT sum(pg_total_relation_size(c))::bigint
@@ -453,7 +465,9 @@ async fn main() {
         size_mb(&pool).await,
         t.elapsed().as_secs_f64()
     );
+    let scanned_before = seq_rows_read(&pool).await;
     let full = run(&p, tenant, expected).await;
+    let scanned = seq_rows_read(&pool).await - scanned_before;
 
     println!(
         "{:<52} {:>12} {:>12} {:>8}",
@@ -506,6 +520,11 @@ async fn main() {
         full.opt_out_ms,
     );
     println!("tables with indexes (MB): empty {empty_mb:.0}");
+    // Any statement of the run that read the table whole shows here as millions.
+    println!(
+        "rows of broadcast_messages read by sequential scans during the {:.1}M-row run: {scanned}",
+        rows as f64 / 1e6
+    );
     // The largest reports the history holds, without a baseline: a paused campaign of every
     // lead, and a finished campaign of 10,000.
     for (what, status) in [("paused", "paused"), ("finished", "completed")] {
