@@ -572,6 +572,19 @@ pub fn built_binary(name: &str) -> PathBuf {
 }
 
 /// The URL of the database behind `pool` (a `#[sqlx::test]` database), for child processes.
+/// Rows of `broadcast_messages` this transaction has visited so far: those its index scans
+/// fetched from the table plus those its sequential scans read.
+pub async fn rows_visited(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (pg_stat_get_xact_tuples_returned('broadcast_messages'::regclass)
+                 + (SELECT sum(pg_stat_get_xact_tuples_fetched(indexrelid)) FROM pg_index
+                    WHERE indrelid = 'broadcast_messages'::regclass))::int8",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
 pub async fn database_url_of(pool: &PgPool) -> String {
     let name: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(pool)

@@ -296,12 +296,20 @@ async fn a_lead_frequency_cap_spaces_messages_to_one_lead_across_campaigns(pool:
         per_lead.iter().all(|(_, s, p)| (*s, *p) == (1, 1)),
         "{per_lead:?}"
     );
-    // An hour later the rest goes out.
+    // Two hours later (every stored instant moved back) the rest goes out.
     sqlx::query("UPDATE leads SET last_contacted_at = last_contacted_at - interval '2 hours' WHERE tenant_id = $1")
         .bind(tenant)
         .execute(&pool)
         .await
         .unwrap();
+    sqlx::query(
+        "UPDATE broadcast_messages SET due_at = due_at - interval '2 hours'
+         WHERE tenant_id = $1 AND status = 'pending'",
+    )
+    .bind(tenant)
+    .execute(&pool)
+    .await
+    .unwrap();
     p.run_until_done(
         &[(tenant, first), (tenant, second)],
         Duration::from_secs(30),
@@ -315,4 +323,119 @@ async fn a_lead_frequency_cap_spaces_messages_to_one_lead_across_campaigns(pool:
     .await
     .unwrap();
     assert_eq!(sent, 10);
+}
+
+/// Rows of leads inside the frequency cap wait out of the claim's way: due when the cap ends,
+/// so claims and idle ticks do not read them over and over (before, every due row of a capped
+/// lead was read and passed over by every claim: with two overlapping campaigns to the same
+/// leads, one campaign's whole backlog per tick). Both ways a row meets the cap: its lead
+/// reached by another campaign's row (the claim defers the lead's other rows), and a campaign
+/// fanned out while its leads are inside the cap. Lowering the cap releases them at once.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn capped_leads_rows_wait_out_of_the_claims_way_until_the_cap_ends(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "freq-defer@example.com").await;
+    for i in 0..2 {
+        let d = seed_device(&pool, tenant, &format!("d{i}"), 0.0, 0.0).await;
+        seed_leads(
+            &pool,
+            tenant,
+            d,
+            i * 10_000,
+            1_000,
+            "cars",
+            LeadStatus::Prospect,
+        )
+        .await;
+    }
+    let mut tx = pool.begin().await.unwrap();
+    repo::tenants::set_lead_min_gap(&mut tx, tenant, 3600.0)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    // one claim reaches every lead
+    p.processor.settings.per_device_burst = 5_000;
+    p.processor.settings.max_messages_per_claim = 10_000;
+    p.trigger().await;
+    assert_eq!(p.tick().await.queued, 2_000, "one message per lead");
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+    // (pending, due within 50 minutes, due later: at the cap's end)
+    let due = |pool: PgPool| async move {
+        sqlx::query_as::<_, (i64, i64, i64)>(
+            "SELECT count(*), count(*) FILTER (WHERE due_at < now() + interval '3000 s'),
+                    count(*) FILTER (WHERE due_at >= now() + interval '3000 s')
+             FROM broadcast_messages WHERE tenant_id = $1 AND status = 'pending'",
+        )
+        .bind(tenant)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        due(pool.clone()).await,
+        (2_000, 0, 2_000),
+        "the other campaign's rows wait out the cap"
+    );
+    // the first campaign's rows sent, as the worker would (nothing in flight left to look at)
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sent', reason = 'accepted', finished_at = now()
+         WHERE tenant_id = $1 AND status = 'queued'",
+    )
+    .bind(tenant)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    let before = rows_visited(&mut tx).await;
+    let claimed = repo::messages::claim_ready_messages(
+        &mut tx,
+        repo::messages::ClaimSize {
+            max_devices: 100,
+            per_device: 50,
+            max_messages: 5_000,
+        },
+        60.0,
+        0.0,
+        &[],
+    )
+    .await
+    .unwrap();
+    let after = rows_visited(&mut tx).await;
+    tx.rollback().await.unwrap();
+    assert!(claimed.items.is_empty());
+    assert!(
+        after - before <= 10,
+        "a claim with 2,000 capped rows pending visited {} rows",
+        after - before
+    );
+
+    // A campaign fanned out now: every lead is inside the cap.
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    assert_eq!(due(pool.clone()).await, (4_000, 0, 4_000));
+
+    // Switching the cap off releases them.
+    let mut tx = pool.begin().await.unwrap();
+    repo::tenants::set_lead_min_gap(&mut tx, tenant, 0.0)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let released: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages
+         WHERE tenant_id = $1 AND status = 'pending' AND due_at <= now()",
+    )
+    .bind(tenant)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(released, 4_000);
+    assert_eq!(
+        p.tick().await.queued,
+        4_000,
+        "with the cap off, both of every lead's rows"
+    );
 }

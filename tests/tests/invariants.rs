@@ -897,19 +897,6 @@ async fn a_finished_campaign_completes_while_others_keep_sending(pool: PgPool) {
     );
 }
 
-/// Rows of `broadcast_messages` this transaction has visited so far: those its index scans
-/// fetched from the table plus those its sequential scans read.
-async fn rows_visited(conn: &mut sqlx::PgConnection) -> i64 {
-    sqlx::query_scalar(
-        "SELECT (pg_stat_get_xact_tuples_returned('broadcast_messages'::regclass)
-                 + (SELECT sum(pg_stat_get_xact_tuples_fetched(indexrelid)) FROM pg_index
-                    WHERE indrelid = 'broadcast_messages'::regclass))::int8",
-    )
-    .fetch_one(conn)
-    .await
-    .unwrap()
-}
-
 /// A system at rest (statistics taken while every message was sent) then given a big
 /// campaign: the processor's claim must read about what it claims, not every pending message
 /// once per claimed one. Told that nothing was pending, the planner once walked the whole

@@ -298,6 +298,13 @@ async fn claim_and_enqueue(
     )
     .await
     .context("failed to claim ready messages")?;
+    if !claim.items.is_empty() {
+        let queued: Vec<shared::queue::WorkItem> =
+            claim.items.iter().map(|(i, _)| i.clone()).collect();
+        repo::messages::defer_capped_messages(&mut tx, &queued)
+            .await
+            .context("failed to defer capped leads' messages")?;
+    }
     tx.commit().await.context("failed to commit claim")?;
     if claim.items.is_empty() {
         return Ok((0, false));

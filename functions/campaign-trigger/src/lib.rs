@@ -210,6 +210,9 @@ async fn materialise_group(
     )
     .await
     .context("failed to insert step messages")?;
+    repo::messages::defer_capped_campaign_messages(&mut tx, group.tenant_id, group.campaign_id)
+        .await
+        .context("failed to defer capped leads' messages")?;
     let next = match (group.next_position, group.next_day_offset) {
         (Some(p), Some(offset)) => Some((
             p,
@@ -279,6 +282,9 @@ async fn fan_out(
     )
     .await
     .context("failed to insert campaign messages")?;
+    repo::messages::defer_capped_campaign_messages(tx, campaign.tenant_id, campaign.id)
+        .await
+        .context("failed to defer capped leads' messages")?;
     tracing::debug!(
         campaign_id = %campaign.id,
         rows = created,

@@ -67,13 +67,36 @@ pub async fn set_lead_min_gap(
             crate::domain::InvalidInput::new("lead_min_gap", "must be 0 (off) to 31 days").into(),
         );
     }
-    let res = sqlx::query("UPDATE tenants SET lead_min_gap_s = $2 WHERE id = $1")
+    let old: f64 =
+        sqlx::query_scalar("SELECT lead_min_gap_s FROM tenants WHERE id = $1 FOR UPDATE")
+            .bind(tenant)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(RepoError::NotFound("tenant"))?;
+    sqlx::query("UPDATE tenants SET lead_min_gap_s = $2 WHERE id = $1")
         .bind(tenant)
         .bind(gap_s)
-        .execute(tx)
+        .execute(&mut *tx)
         .await?;
-    if res.rows_affected() == 0 {
-        return Err(RepoError::NotFound("tenant"));
+    if gap_s < old {
+        // Rows the old cap deferred (`messages::defer_capped_messages`: due exactly when it
+        // ended for their lead) are due when the new one ends: lowering or switching off the
+        // cap releases them now, not when the old cap would have ended.
+        sqlx::query(
+            "UPDATE broadcast_messages bm
+             SET due_at = l.last_contacted_at + make_interval(secs => $3)
+             FROM campaigns c, leads l
+             WHERE c.tenant_id = $1 AND c.status IN ('running', 'paused')
+               AND bm.campaign_id = c.id AND bm.tenant_id = c.tenant_id
+               AND bm.status = 'pending' AND bm.due_at > now()
+               AND l.id = bm.lead_id AND l.tenant_id = bm.tenant_id
+               AND bm.due_at = l.last_contacted_at + make_interval(secs => $2)",
+        )
+        .bind(tenant)
+        .bind(old)
+        .bind(gap_s)
+        .execute(&mut *tx)
+        .await?;
     }
     Ok(())
 }

@@ -584,6 +584,29 @@ async fn main() {
             );
         }
     }
+    // A campaign whose every lead was contacted within the tenant's frequency cap: its rows
+    // are due but none may go, on every device, for as long as the cap lasts.
+    sqlx::query("UPDATE tenants SET lead_min_gap_s = 86400 WHERE id = $1")
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE leads SET last_contacted_at = now() WHERE tenant_id = $1")
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let capped = p.trigger().await.rows_created;
+    sqlx::raw_sql("ANALYZE").execute(&pool).await.unwrap();
+    let ms = median_ms(|| async {
+        let r = p.tick().await;
+        assert_eq!(r.queued, 0, "every lead is inside the cap");
+    })
+    .await;
+    println!(
+        "idle processor tick with {capped} due rows held by the per-lead frequency cap: {ms:.2} ms (median of 9)"
+    );
     host.running.server.abort();
     host.running.leases.abort();
 }
