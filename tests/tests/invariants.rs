@@ -1086,15 +1086,7 @@ async fn the_deleted_device_sweep_reads_that_devices_rows_and_an_opt_out_skips_i
         devices.push(d);
     }
     seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    campaign_trigger::handle(
-        serde_json::json!({}),
-        &campaign_trigger::Deps {
-            pool: pool.clone(),
-            max_campaigns: 10,
-        },
-    )
-    .await
-    .unwrap();
+    fan_out(&pool).await;
     sqlx::query("ANALYZE").execute(&pool).await.unwrap();
 
     let mut tx = pool.begin().await.unwrap();
