@@ -27,6 +27,60 @@ async fn row_count(pool: &PgPool, campaign: uuid::Uuid) -> i64 {
         .unwrap()
 }
 
+/// One device with `leads` leads, one campaign fanned out to them: the tenant, the device, the
+/// campaign and its rows' ids in order.
+async fn one_campaign_fanned_out(
+    pool: &PgPool,
+    email: &str,
+    leads: u64,
+) -> (uuid::Uuid, uuid::Uuid, uuid::Uuid, Vec<i64>) {
+    let tenant = seed_tenant(pool, email).await;
+    let d = seed_device(pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(pool, tenant, d, 0, leads, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(pool, tenant, &CampaignSpec::default()).await;
+    fan_out(pool).await;
+    let ids =
+        sqlx::query_scalar("SELECT id FROM broadcast_messages WHERE campaign_id = $1 ORDER BY id")
+            .bind(campaign)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    (tenant, d, campaign, ids)
+}
+
+/// Changes a campaign's status in a transaction of its own, returned uncommitted.
+async fn change_status(
+    pool: PgPool,
+    tenant: uuid::Uuid,
+    campaign: uuid::Uuid,
+    to: CampaignStatus,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, to)
+        .await
+        .unwrap();
+    tx
+}
+
+/// One claim of up to 1,000 rows over up to 10 devices, committed: what it queued.
+async fn claim_some(pool: &PgPool) -> Vec<repo::messages::ClaimedItem> {
+    let mut tx = pool.begin().await.unwrap();
+    let claimed =
+        repo::messages::claim_ready_messages(&mut tx, claim_size(10, 100, 1_000), 60.0, 0.0, &[])
+            .await
+            .unwrap()
+            .items;
+    tx.commit().await.unwrap();
+    claimed
+}
+
+/// A worker's transient retry of a row in `sending`, due at once; whether it moved the row.
+async fn transient_retry(tx: &mut sqlx::PgConnection, tenant: uuid::Uuid, id: i64) -> bool {
+    repo::messages::mark_message_retry(tx, tenant, id, chrono::Utc::now(), "transient", true)
+        .await
+        .unwrap()
+}
+
 /// Moves every lease of a campaign's in-flight rows into the past (a test's fast clock).
 async fn expire_leases(pool: &PgPool) {
     sqlx::query("UPDATE broadcast_messages SET lease_until = now() - interval '1 second' WHERE status IN ('queued', 'sending')")
@@ -1054,6 +1108,166 @@ async fn the_processor_claim_does_not_read_a_paused_campaigns_backlog(pool: PgPo
         vec![paused],
         "resumed, the earlier backlog goes first"
     );
+}
+
+/// A paused campaign's rows that come back to `pending` another way than the pause (an operator's
+/// `retry-failed`, a worker's transient retry, a row queued before the pause) join its held
+/// backlog instead of being read and passed over by every claim; the resume releases them all,
+/// and a running campaign's retried rows are not held.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_paused_campaigns_rows_back_to_pending_are_held_until_the_resume(pool: PgPool) {
+    let (tenant, d, campaign, ids) =
+        one_campaign_fanned_out(&pool, "held-paths@example.com", 20).await;
+    let set_status = |ids: Vec<i64>, status: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "UPDATE broadcast_messages SET status = $2,
+                     reason = CASE WHEN $2 = 'failed' THEN 'provider_refused' END,
+                     finished_at = CASE WHEN $2 = 'failed' THEN now() END
+                 WHERE id = ANY($1)",
+            )
+            .bind(&ids)
+            .bind(status)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    let held_of = |ids: Vec<i64>| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, bool)>(
+                "SELECT status, held FROM broadcast_messages WHERE id = ANY($1) ORDER BY id",
+            )
+            .bind(&ids)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let change = |to: CampaignStatus| {
+        let pool = pool.clone();
+        async move {
+            change_status(pool, tenant, campaign, to)
+                .await
+                .commit()
+                .await
+                .unwrap();
+        }
+    };
+    // a running campaign's transient retry stays claimable
+    set_status(vec![ids[0]], "sending").await;
+    let mut tx = pool.begin().await.unwrap();
+    assert!(transient_retry(&mut tx, tenant, ids[0]).await);
+    tx.commit().await.unwrap();
+    assert_eq!(held_of(vec![ids[0]]).await, vec![("pending".into(), false)]);
+
+    // in flight or failed when the campaign is paused
+    set_status(ids[1..6].to_vec(), "failed").await;
+    set_status(vec![ids[6]], "queued").await;
+    set_status(vec![ids[7]], "sending").await;
+    change(CampaignStatus::Paused).await;
+
+    let mut tx = pool.begin().await.unwrap();
+    let retried = repo::campaigns::retry_failed_messages(
+        &mut tx,
+        tenant,
+        repo::campaigns::RetryScope {
+            campaign: Some(campaign),
+            device: None,
+        },
+    )
+    .await
+    .unwrap();
+    let item = WorkItem {
+        message_id: ids[6],
+        tenant_id: tenant,
+        device_id: d,
+    };
+    let parked = repo::messages::hold_paused_messages(&mut tx, &[item])
+        .await
+        .unwrap();
+    assert!(transient_retry(&mut tx, tenant, ids[7]).await);
+    tx.commit().await.unwrap();
+    assert_eq!((retried, parked), (5, 1));
+    let back: Vec<i64> = ids[1..8].to_vec();
+    assert!(
+        held_of(back.clone())
+            .await
+            .iter()
+            .all(|(s, held)| s == "pending" && *held),
+        "{:?}",
+        held_of(back.clone()).await
+    );
+    let claimed = claim_some(&pool).await;
+    assert!(
+        claimed.is_empty(),
+        "nothing of a paused campaign is claimed"
+    );
+
+    change(CampaignStatus::Running).await;
+    assert!(held_of(ids.clone()).await.iter().all(|(_, held)| !held));
+    let claimed = claim_some(&pool).await;
+    assert_eq!(claimed.len(), 20, "resumed, every row is claimable again");
+}
+
+/// A retry racing a resume never leaves a row held under a running campaign (where no claim
+/// would find it): a resume that commits while the retry's statement waits is seen by it, and a
+/// resume that comes after the retry waits for it and then releases the row.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_retry_racing_a_resume_leaves_no_row_held_under_a_running_campaign(pool: PgPool) {
+    let (tenant, _, campaign, ids) =
+        one_campaign_fanned_out(&pool, "held-race@example.com", 2).await;
+    let change = |pool: PgPool, to: CampaignStatus| change_status(pool, tenant, campaign, to);
+    let retry = |pool: PgPool, id: i64| async move {
+        let mut tx = pool.begin().await.unwrap();
+        assert!(transient_retry(&mut tx, tenant, id).await);
+        tx
+    };
+    let held = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT held FROM broadcast_messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    sqlx::query("UPDATE broadcast_messages SET status = 'sending' WHERE campaign_id = $1")
+        .bind(campaign)
+        .execute(&pool)
+        .await
+        .unwrap();
+    change(pool.clone(), CampaignStatus::Paused)
+        .await
+        .commit()
+        .await
+        .unwrap();
+
+    // the resume holds the campaign first; the retry, started before it commits, waits for it
+    let resume = change(pool.clone(), CampaignStatus::Running).await;
+    let late = tokio::spawn(retry(pool.clone(), ids[0]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!late.is_finished(), "the retry waits for the resume");
+    resume.commit().await.unwrap();
+    late.await.unwrap().commit().await.unwrap();
+    assert!(!held(ids[0]).await, "the retry saw the resume");
+
+    // the retry first: the resume waits for it, then releases its row
+    change(pool.clone(), CampaignStatus::Paused)
+        .await
+        .commit()
+        .await
+        .unwrap();
+    let early = retry(pool.clone(), ids[1]).await;
+    let resume = tokio::spawn(change(pool.clone(), CampaignStatus::Running));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!resume.is_finished(), "the resume waits for the retry");
+    early.commit().await.unwrap();
+    resume.await.unwrap().commit().await.unwrap();
+    assert!(!held(ids[1]).await, "the resume released the retried row");
 }
 
 /// The deleted-device sweep (every tick, for as long as any deleted device exists) reads the

@@ -434,11 +434,13 @@ pub async fn retry_failed_messages(
     tenant: Uuid,
     scope: RetryScope,
 ) -> Result<u64, RepoError> {
-    let n: i64 = sqlx::query_scalar(
+    let n: i64 = sqlx::query_scalar(concat!(
         "WITH r AS (
-             UPDATE broadcast_messages
+             UPDATE broadcast_messages bm
              SET status = 'pending', reason = NULL, finished_at = NULL, attempts = 0,
-                 due_at = now(), lease_until = NULL, held = false
+                 due_at = now(), lease_until = NULL, held = ",
+        held_if_campaign_paused!(),
+        "
              WHERE tenant_id = $1 AND status = 'failed'
                AND ($2::uuid IS NULL OR campaign_id = $2)
                AND ($3::uuid IS NULL OR device_id = $3)
@@ -451,8 +453,8 @@ pub async fn retry_failed_messages(
              UPDATE campaigns SET status = 'running', finished_at = NULL
              WHERE tenant_id = $1 AND id IN (SELECT campaign_id FROM r) AND status = 'completed'
          )
-         SELECT count(*) FROM r",
-    )
+         SELECT count(*) FROM r"
+    ))
     .bind(tenant)
     .bind(scope.campaign)
     .bind(scope.device)

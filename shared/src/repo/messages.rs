@@ -441,14 +441,13 @@ pub async fn hold_paused_messages(
 ) -> Result<u64, RepoError> {
     let ids: Vec<i64> = items.iter().map(|i| i.message_id).collect();
     let tenants: Vec<Uuid> = items.iter().map(|i| i.tenant_id).collect();
-    let res = sqlx::query(
-        "UPDATE broadcast_messages bm SET status = 'pending', lease_until = NULL
-         FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant)
-         WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
-           AND bm.status = 'queued' COLLATE \"C\"
-           AND (SELECT c.status = 'paused' FROM campaigns c
-                WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)",
-    )
+    let res = sqlx::query(concat!(
+        "UPDATE broadcast_messages bm SET status = 'pending', lease_until = NULL, held = true
+             FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant)
+             WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
+               AND bm.status = 'queued' COLLATE \"C\" AND ",
+        held_if_campaign_paused!()
+    ))
     .bind(&ids)
     .bind(&tenants)
     .execute(tx)
@@ -534,12 +533,15 @@ pub async fn mark_message_retry(
     error: &str,
     tried: bool,
 ) -> Result<bool, RepoError> {
-    let res = sqlx::query(
-        "UPDATE broadcast_messages
-         SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL,
-             attempts = CASE WHEN $5 THEN attempts ELSE attempts - 1 END
-         WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"",
-    )
+    let res = sqlx::query(concat!(
+        "UPDATE broadcast_messages bm
+             SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL,
+                 attempts = CASE WHEN $5 THEN attempts ELSE attempts - 1 END,
+                 held = ",
+        held_if_campaign_paused!(),
+        "
+             WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\""
+    ))
     .bind(id)
     .bind(tenant)
     .bind(due_at)
@@ -647,12 +649,16 @@ pub async fn reconcile_stale_sending(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    let retried = sqlx::query(
+    let retried = sqlx::query(concat!(
         "UPDATE broadcast_messages bm
-         SET status = 'pending', due_at = now() + make_interval(secs => $2), lease_until = NULL,
-             last_error = 'lease expired while sending; reconciled with the host'
-         WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"",
-    )
+             SET status = 'pending', due_at = now() + make_interval(secs => $2),
+                 lease_until = NULL,
+                 last_error = 'lease expired while sending; reconciled with the host',
+                 held = ",
+        held_if_campaign_paused!(),
+        "
+             WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\""
+    ))
     .bind(&stale)
     .bind(retry_after_s)
     .execute(&mut *tx)

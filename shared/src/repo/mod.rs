@@ -11,6 +11,20 @@
 //! planned at every call (it had settled on a scan of all of `host_sends` per batch: 8 ms,
 //! the largest cost of a 100,000-message run).
 
+/// SQL, for an update of `broadcast_messages bm` that puts a row back to `pending`: its new
+/// `held` flag, true while its campaign (or sequence step) is paused, so that the row waits out of
+/// the claim's index like the rest of the paused backlog (see `set_messages_held`). The paused
+/// campaign is share-locked: a resume waits for this statement's transaction and then clears the
+/// flag, and a resume that commits first is seen (the lock rereads the newest version), so no row
+/// is left held under a running campaign, where the claim would never find it. A campaign that is
+/// not paused is not locked (only a pause or a resume could wait for it).
+macro_rules! held_if_campaign_paused {
+    () => {
+        "EXISTS (SELECT 1 FROM campaigns c WHERE c.id = bm.campaign_id
+                   AND c.tenant_id = bm.tenant_id AND c.status = 'paused' FOR SHARE)"
+    };
+}
+
 pub mod campaigns;
 pub mod cloud_api;
 mod copy_rows;
