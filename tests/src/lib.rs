@@ -571,7 +571,6 @@ pub fn built_binary(name: &str) -> PathBuf {
     bin
 }
 
-/// The URL of the database behind `pool` (a `#[sqlx::test]` database), for child processes.
 /// Rows of `broadcast_messages` this transaction has visited so far: those its index scans
 /// fetched from the table plus those its sequential scans read.
 pub async fn rows_visited(conn: &mut sqlx::PgConnection) -> i64 {
@@ -585,6 +584,7 @@ pub async fn rows_visited(conn: &mut sqlx::PgConnection) -> i64 {
     .unwrap()
 }
 
+/// The URL of the database behind `pool` (a `#[sqlx::test]` database), for child processes.
 pub async fn database_url_of(pool: &PgPool) -> String {
     let name: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(pool)

@@ -1669,3 +1669,27 @@ async fn a_claim_shares_its_message_budget_among_the_ready_devices(pool: PgPool)
         "a paced device takes one message until its gap has passed"
     );
 }
+
+/// Every pool the functions open runs without JIT compilation (see `shared::db::connect_with`).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_functions_pools_run_without_jit(pool: PgPool) {
+    let url = database_url_of(&pool).await;
+    for durability in [
+        shared::db::Durability::Full,
+        shared::db::Durability::Relaxed,
+    ] {
+        let pool = shared::db::connect_with(&url, 1, durability).await.unwrap();
+        let jit: String = sqlx::query_scalar("SHOW jit")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(jit, "off");
+        if durability == shared::db::Durability::Relaxed {
+            let sc: String = sqlx::query_scalar("SHOW synchronous_commit")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(sc, "off", "both options reach the server");
+        }
+    }
+}
