@@ -1392,6 +1392,60 @@ async fn an_opt_out_reads_its_leads_rows_not_its_devices_backlog(pool: PgPool) {
     assert_eq!(others, 0, "no other lead's row was skipped");
 }
 
+/// `retry-failed` does not message a lead who opted out after the failure: an opt-out skips only
+/// unsent rows, and nothing between the claim and the provider looks at the lead, so the retry
+/// put the failed row back on its way to someone who had said STOP.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn retry_failed_leaves_an_opted_out_leads_row_failed(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "retry-optout@example.com").await;
+    let device = seed_device(&pool, tenant, "d0", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, device, 0, 4, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'failed', reason = 'provider_error', finished_at = now()
+         WHERE campaign_id = $1",
+    )
+    .bind(campaign)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    repo::leads::opt_out_lead(&mut tx, tenant, &phones[1])
+        .await
+        .unwrap();
+    let retried = repo::campaigns::retry_failed_messages(
+        &mut tx,
+        tenant,
+        repo::campaigns::RetryScope {
+            campaign: None,
+            device: Some(device),
+        },
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(retried, 3);
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT l.phone, bm.status FROM broadcast_messages bm JOIN leads l ON l.id = bm.lead_id
+         WHERE bm.campaign_id = $1 ORDER BY l.phone",
+    )
+    .bind(campaign)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut expected: Vec<(String, String)> = phones
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let status = if i == 1 { "failed" } else { "pending" };
+            (p.as_str().to_string(), status.to_string())
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(rows, expected);
+}
+
 /// The deleted-device sweep (every tick, for as long as any deleted device exists) reads the
 /// rows of the devices concerned, not the table: it named the unsent rows as
 /// `status IN ('pending', 'queued')`, which implies no partial index (10,000 rows read here to

@@ -428,7 +428,8 @@ pub struct RetryScope {
 
 /// `failed → pending`, due now, attempts reset: the rows go through pacing again, their history
 /// stays in `message_transitions`, the host's record is marked for a fresh attempt, and a
-/// completed campaign runs again until they finish. Returns how many rows were retried.
+/// completed campaign runs again until they finish. The rows of leads who have opted out stay
+/// `failed`. Returns how many rows were retried.
 pub async fn retry_failed_messages(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -444,6 +445,11 @@ pub async fn retry_failed_messages(
              WHERE tenant_id = $1 AND status = 'failed'
                AND ($2::uuid IS NULL OR campaign_id = $2)
                AND ($3::uuid IS NULL OR device_id = $3)
+               -- a lead who opted out after the failure is not messaged again: nothing on the
+               -- way to the provider checks the lead, only the fan-out and the opt-out itself
+               AND NOT EXISTS (SELECT 1 FROM leads l
+                               WHERE l.id = bm.lead_id AND l.tenant_id = bm.tenant_id
+                                 AND l.opted_out_at IS NOT NULL)
              RETURNING id, campaign_id
          ), h AS (
              UPDATE host_sends SET state = 'retry', updated_at = now()
