@@ -1393,8 +1393,9 @@ async fn an_opt_out_reads_its_leads_rows_not_its_devices_backlog(pool: PgPool) {
 }
 
 /// `retry-failed` does not message a lead who opted out after the failure: an opt-out skips only
-/// unsent rows, and nothing between the claim and the provider looks at the lead, so the retry
-/// put the failed row back on its way to someone who had said STOP.
+/// unsent rows, so the retry put the failed row back on its way to someone who had said STOP
+/// (nothing between the claim and the provider looked at the lead then; the worker's claim
+/// does now, and the row stays `failed` rather than being retried only to be skipped).
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn retry_failed_leaves_an_opted_out_leads_row_failed(pool: PgPool) {
     let tenant = seed_tenant(&pool, "retry-optout@example.com").await;
@@ -1446,12 +1447,107 @@ async fn retry_failed_leaves_an_opted_out_leads_row_failed(pool: PgPool) {
     assert_eq!(rows, expected);
 }
 
+/// A lead who says STOP while a campaign is being fanned out is not messaged. The fan-out reads
+/// the leads and then writes its rows in one transaction; an opt-out that commits in between
+/// cannot see those rows (nor the campaign as running), so the rows arrive `pending` after the
+/// opt-out. The race is made here with the real trigger: the test holds `broadcast_messages`
+/// in SHARE mode, so the trigger blocks at its COPY after reading the leads, and the opt-out
+/// commits while it waits. The worker's claim, the one gate every row passes before the send,
+/// skips the row with the opt-out's reason.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_lead_opting_out_during_the_fan_out_is_not_messaged(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "race-optout@example.com").await;
+    let device = seed_device(&pool, tenant, "d0", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, device, 0, 5, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+
+    let mut gate = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE broadcast_messages IN SHARE MODE")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    let trigger = tokio::spawn({
+        let deps = campaign_trigger::Deps {
+            pool: pool.clone(),
+            max_campaigns: 50,
+        };
+        async move { campaign_trigger::handle(serde_json::json!({}), &deps).await }
+    });
+    // The trigger has read its recipients once it waits for the table.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks
+             WHERE relation = 'broadcast_messages'::regclass AND NOT granted",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the trigger never reached its insert"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The opt-out in the lock's own transaction (its update of the table needs no other lock).
+    let opted = repo::leads::opt_out_lead(&mut gate, tenant, &phones[2])
+        .await
+        .unwrap();
+    assert_eq!(opted, 1);
+    gate.commit().await.unwrap();
+    let report = trigger.await.unwrap().unwrap();
+    assert_eq!(report.rows_created, 5);
+    let row_status = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT bm.status, bm.reason FROM broadcast_messages bm JOIN leads l ON l.id = bm.lead_id
+             WHERE bm.campaign_id = $1 AND l.phone = $2",
+        )
+        .bind(campaign)
+        .bind(phones[2].as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        row_status().await.0,
+        "pending",
+        "the race was made: the opted-out lead's row arrived after the opt-out"
+    );
+
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        row_status().await,
+        ("skipped".to_string(), Some("lead_opted_out".to_string()))
+    );
+    let sends = host.sends();
+    assert_eq!(sends.len(), 4);
+    assert!(
+        sends.iter().all(|e| e.to != phones[2].as_str()),
+        "the lead who opted out was messaged"
+    );
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(counts.get("sent"), Some(&4));
+    assert_eq!(counts.get("skipped"), Some(&1));
+    let status: String = sqlx::query_scalar("SELECT status FROM campaigns WHERE id = $1")
+        .bind(campaign)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "completed");
+}
+
 /// The deleted-device sweep (every tick, for as long as any deleted device exists) reads the
 /// rows of the devices concerned, not the table: it named the unsent rows as
 /// `status IN ('pending', 'queued')`, which implies no partial index (10,000 rows read here to
 /// skip 500; with 10 million rows, a read of the whole table every tick). The opt-out's
-/// statement, now through the lead's device for the same reason, skips exactly its lead's row
-/// (its read is measured by scale-bench: this table is too small for the planner to scan it).
+/// statement skips exactly its lead's row (its read is bounded by
+/// `an_opt_out_reads_its_leads_rows_not_its_devices_backlog` and measured by scale-bench).
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn the_deleted_device_sweep_reads_that_devices_rows_and_an_opt_out_skips_its_lead(
     pool: PgPool,

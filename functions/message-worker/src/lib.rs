@@ -1,7 +1,8 @@
 //! message-worker: the SQS-triggered sender (DESIGN.md §1).
 //!
 //! For a batch of records it claims every row `queued → sending` in one conditional statement (a
-//! record whose row is not `queued` is a duplicate delivery: acknowledged, never sent), asks the
+//! record whose row is not `queued` is a duplicate delivery: acknowledged, never sent; one whose
+//! lead has opted out ends `skipped`; one of a paused campaign goes back to `pending`), asks the
 //! device host to send each one with the message id as the idempotency key, and records `sent`,
 //! a retry with backoff, or `failed` with its reason. Records of one message group (one device)
 //! are sent in order (the host keeps each device's order within the batch). It returns partial batch failures: only records
@@ -177,12 +178,17 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
             .acquire()
             .await
             .context("failed to get a connection")?;
+        // Opted out first: a paused campaign's row to a lead who said STOP is skipped, not
+        // held for the resume.
+        let opted_out = repo::messages::skip_opted_out_messages(&mut conn, &rest)
+            .await
+            .context("failed to skip opted-out leads' messages")?;
         let held = repo::messages::hold_paused_messages(&mut conn, &rest)
             .await
             .context("failed to hold paused messages")?;
         info!(
-            duplicates = rest.len() as u64 - held,
-            held, "records not sent: not queued any more"
+            duplicates = rest.len() as u64 - held - opted_out,
+            held, opted_out, "records not sent"
         );
     }
 

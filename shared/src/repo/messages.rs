@@ -378,9 +378,10 @@ pub struct SendJob {
     pub lead_name: Option<String>,
 }
 
-/// The worker's claim: `queued → sending` for the given items whose campaign is running and
-/// whose device is live. Items not returned were not `queued` (a duplicate delivery, or a row
-/// already finished) and must not be sent.
+/// The worker's claim: `queued → sending` for the given items whose campaign is running, whose
+/// device is live and whose lead has not opted out. Items not returned were not `queued` (a
+/// duplicate delivery, or a row already finished), or are to be held or skipped (see
+/// [`hold_paused_messages`], [`skip_opted_out_messages`]), and must not be sent.
 ///
 /// The rows are found by primary key and nothing else: campaign and device are looked up per
 /// row (scalar subqueries, which the planner never reorders) instead of joined. As a join,
@@ -410,6 +411,9 @@ pub async fn claim_messages_for_send(
                     WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)
                AND (SELECT d.deleted_at IS NULL FROM devices d
                     WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id)
+               -- the lead has not opted out (see `skip_opted_out_messages`)
+               AND (SELECT l.opted_out_at FROM leads l
+                    WHERE l.id = bm.lead_id AND l.tenant_id = bm.tenant_id) IS NULL
              RETURNING bm.id, bm.tenant_id, bm.device_id, bm.recipient, bm.body, bm.image,
                        bm.attempts, bm.campaign_id, bm.lead_id
          )
@@ -440,6 +444,35 @@ pub async fn claim_messages_for_send(
     .bind(lease_s)
     .fetch_all(tx)
     .await?)
+}
+
+/// `queued → skipped` (reason `lead_opted_out`) for items whose lead has opted out. Returns how
+/// many were skipped.
+///
+/// The claim before the send is the last place a STOP can be honoured, and the only one every
+/// row passes: an opt-out skips the rows it can see, but a fan-out or a sequence step that read
+/// the leads before the opt-out committed commits its rows after it (its campaign still
+/// `scheduled` to the opt-out), and those rows would otherwise be sent.
+pub async fn skip_opted_out_messages(
+    tx: &mut PgConnection,
+    items: &[WorkItem],
+) -> Result<u64, RepoError> {
+    let ids: Vec<i64> = items.iter().map(|i| i.message_id).collect();
+    let tenants: Vec<Uuid> = items.iter().map(|i| i.tenant_id).collect();
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'skipped', reason = 'lead_opted_out', finished_at = now(), lease_until = NULL
+         FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant)
+         WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
+           AND bm.status = 'queued' COLLATE \"C\"
+           AND (SELECT l.opted_out_at FROM leads l
+                WHERE l.id = bm.lead_id AND l.tenant_id = bm.tenant_id) IS NOT NULL",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
 }
 
 /// `queued → pending` for items whose campaign was paused after they were queued: they wait,
