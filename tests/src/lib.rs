@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod graph;
+pub mod migration_lint;
 pub mod process;
 pub mod queue_contract;
 

@@ -1,5 +1,6 @@
-//! The operator's `wabcast status`, run as a person runs it: a device held by a restriction
-//! shows why, so the person who has to act reads it there; a device whose host died shows it.
+//! The operator's CLI, run as a person runs it: `wabcast status` shows why a device is held, so
+//! the person who has to act reads it there, and a device whose host died; `wabcast migrate`
+//! repairs what an interrupted concurrent index build left.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::DeviceStatus;
@@ -146,4 +147,82 @@ async fn status_counts_each_devices_unsent_rows_held_ones_included(pool: PgPool)
     let all = counts(repo::devices::list_device_load(&pool, None).await.unwrap());
     assert_eq!(all.len(), 3);
     assert!(all.contains(&("c".into(), 4, 0, 0)), "{all:?}");
+}
+
+/// `wabcast migrate` repairs what an interrupted concurrent index build leaves behind (README,
+/// "Migrations on a live database"): the invalid index of a `CREATE INDEX CONCURRENTLY` that
+/// timed out is rebuilt, the `_ccnew` copy of a `REINDEX … CONCURRENTLY` that timed out is
+/// dropped, and the original index stays valid. Both builds are made to time out the way a
+/// real one does: waiting for a transaction that writes to the table.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn migrate_repairs_the_indexes_an_interrupted_concurrent_build_left(pool: PgPool) {
+    let cli = built_binary("wabcast");
+    let database_url = database_url_of(&pool).await;
+    let invalid = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE NOT i.indisvalid ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let mut writer = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE leads IN ROW EXCLUSIVE MODE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("SET statement_timeout = '1s'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS leads_name_probe ON leads (name)",
+        "REINDEX INDEX CONCURRENTLY leads_tenant_phone",
+    ] {
+        let err = sqlx::raw_sql(sql).execute(&mut *conn).await.unwrap_err();
+        assert!(
+            err.to_string().contains("statement timeout"),
+            "{sql}: {err}"
+        );
+    }
+    drop(conn);
+    writer.rollback().await.unwrap();
+    assert_eq!(
+        invalid().await,
+        vec!["leads_name_probe", "leads_tenant_phone_ccnew"]
+    );
+
+    let migrate = || {
+        let out = std::process::Command::new(&cli)
+            .arg("migrate")
+            .env("DATABASE_URL", &database_url)
+            .env("QUEUE_BACKEND", "redis")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let first = migrate();
+    assert_eq!(
+        first,
+        "rebuilt index leads_name_probe, left invalid by a failed concurrent build\n\
+         dropped index leads_tenant_phone_ccnew, left by a failed concurrent reindex\n\
+         migrations applied\n"
+    );
+    assert!(invalid().await.is_empty());
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_indexes WHERE indexname IN ('leads_name_probe', 'leads_tenant_phone')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, 2);
+    assert_eq!(migrate(), "migrations applied\n", "nothing left to repair");
 }

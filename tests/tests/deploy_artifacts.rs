@@ -144,3 +144,40 @@ fn the_processors_invocations_overlap_and_end_before_their_timeout() {
         "the code's default and the template agree"
     );
 }
+
+/// Every migration newer than the rules follows them (`wabcast_tests::migration_lint`): an index
+/// on a big table is built concurrently, alone in a `-- no-transaction` file, `IF NOT EXISTS`.
+/// The last file written before the rules, read as if it were new, is refused: it built its
+/// `leads` index under a write lock.
+#[test]
+fn migrations_build_big_tables_indexes_without_blocking_writes() {
+    use wabcast_tests::migration_lint::{lint_migration, FIRST_CHECKED};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let mut problems = Vec::new();
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        files += 1;
+        problems.extend(lint_migration(
+            &name,
+            &std::fs::read_to_string(&path).unwrap(),
+        ));
+    }
+    assert!(
+        files >= 15,
+        "read {files} migrations from {}",
+        dir.display()
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+
+    let last = read("migrations/20261204000001_opt_out_lookups.sql");
+    let as_new = format!("{FIRST_CHECKED}_opt_out_lookups.sql");
+    let refused = lint_migration(&as_new, &last);
+    assert!(
+        refused
+            .iter()
+            .any(|p| p.contains("index on leads without CONCURRENTLY")),
+        "{refused:?}"
+    );
+}

@@ -357,7 +357,16 @@ async fn run(cli: Cli) -> Result<()> {
     let pool = shared::db::connect(database_url, 4).await?;
     match cli.command {
         Command::Migrate => {
-            shared::db::migrate(&pool).await?;
+            for repair in shared::db::migrate(&pool).await? {
+                match repair {
+                    shared::db::IndexRepair::Rebuilt(name) => {
+                        println!("rebuilt index {name}, left invalid by a failed concurrent build")
+                    }
+                    shared::db::IndexRepair::Dropped(name) => {
+                        println!("dropped index {name}, left by a failed concurrent reindex")
+                    }
+                }
+            }
             println!("migrations applied");
         }
         Command::Tenant(TenantCmd::Create {
