@@ -76,18 +76,19 @@ fn args() -> Args {
         paced_hosts: 1,
         paced_kill: false,
     };
+    const USAGE: &str = "usage: pipeline-bench [--messages N] [--devices N] [--pollers N] [--watch-messages N] [--burst N] [--claim-messages N] [--paced-devices N] [--paced-claims N,N,…] [--paced-hosts N] [--paced-kill]";
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--help" || argv[i] == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         if argv[i] == "--paced-claims" {
-            a.paced_claims = argv
+            let list: Option<Vec<i64>> = argv
                 .get(i + 1)
-                .map(|l| {
-                    l.split(',')
-                        .map(|n| n.trim().parse().expect("--paced-claims N,N,…"))
-                        .collect()
-                })
-                .expect("--paced-claims N,N,…");
+                .and_then(|l| l.split(',').map(|n| n.trim().parse().ok()).collect());
+            a.paced_claims = list.unwrap_or_else(|| bad_argument("--paced-claims", USAGE));
             i += 2;
             continue;
         }
@@ -106,11 +107,17 @@ fn args() -> Args {
             ("--claim-messages", Some(n)) => a.claim_messages = n as i64,
             ("--paced-devices", Some(n)) => a.paced_devices = n,
             ("--paced-hosts", Some(n)) if n > 0 => a.paced_hosts = n,
-            (other, _) => panic!("unknown or incomplete argument {other}; use --messages N --devices N --pollers N --watch-messages N --burst N --claim-messages N --paced-devices N --paced-claims N,N,… --paced-hosts N --paced-kill"),
+            (other, _) => bad_argument(other, USAGE),
         }
         i += 2;
     }
     a
+}
+
+/// Says which argument is wrong and how to call the benchmark, and exits with status 2.
+fn bad_argument(arg: &str, usage: &str) -> ! {
+    eprintln!("unknown or incomplete argument {arg}\n{usage}");
+    std::process::exit(2)
 }
 
 /// Peak resident set (VmHWM) of a process, in MB.

@@ -47,24 +47,31 @@ fn args() -> Args {
         history: 10_000_000,
         paused: 1_000_000,
     };
+    const USAGE: &str =
+        "usage: scale-bench [--devices N] [--history N] [--paused N] (--paused at most --history)";
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--help" || argv[i] == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
         let v: Option<i64> = argv.get(i + 1).and_then(|s| s.parse().ok());
         match (argv[i].as_str(), v) {
             ("--devices", Some(n)) if n > 0 => a.devices = n as usize,
             ("--history", Some(n)) if n >= 0 => a.history = n,
             ("--paused", Some(n)) if n >= 0 => a.paused = n,
-            (other, _) => panic!(
-                "unknown or incomplete argument {other}; use --devices N --history N --paused N"
-            ),
+            (other, _) => {
+                eprintln!("unknown or incomplete argument {other}\n{USAGE}");
+                std::process::exit(2)
+            }
         }
         i += 2;
     }
-    assert!(
-        a.paused <= a.history,
-        "--paused is a part of --history, so at most as large"
-    );
+    if a.paused > a.history {
+        eprintln!("--paused is a part of --history, so at most as large\n{USAGE}");
+        std::process::exit(2)
+    }
     a
 }
 
