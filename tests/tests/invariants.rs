@@ -980,14 +980,7 @@ async fn the_processor_claim_reads_what_it_claims_after_statistics_of_a_quiet_sy
     campaign_trigger::handle(serde_json::json!({}), &deps)
         .await
         .unwrap();
-    sqlx::query(
-        "UPDATE broadcast_messages SET status = 'sent', reason = 'accepted', finished_at = now()
-         WHERE campaign_id = $1",
-    )
-    .bind(done)
-    .execute(&pool)
-    .await
-    .unwrap();
+    end_campaign_rows(&pool, done, "sent", "accepted").await;
     sqlx::query("ANALYZE").execute(&pool).await.unwrap();
     let big = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
     campaign_trigger::handle(serde_json::json!({}), &deps)
@@ -1310,11 +1303,7 @@ async fn an_opt_out_reads_its_leads_rows_not_its_devices_backlog(pool: PgPool) {
     // the one device: running, paused, and running with the lead's row queued
     let done = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
     fan_out(&pool).await;
-    sqlx::query("UPDATE broadcast_messages SET status = 'sent', reason = 'accepted', finished_at = now() WHERE campaign_id = $1")
-        .bind(done)
-        .execute(&pool)
-        .await
-        .unwrap();
+    end_campaign_rows(&pool, done, "sent", "accepted").await;
     let mut tx = pool.begin().await.unwrap();
     repo::campaigns::complete_finished_campaigns(&mut tx)
         .await
@@ -1403,14 +1392,7 @@ async fn retry_failed_leaves_an_opted_out_leads_row_failed(pool: PgPool) {
     let phones = seed_leads(&pool, tenant, device, 0, 4, "cars", LeadStatus::Prospect).await;
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
     fan_out(&pool).await;
-    sqlx::query(
-        "UPDATE broadcast_messages SET status = 'failed', reason = 'provider_error', finished_at = now()
-         WHERE campaign_id = $1",
-    )
-    .bind(campaign)
-    .execute(&pool)
-    .await
-    .unwrap();
+    end_campaign_rows(&pool, campaign, "failed", "provider_error").await;
     let mut tx = pool.begin().await.unwrap();
     repo::leads::opt_out_lead(&mut tx, tenant, &phones[1])
         .await
@@ -1964,4 +1946,19 @@ async fn the_functions_pools_run_without_jit(pool: PgPool) {
             assert_eq!(sc, "off", "both options reach the server");
         }
     }
+}
+
+/// Ends every row of a campaign in `status` with `reason`, directly (a test's set-up for rows a
+/// campaign already sent or failed).
+async fn end_campaign_rows(pool: &PgPool, campaign: uuid::Uuid, status: &str, reason: &str) {
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = $2, reason = $3, finished_at = now()
+         WHERE campaign_id = $1",
+    )
+    .bind(campaign)
+    .bind(status)
+    .bind(reason)
+    .execute(pool)
+    .await
+    .unwrap();
 }
