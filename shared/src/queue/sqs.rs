@@ -170,6 +170,11 @@ async fn client(
             None,
             "wabcast-emulator",
         ));
+        // An emulator has no instance metadata to ask: with the region known, the default
+        // chain would still try IMDS (a second's timeout and a warning) before falling back.
+        if let Some(region) = config.region.clone().or_else(|| fallback_region.clone()) {
+            loader = loader.region(aws_sdk_sqs::config::Region::new(region));
+        }
     }
     let sdk = loader.load().await;
     let region = sdk

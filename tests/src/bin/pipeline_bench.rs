@@ -462,8 +462,9 @@ async fn main() {
     shared::telemetry::init();
     wabcast_tests::process::kill_groups_on_signal();
     let a = args();
-    let base =
-        std::env::var("DATABASE_URL").expect("DATABASE_URL (infra/local-stack.sh exports it)");
+    // infra/local-stack.sh exports it; else the local default, as for REDIS_URL
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")

@@ -438,8 +438,9 @@ async fn size_mb(pool: &PgPool) -> f64 {
 #[tokio::main]
 async fn main() {
     let a = args();
-    let base =
-        std::env::var("DATABASE_URL").expect("DATABASE_URL (infra/local-stack.sh exports it)");
+    // infra/local-stack.sh exports it; else the local default, as for REDIS_URL
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let (_, pool) = fresh_database(&base, "wabcast_bench_scale").await;
     let tenant = seed_tenant(&pool, "scale@bench.local").await;
     for d in 0..a.devices {
