@@ -28,6 +28,12 @@ pub use device_host::simulator::{SendLog, SendLogEntry, SimConfig};
 
 pub const TOKEN: &str = "test-token";
 
+/// `DATABASE_URL` (infra/local-stack.sh exports it), else the local default.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }

@@ -23,8 +23,7 @@ fn rss_mb() -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let base = wabcast_tests::database_url();
     let devices: usize = std::env::var("BENCH_DEVICES")
         .ok()
         .and_then(|v| v.parse().ok())

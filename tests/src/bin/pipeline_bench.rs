@@ -462,10 +462,8 @@ async fn main() {
     shared::telemetry::init();
     wabcast_tests::process::kill_groups_on_signal();
     let a = args();
-    // infra/local-stack.sh exports it; else the local default, as for REDIS_URL
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let base = wabcast_tests::database_url();
+    let redis = wabcast_tests::redis_url();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .canonicalize()

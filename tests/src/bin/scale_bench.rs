@@ -438,9 +438,7 @@ async fn size_mb(pool: &PgPool) -> f64 {
 #[tokio::main]
 async fn main() {
     let a = args();
-    // infra/local-stack.sh exports it; else the local default, as for REDIS_URL
-    let base = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let base = wabcast_tests::database_url();
     let (_, pool) = fresh_database(&base, "wabcast_bench_scale").await;
     let tenant = seed_tenant(&pool, "scale@bench.local").await;
     for d in 0..a.devices {
