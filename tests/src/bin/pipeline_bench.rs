@@ -114,6 +114,43 @@ fn args() -> Args {
     a
 }
 
+/// Checks, before minutes of measuring, that what the later phases start is there: the release
+/// device host (every phase), and for the `cargo lambda watch` phase the release local emulator
+/// and cargo-lambda. Exits with status 2 and the command that provides what is missing.
+fn preflight(bin: &Path, watch: bool) {
+    let mut missing = Vec::new();
+    let mut wanted = vec!["device-host"];
+    if watch {
+        wanted.push("local-emulator");
+    }
+    for name in wanted {
+        if !bin.join(name).is_file() {
+            missing.push(format!(
+                "{} (cargo build --release --workspace --bins)",
+                bin.join(name).display()
+            ));
+        }
+    }
+    let lambda = || {
+        Command::new("cargo")
+            .args(["lambda", "--version"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if watch && !lambda() {
+        missing.push("cargo-lambda on PATH (PATH=\"$(infra/tools.sh):$PATH\")".to_string());
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "pipeline-bench needs, and did not find:\n  {}\n(--watch-messages 0 skips the cargo lambda watch phase)",
+            missing.join("\n  ")
+        );
+        std::process::exit(2)
+    }
+}
+
 /// Says which argument is wrong and how to call the benchmark, and exits with status 2.
 fn bad_argument(arg: &str, usage: &str) -> ! {
     eprintln!("unknown or incomplete argument {arg}\n{usage}");
@@ -469,6 +506,7 @@ async fn main() {
         .canonicalize()
         .unwrap();
     let bin = root.join("target/release");
+    preflight(&bin, a.watch_messages > 0);
     let work = tempfile::tempdir().unwrap();
     println!(
         "wabcast pipeline benchmark: {} messages over {} devices, {} worker pollers, claims of up to {} messages ({} per device), {} cores",
