@@ -131,15 +131,14 @@ fn preflight(bin: &Path, watch: bool) {
             ));
         }
     }
-    let lambda = || {
-        Command::new("cargo")
+    if watch
+        && !Command::new("cargo")
             .args(["lambda", "--version"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
-    };
-    if watch && !lambda() {
+    {
         missing.push("cargo-lambda on PATH (PATH=\"$(infra/tools.sh):$PATH\")".to_string());
     }
     if !missing.is_empty() {
