@@ -29,6 +29,7 @@ pub enum DemoCmd {
     },
     /// Show a progress bar until the campaign finishes, then the per-device table.
     Watch {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]

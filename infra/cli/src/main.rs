@@ -42,12 +42,16 @@ struct HostArgs {
 enum Command {
     /// Apply the database migrations.
     Migrate,
+    /// Tenants (the accounts that own devices, leads and campaigns).
     #[command(subcommand)]
     Tenant(TenantCmd),
+    /// Devices (WhatsApp numbers): add, pair, pace, take out of service.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Leads: import from CSV, opt out.
     #[command(subcommand)]
     Leads(LeadsCmd),
+    /// Campaigns: one message to every matching lead, through each lead's own device.
     #[command(subcommand)]
     Campaign(CampaignCmd),
     /// Per-device state, pacing cursors, pending and in-queue depth, dead letters.
@@ -56,14 +60,18 @@ enum Command {
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// The demo tenant that `infra/demo.sh` seeds and watches.
     #[command(subcommand)]
     Demo(demo::DemoCmd),
+    /// The work queue (SQS) outside the cloud template.
     #[command(subcommand)]
     Queue(QueueCmd),
+    /// Sequences (drip campaigns): steps days apart, chained by trigger tokens.
     #[command(subcommand)]
     Sequence(sequence::SequenceCmd),
     /// Every state change of one message, with times and reasons.
     History {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -92,17 +100,21 @@ enum QueueCmd {
 
 #[derive(Subcommand)]
 enum TenantCmd {
+    /// Create a tenant; prints its id.
     Create {
         #[arg(long)]
         email: String,
+        /// Stored as an argon2 hash; prefer the environment variable to the command line.
         #[arg(long, env = "WABCAST_PASSWORD", hide_env_values = true)]
         password: String,
+        /// IANA time zone in which the tenant's dates and times are read.
         #[arg(long, default_value = shared::tz::DEFAULT_TIME_ZONE)]
         time_zone: String,
     },
     /// Per-lead frequency cap: at most one message per lead every N hours, across all campaigns
     /// and sequences (0 = off, the default).
     LeadGap {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -112,29 +124,38 @@ enum TenantCmd {
 
 #[derive(Subcommand)]
 enum DeviceCmd {
+    /// Add a device to a tenant; prints its id (the label is only a name).
     Add {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
         label: String,
+        /// The device's own number, E.164 (`+60123456789`).
         #[arg(long)]
         phone: Option<String>,
+        /// simulator | web (multi-device, paired by QR code or pair code) | cloud_api
         #[arg(long, default_value = "simulator")]
         provider: String,
         /// Floor of the gap between two sends of this device, seconds.
         #[arg(long, default_value_t = 0.0)]
         min_delay: f64,
+        /// Floor of the top of the gap's range, seconds: a campaign never paces this device faster.
         #[arg(long, default_value_t = 0.0)]
         max_delay: f64,
+        /// Messages per tenant-local day (omit for no cap).
         #[arg(long)]
         daily_cap: Option<i32>,
     },
+    /// A tenant's devices: id, label, provider, status, delay range (`status` adds the cursors).
     List {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
     },
     /// Delete a device: its unsent messages end skipped (device_deleted).
     Delete {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -143,6 +164,7 @@ enum DeviceCmd {
     /// Start pairing: draws the QR code in the terminal and redraws it as it rotates until the
     /// device is online (or prints the pair code with --phone).
     Pair {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -158,6 +180,7 @@ enum DeviceCmd {
     /// Cloud API device: set its phone-number id and access token (read from the environment,
     /// never from the command line), then ask the host to connect it and print the result.
     CloudApi {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -178,6 +201,7 @@ enum DeviceCmd {
     /// Account safety for a device: daily cap, warm-up ramp, quiet hours (tenant's time zone).
     /// Unset options keep their current value.
     Safety {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -196,6 +220,7 @@ enum DeviceCmd {
     },
     /// Send all of a device's failed messages again (every campaign and sequence step).
     RetryFailed {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -204,6 +229,7 @@ enum DeviceCmd {
     /// Log a device out: unlinks it from the phone, deletes its session, and nothing reconnects
     /// until it is paired again.
     Logout {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -214,6 +240,7 @@ enum DeviceCmd {
     /// Connect a device again: after its credentials changed, or once a person has resolved
     /// what stopped it (restricted, logged out). Prints its status.
     Connect {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -223,6 +250,7 @@ enum DeviceCmd {
     },
     /// Simulator only: take a device offline or bring it back online.
     Simulate {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -240,6 +268,7 @@ enum LeadsCmd {
     /// `device` is a device label or id of the tenant; niches and triggers are separated by `|`
     /// or `;`. Any bad row refuses the whole file.
     Import {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -247,6 +276,7 @@ enum LeadsCmd {
     },
     /// Opt a number out: it receives nothing more from this tenant.
     OptOut {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -256,7 +286,10 @@ enum LeadsCmd {
 
 #[derive(Subcommand)]
 enum CampaignCmd {
+    /// Schedule a campaign: one message to every lead of the niche and target, each through the
+    /// lead's own device. Prints its id.
     Create {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -264,8 +297,10 @@ enum CampaignCmd {
         /// `{name}`, `{first_name}`, `{phone}`, `{name:fallback}` and spintax `{Hi|Hello}`.
         #[arg(long)]
         template: String,
+        /// Leads whose niche set holds this exact token.
         #[arg(long)]
         niche: String,
+        /// prospect | customer | all
         #[arg(long, default_value = "all")]
         target: String,
         /// `https://…`, `data:image/...;base64,…`, or `@path/to/file.png`.
@@ -277,6 +312,8 @@ enum CampaignCmd {
         /// Local time (HH:MM); without it the campaign is due now.
         #[arg(long)]
         time: Option<chrono::NaiveTime>,
+        /// Gap between two sends of one device, seconds: drawn uniformly in [min, max], never
+        /// below the device's own floor.
         #[arg(long, default_value_t = 30.0)]
         min_delay: f64,
         #[arg(long, default_value_t = 90.0)]
@@ -290,23 +327,31 @@ enum CampaignCmd {
         #[arg(long = "wa-template-param")]
         wa_template_params: Vec<String>,
     },
+    /// A tenant's campaigns: id, status, scheduled instant (UTC), niche, title.
     List {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
     },
+    /// Hold a campaign: its unsent messages wait (even those already queued) until it resumes.
     Pause {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
         campaign: Uuid,
     },
+    /// Continue a paused campaign where it stopped; its messages are paced as before.
     Resume {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
         campaign: Uuid,
     },
+    /// Cancel a campaign: its messages not yet handed to a device end cancelled.
     Cancel {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -315,6 +360,7 @@ enum CampaignCmd {
     /// Send a campaign's failed messages again (optionally only one device's); they go through
     /// pacing again and keep their history.
     RetryFailed {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -324,6 +370,7 @@ enum CampaignCmd {
     },
     /// Counts per state (with reasons) and per device.
     Progress {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -1146,5 +1193,24 @@ mod tests {
             "{err}"
         );
         assert!(parse_leads_csv("name,phone\nA,+60123456789\n", &devices).is_err());
+    }
+
+    /// An operator finds every command in `--help`: each (sub)command says what it does.
+    #[test]
+    fn every_command_has_a_description() {
+        fn undescribed(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    out.push(path.clone());
+                }
+                undescribed(sub, &path, out);
+            }
+        }
+        let cli = <Cli as clap::CommandFactory>::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        undescribed(&cli, "wabcast", &mut missing);
+        assert!(missing.is_empty(), "no description: {missing:?}");
     }
 }

@@ -14,6 +14,7 @@ use uuid::Uuid;
 pub enum SequenceCmd {
     /// Create a sequence (draft unless --activate). Steps: --step "DAYS:template", in order.
     Create {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -29,6 +30,7 @@ pub enum SequenceCmd {
         /// Local time of day (tenant's zone) at which steps go out, HH:MM.
         #[arg(long)]
         time: chrono::NaiveTime,
+        /// `DAYS:template`: the step's day offset from enrollment and its text; repeat in order.
         #[arg(long = "step", required = true)]
         steps: Vec<String>,
         /// Image for every step (https URL, data: URL or @file).
@@ -44,29 +46,39 @@ pub enum SequenceCmd {
         #[arg(long)]
         activate: bool,
     },
+    /// A tenant's sequences: id, status, time of day, trigger, next trigger, name.
     List {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
     },
+    /// Start a draft sequence: it enrolls leads from the next trigger run.
     Activate {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
         sequence: Uuid,
     },
+    /// Hold a sequence: no new enrollments or steps, and its unsent messages wait.
     Pause {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
         sequence: Uuid,
     },
+    /// Continue a paused sequence: what fell due meanwhile is sent, paced.
     Resume {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
         sequence: Uuid,
     },
+    /// Cancel a sequence: its unsent messages end cancelled (sequence_cancelled).
     Cancel {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -74,6 +86,7 @@ pub enum SequenceCmd {
     },
     /// Enroll the tenant's leads with this phone number explicitly.
     Enroll {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -83,6 +96,7 @@ pub enum SequenceCmd {
     },
     /// Replace a step's template; its unsent messages are re-rendered now.
     EditStep {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -94,6 +108,7 @@ pub enum SequenceCmd {
     },
     /// Retry the failed messages of one step (they go through pacing again).
     RetryFailed {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
@@ -103,6 +118,7 @@ pub enum SequenceCmd {
     },
     /// Counts per step, state, reason and device, and the enrollments.
     Report {
+        /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
         #[arg(long)]
