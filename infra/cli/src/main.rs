@@ -306,10 +306,10 @@ enum CampaignCmd {
         /// `https://…`, `data:image/...;base64,…`, or `@path/to/file.png`.
         #[arg(long)]
         image: Option<String>,
-        /// Local date in the tenant's time zone (YYYY-MM-DD); default today.
+        /// Local date in the tenant's time zone (YYYY-MM-DD), with --time; default today.
         #[arg(long)]
         date: Option<chrono::NaiveDate>,
-        /// Local time (HH:MM); without it the campaign is due now.
+        /// Local time (HH:MM), not in the past; without --date and --time the campaign is due now.
         #[arg(long)]
         time: Option<chrono::NaiveTime>,
         /// Gap between two sends of one device, seconds: drawn uniformly in [min, max], never
@@ -909,9 +909,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             let delay = DelayRange::new(min_delay, max_delay)?;
             let t = repo::tenants::get_tenant(pool, tenant).await?;
             let zone = shared::tz::parse_zone(&t.time_zone)?;
-            let now = chrono::Utc::now();
-            let date = date.unwrap_or_else(|| now.with_timezone(&zone).date_naive());
-            let scheduled_at = shared::tz::resolve_local(zone, date, time, now)?;
+            let scheduled_at = shared::tz::resolve_schedule(zone, date, time, chrono::Utc::now())?;
             let image = match image {
                 Some(raw) => Some(store_image(pool, tenant, &raw).await?),
                 None => None,
