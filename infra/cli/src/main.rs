@@ -1028,19 +1028,24 @@ pub(crate) async fn print_report(
             }
         }
     }
-    let labels: std::collections::HashMap<Uuid, String> = repo::devices::list_devices(pool, tenant)
+    // In the order of the device list (by label), a deleted device marked as such.
+    let lines: Vec<(String, String)> = repo::devices::list_devices(pool, tenant)
         .await?
         .into_iter()
-        .map(|d| (d.id, d.label))
+        .filter_map(|d| {
+            let counts = p.by_device.get(&d.id)?;
+            let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
+            let label = match d.deleted_at {
+                Some(_) => format!("{} (deleted)", d.label),
+                None => d.label,
+            };
+            Some((label, parts.join(" ")))
+        })
         .collect();
+    let width = lines.iter().map(|l| l.0.len()).max().unwrap_or(0).max(16);
     println!("  per device:");
-    for (device, counts) in &p.by_device {
-        let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
-        println!(
-            "    {:<16} {}",
-            labels.get(device).map(String::as_str).unwrap_or("?"),
-            parts.join(" ")
-        );
+    for (label, counts) in &lines {
+        println!("    {label:<width$} {counts}");
     }
     Ok(())
 }
