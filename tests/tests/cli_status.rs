@@ -1,6 +1,7 @@
 //! The operator's CLI, run as a person runs it: `wabcast status` shows why a device is held, so
 //! the person who has to act reads it there, and a device whose host died; `wabcast migrate`
-//! repairs what an interrupted concurrent index build left.
+//! repairs what an interrupted concurrent index build left; `history` and `campaign progress`
+//! tell a tenant, and only that tenant, what happened to its messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::DeviceStatus;
@@ -225,4 +226,206 @@ async fn migrate_repairs_the_indexes_an_interrupted_concurrent_build_left(pool: 
     .unwrap();
     assert_eq!(kept, 2);
     assert_eq!(migrate(), "migrations applied\n", "nothing left to repair");
+}
+
+/// Runs the CLI against the test's database; returns (success, stdout, stderr).
+async fn wabcast(pool: &PgPool, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(built_binary("wabcast"))
+        .args(args)
+        .env("DATABASE_URL", database_url_of(pool).await)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What a person asks of one campaign after it ran: a message's whole story (created, each state
+/// change, its receipts) and the per-device report in label order; another tenant asking about
+/// the same ids is told they are not found. A schedule typed into the past is refused before it
+/// can send anything.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn history_and_progress_tell_a_messages_story_to_its_tenant_only(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    use std::time::Duration;
+    let tenant = seed_tenant(&pool, "story@example.com").await;
+    seed_tenant(&pool, "nosy@example.com").await;
+    // Labels whose order differs from the devices' (random) id order in most runs.
+    let mut devices = Vec::new();
+    for (i, label) in ["delta", "alpha", "charlie", "bravo"].iter().enumerate() {
+        let d = seed_device(&pool, tenant, label, 0.0, 0.0).await;
+        seed_leads(
+            &pool,
+            tenant,
+            d,
+            i as u64 * 10,
+            2,
+            "cars",
+            LeadStatus::Prospect,
+        )
+        .await;
+        devices.push(d);
+    }
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(
+        &pool,
+        SimConfig {
+            delivered_after: Some(Duration::from_millis(10)),
+            read_after: Some(Duration::from_millis(20)),
+            read_rate: 1.0,
+            ..quiet_sim()
+        },
+    )
+    .await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 8);
+    let id = rows[0].id;
+    // The receipts arrive after the send.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while repo::messages::get_message(&pool, tenant, id)
+        .await
+        .unwrap()
+        .read_at
+        .is_none()
+    {
+        assert!(std::time::Instant::now() < deadline, "no read receipt");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let id_arg = id.to_string();
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "history",
+            "--tenant",
+            "story@example.com",
+            "--message",
+            &id_arg,
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let label = ["delta", "alpha", "charlie", "bravo"][devices
+        .iter()
+        .position(|d| *d == rows[0].device_id)
+        .unwrap()];
+    assert!(
+        out.starts_with(&format!(
+            "message {id} to {} through {label} ",
+            rows[0].recipient
+        )) && out.lines().next().unwrap().ends_with(": sent (accepted)"),
+        "{out}"
+    );
+    let story: Vec<String> = out
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        story,
+        [
+            "pending created",
+            "pending -> queued",
+            "queued -> sending",
+            "sending -> sent accepted",
+            "delivered",
+            "read"
+        ],
+        "{out}"
+    );
+    let campaign_arg = campaign.to_string();
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "campaign",
+            "progress",
+            "--tenant",
+            "story@example.com",
+            "--campaign",
+            &campaign_arg,
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let per_device: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.contains("per device:"))
+        .skip(1)
+        .collect();
+    assert_eq!(
+        per_device
+            .iter()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>(),
+        [
+            "alpha sent=2",
+            "bravo sent=2",
+            "charlie sent=2",
+            "delta sent=2"
+        ],
+        "{out}"
+    );
+
+    // Another tenant: the same ids are not found, and nothing is printed of them.
+    for args in [
+        &[
+            "history",
+            "--tenant",
+            "nosy@example.com",
+            "--message",
+            &id_arg,
+        ][..],
+        &[
+            "campaign",
+            "progress",
+            "--tenant",
+            "nosy@example.com",
+            "--campaign",
+            &campaign_arg,
+        ],
+    ] {
+        let (ok, out, err) = wabcast(&pool, args).await;
+        assert!(
+            !ok && out.is_empty() && err.contains("not found"),
+            "{args:?}: {out}{err}"
+        );
+    }
+
+    // A year typed wrong is refused, and no campaign is created.
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM campaigns")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let before = count().await;
+    let (ok, _, err) = wabcast(
+        &pool,
+        &[
+            "campaign",
+            "create",
+            "--tenant",
+            "story@example.com",
+            "--title",
+            "late",
+            "--template",
+            "hi",
+            "--niche",
+            "cars",
+            "--date",
+            "2025-12-05",
+            "--time",
+            "09:00",
+        ],
+    )
+    .await;
+    assert!(!ok && err.contains("is in the past"), "{err}");
+    assert_eq!(count().await, before);
 }

@@ -449,17 +449,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Sequence(cmd) => sequence::run(&pool, cmd).await?,
         Command::History { tenant, message } => {
             let tenant = resolve_tenant(&pool, &tenant).await?;
-            let steps = repo::campaigns::list_message_transitions(&pool, tenant, message).await?;
-            if steps.is_empty() {
-                bail!("no history for message {message} in this tenant");
-            }
-            for (at, from, to, reason) in steps {
-                println!(
-                    "{}  {from:>9} -> {to:<9} {}",
-                    at.format("%Y-%m-%d %H:%M:%S%.3f"),
-                    reason.unwrap_or_default()
-                );
-            }
+            print_history(&pool, tenant, message).await?;
         }
         // Handled above, before connecting to the database.
         Command::Queue(_) => {}
@@ -1046,6 +1036,49 @@ pub(crate) async fn print_report(
     println!("  per device:");
     for (label, counts) in &lines {
         println!("    {label:<width$} {counts}");
+    }
+    Ok(())
+}
+
+/// One message: what it is, every state change with its reason, and its receipts (UTC).
+async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> {
+    let m = repo::messages::get_message(pool, tenant, message).await?;
+    let campaign = repo::campaigns::get_campaign(pool, tenant, m.campaign_id).await?;
+    let device = repo::devices::get_device(pool, tenant, m.device_id).await?;
+    let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string();
+    println!(
+        "message {} to {} through {} ({}), {:?}: {}{}",
+        m.id,
+        m.recipient,
+        device.label,
+        device.provider,
+        campaign.title,
+        m.status,
+        m.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+    );
+    println!("times in UTC; {} attempt(s) at the host", m.attempts);
+    println!(
+        "{}  {:>9}    {:<9} created",
+        at(m.created_at),
+        "",
+        "pending"
+    );
+    for (t, from, to, reason) in
+        repo::campaigns::list_message_transitions(pool, tenant, message).await?
+    {
+        println!(
+            "{}  {from:>9} -> {to:<9} {}",
+            at(t),
+            reason.unwrap_or_default()
+        );
+    }
+    for (what, t) in [("delivered", m.delivered_at), ("read", m.read_at)] {
+        if let Some(t) = t {
+            println!("{}  {:>9}    {what}", at(t), "");
+        }
+    }
+    if let Some(e) = m.last_error {
+        println!("last error: {e}");
     }
     Ok(())
 }

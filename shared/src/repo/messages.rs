@@ -880,6 +880,7 @@ pub struct MessageRow {
     pub reason: Option<String>,
     pub attempts: i32,
     pub enqueue_count: i32,
+    pub created_at: DateTime<Utc>,
     pub due_at: DateTime<Utc>,
     pub provider_message_id: Option<String>,
     pub queued_at: Option<DateTime<Utc>>,
@@ -889,19 +890,33 @@ pub struct MessageRow {
     pub last_error: Option<String>,
 }
 
+const MESSAGE_COLUMNS: &str = "id, tenant_id, device_id, lead_id, campaign_id, recipient, body,
+    image, status, reason, attempts, enqueue_count, created_at, due_at, provider_message_id,
+    queued_at, sent_at, delivered_at, read_at, last_error";
+
 pub async fn list_campaign_messages(
     pool: &PgPool,
     tenant: Uuid,
     campaign: Uuid,
 ) -> Result<Vec<MessageRow>, RepoError> {
-    Ok(sqlx::query_as(
-        "SELECT id, tenant_id, device_id, lead_id, campaign_id, recipient, body, image, status, reason,
-                attempts, enqueue_count, due_at, provider_message_id, queued_at, sent_at,
-                delivered_at, read_at, last_error
-         FROM broadcast_messages WHERE campaign_id = $1 AND tenant_id = $2 ORDER BY id",
-    )
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {MESSAGE_COLUMNS}
+         FROM broadcast_messages WHERE campaign_id = $1 AND tenant_id = $2 ORDER BY id"
+    )))
     .bind(campaign)
     .bind(tenant)
     .fetch_all(pool)
     .await?)
+}
+
+/// One message of the tenant; another tenant's id is not found.
+pub async fn get_message(pool: &PgPool, tenant: Uuid, id: i64) -> Result<MessageRow, RepoError> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {MESSAGE_COLUMNS} FROM broadcast_messages WHERE id = $1 AND tenant_id = $2"
+    )))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(RepoError::NotFound("message"))
 }
