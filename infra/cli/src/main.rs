@@ -69,7 +69,7 @@ enum Command {
     /// Sequences (drip campaigns): steps days apart, chained by trigger tokens.
     #[command(subcommand)]
     Sequence(sequence::SequenceCmd),
-    /// Every state change of one message, with times and reasons.
+    /// One message: recipient, device, campaign, every state change with its reason, receipts.
     History {
         /// The tenant, by email or id.
         #[arg(long)]
