@@ -63,9 +63,27 @@ async fn a_tenant_never_sees_or_sends_to_another_tenants_leads(pool: PgPool) {
         status: LeadStatus::Prospect,
         triggers: vec![],
     };
-    assert!(repo::leads::upsert_leads(&mut tx, a, &[lead])
+    assert!(
+        repo::leads::upsert_leads(&mut tx, a, std::slice::from_ref(&lead))
+            .await
+            .is_err()
+    );
+    drop(tx);
+    assert_eq!(lead_count(&pool).await, before);
+    // One number twice for one device in a batch: refused whole, with a clear error.
+    let twice = repo::leads::NewLead {
+        device_id: da,
+        ..lead
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let err = repo::leads::upsert_leads(&mut tx, a, &[twice.clone(), twice])
         .await
-        .is_err());
+        .unwrap_err();
+    assert!(
+        matches!(&err, RepoError::Invalid(_))
+            && err.to_string().contains("+60199999999 appears twice"),
+        "{err}"
+    );
     drop(tx);
     assert_eq!(lead_count(&pool).await, before);
     // Opting a number out in A leaves B's lead with the same number alone.

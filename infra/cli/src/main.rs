@@ -736,6 +736,20 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
 }
 
 /// Parses a whole CSV into leads, or refuses it with every bad row listed.
+/// The line (from 1) on which the record that starts at byte `at` of `text` begins. The csv
+/// crate's own line count is one short after a CRLF line end (the `\r` ends the record, and the
+/// record's position is taken before the `\n`), and spreadsheets write CRLF.
+fn line_at(text: &str, at: u64) -> usize {
+    let bytes = text.as_bytes();
+    let at = usize::try_from(at).map_or(bytes.len(), |a| a.min(bytes.len()));
+    let start = at
+        + bytes[at..]
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+    1 + bytes[..start].iter().filter(|b| **b == b'\n').count()
+}
+
 pub(crate) fn parse_leads_csv(
     text: &str,
     devices: &std::collections::HashMap<String, Uuid>,
@@ -756,15 +770,19 @@ pub(crate) fn parse_leads_csv(
         (col("name"), col("niches"), col("status"), col("triggers"));
     let mut leads = Vec::new();
     let mut problems = Vec::new();
+    // (device, phone) -> the line that first named it.
+    let mut first_line = std::collections::HashMap::new();
     for (i, row) in reader.records().enumerate() {
-        let line = i + 2;
         let row = match row {
             Ok(r) => r,
             Err(e) => {
+                let line = e.position().map_or(i + 2, |p| line_at(text, p.byte()));
                 problems.push(format!("line {line}: {e}"));
                 continue;
             }
         };
+        // A quoted field may span lines: the record's own position, not its index.
+        let line = row.position().map_or(i + 2, |p| line_at(text, p.byte()));
         let get = |c: Option<usize>| c.and_then(|c| row.get(c)).unwrap_or("");
         let parsed = (|| -> Result<repo::leads::NewLead> {
             let device_key = get(Some(c_device));
@@ -786,7 +804,18 @@ pub(crate) fn parse_leads_csv(
             })
         })();
         match parsed {
-            Ok(l) => leads.push(l),
+            Ok(l) => match first_line.entry((l.device_id, l.phone.as_str().to_string())) {
+                std::collections::hash_map::Entry::Occupied(first) => problems.push(format!(
+                    "line {line}: {} for device {:?} is already on line {}",
+                    l.phone.as_str(),
+                    get(Some(c_device)),
+                    first.get()
+                )),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(line);
+                    leads.push(l);
+                }
+            },
             Err(e) => problems.push(format!("line {line}: {e:#}")),
         }
     }
@@ -1212,7 +1241,9 @@ mod tests {
     #[test]
     fn csv_import_refuses_the_whole_file_on_any_bad_row() {
         let d = Uuid::new_v4();
-        let devices = [("phone-1".to_string(), d)].into_iter().collect();
+        let devices = [("phone-1".to_string(), d), (d.to_string(), d)]
+            .into_iter()
+            .collect();
         let ok = "device,name,phone,niches,status,triggers\nphone-1,Ali,+60 12-345 6789,cars|loans,customer,COLD\nphone-1,,60198765432,cars,,\n";
         let leads = parse_leads_csv(ok, &devices).unwrap();
         assert_eq!(leads.len(), 2);
@@ -1229,6 +1260,29 @@ mod tests {
             "{err}"
         );
         assert!(parse_leads_csv("name,phone\nA,+60123456789\n", &devices).is_err());
+        // One number twice for one device, written differently, once by label and once by id;
+        // a quoted name spanning two lines counts its lines.
+        let twice = format!(
+            "device,name,phone\nphone-1,\"Ali\nBin\",+60123456789\nphone-1,Bo,+60198765432\n{d},Ali B,+60 12-345 6789\n"
+        );
+        let err = parse_leads_csv(&twice, &devices).unwrap_err().to_string();
+        assert!(
+            err.contains("1 bad row(s)")
+                && err.contains(&format!(
+                    "line 5: +60123456789 for device \"{d}\" is already on line 2"
+                )),
+            "{err}"
+        );
+        // The same from a spreadsheet: a byte-order mark and CRLF line ends.
+        let twice = format!("\u{feff}{}", twice.replace('\n', "\r\n"));
+        let err = parse_leads_csv(&twice, &devices).unwrap_err().to_string();
+        assert!(
+            err.contains("1 bad row(s)")
+                && err.contains(&format!(
+                    "line 5: +60123456789 for device \"{d}\" is already on line 2"
+                )),
+            "{err}"
+        );
     }
 
     /// An operator finds every command in `--help`: each (sub)command says what it does.

@@ -23,12 +23,28 @@ pub struct UpsertCount {
 }
 
 /// Inserts leads, or updates name, niches, status and triggers of a lead already known by
-/// (device, phone). Refuses the whole batch if any device is not the tenant's.
+/// (device, phone). Refuses the whole batch if any device is not the tenant's, or if it names
+/// one (device, phone) twice: which of the two should win is the caller's call.
 pub async fn upsert_leads(
     tx: &mut PgConnection,
     tenant: Uuid,
     leads: &[NewLead],
 ) -> Result<UpsertCount, RepoError> {
+    let mut seen = std::collections::HashSet::with_capacity(leads.len());
+    if let Some(twice) = leads
+        .iter()
+        .find(|l| !seen.insert((l.device_id, l.phone.as_str())))
+    {
+        return Err(crate::domain::InvalidInput::new(
+            "phone",
+            format!(
+                "{} appears twice for device {}",
+                twice.phone.as_str(),
+                twice.device_id
+            ),
+        )
+        .into());
+    }
     let mut count = UpsertCount::default();
     for chunk in leads.chunks(5_000) {
         let devices: Vec<Uuid> = chunk.iter().map(|l| l.device_id).collect();
