@@ -1261,28 +1261,19 @@ mod tests {
         );
         assert!(parse_leads_csv("name,phone\nA,+60123456789\n", &devices).is_err());
         // One number twice for one device, written differently, once by label and once by id;
-        // a quoted name spanning two lines counts its lines.
+        // a quoted name spanning two lines counts its lines. Then the same from a spreadsheet:
+        // a byte-order mark and CRLF line ends.
         let twice = format!(
             "device,name,phone\nphone-1,\"Ali\nBin\",+60123456789\nphone-1,Bo,+60198765432\n{d},Ali B,+60 12-345 6789\n"
         );
-        let err = parse_leads_csv(&twice, &devices).unwrap_err().to_string();
-        assert!(
-            err.contains("1 bad row(s)")
-                && err.contains(&format!(
-                    "line 5: +60123456789 for device \"{d}\" is already on line 2"
-                )),
-            "{err}"
-        );
-        // The same from a spreadsheet: a byte-order mark and CRLF line ends.
-        let twice = format!("\u{feff}{}", twice.replace('\n', "\r\n"));
-        let err = parse_leads_csv(&twice, &devices).unwrap_err().to_string();
-        assert!(
-            err.contains("1 bad row(s)")
-                && err.contains(&format!(
-                    "line 5: +60123456789 for device \"{d}\" is already on line 2"
-                )),
-            "{err}"
-        );
+        let want = format!("line 5: +60123456789 for device \"{d}\" is already on line 2");
+        for text in [
+            twice.clone(),
+            format!("\u{feff}{}", twice.replace('\n', "\r\n")),
+        ] {
+            let err = parse_leads_csv(&text, &devices).unwrap_err().to_string();
+            assert!(err.contains("1 bad row(s)") && err.contains(&want), "{err}");
+        }
     }
 
     /// An operator finds every command in `--help`: each (sub)command says what it does.
