@@ -1381,6 +1381,81 @@ async fn an_opt_out_reads_its_leads_rows_not_its_devices_backlog(pool: PgPool) {
     assert_eq!(others, 0, "no other lead's row was skipped");
 }
 
+/// An opt-out is the number's, for the whole tenant and for good: the same number imported later
+/// on another device, re-imported on its own, or first seen after it said STOP (an opt-out of a
+/// number that was no lead yet) comes in opted out and is never messaged. Another tenant's lead
+/// with the number is not touched.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_opted_out_number_stays_opted_out_when_imported_again(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "optout-list@example.com").await;
+    let other = seed_tenant(&pool, "optout-other@example.com").await;
+    let d1 = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    let d2 = seed_device(&pool, tenant, "d2", 0.0, 0.0).await;
+    let od = seed_device(&pool, other, "o1", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, d1, 0, 3, "cars", LeadStatus::Prospect).await;
+    let stop_first = shared::domain::PhoneE164::parse("+60177777777").unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let n = repo::leads::opt_out_lead(&mut tx, tenant, &phones[0])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let n = repo::leads::opt_out_lead(&mut tx, tenant, &stop_first)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "not a lead yet");
+    tx.commit().await.unwrap();
+
+    let lead = |device, phone: &shared::domain::PhoneE164| repo::leads::NewLead {
+        device_id: device,
+        name: "again".into(),
+        phone: phone.clone(),
+        niches: vec![shared::domain::Token::parse("cars").unwrap()],
+        status: LeadStatus::Prospect,
+        triggers: vec![],
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let count = repo::leads::upsert_leads(
+        &mut tx,
+        tenant,
+        &[
+            lead(d1, &phones[0]),  // re-imported where it opted out
+            lead(d2, &phones[0]),  // the same number on another device
+            lead(d2, &stop_first), // said STOP before it was a lead
+            lead(d2, &phones[1]),  // never opted out
+        ],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((count.inserted, count.updated, count.opted_out), (3, 1, 3));
+    seed_leads(&pool, other, od, 0, 1, "cars", LeadStatus::Prospect).await;
+
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let other_campaign = seed_campaign(&pool, other, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.run_until_done(
+        &[(tenant, campaign), (other, other_campaign)],
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut sent: Vec<(uuid::Uuid, String)> = host
+        .sends()
+        .into_iter()
+        .map(|e| (e.device_id, e.to))
+        .collect();
+    sent.sort();
+    let mut want = vec![
+        (d1, phones[1].as_str().to_string()),
+        (d1, phones[2].as_str().to_string()),
+        (d2, phones[1].as_str().to_string()),
+        // the other tenant's lead has the first number too, and is messaged
+        (od, phones[0].as_str().to_string()),
+    ];
+    want.sort();
+    assert_eq!(sent, want);
+}
+
 /// `retry-failed` does not message a lead who opted out after the failure: an opt-out skips only
 /// unsent rows, so the retry put the failed row back on its way to someone who had said STOP
 /// (nothing between the claim and the provider looked at the lead then; the worker's claim

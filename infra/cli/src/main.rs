@@ -851,7 +851,10 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
             let mut tx = pool.begin().await?;
             let n = repo::leads::upsert_leads(&mut tx, tenant, &leads).await?;
             tx.commit().await?;
-            println!("{} leads imported, {} updated", n.inserted, n.updated);
+            println!(
+                "{} lead(s) imported, {} updated; {} of them opted out (they receive nothing)",
+                n.inserted, n.updated, n.opted_out
+            );
         }
         LeadsCmd::OptOut { tenant, phone } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
@@ -859,7 +862,10 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
             let mut tx = pool.begin().await?;
             let n = repo::leads::opt_out_lead(&mut tx, tenant, &phone).await?;
             tx.commit().await?;
-            println!("{phone}: {n} lead(s) opted out");
+            println!(
+                "{phone} is on the tenant's opt-out list: {n} lead(s) with it opted out now, and \
+                 any imported with it later come in opted out"
+            );
         }
     }
     Ok(())

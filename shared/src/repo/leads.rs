@@ -20,6 +20,8 @@ pub struct NewLead {
 pub struct UpsertCount {
     pub inserted: u64,
     pub updated: u64,
+    /// Of both, the leads that are opted out (they receive nothing).
+    pub opted_out: u64,
 }
 
 /// Inserts leads, or updates name, niches, status and triggers of a lead already known by
@@ -70,15 +72,21 @@ pub async fn upsert_leads(
             )
             .into());
         }
-        let rows: Vec<(bool,)> = sqlx::query_as(
-            "INSERT INTO leads (tenant_id, device_id, name, phone, niches, target_status, triggers)
-             SELECT $1, d, n, p, string_to_array(ni, ' '), s, string_to_array(tr, ' ')
+        // A number on the tenant's opt-out list comes in opted out, on whichever device; an
+        // update never clears an opt-out.
+        let rows: Vec<(bool, bool)> = sqlx::query_as(
+            "INSERT INTO leads (tenant_id, device_id, name, phone, niches, target_status, triggers,
+                                opted_out_at)
+             SELECT $1, d, n, p, string_to_array(ni, ' '), s, string_to_array(tr, ' '),
+                    o.opted_out_at
              FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
                   AS u(d, n, p, ni, s, tr)
+             LEFT JOIN opt_outs o ON o.tenant_id = $1 AND o.phone = u.p
              ON CONFLICT (device_id, phone) DO UPDATE SET
                  name = EXCLUDED.name, niches = EXCLUDED.niches,
-                 target_status = EXCLUDED.target_status, triggers = EXCLUDED.triggers
-             RETURNING (xmax = 0)",
+                 target_status = EXCLUDED.target_status, triggers = EXCLUDED.triggers,
+                 opted_out_at = COALESCE(leads.opted_out_at, EXCLUDED.opted_out_at)
+             RETURNING (xmax = 0), (opted_out_at IS NOT NULL)",
         )
         .bind(tenant)
         .bind(&devices)
@@ -89,7 +97,8 @@ pub async fn upsert_leads(
         .bind(&triggers)
         .fetch_all(&mut *tx)
         .await?;
-        for (inserted,) in rows {
+        for (inserted, opted_out) in rows {
+            count.opted_out += u64::from(opted_out);
             if inserted {
                 count.inserted += 1;
             } else {
@@ -112,13 +121,23 @@ fn join_tokens(tokens: &[Token]) -> String {
         .join(" ")
 }
 
-/// Marks a lead (by phone, on any of the tenant's devices) opted out and skips its unsent
-/// messages. Returns how many leads matched.
+/// Puts a number on the tenant's opt-out list, marks its leads (on any of the tenant's devices)
+/// opted out and skips their unsent messages. Returns how many leads matched; with none, the
+/// number is still on the list for the leads that may come with it later.
 pub async fn opt_out_lead(
     tx: &mut PgConnection,
     tenant: Uuid,
     phone: &PhoneE164,
 ) -> Result<u64, RepoError> {
+    // The number stays on the tenant's list: a lead imported with it later comes in opted out.
+    sqlx::query(
+        "INSERT INTO opt_outs (tenant_id, phone) VALUES ($1, $2)
+         ON CONFLICT (tenant_id, phone) DO NOTHING",
+    )
+    .bind(tenant)
+    .bind(phone.as_str())
+    .execute(&mut *tx)
+    .await?;
     let ids: Vec<i64> = sqlx::query_scalar(
         "UPDATE leads SET opted_out_at = COALESCE(opted_out_at, now())
          WHERE tenant_id = $1 AND phone = $2 RETURNING id",
