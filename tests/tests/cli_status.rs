@@ -428,4 +428,37 @@ async fn history_and_progress_tell_a_messages_story_to_its_tenant_only(pool: PgP
     .await;
     assert!(!ok && err.contains("is in the past"), "{err}");
     assert_eq!(count().await, before);
+    // Created, it says whom it would reach now, and warns when that is no one.
+    for (niche, reach) in [
+        ("cars", "8 lead(s) on 4 device(s) match it now"),
+        ("boats", "0 lead(s) on 0 device(s) match it now"),
+    ] {
+        let (ok, _, err) = wabcast(
+            &pool,
+            &[
+                "campaign",
+                "create",
+                "--tenant",
+                "story@example.com",
+                "--title",
+                "next",
+                "--template",
+                "hi",
+                "--niche",
+                niche,
+                "--date",
+                "2099-01-01",
+                "--time",
+                "09:00",
+            ],
+        )
+        .await;
+        assert!(ok && err.contains(reach), "{err}");
+        assert_eq!(
+            err.contains("would send nothing"),
+            niche == "boats",
+            "{err}"
+        );
+    }
+    assert_eq!(count().await, before + 2);
 }

@@ -964,6 +964,20 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                     .with_timezone(&zone)
                     .format("%Y-%m-%d %H:%M %Z")
             );
+            let (leads, devices) =
+                repo::campaigns::count_campaign_recipients(pool, tenant, niche.as_str(), target)
+                    .await?;
+            eprintln!(
+                "{leads} lead(s) on {devices} device(s) match it now (niche {}, target {}); the \
+                 count is taken again when it starts{}",
+                niche.as_str(),
+                target.as_str(),
+                if leads == 0 {
+                    ": as it stands it would send nothing"
+                } else {
+                    ""
+                }
+            );
         }
         CampaignCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;

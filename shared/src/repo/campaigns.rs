@@ -122,31 +122,62 @@ pub struct Recipient {
     pub phone: String,
 }
 
-/// The tenant's leads matching a niche token exactly and a target status, not opted out, on
-/// live devices of the same tenant. The live devices are a small set fetched first, so the
-/// lead scan needs no per-row join whatever the planner's statistics say.
+/// Who a campaign goes to, for the fan-out and for the count shown when it is created:
+/// the tenant's leads matching a niche token exactly ($2) and a target status ($3), not opted
+/// out, on the tenant's live devices ($4).
+const RECIPIENTS: &str = "FROM leads
+     WHERE tenant_id = $1 AND niches @> ARRAY[$2]::text[]
+       AND ($3 = 'all' OR target_status = $3)
+       AND opted_out_at IS NULL AND device_id = ANY($4)";
+
+/// The tenant's live devices: a small set fetched first, so the lead scan needs no per-row join
+/// whatever the planner's statistics say.
+async fn live_devices(conn: &mut PgConnection, tenant: Uuid) -> Result<Vec<Uuid>, RepoError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM devices WHERE tenant_id = $1 AND deleted_at IS NULL")
+            .bind(tenant)
+            .fetch_all(conn)
+            .await?,
+    )
+}
+
+/// A campaign's recipients at its fan-out (see [`RECIPIENTS`]).
 pub async fn select_campaign_recipients(
     tx: &mut PgConnection,
     tenant: Uuid,
     niche: &str,
     target: TargetStatus,
 ) -> Result<Vec<Recipient>, RepoError> {
-    let live: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM devices WHERE tenant_id = $1 AND deleted_at IS NULL")
-            .bind(tenant)
-            .fetch_all(&mut *tx)
-            .await?;
-    Ok(sqlx::query_as(
-        "SELECT id AS lead_id, device_id, name, phone FROM leads
-         WHERE tenant_id = $1 AND niches @> ARRAY[$2]::text[]
-           AND ($3 = 'all' OR target_status = $3)
-           AND opted_out_at IS NULL AND device_id = ANY($4)",
-    )
+    let live = live_devices(&mut *tx, tenant).await?;
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id AS lead_id, device_id, name, phone {RECIPIENTS}"
+    )))
     .bind(tenant)
     .bind(niche)
     .bind(target.as_str())
     .bind(&live)
     .fetch_all(tx)
+    .await?)
+}
+
+/// How many leads, on how many devices, a campaign with this niche and target would reach if
+/// it were fanned out now.
+pub async fn count_campaign_recipients(
+    pool: &PgPool,
+    tenant: Uuid,
+    niche: &str,
+    target: TargetStatus,
+) -> Result<(i64, i64), RepoError> {
+    let mut conn = pool.acquire().await?;
+    let live = live_devices(&mut conn, tenant).await?;
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*), count(DISTINCT device_id) {RECIPIENTS}"
+    )))
+    .bind(tenant)
+    .bind(niche)
+    .bind(target.as_str())
+    .bind(&live)
+    .fetch_one(&mut *conn)
     .await?)
 }
 
