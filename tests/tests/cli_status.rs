@@ -406,26 +406,29 @@ async fn history_and_progress_tell_a_messages_story_to_its_tenant_only(pool: PgP
             .unwrap()
     };
     let before = count().await;
-    let (ok, _, err) = wabcast(
-        &pool,
-        &[
-            "campaign",
-            "create",
-            "--tenant",
-            "story@example.com",
-            "--title",
-            "late",
-            "--template",
-            "hi",
-            "--niche",
-            "cars",
-            "--date",
-            "2025-12-05",
-            "--time",
-            "09:00",
-        ],
-    )
-    .await;
+    let create = |niche: &'static str, date: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let args = [
+                "campaign",
+                "create",
+                "--tenant",
+                "story@example.com",
+                "--title",
+                "t",
+                "--template",
+                "hi",
+                "--niche",
+                niche,
+                "--date",
+                date,
+                "--time",
+                "09:00",
+            ];
+            wabcast(&pool, &args).await
+        }
+    };
+    let (ok, _, err) = create("cars", "2025-12-05").await;
     assert!(!ok && err.contains("is in the past"), "{err}");
     assert_eq!(count().await, before);
     // Created, it says whom it would reach now, and warns when that is no one.
@@ -433,26 +436,7 @@ async fn history_and_progress_tell_a_messages_story_to_its_tenant_only(pool: PgP
         ("cars", "8 lead(s) on 4 device(s) match it now"),
         ("boats", "0 lead(s) on 0 device(s) match it now"),
     ] {
-        let (ok, _, err) = wabcast(
-            &pool,
-            &[
-                "campaign",
-                "create",
-                "--tenant",
-                "story@example.com",
-                "--title",
-                "next",
-                "--template",
-                "hi",
-                "--niche",
-                niche,
-                "--date",
-                "2099-01-01",
-                "--time",
-                "09:00",
-            ],
-        )
-        .await;
+        let (ok, _, err) = create(niche, "2099-01-01").await;
         assert!(ok && err.contains(reach), "{err}");
         assert_eq!(
             err.contains("would send nothing"),
