@@ -166,8 +166,11 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             activate,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            let parsed: Vec<(i32, String)> =
-                steps.iter().map(|s| parse_step(s)).collect::<Result<_>>()?;
+            let parsed: Vec<(i32, String)> = steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| parse_step(s).with_context(|| format!("--step {}", i + 1)))
+                .collect::<Result<_>>()?;
             let niche = Token::parse(&niche)?;
             let trigger = Token::parse(&trigger)?;
             let next = next_trigger.as_deref().map(Token::parse).transpose()?;
