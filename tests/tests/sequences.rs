@@ -360,23 +360,58 @@ async fn pause_resume_edit_and_cancel_act_on_unsent_rows_at_once(pool: PgPool) {
         "a paused sequence materialises nothing"
     );
 
-    // Edit: every unsent row of the step is re-rendered at once.
+    // Edit: every unsent row of the step is re-rendered at once. An edit of the text alone
+    // keeps the step's image (for its unsent rows and for every later enrollment); an edit
+    // with an image replaces it.
     let mut tx = pool.begin().await.unwrap();
-    let campaign =
-        repo::sequences::update_step(&mut tx, tenant, seq, 1, "Edited {name:friend}", None)
+    let mut images = Vec::new();
+    for extra in [0u8, 1] {
+        let bytes = [shared::media::TINY_PNG, &[extra][..]].concat();
+        let id = repo::media::insert_media(&mut tx, tenant, "image/png", &bytes)
             .await
             .unwrap();
-    assert_eq!(campaign, step1);
-    let t = shared::render::Template::parse("Edited {name:friend}").unwrap();
-    let changed = repo::sequences::rerender_unsent_messages(&mut tx, tenant, step1, &t, None)
-        .await
-        .unwrap();
-    assert_eq!(changed, 10);
+        images.push(format!("media:{id}"));
+    }
     tx.commit().await.unwrap();
-    let rows = repo::messages::list_campaign_messages(&pool, tenant, step1)
+    let (first, second) = (images[0].as_str(), images[1].as_str());
+    sqlx::query("UPDATE campaigns SET image = $1 WHERE id = $2")
+        .bind(first)
+        .bind(step1)
+        .execute(&pool)
         .await
         .unwrap();
-    assert!(rows.iter().all(|r| r.body.starts_with("Edited ")));
+    for (template, new_image, want_image) in [
+        ("Edited {name:friend}", None, first),
+        ("Again {name:friend}", Some(second), second),
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        let (campaign, image) =
+            repo::sequences::update_step(&mut tx, tenant, seq, 1, template, new_image)
+                .await
+                .unwrap();
+        assert_eq!((campaign, image.as_deref()), (step1, Some(want_image)));
+        let t = shared::render::Template::parse(template).unwrap();
+        let changed =
+            repo::sequences::rerender_unsent_messages(&mut tx, tenant, step1, &t, image.as_deref())
+                .await
+                .unwrap();
+        assert_eq!(changed, 10);
+        tx.commit().await.unwrap();
+        let step = repo::campaigns::get_campaign(&pool, tenant, step1)
+            .await
+            .unwrap();
+        assert_eq!(
+            (step.template.as_str(), step.image.as_deref()),
+            (template, Some(want_image))
+        );
+        let rows = repo::messages::list_campaign_messages(&pool, tenant, step1)
+            .await
+            .unwrap();
+        let prefix = template.split(' ').next().unwrap();
+        assert!(rows
+            .iter()
+            .all(|r| r.body.starts_with(prefix) && r.image.as_deref() == Some(want_image)));
+    }
 
     // Resume: the held rows go out, and the step that fell due during the pause follows.
     let mut tx = pool.begin().await.unwrap();

@@ -94,7 +94,7 @@ pub enum SequenceCmd {
         #[arg(long)]
         phone: String,
     },
-    /// Replace a step's template; its unsent messages are re-rendered now.
+    /// Replace a step's template (and image); its unsent messages are re-rendered now.
     EditStep {
         /// The tenant, by email or id.
         #[arg(long)]
@@ -105,6 +105,10 @@ pub enum SequenceCmd {
         position: i32,
         #[arg(long)]
         template: String,
+        /// A new image for the step (https URL, data: URL or @file); without it the step keeps
+        /// its image.
+        #[arg(long)]
+        image: Option<String>,
     },
     /// Retry the failed messages of one step (they go through pacing again).
     RetryFailed {
@@ -284,16 +288,24 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             sequence,
             position,
             template,
+            image,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let parsed = shared::render::Template::parse(&template)?;
+            let image = match image {
+                Some(raw) => Some(store_image(pool, tenant, &raw).await?),
+                None => None,
+            };
             let mut tx = pool.begin().await?;
-            let campaign =
-                repo::sequences::update_step(&mut tx, tenant, sequence, position, &template, None)
-                    .await?;
-            let image = repo::campaigns::get_campaign(pool, tenant, campaign)
-                .await?
-                .image;
+            let (campaign, image) = repo::sequences::update_step(
+                &mut tx,
+                tenant,
+                sequence,
+                position,
+                &template,
+                image.as_deref(),
+            )
+            .await?;
             let n = repo::sequences::rerender_unsent_messages(
                 &mut tx,
                 tenant,

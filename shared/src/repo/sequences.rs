@@ -271,8 +271,10 @@ pub async fn change_sequence_status(
     Ok(to)
 }
 
-/// Replaces a step's template (and image); the caller re-renders the step's unsent rows in the
-/// same transaction ([`list_unsent_step_messages`], [`update_message_bodies`]).
+/// Replaces a step's template, and its image when `image` is given (`None` keeps the one it
+/// has: a step edited for its text used to lose its image for every later enrollment). Returns
+/// the step's campaign and the image it has now; the caller re-renders the step's unsent rows
+/// with both in the same transaction ([`rerender_unsent_messages`]).
 pub async fn update_step(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -280,14 +282,14 @@ pub async fn update_step(
     position: i32,
     template: &str,
     image: Option<&str>,
-) -> Result<Uuid, RepoError> {
-    let campaign: Option<Uuid> = sqlx::query_scalar(
-        "UPDATE campaigns c SET template = $4, image = $5
+) -> Result<(Uuid, Option<String>), RepoError> {
+    let step: Option<(Uuid, Option<String>)> = sqlx::query_as(
+        "UPDATE campaigns c SET template = $4, image = COALESCE($5, c.image)
          FROM sequence_steps s, sequences q
          WHERE s.sequence_id = $1 AND s.tenant_id = $2 AND s.position = $3
            AND c.id = s.campaign_id AND c.tenant_id = s.tenant_id
            AND q.id = s.sequence_id AND q.tenant_id = s.tenant_id AND q.status <> 'cancelled'
-         RETURNING c.id",
+         RETURNING c.id, c.image",
     )
     .bind(sequence)
     .bind(tenant)
@@ -296,7 +298,7 @@ pub async fn update_step(
     .bind(image)
     .fetch_optional(tx)
     .await?;
-    campaign.ok_or(RepoError::NotFound("step of a live sequence"))
+    step.ok_or(RepoError::NotFound("step of a live sequence"))
 }
 
 /// Re-renders every unsent message of a step campaign with `template` (spintax drawn anew per
