@@ -1428,6 +1428,25 @@ async fn an_opted_out_number_stays_opted_out_when_imported_again(pool: PgPool) {
     .unwrap();
     tx.commit().await.unwrap();
     assert_eq!((count.inserted, count.updated, count.opted_out), (3, 1, 3));
+    // New leads take their ids in the order given (a device sends its leads in that order).
+    let order: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT device_id, phone FROM leads WHERE name = 'again' ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let given = [
+        (d1, &phones[0]),
+        (d2, &phones[0]),
+        (d2, &stop_first),
+        (d2, &phones[1]),
+    ];
+    assert_eq!(
+        order,
+        given
+            .iter()
+            .map(|(d, p)| (*d, p.as_str().to_string()))
+            .collect::<Vec<_>>()
+    );
     seed_leads(&pool, other, od, 0, 1, "cars", LeadStatus::Prospect).await;
 
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;

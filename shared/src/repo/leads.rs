@@ -73,15 +73,16 @@ pub async fn upsert_leads(
             .into());
         }
         // A number on the tenant's opt-out list comes in opted out, on whichever device; an
-        // update never clears an opt-out.
+        // update never clears an opt-out. The list is probed per row (its primary key) rather
+        // than joined: a join may hand the rows to the insert in another order, and leads get
+        // their ids, and so their place in a device's sending order, in the order of the file.
         let rows: Vec<(bool, bool)> = sqlx::query_as(
             "INSERT INTO leads (tenant_id, device_id, name, phone, niches, target_status, triggers,
                                 opted_out_at)
              SELECT $1, d, n, p, string_to_array(ni, ' '), s, string_to_array(tr, ' '),
-                    o.opted_out_at
+                    (SELECT o.opted_out_at FROM opt_outs o WHERE o.tenant_id = $1 AND o.phone = u.p)
              FROM unnest($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
                   AS u(d, n, p, ni, s, tr)
-             LEFT JOIN opt_outs o ON o.tenant_id = $1 AND o.phone = u.p
              ON CONFLICT (device_id, phone) DO UPDATE SET
                  name = EXCLUDED.name, niches = EXCLUDED.niches,
                  target_status = EXCLUDED.target_status, triggers = EXCLUDED.triggers,
