@@ -258,6 +258,17 @@ pub async fn fan_out(pool: &PgPool) -> campaign_trigger::TriggerReport {
 }
 
 /// A campaign due now.
+/// Stores a PNG (`bytes`, e.g. `shared::media::TINY_PNG`) for the tenant; returns the image
+/// reference a campaign or message carries (`media:<id>`).
+pub async fn seed_image(pool: &PgPool, tenant: Uuid, bytes: &[u8]) -> String {
+    let mut tx = pool.begin().await.unwrap();
+    let id = repo::media::insert_media(&mut tx, tenant, "image/png", bytes)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    format!("media:{id}")
+}
+
 pub async fn seed_campaign(pool: &PgPool, tenant: Uuid, spec: &CampaignSpec<'_>) -> Uuid {
     shared::render::Template::parse(spec.template).unwrap();
     let niche = Token::parse(spec.niche).unwrap();

@@ -445,4 +445,48 @@ async fn history_and_progress_tell_a_messages_story_to_its_tenant_only(pool: PgP
         );
     }
     assert_eq!(count().await, before + 2);
+
+    // An edit: refused for the finished campaign, done for one not yet started.
+    let (ok, _, err) = wabcast(
+        &pool,
+        &[
+            "campaign",
+            "edit",
+            "--tenant",
+            "story@example.com",
+            "--campaign",
+            &campaign_arg,
+            "--title",
+            "x",
+        ],
+    )
+    .await;
+    assert!(!ok && err.contains("completed"), "{err}");
+    let next: uuid::Uuid = sqlx::query_scalar("SELECT id FROM campaigns WHERE niche = 'boats'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let next_arg = next.to_string();
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "campaign",
+            "edit",
+            "--tenant",
+            "story@example.com",
+            "--campaign",
+            &next_arg,
+            "--template",
+            "{Hi|Hey} {name}",
+            "--date",
+            "2099-02-01",
+            "--time",
+            "10:30",
+        ],
+    )
+    .await;
+    assert!(
+        ok && out.contains("(scheduled) updated, due 2099-02-01T02:30:00+00:00"),
+        "{out}{err}"
+    );
 }

@@ -47,12 +47,7 @@ async fn a_campaign_goes_out_through_the_cloud_api_with_each_error_classified(po
     graph.fail_next(phones[1].as_str(), &[131026]); // not on WhatsApp
     graph.fail_next(phones[2].as_str(), &[131047]); // 24-hour window closed
     graph.fail_next(phones[3].as_str(), &[130429]); // rate limited once, then accepted
-    let mut tx = pool.begin().await.unwrap();
-    let media = repo::media::insert_media(&mut tx, tenant, "image/png", shared::media::TINY_PNG)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let image = format!("media:{media}");
+    let image = seed_image(&pool, tenant, shared::media::TINY_PNG).await;
     let campaign = seed_campaign(
         &pool,
         tenant,
@@ -546,12 +541,7 @@ async fn a_template_campaign_sends_the_approved_template_with_per_lead_parameter
         vec!["{name:Tuan/Puan}".into(), "{RM50|RM80}".into()],
     )
     .unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let media = repo::media::insert_media(&mut tx, tenant, "image/png", shared::media::TINY_PNG)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let image = format!("media:{media}");
+    let image = seed_image(&pool, tenant, shared::media::TINY_PNG).await;
     let campaign = seed_campaign(
         &pool,
         tenant,

@@ -363,17 +363,10 @@ async fn pause_resume_edit_and_cancel_act_on_unsent_rows_at_once(pool: PgPool) {
     // Edit: every unsent row of the step is re-rendered at once. An edit of the text alone
     // keeps the step's image (for its unsent rows and for every later enrollment); an edit
     // with an image replaces it.
-    let mut tx = pool.begin().await.unwrap();
-    let mut images = Vec::new();
-    for extra in [0u8, 1] {
-        let bytes = [shared::media::TINY_PNG, &[extra][..]].concat();
-        let id = repo::media::insert_media(&mut tx, tenant, "image/png", &bytes)
-            .await
-            .unwrap();
-        images.push(format!("media:{id}"));
-    }
-    tx.commit().await.unwrap();
-    let (first, second) = (images[0].as_str(), images[1].as_str());
+    let first = seed_image(&pool, tenant, shared::media::TINY_PNG).await;
+    let second = [shared::media::TINY_PNG, &[0][..]].concat();
+    let second = seed_image(&pool, tenant, &second).await;
+    let (first, second) = (first.as_str(), second.as_str());
     sqlx::query("UPDATE campaigns SET image = $1 WHERE id = $2")
         .bind(first)
         .bind(step1)

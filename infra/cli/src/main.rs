@@ -349,6 +349,34 @@ enum CampaignCmd {
         #[arg(long)]
         campaign: Uuid,
     },
+    /// Change a campaign that has not finished: title, text, image and delays at any time (its
+    /// unsent messages are re-rendered at once), its date and time until it starts.
+    Edit {
+        /// The tenant, by email or id.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        campaign: Uuid,
+        #[arg(long)]
+        title: Option<String>,
+        /// The new text (placeholders and spintax as in `create`).
+        #[arg(long)]
+        template: Option<String>,
+        /// A new image: `https://…`, `data:image/...;base64,…`, or `@path/to/file.png`.
+        #[arg(long)]
+        image: Option<String>,
+        /// New local date (YYYY-MM-DD), with --time; not in the past.
+        #[arg(long, requires = "time")]
+        date: Option<chrono::NaiveDate>,
+        /// New local time (HH:MM); today's unless --date is given.
+        #[arg(long)]
+        time: Option<chrono::NaiveTime>,
+        /// New gap range between two sends of one device, seconds (both bounds).
+        #[arg(long, requires = "max_delay")]
+        min_delay: Option<f64>,
+        #[arg(long, requires = "min_delay")]
+        max_delay: Option<f64>,
+    },
     /// Cancel a campaign: its messages not yet handed to a device end cancelled.
     Cancel {
         /// The tenant, by email or id.
@@ -1004,6 +1032,81 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
         }
         CampaignCmd::Cancel { tenant, campaign } => {
             set_status(pool, &tenant, campaign, CampaignStatus::Cancelled).await?
+        }
+        CampaignCmd::Edit {
+            tenant,
+            campaign,
+            title,
+            template,
+            image,
+            date,
+            time,
+            min_delay,
+            max_delay,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            if title.is_none()
+                && template.is_none()
+                && image.is_none()
+                && time.is_none()
+                && min_delay.is_none()
+            {
+                bail!("nothing to change: give --title, --template, --image, --date/--time or --min-delay/--max-delay");
+            }
+            if let Some(t) = &template {
+                shared::render::Template::parse(t)?;
+            }
+            let delay = match (min_delay, max_delay) {
+                (Some(min), Some(max)) => Some(DelayRange::new(min, max)?),
+                _ => None,
+            };
+            let scheduled_at = match time {
+                Some(_) => {
+                    let t = repo::tenants::get_tenant(pool, tenant).await?;
+                    let zone = shared::tz::parse_zone(&t.time_zone)?;
+                    Some(shared::tz::resolve_schedule(
+                        zone,
+                        date,
+                        time,
+                        chrono::Utc::now(),
+                    )?)
+                }
+                None => None,
+            };
+            let image = match image {
+                Some(raw) => Some(store_image(pool, tenant, &raw).await?),
+                None => None,
+            };
+            let edit = repo::campaigns::CampaignEdit {
+                title: title.as_deref(),
+                template: template.as_deref(),
+                image: image.as_deref(),
+                scheduled_at,
+                delay,
+            };
+            let mut tx = pool.begin().await?;
+            let c = repo::campaigns::update_campaign(&mut tx, tenant, campaign, &edit).await?;
+            // A started campaign's unsent rows carry the old text: render them again.
+            let rendered =
+                if c.started_at.is_some() && (edit.template.is_some() || edit.image.is_some()) {
+                    let parsed = shared::render::Template::parse(&c.template)?;
+                    repo::sequences::rerender_unsent_messages(
+                        &mut tx,
+                        tenant,
+                        campaign,
+                        &parsed,
+                        c.image.as_deref(),
+                    )
+                    .await?
+                } else {
+                    0
+                };
+            tx.commit().await?;
+            println!(
+                "campaign {campaign} ({}) updated, due {}; {rendered} unsent message(s) re-rendered",
+                c.status,
+                c.scheduled_at.to_rfc3339()
+            );
         }
         CampaignCmd::Progress { tenant, campaign } => {
             let tenant = resolve_tenant(pool, &tenant).await?;

@@ -49,11 +49,7 @@ pub async fn insert_campaign(
     tenant: Uuid,
     new: &NewCampaign<'_>,
 ) -> Result<Uuid, RepoError> {
-    if new.title.trim().is_empty() || new.title.len() > 200 {
-        return Err(
-            crate::domain::InvalidInput::new("title", "must be 1 to 200 characters").into(),
-        );
-    }
+    check_title(new.title)?;
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO campaigns (id, tenant_id, title, template, image, niche, target_status,
@@ -74,6 +70,104 @@ pub async fn insert_campaign(
     .execute(tx)
     .await?;
     Ok(id)
+}
+
+/// What an edit changes; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct CampaignEdit<'a> {
+    pub title: Option<&'a str>,
+    /// Already parsed by `render::Template::parse`.
+    pub template: Option<&'a str>,
+    /// `https://…` (already checked) or `media:<id>`.
+    pub image: Option<&'a str>,
+    /// Only before the campaign has started (been fanned out).
+    pub scheduled_at: Option<DateTime<Utc>>,
+    pub delay: Option<DelayRange>,
+}
+
+/// Edits a campaign that has not finished: its title, text, image and delays at any time (new
+/// delays pace the gaps drawn from now on), its schedule only until it has started. A step of a
+/// sequence is edited through the sequence. Returns the campaign as it is now; the caller
+/// re-renders the unsent rows of a started campaign in the same transaction
+/// (`sequences::rerender_unsent_messages`). Holds the campaign row, so an edit and the fan-out
+/// see each other whole: an edit waiting on a fan-out finds the campaign started.
+pub async fn update_campaign(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    id: Uuid,
+    edit: &CampaignEdit<'_>,
+) -> Result<Campaign, RepoError> {
+    if let Some(title) = edit.title {
+        check_title(title)?;
+    }
+    let (status, started_at) =
+        lock_campaign(tx, tenant, id, "edit it with `sequence edit-step`").await?;
+    if matches!(
+        status,
+        CampaignStatus::Completed | CampaignStatus::Cancelled
+    ) {
+        return Err(RepoError::Conflict(format!(
+            "the campaign is {}: nothing of it is left to send",
+            status.as_str()
+        )));
+    }
+    if let (Some(_), Some(started)) = (edit.scheduled_at, started_at) {
+        return Err(RepoError::Conflict(format!(
+            "the campaign started at {}: its schedule can no longer change",
+            started.to_rfc3339()
+        )));
+    }
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE campaigns SET title = COALESCE($3, title), template = COALESCE($4, template),
+                image = COALESCE($5, image), scheduled_at = COALESCE($6, scheduled_at),
+                min_delay_s = COALESCE($7, min_delay_s), max_delay_s = COALESCE($8, max_delay_s)
+         WHERE id = $1 AND tenant_id = $2
+         RETURNING {CAMPAIGN_COLUMNS}"
+    )))
+    .bind(id)
+    .bind(tenant)
+    .bind(edit.title.map(str::trim))
+    .bind(edit.template)
+    .bind(edit.image)
+    .bind(edit.scheduled_at)
+    .bind(edit.delay.map(|d| d.min_s))
+    .bind(edit.delay.map(|d| d.max_s))
+    .fetch_one(&mut *tx)
+    .await?)
+}
+
+/// Locks a campaign of the tenant for a change of its own; returns its status and when it
+/// started. A sequence's step is refused, with `instead` saying what to do.
+async fn lock_campaign(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    id: Uuid,
+    instead: &str,
+) -> Result<(CampaignStatus, Option<DateTime<Utc>>), RepoError> {
+    let current: Option<(String, Option<DateTime<Utc>>, Option<Uuid>)> = sqlx::query_as(
+        "SELECT status, started_at, sequence_id FROM campaigns
+         WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (status, started_at, sequence) = current.ok_or(RepoError::NotFound("campaign"))?;
+    if let Some(sequence) = sequence {
+        return Err(RepoError::Conflict(format!(
+            "this is a step of sequence {sequence}: {instead}"
+        )));
+    }
+    Ok((status.parse()?, started_at))
+}
+
+fn check_title(title: &str) -> Result<(), RepoError> {
+    if title.trim().is_empty() || title.len() > 200 {
+        return Err(
+            crate::domain::InvalidInput::new("title", "must be 1 to 200 characters").into(),
+        );
+    }
+    Ok(())
 }
 
 pub async fn get_campaign(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Campaign, RepoError> {
@@ -245,21 +339,8 @@ pub async fn change_campaign_status(
     campaign: Uuid,
     to: CampaignStatus,
 ) -> Result<CampaignStatus, RepoError> {
-    let current: Option<(String, Option<DateTime<Utc>>, Option<Uuid>)> = sqlx::query_as(
-        "SELECT status, started_at, sequence_id FROM campaigns
-         WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
-    )
-    .bind(campaign)
-    .bind(tenant)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let (current, started_at, sequence) = current.ok_or(RepoError::NotFound("campaign"))?;
-    if let Some(sequence) = sequence {
-        return Err(RepoError::Conflict(format!(
-            "this is a step of sequence {sequence}: pause, resume or cancel the sequence"
-        )));
-    }
-    let current: CampaignStatus = current.parse()?;
+    let (current, started_at) =
+        lock_campaign(tx, tenant, campaign, "pause, resume or cancel the sequence").await?;
     use CampaignStatus as S;
     let next = match (current, to) {
         (S::Scheduled | S::Running, S::Paused) => S::Paused,
