@@ -1475,6 +1475,130 @@ async fn an_opted_out_number_stays_opted_out_when_imported_again(pool: PgPool) {
     assert_eq!(sent, want);
 }
 
+/// Waits until `task` has finished or some session waits for an advisory lock: the point at
+/// which a race between an open transaction and `task` has been decided one way or the other.
+async fn finished_or_waiting_on_advisory_lock<T>(pool: &PgPool, task: &tokio::task::JoinHandle<T>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if task.is_finished() {
+            return;
+        }
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "neither finished nor waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An opt-out and an import of the same number, each committing while the other is open, end
+/// with the lead opted out and never messaged, in either order. Without the tenant's opt-out
+/// lock neither saw the other: an opt-out's update cannot see the import's uncommitted lead,
+/// and the import's probe of the list cannot see the opt-out's uncommitted entry, so the lead
+/// came in not opted out. Each race is made by holding the first transaction open until the
+/// second has either finished (the race lost) or waits for it.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_opt_out_and_an_import_of_its_number_at_once_end_opted_out(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "optout-race@example.com").await;
+    let device = seed_device(&pool, tenant, "d0", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, device, 0, 2, "cars", LeadStatus::Prospect).await;
+    let lead = |phone: &shared::domain::PhoneE164| repo::leads::NewLead {
+        device_id: device,
+        name: "raced".into(),
+        phone: phone.clone(),
+        niches: vec![shared::domain::Token::parse("cars").unwrap()],
+        status: LeadStatus::Prospect,
+        triggers: vec![],
+    };
+    let import_first = shared::domain::PhoneE164::parse("+60178888881").unwrap();
+    let opt_out_first = shared::domain::PhoneE164::parse("+60178888882").unwrap();
+
+    // The import is open when the opt-out comes.
+    let mut import = pool.begin().await.unwrap();
+    repo::leads::upsert_leads(&mut import, tenant, &[lead(&import_first)])
+        .await
+        .unwrap();
+    let opt_out = tokio::spawn({
+        let (pool, phone) = (pool.clone(), import_first.clone());
+        async move {
+            let mut tx = pool.begin().await?;
+            let n = repo::leads::opt_out_lead(&mut tx, tenant, &phone).await?;
+            tx.commit().await?;
+            Ok::<u64, repo::RepoError>(n)
+        }
+    });
+    finished_or_waiting_on_advisory_lock(&pool, &opt_out).await;
+    import.commit().await.unwrap();
+    assert_eq!(
+        opt_out.await.unwrap().unwrap(),
+        1,
+        "the opt-out reached the lead the open import brought"
+    );
+
+    // The opt-out is open when the import comes.
+    let mut opting = pool.begin().await.unwrap();
+    let n = repo::leads::opt_out_lead(&mut opting, tenant, &opt_out_first)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "not a lead yet");
+    let import = tokio::spawn({
+        let pool = pool.clone();
+        let new = lead(&opt_out_first);
+        async move {
+            let mut tx = pool.begin().await?;
+            let n = repo::leads::upsert_leads(&mut tx, tenant, &[new]).await?;
+            tx.commit().await?;
+            Ok::<repo::leads::UpsertCount, repo::RepoError>(n)
+        }
+    });
+    finished_or_waiting_on_advisory_lock(&pool, &import).await;
+    opting.commit().await.unwrap();
+    let count = import.await.unwrap().unwrap();
+    assert_eq!(
+        (count.inserted, count.opted_out),
+        (1, 1),
+        "the import saw the opt-out that was open when it came"
+    );
+
+    let opted: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT phone, opted_out_at IS NOT NULL FROM leads WHERE tenant_id = $1 ORDER BY phone",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut want: Vec<(String, bool)> = phones
+        .iter()
+        .map(|p| (p.as_str().to_string(), false))
+        .chain([
+            (import_first.as_str().to_string(), true),
+            (opt_out_first.as_str().to_string(), true),
+        ])
+        .collect();
+    want.sort();
+    assert_eq!(opted, want);
+
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    let mut sent: Vec<String> = host.sends().into_iter().map(|e| e.to).collect();
+    sent.sort();
+    let mut want: Vec<String> = phones.iter().map(|p| p.as_str().to_string()).collect();
+    want.sort();
+    assert_eq!(sent, want, "only the two leads who never opted out");
+}
+
 /// `retry-failed` does not message a lead who opted out after the failure: an opt-out skips only
 /// unsent rows, so the retry put the failed row back on its way to someone who had said STOP
 /// (nothing between the claim and the provider looked at the lead then; the worker's claim

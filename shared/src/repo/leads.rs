@@ -26,7 +26,8 @@ pub struct UpsertCount {
 
 /// Inserts leads, or updates name, niches, status and triggers of a lead already known by
 /// (device, phone). Refuses the whole batch if any device is not the tenant's, or if it names
-/// one (device, phone) twice: which of the two should win is the caller's call.
+/// one (device, phone) twice: which of the two should win is the caller's call. Holds the
+/// tenant's opt-out lock shared until the transaction ends (see [`lock_opt_out_list`]).
 pub async fn upsert_leads(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -47,6 +48,7 @@ pub async fn upsert_leads(
         )
         .into());
     }
+    lock_opt_out_list(tx, tenant, LockMode::Shared).await?;
     let mut count = UpsertCount::default();
     for chunk in leads.chunks(5_000) {
         let devices: Vec<Uuid> = chunk.iter().map(|l| l.device_id).collect();
@@ -122,14 +124,42 @@ fn join_tokens(tokens: &[Token]) -> String {
         .join(" ")
 }
 
+enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+/// Orders imports and opt-outs of one tenant: imports take this lock shared (they run side by
+/// side), an opt-out exclusive, each until its transaction ends. Without it an opt-out that
+/// commits while an import of the same number is open misses the import's new lead: the import
+/// read the list before the opt-out wrote to it, and the opt-out's update cannot see a row not
+/// yet committed, so the lead came in not opted out and was messaged. An opt-out now waits for
+/// the imports under way (and an import for the opt-out), so one of the two sees the other.
+/// A transaction-level advisory lock (namespace 1, the tenant's hash): it needs no row, so it
+/// covers numbers that are no lead yet; a hash shared by two tenants only makes one wait.
+async fn lock_opt_out_list(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    mode: LockMode,
+) -> Result<(), RepoError> {
+    let sql = match mode {
+        LockMode::Shared => "SELECT pg_advisory_xact_lock_shared(1, hashtext($1::uuid::text))",
+        LockMode::Exclusive => "SELECT pg_advisory_xact_lock(1, hashtext($1::uuid::text))",
+    };
+    sqlx::query(sql).bind(tenant).execute(&mut *tx).await?;
+    Ok(())
+}
+
 /// Puts a number on the tenant's opt-out list, marks its leads (on any of the tenant's devices)
 /// opted out and skips their unsent messages. Returns how many leads matched; with none, the
-/// number is still on the list for the leads that may come with it later.
+/// number is still on the list for the leads that may come with it later. Waits for the
+/// tenant's imports under way (see [`lock_opt_out_list`]).
 pub async fn opt_out_lead(
     tx: &mut PgConnection,
     tenant: Uuid,
     phone: &PhoneE164,
 ) -> Result<u64, RepoError> {
+    lock_opt_out_list(tx, tenant, LockMode::Exclusive).await?;
     // The number stays on the tenant's list: a lead imported with it later comes in opted out.
     sqlx::query(
         "INSERT INTO opt_outs (tenant_id, phone) VALUES ($1, $2)
