@@ -19,7 +19,7 @@ async fn edit(
     let mut tx = pool.begin().await.unwrap();
     let c = repo::campaigns::update_campaign(&mut tx, tenant, campaign, e).await?;
     let parsed = shared::render::Template::parse(&c.template).unwrap();
-    let n = repo::sequences::rerender_unsent_messages(
+    let n = repo::messages::rerender_unsent_messages(
         &mut tx,
         tenant,
         campaign,

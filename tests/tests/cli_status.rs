@@ -489,4 +489,60 @@ async fn history_and_progress_tell_a_messages_story_to_its_tenant_only(pool: PgP
         ok && out.contains("(scheduled) updated, due 2099-02-01T02:30:00+00:00"),
         "{out}{err}"
     );
+    // Its Cloud API template: set, refused when malformed (nothing changes), removed.
+    let edit_args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "campaign".to_string(),
+            "edit".into(),
+            "--tenant".into(),
+            "story@example.com".into(),
+            "--campaign".into(),
+            next_arg.clone(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let stored = || async {
+        sqlx::query_scalar::<_, Option<serde_json::Value>>(
+            "SELECT wa_template FROM campaigns WHERE id = $1",
+        )
+        .bind(next)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let args = edit_args(&[
+        "--wa-template",
+        "boat_promo:ms",
+        "--wa-template-param",
+        "{name}",
+    ]);
+    let (ok, out, err) = wabcast(&pool, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(
+        ok && out.contains("send template boat_promo:ms"),
+        "{out}{err}"
+    );
+    let set =
+        serde_json::json!({"name": "boat_promo", "language": "ms", "body_params": ["{name}"]});
+    assert_eq!(stored().await, Some(set.clone()));
+    for bad in [
+        &["--wa-template", "Boat Promo:ms"][..],
+        &["--wa-template", "boat_promo"][..],
+        &["--wa-template-param", "{name}"][..],
+        &["--wa-template", "boat_promo:ms", "--no-wa-template"][..],
+    ] {
+        let args = edit_args(bad);
+        let (ok, out, err) =
+            wabcast(&pool, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        assert!(!ok && !err.is_empty(), "{bad:?} was taken: {out}");
+        assert_eq!(
+            stored().await,
+            Some(set.clone()),
+            "{bad:?} changed the campaign"
+        );
+    }
+    let args = edit_args(&["--no-wa-template"]);
+    let (ok, out, err) = wabcast(&pool, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert!(ok && out.contains("send the text"), "{out}{err}");
+    assert_eq!(stored().await, None);
 }

@@ -593,6 +593,110 @@ async fn a_template_campaign_sends_the_approved_template_with_per_lead_parameter
     assert_eq!(graph.uploads(), 1);
 }
 
+/// A running campaign's Cloud API template is edited like its text: a template put on a
+/// campaign after its fan-out is what its unsent messages go out as, and one taken off sends the
+/// text again; a campaign already finished refuses the edit.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_template_set_or_removed_by_an_edit_reaches_the_unsent_messages(pool: PgPool) {
+    use shared::repo::campaigns::CampaignEdit;
+    let graph = FakeGraph::start().await;
+    graph.allow(PNID, TOKEN_A);
+    let tenant = seed_tenant(&pool, "tpl-edit@example.com").await;
+    let device = seed_cloud_device(&pool, tenant, "biz-1", PNID, TOKEN_A).await;
+    seed_leads(&pool, tenant, device, 0, 3, "cars", LeadStatus::Prospect).await;
+    let old = shared::render::WaTemplate::new("old_promo", "en", vec![]).unwrap();
+    let new =
+        shared::render::WaTemplate::new("december_promo", "ms", vec!["{name}".into()]).unwrap();
+    let with_template = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            template: "Plain text {name}",
+            wa_template: Some(&old),
+            ..Default::default()
+        },
+    )
+    .await;
+    fan_out(&pool).await;
+    let edit = |id, wa_template| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let r = repo::campaigns::update_campaign(
+                &mut tx,
+                tenant,
+                id,
+                &CampaignEdit {
+                    wa_template,
+                    ..CampaignEdit::default()
+                },
+            )
+            .await;
+            tx.commit().await.unwrap();
+            r
+        }
+    };
+    let c = edit(with_template, Some(None)).await.unwrap();
+    assert_eq!(c.status, "running");
+    assert!(c.wa_template.is_none());
+
+    let host = host(&pool, &graph).await;
+    host.client.connect_device(tenant, device).await.unwrap();
+    wait_for_device_status(&pool, tenant, device, "online").await;
+    let pipeline = Pipeline::new(&pool, test_queue(5).await, &host);
+    pipeline
+        .run_until_done(&[(tenant, with_template)], Duration::from_secs(30))
+        .await;
+    let sends = |graph: &FakeGraph| -> Vec<serde_json::Value> {
+        graph
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with("/messages"))
+            .map(|r| r.body)
+            .collect()
+    };
+    let first = sends(&graph);
+    assert_eq!(first.len(), 3);
+    for b in &first {
+        assert_eq!(b["type"], "text", "{b}");
+        assert!(b["text"]["body"]
+            .as_str()
+            .unwrap()
+            .starts_with("Plain text "));
+    }
+
+    let without = seed_campaign(
+        &pool,
+        tenant,
+        &CampaignSpec {
+            template: "Plain text {name}",
+            ..Default::default()
+        },
+    )
+    .await;
+    fan_out(&pool).await;
+    let c = edit(without, Some(Some(&new))).await.unwrap();
+    assert_eq!(
+        c.wa_template.as_ref().map(|t| t.0.name.as_str()),
+        Some("december_promo")
+    );
+    pipeline
+        .run_until_done(&[(tenant, without)], Duration::from_secs(30))
+        .await;
+    let second = sends(&graph);
+    assert_eq!(second.len(), 6);
+    for b in &second[3..] {
+        assert_eq!(b["type"], "template", "{b}");
+        assert_eq!(b["template"]["name"], "december_promo");
+        assert_eq!(b["template"]["language"]["code"], "ms");
+    }
+    let err = edit(without, Some(None)).await.unwrap_err();
+    assert!(
+        matches!(&err, repo::RepoError::Conflict(m) if m.contains("completed")),
+        "{err}"
+    );
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn an_image_with_a_public_link_is_sent_by_link_without_an_upload(pool: PgPool) {
     use device_host::provider::{DeviceRef, Outbound, Provider, ResolvedImage};

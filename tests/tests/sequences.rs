@@ -385,7 +385,7 @@ async fn pause_resume_edit_and_cancel_act_on_unsent_rows_at_once(pool: PgPool) {
         assert_eq!((campaign, image.as_deref()), (step1, Some(want_image)));
         let t = shared::render::Template::parse(template).unwrap();
         let changed =
-            repo::sequences::rerender_unsent_messages(&mut tx, tenant, step1, &t, image.as_deref())
+            repo::messages::rerender_unsent_messages(&mut tx, tenant, step1, &t, image.as_deref())
                 .await
                 .unwrap();
         assert_eq!(changed, 10);

@@ -376,6 +376,15 @@ enum CampaignCmd {
         min_delay: Option<f64>,
         #[arg(long, requires = "min_delay")]
         max_delay: Option<f64>,
+        /// A new Cloud API template, `name:language`, with its `--wa-template-param`s (the
+        /// parameters are replaced with it); messages not yet sending get it.
+        #[arg(long)]
+        wa_template: Option<String>,
+        #[arg(long = "wa-template-param")]
+        wa_template_params: Vec<String>,
+        /// Cloud API devices send the text instead of the campaign's template.
+        #[arg(long, conflicts_with = "wa_template")]
+        no_wa_template: bool,
     },
     /// Cancel a campaign: its messages not yet handed to a device end cancelled.
     Cancel {
@@ -518,6 +527,31 @@ pub(crate) async fn resolve_tenant(pool: &PgPool, s: &str) -> Result<Uuid> {
         Err(_) => repo::tenants::find_tenant_by_email(pool, s).await,
     };
     Ok(t.with_context(|| format!("no tenant {s:?}"))?.id)
+}
+
+/// `--wa-template name:language` with its `--wa-template-param`s.
+fn parse_wa_template(
+    spec: Option<String>,
+    params: Vec<String>,
+) -> Result<Option<shared::render::WaTemplate>> {
+    match spec {
+        Some(spec) => {
+            let (name, language) = spec
+                .split_once(':')
+                .context("--wa-template is name:language, e.g. november_promo:ms")?;
+            Ok(Some(shared::render::WaTemplate::new(
+                name, language, params,
+            )?))
+        }
+        None if !params.is_empty() => bail!("--wa-template-param needs --wa-template"),
+        None => Ok(None),
+    }
+}
+
+/// The time zone in which a tenant's dates and times are read.
+async fn tenant_zone(pool: &PgPool, tenant: Uuid) -> Result<chrono_tz::Tz> {
+    let t = repo::tenants::get_tenant(pool, tenant).await?;
+    Ok(shared::tz::parse_zone(&t.time_zone)?)
 }
 
 fn host_client(h: &HostArgs) -> Result<shared::host_api::HostClient> {
@@ -975,27 +1009,11 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             shared::render::Template::parse(&template)?;
-            let wa_template = match wa_template {
-                Some(spec) => {
-                    let (name, language) = spec
-                        .split_once(':')
-                        .context("--wa-template is name:language, e.g. november_promo:ms")?;
-                    Some(shared::render::WaTemplate::new(
-                        name,
-                        language,
-                        wa_template_params,
-                    )?)
-                }
-                None if !wa_template_params.is_empty() => {
-                    bail!("--wa-template-param needs --wa-template")
-                }
-                None => None,
-            };
+            let wa_template = parse_wa_template(wa_template, wa_template_params)?;
             let niche = Token::parse(&niche)?;
             let target: TargetStatus = target.parse()?;
             let delay = DelayRange::new(min_delay, max_delay)?;
-            let t = repo::tenants::get_tenant(pool, tenant).await?;
-            let zone = shared::tz::parse_zone(&t.time_zone)?;
+            let zone = tenant_zone(pool, tenant).await?;
             let scheduled_at = shared::tz::resolve_schedule(zone, date, time, chrono::Utc::now())?;
             let image = match image {
                 Some(raw) => Some(store_image(pool, tenant, &raw).await?),
@@ -1077,15 +1095,24 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             time,
             min_delay,
             max_delay,
+            wa_template,
+            wa_template_params,
+            no_wa_template,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let wa_template = parse_wa_template(wa_template, wa_template_params)?;
             if title.is_none()
                 && template.is_none()
                 && image.is_none()
                 && time.is_none()
                 && min_delay.is_none()
+                && wa_template.is_none()
+                && !no_wa_template
             {
-                bail!("nothing to change: give --title, --template, --image, --date/--time or --min-delay/--max-delay");
+                bail!(
+                    "nothing to change: give --title, --template, --image, --date/--time, \
+                     --min-delay/--max-delay, --wa-template or --no-wa-template"
+                );
             }
             if let Some(t) = &template {
                 shared::render::Template::parse(t)?;
@@ -1095,16 +1122,12 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                 _ => None,
             };
             let scheduled_at = match time {
-                Some(_) => {
-                    let t = repo::tenants::get_tenant(pool, tenant).await?;
-                    let zone = shared::tz::parse_zone(&t.time_zone)?;
-                    Some(shared::tz::resolve_schedule(
-                        zone,
-                        date,
-                        time,
-                        chrono::Utc::now(),
-                    )?)
-                }
+                Some(_) => Some(shared::tz::resolve_schedule(
+                    tenant_zone(pool, tenant).await?,
+                    date,
+                    time,
+                    chrono::Utc::now(),
+                )?),
                 None => None,
             };
             let image = match image {
@@ -1117,6 +1140,11 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                 image: image.as_deref(),
                 scheduled_at,
                 delay,
+                wa_template: match (&wa_template, no_wa_template) {
+                    (Some(t), _) => Some(Some(t)),
+                    (None, true) => Some(None),
+                    (None, false) => None,
+                },
             };
             let mut tx = pool.begin().await?;
             let c = repo::campaigns::update_campaign(&mut tx, tenant, campaign, &edit).await?;
@@ -1124,7 +1152,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             let rendered =
                 if c.started_at.is_some() && (edit.template.is_some() || edit.image.is_some()) {
                     let parsed = shared::render::Template::parse(&c.template)?;
-                    repo::sequences::rerender_unsent_messages(
+                    repo::messages::rerender_unsent_messages(
                         &mut tx,
                         tenant,
                         campaign,
@@ -1141,6 +1169,15 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                 c.status,
                 c.scheduled_at.to_rfc3339()
             );
+            if edit.wa_template.is_some() {
+                match &c.wa_template {
+                    Some(t) => println!(
+                        "Cloud API devices send template {}:{} to every message not yet sending",
+                        t.name, t.language
+                    ),
+                    None => println!("Cloud API devices send the text"),
+                }
+            }
         }
         CampaignCmd::Progress { tenant, campaign } => {
             let tenant = resolve_tenant(pool, &tenant).await?;

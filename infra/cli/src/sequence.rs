@@ -306,7 +306,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
                 image.as_deref(),
             )
             .await?;
-            let n = repo::sequences::rerender_unsent_messages(
+            let n = repo::messages::rerender_unsent_messages(
                 &mut tx,
                 tenant,
                 campaign,

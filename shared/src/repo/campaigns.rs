@@ -25,10 +25,13 @@ pub struct Campaign {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// What Cloud API devices send instead of the text.
+    pub wa_template: Option<sqlx::types::Json<crate::render::WaTemplate>>,
 }
 
 const CAMPAIGN_COLUMNS: &str = "id, tenant_id, title, template, image, niche, target_status, \
-    scheduled_at, min_delay_s, max_delay_s, status, created_at, started_at, finished_at";
+    scheduled_at, min_delay_s, max_delay_s, status, created_at, started_at, finished_at, \
+    wa_template";
 
 pub struct NewCampaign<'a> {
     pub title: &'a str,
@@ -83,13 +86,18 @@ pub struct CampaignEdit<'a> {
     /// Only before the campaign has started (been fanned out).
     pub scheduled_at: Option<DateTime<Utc>>,
     pub delay: Option<DelayRange>,
+    /// `Some(Some(t))` sets the Cloud API template, `Some(None)` removes it (Cloud API devices
+    /// then send the text). It is read when a message is claimed for its send, so an edit
+    /// reaches every message not yet sending.
+    pub wa_template: Option<Option<&'a crate::render::WaTemplate>>,
 }
 
-/// Edits a campaign that has not finished: its title, text, image and delays at any time (new
-/// delays pace the gaps drawn from now on), its schedule only until it has started. A step of a
+/// Edits a campaign that has not finished: its title, text, image, Cloud API template and
+/// delays at any time (new delays pace the gaps drawn from now on), its schedule only until it
+/// has started. A step of a
 /// sequence is edited through the sequence. Returns the campaign as it is now; the caller
 /// re-renders the unsent rows of a started campaign in the same transaction
-/// (`sequences::rerender_unsent_messages`). Holds the campaign row, so an edit and the fan-out
+/// (`messages::rerender_unsent_messages`). Holds the campaign row, so an edit and the fan-out
 /// see each other whole: an edit waiting on a fan-out finds the campaign started.
 pub async fn update_campaign(
     tx: &mut PgConnection,
@@ -120,7 +128,8 @@ pub async fn update_campaign(
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE campaigns SET title = COALESCE($3, title), template = COALESCE($4, template),
                 image = COALESCE($5, image), scheduled_at = COALESCE($6, scheduled_at),
-                min_delay_s = COALESCE($7, min_delay_s), max_delay_s = COALESCE($8, max_delay_s)
+                min_delay_s = COALESCE($7, min_delay_s), max_delay_s = COALESCE($8, max_delay_s),
+                wa_template = CASE WHEN $9 THEN $10 ELSE wa_template END
          WHERE id = $1 AND tenant_id = $2
          RETURNING {CAMPAIGN_COLUMNS}"
     )))
@@ -132,6 +141,8 @@ pub async fn update_campaign(
     .bind(edit.scheduled_at)
     .bind(edit.delay.map(|d| d.min_s))
     .bind(edit.delay.map(|d| d.max_s))
+    .bind(edit.wa_template.is_some())
+    .bind(edit.wa_template.flatten().map(sqlx::types::Json))
     .fetch_one(&mut *tx)
     .await?)
 }

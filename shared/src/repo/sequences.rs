@@ -274,7 +274,7 @@ pub async fn change_sequence_status(
 /// Replaces a step's template, and its image when `image` is given (`None` keeps the one it
 /// has: a step edited for its text used to lose its image for every later enrollment). Returns
 /// the step's campaign and the image it has now; the caller re-renders the step's unsent rows
-/// with both in the same transaction ([`rerender_unsent_messages`]).
+/// with both in the same transaction ([`super::messages::rerender_unsent_messages`]).
 pub async fn update_step(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -299,81 +299,6 @@ pub async fn update_step(
     .fetch_optional(tx)
     .await?;
     step.ok_or(RepoError::NotFound("step of a live sequence"))
-}
-
-/// Re-renders every unsent message of a step campaign with `template` (spintax drawn anew per
-/// recipient) and sets its image; call it in the transaction that changed the step
-/// ([`update_step`]). Returns how many rows changed.
-pub async fn rerender_unsent_messages(
-    tx: &mut PgConnection,
-    tenant: Uuid,
-    campaign: Uuid,
-    template: &crate::render::Template,
-    image: Option<&str>,
-) -> Result<u64, RepoError> {
-    let unsent = list_unsent_step_messages(tx, tenant, campaign).await?;
-    let mut rng = rand::rng();
-    let bodies: Vec<(i64, String)> = unsent
-        .iter()
-        .map(|u| {
-            let to = crate::render::Recipient {
-                name: &u.name,
-                phone: &u.phone,
-            };
-            (u.id, template.render(&to, &mut rng))
-        })
-        .collect();
-    update_message_bodies(tx, tenant, image, &bodies).await
-}
-
-/// A step's rows not yet handed to the provider, with what rendering needs.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct UnsentMessage {
-    pub id: i64,
-    pub name: String,
-    pub phone: String,
-}
-
-pub async fn list_unsent_step_messages(
-    tx: &mut PgConnection,
-    tenant: Uuid,
-    campaign: Uuid,
-) -> Result<Vec<UnsentMessage>, RepoError> {
-    Ok(sqlx::query_as(
-        "SELECT bm.id, l.name, l.phone FROM broadcast_messages bm
-         JOIN leads l ON l.id = bm.lead_id AND l.tenant_id = bm.tenant_id
-         WHERE bm.campaign_id = $1 AND bm.tenant_id = $2 AND bm.status IN ('pending', 'queued')
-         FOR UPDATE OF bm",
-    )
-    .bind(campaign)
-    .bind(tenant)
-    .fetch_all(tx)
-    .await?)
-}
-
-/// New bodies (and image) for rows still unsent; a row that started sending meanwhile keeps its
-/// text. Returns how many changed.
-pub async fn update_message_bodies(
-    tx: &mut PgConnection,
-    tenant: Uuid,
-    image: Option<&str>,
-    bodies: &[(i64, String)],
-) -> Result<u64, RepoError> {
-    let ids: Vec<i64> = bodies.iter().map(|b| b.0).collect();
-    let texts: Vec<&str> = bodies.iter().map(|b| b.1.as_str()).collect();
-    let res = sqlx::query(
-        "UPDATE broadcast_messages bm SET body = u.body, image = $3
-         FROM unnest($1::bigint[], $2::text[]) AS u(id, body)
-         WHERE bm.id = ANY($1) AND bm.id = u.id AND bm.tenant_id = $4
-           AND bm.status IN ('pending', 'queued')",
-    )
-    .bind(&ids)
-    .bind(&texts)
-    .bind(image)
-    .bind(tenant)
-    .execute(tx)
-    .await?;
-    Ok(res.rows_affected())
 }
 
 /// An active sequence as the trigger needs it: its tenant's zone and its first step.
