@@ -22,6 +22,8 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
     let tenant = seed_tenant(&pool, "status@example.com").await;
     let ok_device = seed_device(&pool, tenant, "shop-ok", 0.0, 0.0).await;
     let held = seed_device(&pool, tenant, "shop-held", 0.0, 0.0).await;
+    // Its host died with it online: the status is only the last one written.
+    let stale = seed_device(&pool, tenant, "shop-stale", 0.0, 0.0).await;
     // A deleted device needs no host and is not counted among the unserved.
     let gone = seed_device(&pool, tenant, "shop-gone", 0.0, 0.0).await;
     let mut tx = pool.begin().await.unwrap();
@@ -33,10 +35,12 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
     sqlx::query(
         "INSERT INTO device_leases (device_id, host_id, lease_until)
          VALUES ($1, 'host-a', now() + interval '30 seconds'),
-                ($2, 'host-dead', now() - interval '60 seconds')",
+                ($2, 'host-dead', now() - interval '60 seconds'),
+                ($3, 'host-dead', now() - interval '60 seconds')",
     )
     .bind(ok_device)
     .bind(held)
+    .bind(stale)
     .execute(&pool)
     .await
     .unwrap();
@@ -72,9 +76,15 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
         "{stdout}"
     );
     assert!(
-        stdout.contains("1 device(s) without a live host lease"),
+        stdout.contains("2 device(s) without a live host lease"),
         "{stdout}"
     );
+    // A connection status nobody keeps current says so; a restriction (WhatsApp's, not the
+    // host's) and a served device's status do not.
+    let stale_row = lines.iter().find(|l| l.starts_with("shop-stale")).unwrap();
+    assert!(stale_row.contains("online (stale)"), "{stdout}");
+    assert!(!lines[at].contains("stale"), "{stdout}");
+    assert!(stdout.contains("1 device(s) marked (stale)"), "{stdout}");
     assert!(
         lines[at + 1].contains(why),
         "the reason follows the held device's row:\n{stdout}"

@@ -1311,12 +1311,13 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     let rows = repo::devices::list_device_load(pool, tenant).await?;
     let now = chrono::Utc::now();
     println!(
-        "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}  host",
+        "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  host",
         "device", "status", "next send", "pending", "queued", "sending"
     );
-    let (mut unserved, mut unreachable) = (0, 0);
+    let (mut unserved, mut unreachable, mut stale) = (0, 0, 0);
     for d in &rows {
         // Which host serves the device; a lease that ran out means none does.
+        let served = d.lease_until.is_some_and(|until| until > now);
         let host = match (&d.host_id, d.lease_until) {
             _ if d.status == "deleted" => "-".to_string(),
             (Some(h), Some(until)) if until > now => match d.host_unreachable_since {
@@ -1347,9 +1348,21 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         } else {
             format!("in {next:.1}s")
         };
+        // A connection status is its host's to keep current; with no host it is only the last
+        // one written (a host that died with its devices online left them "online").
+        let live_status = matches!(
+            d.status.as_str(),
+            "connecting" | "awaiting_pairing" | "online" | "reconnecting"
+        );
+        let status = if live_status && !served {
+            stale += 1;
+            format!("{} (stale)", d.status)
+        } else {
+            d.status.clone()
+        };
         println!(
-            "{:<16} {:<14} {:>10} {:>8} {:>7} {:>8}  {host}",
-            d.label, d.status, next, d.pending, d.queued, d.sending
+            "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  {host}",
+            d.label, status, next, d.pending, d.queued, d.sending
         );
         // Why a device is not online (a restriction and its end, a logout, a ban): the person
         // who has to act reads it here.
@@ -1366,6 +1379,11 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     if unserved > 0 {
         println!(
             "{unserved} device(s) without a live host lease (a host died or stopped, none has started, or every host is full: HOST_MAX_DEVICES): their messages wait until a host takes them; once a lease has been out for OFFLINE_GRACE_S its device counts as offline and its due messages are skipped"
+        );
+    }
+    if stale > 0 {
+        println!(
+            "{stale} device(s) marked (stale): the status is the last one a host wrote before its lease ran out; no host is keeping it current"
         );
     }
     if unreachable > 0 {
