@@ -556,3 +556,142 @@ async fn history_and_progress_tell_a_messages_story_to_its_tenant_only(pool: PgP
     assert!(ok && out.contains("send the text"), "{out}{err}");
     assert_eq!(stored().await, None);
 }
+
+/// `leads show`: what answers "I said STOP and still got a message". The number's opt-out, its
+/// lead on each device (opted out on both), and every message to it with its campaign, device
+/// and state; a campaign after the opt-out has none for it. Another tenant's lead with the same
+/// number and its message do not appear; a malformed number is refused.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn leads_show_tells_a_numbers_story_to_its_tenant_only(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    use std::time::Duration;
+    let tenant = seed_tenant(&pool, "number@example.com").await;
+    let other = seed_tenant(&pool, "number-other@example.com").await;
+    let a = seed_device(&pool, tenant, "shop-a", 0.0, 0.0).await;
+    let b = seed_device(&pool, tenant, "shop-b", 0.0, 0.0).await;
+    let o = seed_device(&pool, other, "other-shop", 0.0, 0.0).await;
+    // The first number is a lead of both devices, and of the other tenant.
+    let phones = seed_leads(&pool, tenant, a, 0, 3, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, b, 0, 1, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, other, o, 0, 1, "cars", LeadStatus::Prospect).await;
+    let first = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let others = seed_campaign(&pool, other, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.run_until_done(&[(tenant, first), (other, others)], Duration::from_secs(30))
+        .await;
+    assert_eq!(host.sends().len(), 5);
+    let mut tx = pool.begin().await.unwrap();
+    repo::leads::opt_out_lead(&mut tx, tenant, &phones[0])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let after = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.run_until_done(&[(tenant, after)], Duration::from_secs(30))
+        .await;
+    assert_eq!(host.sends().len(), 7, "the two other leads only");
+
+    let number = phones[0].as_str();
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "leads",
+            "show",
+            "--tenant",
+            "number@example.com",
+            "--phone",
+            number,
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("{number}: on the opt-out list since ")),
+        "{out}"
+    );
+    assert_eq!(lines[1], "times in Asia/Kuala_Lumpur", "{out}");
+    let leads: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("shop-"))
+        .collect();
+    assert_eq!(leads.len(), 2, "{out}");
+    for (l, label) in leads.iter().zip(["shop-a", "shop-b"]) {
+        assert!(
+            l.starts_with(label) && l.contains("prospect  cars"),
+            "{out}"
+        );
+        // Its last column is the opt-out's local time, not "-".
+        assert!(!l.trim_end().ends_with(" -"), "not shown opted out: {out}");
+    }
+    assert!(out.contains("the newest 2 message(s):"), "{out}");
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, first)
+        .await
+        .unwrap();
+    for m in rows.iter().filter(|m| m.recipient == number) {
+        let line = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with(&format!("{} ", m.id)))
+            .unwrap_or_else(|| panic!("message {} missing:\n{out}", m.id));
+        assert!(
+            line.contains(" sent ") && line.contains("accepted") && line.ends_with("test campaign"),
+            "{line}"
+        );
+    }
+    assert!(
+        !out.contains("other-shop"),
+        "another tenant's lead shown:\n{out}"
+    );
+
+    // A number with no lead, a malformed one, and the other tenant asking about its own.
+    let (ok, out, _) = wabcast(
+        &pool,
+        &[
+            "leads",
+            "show",
+            "--tenant",
+            "number@example.com",
+            "--phone",
+            "+60199999999",
+        ],
+    )
+    .await;
+    assert!(
+        ok && out.contains("not on the opt-out list") && out.contains("no lead has this number"),
+        "{out}"
+    );
+    let (ok, _, err) = wabcast(
+        &pool,
+        &[
+            "leads",
+            "show",
+            "--tenant",
+            "number@example.com",
+            "--phone",
+            "12ab",
+        ],
+    )
+    .await;
+    assert!(!ok && err.contains("phone"), "{err}");
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "leads",
+            "show",
+            "--tenant",
+            "number-other@example.com",
+            "--phone",
+            number,
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("not on the opt-out list")
+            && out.contains("other-shop")
+            && out.contains("the newest 1 message(s):")
+            && !out.contains("shop-a"),
+        "{out}"
+    );
+}

@@ -48,7 +48,7 @@ enum Command {
     /// Devices (WhatsApp numbers): add, pair, pace, take out of service.
     #[command(subcommand)]
     Device(DeviceCmd),
-    /// Leads: import from CSV, opt out.
+    /// Leads: import from CSV, opt out, look a number up.
     #[command(subcommand)]
     Leads(LeadsCmd),
     /// Campaigns: one message to every matching lead, through each lead's own device.
@@ -281,6 +281,18 @@ enum LeadsCmd {
         tenant: String,
         #[arg(long)]
         phone: String,
+    },
+    /// Everything about a number: whether it is on the opt-out list, its leads on each device,
+    /// and the newest messages to it with their states (details: `history --message`).
+    Show {
+        /// The tenant, by email or id.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        phone: String,
+        /// How many of the newest messages to show.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
     },
 }
 
@@ -963,6 +975,18 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
                  any imported with it later come in opted out"
             );
         }
+        LeadsCmd::Show {
+            tenant,
+            phone,
+            limit,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let phone = PhoneE164::parse(&phone)?;
+            if !(1..=1_000).contains(&limit) {
+                bail!("--limit must be 1 to 1000");
+            }
+            print_number(pool, tenant, &phone, limit).await?;
+        }
     }
     Ok(())
 }
@@ -1264,6 +1288,87 @@ pub(crate) async fn print_report(
 }
 
 /// One message: what it is, every state change with its reason, and its receipts (UTC).
+async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64) -> Result<()> {
+    let zone = tenant_zone(pool, tenant).await?;
+    let local = |t: chrono::DateTime<chrono::Utc>| {
+        t.with_timezone(&zone)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string()
+    };
+    match repo::leads::get_opt_out(pool, tenant, phone).await? {
+        Some(at) => println!(
+            "{phone}: on the opt-out list since {} (it receives nothing from this tenant)",
+            local(at)
+        ),
+        None => println!("{phone}: not on the opt-out list"),
+    }
+    println!("times in {zone}");
+    let leads = repo::leads::list_leads_with_phone(pool, tenant, phone).await?;
+    if leads.is_empty() {
+        println!("no lead has this number");
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<20} {:<9} {:<20} {:<12} {:<11} {:<19} opted out",
+        "device", "name", "target", "niches", "triggers", "on WhatsApp", "last contacted"
+    );
+    for l in &leads {
+        let device = if l.device_deleted {
+            format!("{} (deleted)", l.device_label)
+        } else {
+            l.device_label.clone()
+        };
+        let on_wa = match l.on_whatsapp {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "unchecked",
+        };
+        println!(
+            "{:<16} {:<20} {:<9} {:<20} {:<12} {:<11} {:<19} {}",
+            device,
+            if l.name.is_empty() { "-" } else { &l.name },
+            l.target_status,
+            l.niches.join(","),
+            l.triggers.join(","),
+            on_wa,
+            l.last_contacted_at.map(local).unwrap_or_else(|| "-".into()),
+            l.opted_out_at.map(local).unwrap_or_else(|| "-".into())
+        );
+    }
+    let messages = repo::messages::list_messages_to_number(pool, tenant, phone, limit).await?;
+    if messages.is_empty() {
+        println!("no message to this number yet");
+        return Ok(());
+    }
+    println!("the newest {} message(s):", messages.len());
+    println!(
+        "{:>10} {:<19} {:<16} {:<10} {:<24} {:<9} campaign",
+        "message", "created", "device", "status", "reason", "receipt"
+    );
+    for m in &messages {
+        let receipt = if m.read_at.is_some() {
+            "read"
+        } else if m.delivered_at.is_some() {
+            "delivered"
+        } else if m.sent_at.is_some() {
+            "sent"
+        } else {
+            "-"
+        };
+        println!(
+            "{:>10} {:<19} {:<16} {:<10} {:<24} {:<9} {}",
+            m.id,
+            local(m.created_at),
+            m.device_label,
+            m.status,
+            m.reason.as_deref().unwrap_or("-"),
+            receipt,
+            m.campaign_title
+        );
+    }
+    Ok(())
+}
+
 async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> {
     let m = repo::messages::get_message(pool, tenant, message).await?;
     let campaign = repo::campaigns::get_campaign(pool, tenant, m.campaign_id).await?;

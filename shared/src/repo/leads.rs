@@ -3,6 +3,7 @@
 
 use super::RepoError;
 use crate::domain::{LeadStatus, PhoneE164, Token};
+use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -261,4 +262,56 @@ pub async fn count_leads(pool: &PgPool, tenant: Uuid) -> Result<i64, RepoError> 
             .fetch_one(pool)
             .await?,
     )
+}
+
+/// When the number went on the tenant's opt-out list, if it is on it.
+pub async fn get_opt_out(
+    pool: &PgPool,
+    tenant: Uuid,
+    phone: &PhoneE164,
+) -> Result<Option<DateTime<Utc>>, RepoError> {
+    Ok(
+        sqlx::query_scalar("SELECT opted_out_at FROM opt_outs WHERE tenant_id = $1 AND phone = $2")
+            .bind(tenant)
+            .bind(phone.as_str())
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// A lead as an operator looks it up by its number.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LeadView {
+    pub id: i64,
+    pub device_id: Uuid,
+    pub device_label: String,
+    pub device_deleted: bool,
+    pub name: String,
+    pub niches: Vec<String>,
+    pub target_status: String,
+    pub triggers: Vec<String>,
+    pub opted_out_at: Option<DateTime<Utc>>,
+    pub on_whatsapp: Option<bool>,
+    pub last_contacted_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The tenant's leads with this number, one per device that has it, by device label.
+pub async fn list_leads_with_phone(
+    pool: &PgPool,
+    tenant: Uuid,
+    phone: &PhoneE164,
+) -> Result<Vec<LeadView>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT l.id, l.device_id, d.label AS device_label, d.deleted_at IS NOT NULL AS device_deleted,
+                l.name, l.niches, l.target_status, l.triggers, l.opted_out_at, l.on_whatsapp,
+                l.last_contacted_at, l.created_at
+         FROM leads l JOIN devices d ON d.id = l.device_id AND d.tenant_id = l.tenant_id
+         WHERE l.tenant_id = $1 AND l.phone = $2
+         ORDER BY d.label, l.id",
+    )
+    .bind(tenant)
+    .bind(phone.as_str())
+    .fetch_all(pool)
+    .await?)
 }

@@ -921,6 +921,57 @@ pub async fn get_message(pool: &PgPool, tenant: Uuid, id: i64) -> Result<Message
     .ok_or(RepoError::NotFound("message"))
 }
 
+/// A message to a number, with what names its campaign and device.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct NumberMessage {
+    pub id: i64,
+    pub created_at: DateTime<Utc>,
+    pub campaign_id: Uuid,
+    pub campaign_title: String,
+    pub device_label: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub read_at: Option<DateTime<Utc>>,
+}
+
+/// The newest `limit` messages of the tenant to a number, on any of its devices (what answers
+/// "I said STOP and still got a message"). No index has rows by lead alone, so each of the
+/// tenant's campaigns is probed through the (campaign, lead) unique index for the number's few
+/// leads: a lateral, never a join the planner could start from the message table.
+pub async fn list_messages_to_number(
+    pool: &PgPool,
+    tenant: Uuid,
+    phone: &crate::domain::PhoneE164,
+    limit: i64,
+) -> Result<Vec<NumberMessage>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT m.id, m.created_at, c.id AS campaign_id, c.title AS campaign_title,
+                d.label AS device_label, m.status, m.reason, m.sent_at, m.delivered_at, m.read_at
+         FROM leads l
+         JOIN devices d ON d.id = l.device_id AND d.tenant_id = l.tenant_id
+         CROSS JOIN campaigns c
+         CROSS JOIN LATERAL (
+             SELECT bm.id, bm.created_at, bm.status, bm.reason, bm.sent_at, bm.delivered_at,
+                    bm.read_at
+             FROM broadcast_messages bm
+             WHERE bm.campaign_id = c.id AND bm.lead_id = l.id AND bm.tenant_id = l.tenant_id
+             -- at most one row (unique (campaign, lead)); the LIMIT keeps the planner from
+             -- pulling the subquery up into a join it may start from the table's whole scan
+             LIMIT 1
+         ) m
+         WHERE l.tenant_id = $1 AND l.phone = $2 AND c.tenant_id = $1
+         ORDER BY m.created_at DESC, m.id DESC
+         LIMIT $3",
+    )
+    .bind(tenant)
+    .bind(phone.as_str())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Re-renders every unsent message of a campaign (a campaign of its own or a sequence's step)
 /// with `template` (spintax drawn anew per recipient) and sets its image; call it in the
 /// transaction that changed the campaign (`campaigns::update_campaign`) or the step
