@@ -88,9 +88,14 @@ async fn a_tenant_never_sees_or_sends_to_another_tenants_leads(pool: PgPool) {
     assert_eq!(lead_count(&pool).await, before);
     // Opting a number out in A leaves B's lead with the same number alone.
     let mut tx = pool.begin().await.unwrap();
-    repo::leads::opt_out_lead(&mut tx, a, &PhoneE164::parse("+601000000001").unwrap())
-        .await
-        .unwrap();
+    repo::leads::opt_out_lead(
+        &mut tx,
+        a,
+        &PhoneE164::parse("+601000000001").unwrap(),
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     let opted: Vec<(Uuid,)> =
         sqlx::query_as("SELECT tenant_id FROM leads WHERE opted_out_at IS NOT NULL")

@@ -582,9 +582,14 @@ async fn leads_show_tells_a_numbers_story_to_its_tenant_only(pool: PgPool) {
         .await;
     assert_eq!(host.sends().len(), 5);
     let mut tx = pool.begin().await.unwrap();
-    repo::leads::opt_out_lead(&mut tx, tenant, &phones[0])
-        .await
-        .unwrap();
+    repo::leads::opt_out_lead(
+        &mut tx,
+        tenant,
+        &phones[0],
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     let after = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
     p.run_until_done(&[(tenant, after)], Duration::from_secs(30))
@@ -692,6 +697,53 @@ async fn leads_show_tells_a_numbers_story_to_its_tenant_only(pool: PgPool) {
             && out.contains("other-shop")
             && out.contains("the newest 1 message(s):")
             && !out.contains("shop-a"),
+        "{out}"
+    );
+
+    // Taken off the list by an operator (an opt-out made by mistake), and shown so; a second
+    // time it is refused.
+    let opt_in = [
+        "leads",
+        "opt-in",
+        "--tenant",
+        "number@example.com",
+        "--phone",
+        number,
+    ];
+    let (ok, out, err) = wabcast(&pool, &opt_in).await;
+    assert!(ok && out.contains("2 lead(s)"), "{out}{err}");
+    let (ok, out, err) = wabcast(&pool, &opt_in).await;
+    assert!(
+        !ok && err.contains("not on the tenant's opt-out list"),
+        "{out}{err}"
+    );
+    let (ok, out, _) = wabcast(
+        &pool,
+        &[
+            "leads",
+            "show",
+            "--tenant",
+            "number@example.com",
+            "--phone",
+            number,
+        ],
+    )
+    .await;
+    let log: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("the opt-out list by"))
+        .collect();
+    assert!(
+        ok && out.starts_with(&format!("{number}: not on the opt-out list")),
+        "{out}"
+    );
+    assert_eq!(log.len(), 2, "{out}");
+    assert!(
+        log[0].ends_with("put on the opt-out list by an operator"),
+        "{out}"
+    );
+    assert!(
+        log[1].ends_with("taken off the opt-out list by an operator"),
         "{out}"
     );
 }

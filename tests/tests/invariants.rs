@@ -1335,9 +1335,14 @@ async fn an_opt_out_reads_its_leads_rows_not_its_devices_backlog(pool: PgPool) {
     let mut tx = pool.begin().await.unwrap();
     let before = pages_read(&mut tx, "broadcast_messages").await;
     let leads_before = pages_read(&mut tx, "leads").await;
-    let leads = repo::leads::opt_out_lead(&mut tx, tenant, &phones[7])
-        .await
-        .unwrap();
+    let leads = repo::leads::opt_out_lead(
+        &mut tx,
+        tenant,
+        &phones[7],
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     let pages = pages_read(&mut tx, "broadcast_messages").await - before;
     let lead_pages = pages_read(&mut tx, "leads").await - leads_before;
     tx.commit().await.unwrap();
@@ -1395,13 +1400,23 @@ async fn an_opted_out_number_stays_opted_out_when_imported_again(pool: PgPool) {
     let phones = seed_leads(&pool, tenant, d1, 0, 3, "cars", LeadStatus::Prospect).await;
     let stop_first = shared::domain::PhoneE164::parse("+60177777777").unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let n = repo::leads::opt_out_lead(&mut tx, tenant, &phones[0])
-        .await
-        .unwrap();
+    let n = repo::leads::opt_out_lead(
+        &mut tx,
+        tenant,
+        &phones[0],
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 1);
-    let n = repo::leads::opt_out_lead(&mut tx, tenant, &stop_first)
-        .await
-        .unwrap();
+    let n = repo::leads::opt_out_lead(
+        &mut tx,
+        tenant,
+        &stop_first,
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 0, "not a lead yet");
     tx.commit().await.unwrap();
 
@@ -1531,7 +1546,13 @@ async fn an_opt_out_and_an_import_of_its_number_at_once_end_opted_out(pool: PgPo
         let (pool, phone) = (pool.clone(), import_first.clone());
         async move {
             let mut tx = pool.begin().await?;
-            let n = repo::leads::opt_out_lead(&mut tx, tenant, &phone).await?;
+            let n = repo::leads::opt_out_lead(
+                &mut tx,
+                tenant,
+                &phone,
+                repo::leads::ConsentSource::Operator,
+            )
+            .await?;
             tx.commit().await?;
             Ok::<u64, repo::RepoError>(n)
         }
@@ -1546,9 +1567,14 @@ async fn an_opt_out_and_an_import_of_its_number_at_once_end_opted_out(pool: PgPo
 
     // The opt-out is open when the import comes.
     let mut opting = pool.begin().await.unwrap();
-    let n = repo::leads::opt_out_lead(&mut opting, tenant, &opt_out_first)
-        .await
-        .unwrap();
+    let n = repo::leads::opt_out_lead(
+        &mut opting,
+        tenant,
+        &opt_out_first,
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 0, "not a lead yet");
     let import = tokio::spawn({
         let pool = pool.clone();
@@ -1599,6 +1625,122 @@ async fn an_opt_out_and_an_import_of_its_number_at_once_end_opted_out(pool: PgPo
     assert_eq!(sent, want, "only the two leads who never opted out");
 }
 
+/// An opt-out made by mistake is undone by an operator: the number comes off the list, its lead
+/// receives the next campaign, and a lead imported with it afterwards comes in opted in; what
+/// the opt-out skipped stays skipped. Both changes are logged with who made them. A number not
+/// on the list is refused and nothing changes; another tenant's opt-out of the number stands.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_operator_takes_a_number_off_the_opt_out_list(pool: PgPool) {
+    use repo::leads::ConsentSource;
+    let tenant = seed_tenant(&pool, "optin@example.com").await;
+    let other = seed_tenant(&pool, "optin-other@example.com").await;
+    let d1 = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    let d2 = seed_device(&pool, tenant, "d2", 0.0, 0.0).await;
+    let od = seed_device(&pool, other, "o1", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, d1, 0, 3, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, other, od, 0, 1, "cars", LeadStatus::Prospect).await;
+    let first = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    let mut tx = pool.begin().await.unwrap();
+    for t in [tenant, other] {
+        repo::leads::opt_out_lead(&mut tx, t, &phones[0], ConsentSource::InboundMessage)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    let err = repo::leads::opt_in_number(&mut tx, tenant, &phones[1], ConsentSource::Operator)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, repo::RepoError::Conflict(m) if m.contains("not on the tenant's opt-out list")),
+        "{err}"
+    );
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let cleared = repo::leads::opt_in_number(&mut tx, tenant, &phones[0], ConsentSource::Operator)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(cleared, 1);
+
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.run_until_done(&[(tenant, first)], Duration::from_secs(30))
+        .await;
+    let counts = status_counts(&pool, tenant, first).await;
+    assert_eq!(
+        (counts.get("sent"), counts.get("skipped")),
+        (Some(&2), Some(&1)),
+        "what the opt-out skipped stays skipped"
+    );
+    let second = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let others = seed_campaign(&pool, other, &CampaignSpec::default()).await;
+    // (The other tenant's campaign has no row to wait for: its one lead is opted out.)
+    p.run_until_done(&[(tenant, second)], Duration::from_secs(30))
+        .await;
+    assert!(
+        repo::messages::list_campaign_messages(&pool, other, others)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the other tenant's opt-out stands"
+    );
+    let to_first: Vec<uuid::Uuid> = host
+        .sends()
+        .into_iter()
+        .filter(|e| e.to == phones[0].as_str())
+        .map(|e| e.device_id)
+        .collect();
+    assert_eq!(
+        to_first,
+        vec![d1],
+        "the tenant's lead again, the other tenant's never"
+    );
+
+    let lead = repo::leads::NewLead {
+        device_id: d2,
+        name: "later".into(),
+        phone: phones[0].clone(),
+        niches: vec![shared::domain::Token::parse("cars").unwrap()],
+        status: LeadStatus::Prospect,
+        triggers: vec![],
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let count = repo::leads::upsert_leads(&mut tx, tenant, &[lead])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((count.inserted, count.opted_out), (1, 0));
+
+    let log = |t| {
+        let pool = pool.clone();
+        let phone = phones[0].clone();
+        async move {
+            repo::leads::list_opt_out_log(&pool, t, &phone)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(_, action, source)| (action, source))
+                .collect::<Vec<_>>()
+        }
+    };
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        log(tenant).await,
+        vec![
+            pair("opt_out", "inbound_message"),
+            pair("opt_in", "operator")
+        ]
+    );
+    assert_eq!(log(other).await, vec![pair("opt_out", "inbound_message")]);
+    assert!(repo::leads::get_opt_out(&pool, other, &phones[0])
+        .await
+        .unwrap()
+        .is_some());
+}
+
 /// `retry-failed` does not message a lead who opted out after the failure: an opt-out skips only
 /// unsent rows, so the retry put the failed row back on its way to someone who had said STOP
 /// (nothing between the claim and the provider looked at the lead then; the worker's claim
@@ -1612,9 +1754,14 @@ async fn retry_failed_leaves_an_opted_out_leads_row_failed(pool: PgPool) {
     fan_out(&pool).await;
     end_campaign_rows(&pool, campaign, "failed", "provider_error").await;
     let mut tx = pool.begin().await.unwrap();
-    repo::leads::opt_out_lead(&mut tx, tenant, &phones[1])
-        .await
-        .unwrap();
+    repo::leads::opt_out_lead(
+        &mut tx,
+        tenant,
+        &phones[1],
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     let retried = repo::campaigns::retry_failed_messages(
         &mut tx,
         tenant,
@@ -1695,9 +1842,14 @@ async fn a_lead_opting_out_during_the_fan_out_is_not_messaged(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The opt-out in the lock's own transaction (its update of the table needs no other lock).
-    let opted = repo::leads::opt_out_lead(&mut gate, tenant, &phones[2])
-        .await
-        .unwrap();
+    let opted = repo::leads::opt_out_lead(
+        &mut gate,
+        tenant,
+        &phones[2],
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     assert_eq!(opted, 1);
     gate.commit().await.unwrap();
     let report = trigger.await.unwrap().unwrap();
@@ -1776,9 +1928,14 @@ async fn the_deleted_device_sweep_reads_that_devices_rows_and_an_opt_out_skips_i
     sqlx::query("ANALYZE").execute(&pool).await.unwrap();
 
     let mut tx = pool.begin().await.unwrap();
-    repo::leads::opt_out_lead(&mut tx, tenant, &phones[7])
-        .await
-        .unwrap();
+    repo::leads::opt_out_lead(
+        &mut tx,
+        tenant,
+        &phones[7],
+        repo::leads::ConsentSource::Operator,
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 
     let mut tx = pool.begin().await.unwrap();

@@ -421,7 +421,13 @@ impl CloudApi {
                 continue;
             };
             let mut tx = self.pool.begin().await?;
-            let n = repo::leads::opt_out_lead(&mut tx, tenant, &phone).await?;
+            let n = repo::leads::opt_out_lead(
+                &mut tx,
+                tenant,
+                &phone,
+                repo::leads::ConsentSource::InboundMessage,
+            )
+            .await?;
             tx.commit().await?;
             info!(tenant = %tenant, leads = n, "opt-out keyword received");
             report.opt_outs += n;

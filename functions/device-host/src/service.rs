@@ -1051,7 +1051,13 @@ async fn write_refused(
 
 async fn write_opt_out(pool: &PgPool, device: &DeviceRef, from: &PhoneE164) -> anyhow::Result<u64> {
     let mut tx = pool.begin().await?;
-    let n = repo::leads::opt_out_lead(&mut tx, device.tenant_id, from).await?;
+    let n = repo::leads::opt_out_lead(
+        &mut tx,
+        device.tenant_id,
+        from,
+        repo::leads::ConsentSource::InboundMessage,
+    )
+    .await?;
     tx.commit().await?;
     Ok(n)
 }

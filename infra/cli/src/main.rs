@@ -48,7 +48,7 @@ enum Command {
     /// Devices (WhatsApp numbers): add, pair, pace, take out of service.
     #[command(subcommand)]
     Device(DeviceCmd),
-    /// Leads: import from CSV, opt out, look a number up.
+    /// Leads: import from CSV, opt out and back in, look a number up.
     #[command(subcommand)]
     Leads(LeadsCmd),
     /// Campaigns: one message to every matching lead, through each lead's own device.
@@ -276,6 +276,16 @@ enum LeadsCmd {
     },
     /// Opt a number out: it receives nothing more from this tenant.
     OptOut {
+        /// The tenant, by email or id.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        phone: String,
+    },
+    /// Take a number off the opt-out list (an opt-out made by mistake, or the person asking to
+    /// hear from you again): later campaigns reach its leads; what the opt-out skipped stays
+    /// skipped. Logged beside the opt-out (see `leads show`).
+    OptIn {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
@@ -968,11 +978,34 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let phone = PhoneE164::parse(&phone)?;
             let mut tx = pool.begin().await?;
-            let n = repo::leads::opt_out_lead(&mut tx, tenant, &phone).await?;
+            let n = repo::leads::opt_out_lead(
+                &mut tx,
+                tenant,
+                &phone,
+                repo::leads::ConsentSource::Operator,
+            )
+            .await?;
             tx.commit().await?;
             println!(
                 "{phone} is on the tenant's opt-out list: {n} lead(s) with it opted out now, and \
                  any imported with it later come in opted out"
+            );
+        }
+        LeadsCmd::OptIn { tenant, phone } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let phone = PhoneE164::parse(&phone)?;
+            let mut tx = pool.begin().await?;
+            let n = repo::leads::opt_in_number(
+                &mut tx,
+                tenant,
+                &phone,
+                repo::leads::ConsentSource::Operator,
+            )
+            .await?;
+            tx.commit().await?;
+            println!(
+                "{phone} is off the tenant's opt-out list: {n} lead(s) with it will receive later \
+                 campaigns (messages the opt-out skipped stay skipped)"
             );
         }
         LeadsCmd::Show {
@@ -1303,6 +1336,19 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
         None => println!("{phone}: not on the opt-out list"),
     }
     println!("times in {zone}");
+    for (at, action, source) in repo::leads::list_opt_out_log(pool, tenant, phone).await? {
+        let what = if action == "opt_in" {
+            "taken off the opt-out list"
+        } else {
+            "put on the opt-out list"
+        };
+        let by = match source.as_str() {
+            "inbound_message" => "by the person's own message",
+            "operator" => "by an operator",
+            _ => "before this log was kept",
+        };
+        println!("{}  {what} {by}", local(at));
+    }
     let leads = repo::leads::list_leads_with_phone(pool, tenant, phone).await?;
     if leads.is_empty() {
         println!("no lead has this number");

@@ -151,6 +151,95 @@ async fn lock_opt_out_list(
     Ok(())
 }
 
+/// Who changed a number's place on the opt-out list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsentSource {
+    /// The person, by an opt-out keyword sent to one of the tenant's devices.
+    InboundMessage,
+    /// An operator, through the CLI.
+    Operator,
+}
+
+impl ConsentSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InboundMessage => "inbound_message",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+async fn log_opt_out_change(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    phone: &PhoneE164,
+    action: &str,
+    source: ConsentSource,
+) -> Result<(), RepoError> {
+    sqlx::query(
+        "INSERT INTO opt_out_log (tenant_id, phone, action, source) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(tenant)
+    .bind(phone.as_str())
+    .bind(action)
+    .bind(source.as_str())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Takes a number off the tenant's opt-out list (an opt-out made by mistake, or the person
+/// asking to hear from the tenant again) and clears the mark on its leads, so later campaigns
+/// reach them; messages the opt-out skipped stay skipped. The change is logged with the
+/// opt-out it undoes. Refused for a number that is not on the list. Returns how many leads
+/// were cleared.
+pub async fn opt_in_number(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    phone: &PhoneE164,
+    source: ConsentSource,
+) -> Result<u64, RepoError> {
+    lock_opt_out_list(tx, tenant, LockMode::Exclusive).await?;
+    let removed = sqlx::query("DELETE FROM opt_outs WHERE tenant_id = $1 AND phone = $2")
+        .bind(tenant)
+        .bind(phone.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if removed == 0 {
+        return Err(RepoError::Conflict(format!(
+            "{phone} is not on the tenant's opt-out list"
+        )));
+    }
+    log_opt_out_change(tx, tenant, phone, "opt_in", source).await?;
+    let cleared = sqlx::query(
+        "UPDATE leads SET opted_out_at = NULL
+         WHERE tenant_id = $1 AND phone = $2 AND opted_out_at IS NOT NULL",
+    )
+    .bind(tenant)
+    .bind(phone.as_str())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(cleared)
+}
+
+/// A number's opt-out history, oldest first: (when, `opt_out` or `opt_in`, source).
+pub async fn list_opt_out_log(
+    pool: &PgPool,
+    tenant: Uuid,
+    phone: &PhoneE164,
+) -> Result<Vec<(DateTime<Utc>, String, String)>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT at, action, source FROM opt_out_log
+         WHERE tenant_id = $1 AND phone = $2 ORDER BY at, id",
+    )
+    .bind(tenant)
+    .bind(phone.as_str())
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Puts a number on the tenant's opt-out list, marks its leads (on any of the tenant's devices)
 /// opted out and skips their unsent messages. Returns how many leads matched; with none, the
 /// number is still on the list for the leads that may come with it later. Waits for the
@@ -159,17 +248,22 @@ pub async fn opt_out_lead(
     tx: &mut PgConnection,
     tenant: Uuid,
     phone: &PhoneE164,
+    source: ConsentSource,
 ) -> Result<u64, RepoError> {
     lock_opt_out_list(tx, tenant, LockMode::Exclusive).await?;
     // The number stays on the tenant's list: a lead imported with it later comes in opted out.
-    sqlx::query(
+    let added = sqlx::query(
         "INSERT INTO opt_outs (tenant_id, phone) VALUES ($1, $2)
          ON CONFLICT (tenant_id, phone) DO NOTHING",
     )
     .bind(tenant)
     .bind(phone.as_str())
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if added > 0 {
+        log_opt_out_change(tx, tenant, phone, "opt_out", source).await?;
+    }
     let ids: Vec<i64> = sqlx::query_scalar(
         "UPDATE leads SET opted_out_at = COALESCE(opted_out_at, now())
          WHERE tenant_id = $1 AND phone = $2 RETURNING id",

@@ -190,9 +190,14 @@ async fn run(p: &Pipeline, tenant: Uuid, expected: i64) -> Figures {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let phone = shared::domain::PhoneE164::parse(&phones[i]).unwrap();
         let mut tx = p.pool.begin().await.unwrap();
-        repo::leads::opt_out_lead(&mut tx, tenant, &phone)
-            .await
-            .unwrap();
+        repo::leads::opt_out_lead(
+            &mut tx,
+            tenant,
+            &phone,
+            repo::leads::ConsentSource::Operator,
+        )
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     })
     .await;
