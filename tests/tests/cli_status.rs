@@ -747,3 +747,44 @@ async fn leads_show_tells_a_numbers_story_to_its_tenant_only(pool: PgPool) {
         "{out}"
     );
 }
+
+/// `wabcast status | head -n 3`: the command ends quietly when its reader goes away. It panicked
+/// ("failed printing to stdout: Broken pipe") with a backtrace. The output here (2,000 devices)
+/// is far larger than the pipe holds, so the write after `head` has gone is certain.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn output_into_a_closed_pipe_ends_quietly(pool: PgPool) {
+    use std::process::{Command, Stdio};
+    let tenant = seed_tenant(&pool, "pipe@example.com").await;
+    sqlx::query(
+        "INSERT INTO devices (id, tenant_id, label, provider, min_delay_s, max_delay_s)
+         SELECT gen_random_uuid(), $1, 'device-' || g, 'simulator', 1, 2
+         FROM generate_series(1, 2000) g",
+    )
+    .bind(tenant)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let db_name = database_url_of(&pool).await;
+    let mut status = Command::new(built_binary("wabcast"))
+        .arg("status")
+        .env("DATABASE_URL", &db_name)
+        .env("QUEUE_BACKEND", "redis")
+        .env("QUEUE_PREFIX", format!("cli-pipe-{}", uuid::Uuid::new_v4()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let head = Command::new("head")
+        .args(["-n", "3"])
+        .stdin(status.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&head.stdout).lines().count(), 3);
+    let out = status.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "{:?}: {stderr}",
+        out.status
+    );
+}

@@ -150,7 +150,7 @@ async fn seed(
     .await?;
     tx.commit().await?;
     let offline = device_ids[n_devices - 1];
-    println!(
+    out!(
         "{}",
         serde_json::json!({ "tenant_id": tenant, "campaign_id": campaign, "offline_device_id": offline, "devices": n_devices, "leads": n_leads })
     );
@@ -211,7 +211,7 @@ async fn watch(pool: &PgPool, tenant: Uuid, campaign: Uuid, timeout: Duration) -
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    println!(
+    out!(
         "campaign finished in {:.1}s",
         started.elapsed().as_secs_f64()
     );
@@ -252,9 +252,16 @@ pub async fn print_device_table(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> 
             }
         }
     }
-    println!(
+    out!(
         "{:<10} {:>5} {:>6} {:>7}  {:>7} {:>7} {:>7}  {:<12} reasons",
-        "device", "sent", "failed", "skipped", "gap min", "median", "max", "configured"
+        "device",
+        "sent",
+        "failed",
+        "skipped",
+        "gap min",
+        "median",
+        "max",
+        "configured"
     );
     for d in &devices {
         let Some(l) = lines.get_mut(&d.id) else {
@@ -281,7 +288,7 @@ pub async fn print_device_table(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> 
             None => ("-".into(), "-".into(), "-".into()),
         };
         let reasons: Vec<String> = l.reasons.iter().map(|(r, n)| format!("{r}={n}")).collect();
-        println!(
+        out!(
             "{:<10} {:>5} {:>6} {:>7}  {:>7} {:>7} {:>7}  {:<12} {}",
             d.label,
             l.sent,
@@ -295,9 +302,11 @@ pub async fn print_device_table(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> 
         );
     }
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await?;
-    println!(
+    out!(
         "total {} | delivered {} | read {}",
-        p.total, p.delivered, p.read
+        p.total,
+        p.delivered,
+        p.read
     );
     Ok(())
 }

@@ -2,8 +2,29 @@
 //! leads from CSV, create and steer campaigns, watch progress, show the system's status, seed
 //! the demo. Every input is validated at this edge; bad input is refused whole, changing nothing.
 
+/// `println!` for what the CLI prints, ending the process quietly once its reader has gone
+/// (`wabcast status | head`): `println!` panics on a closed pipe, with a backtrace.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
 mod demo;
 mod sequence;
+
+/// What `out!` does when stdout cannot be written: a reader that went away ends the command
+/// (as the shell's own tools do); anything else is an error.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write the output: {e}");
+    std::process::exit(1);
+}
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -466,14 +487,14 @@ async fn run(cli: Cli) -> Result<()> {
             for repair in shared::db::migrate(&pool).await? {
                 match repair {
                     shared::db::IndexRepair::Rebuilt(name) => {
-                        println!("rebuilt index {name}, left invalid by a failed concurrent build")
+                        out!("rebuilt index {name}, left invalid by a failed concurrent build")
                     }
                     shared::db::IndexRepair::Dropped(name) => {
-                        println!("dropped index {name}, left by a failed concurrent reindex")
+                        out!("dropped index {name}, left by a failed concurrent reindex")
                     }
                 }
             }
-            println!("migrations applied");
+            out!("migrations applied");
         }
         Command::Tenant(TenantCmd::Create {
             email,
@@ -481,7 +502,7 @@ async fn run(cli: Cli) -> Result<()> {
             time_zone,
         }) => {
             let id = create_tenant(&pool, &email, &password, &time_zone).await?;
-            println!("{id}");
+            out!("{id}");
         }
         Command::Tenant(TenantCmd::LeadGap { tenant, hours }) => {
             let tenant = resolve_tenant(&pool, &tenant).await?;
@@ -489,9 +510,9 @@ async fn run(cli: Cli) -> Result<()> {
             repo::tenants::set_lead_min_gap(&mut tx, tenant, hours * 3600.0).await?;
             tx.commit().await?;
             if hours == 0.0 {
-                println!("per-lead frequency cap off");
+                out!("per-lead frequency cap off");
             } else {
-                println!("at most one message per lead every {hours} h");
+                out!("at most one message per lead every {hours} h");
             }
         }
         Command::Device(cmd) => device(&pool, cmd).await?,
@@ -612,18 +633,27 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!("{id}");
+            out!("{id}");
         }
         DeviceCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            println!(
+            out!(
                 "{:<36}  {:<16} {:<10} {:<14} {:>11}",
-                "id", "label", "provider", "status", "delay (s)"
+                "id",
+                "label",
+                "provider",
+                "status",
+                "delay (s)"
             );
             for d in repo::devices::list_devices(pool, tenant).await? {
-                println!(
+                out!(
                     "{:<36}  {:<16} {:<10} {:<14} {:>5.1}-{:<5.1}",
-                    d.id, d.label, d.provider, d.status, d.min_delay_s, d.max_delay_s
+                    d.id,
+                    d.label,
+                    d.provider,
+                    d.status,
+                    d.min_delay_s,
+                    d.max_delay_s
                 );
             }
         }
@@ -632,9 +662,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             let mut tx = pool.begin().await?;
             repo::devices::delete_device(&mut tx, tenant, device).await?;
             tx.commit().await?;
-            println!(
-                "device {device} deleted; its unsent messages will end skipped (device_deleted)"
-            );
+            out!("device {device} deleted; its unsent messages will end skipped (device_deleted)");
         }
         DeviceCmd::Pair {
             tenant,
@@ -650,7 +678,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             let client = host_client(&host)?;
             let pairing = client.start_pairing(tenant, device, phone.clone()).await?;
             if pairing.method == "code" {
-                println!(
+                out!(
                     "On the phone: WhatsApp > Linked devices > Link with phone number, then type {} \
                      (valid {} s)",
                     pairing.code, pairing.expires_in_s
@@ -661,7 +689,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             let mut current = pairing;
             loop {
                 if current.code != shown {
-                    println!(
+                    out!(
                         "{}\nScan within {} s: WhatsApp > Linked devices > Link a device",
                         shared::qr::terminal(&current.code)?,
                         current.expires_in_s
@@ -675,7 +703,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
                 let status = client.device_status(tenant, device).await?;
                 match status.status.as_str() {
                     "online" => {
-                        println!("paired: the device is online");
+                        out!("paired: the device is online");
                         return Ok(());
                     }
                     "awaiting_pairing" | "connecting" => {}
@@ -694,7 +722,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let s = host_client(&host)?.logout_device(tenant, device).await?;
-            println!(
+            out!(
                 "{}{}",
                 s.status,
                 s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
@@ -719,7 +747,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             .await?;
             tx.commit().await?;
             let s = host_client(&host)?.connect_device(tenant, device).await?;
-            println!(
+            out!(
                 "credentials saved; device {}{}",
                 s.status,
                 s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
@@ -764,7 +792,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             let mut tx = pool.begin().await?;
             repo::devices::set_safety_settings(&mut tx, tenant, device, &s).await?;
             tx.commit().await?;
-            println!(
+            out!(
                 "daily cap {}, warm-up {} days from {}/day, quiet hours {}",
                 s.daily_cap.map(|c| c.to_string()).unwrap_or("none".into()),
                 s.warmup_days,
@@ -788,7 +816,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!("{n} failed messages of the device will be sent again");
+            out!("{n} failed messages of the device will be sent again");
         }
         DeviceCmd::Connect {
             tenant,
@@ -797,7 +825,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let s = host_client(&host)?.connect_device(tenant, device).await?;
-            println!(
+            out!(
                 "{}{}",
                 s.status,
                 s.reason.map(|r| format!(" ({r})")).unwrap_or_default()
@@ -813,7 +841,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             let s = host_client(&host)?
                 .simulate_connection(tenant, device, state == "online")
                 .await?;
-            println!("{} is {}", s.device_id, s.status);
+            out!("{} is {}", s.device_id, s.status);
         }
     }
     Ok(())
@@ -969,9 +997,11 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
             let mut tx = pool.begin().await?;
             let n = repo::leads::upsert_leads(&mut tx, tenant, &leads).await?;
             tx.commit().await?;
-            println!(
+            out!(
                 "{} lead(s) imported, {} updated; {} of them opted out (they receive nothing)",
-                n.inserted, n.updated, n.opted_out
+                n.inserted,
+                n.updated,
+                n.opted_out
             );
         }
         LeadsCmd::OptOut { tenant, phone } => {
@@ -986,7 +1016,7 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!(
+            out!(
                 "{phone} is on the tenant's opt-out list: {n} lead(s) with it opted out now, and \
                  any imported with it later come in opted out"
             );
@@ -1003,7 +1033,7 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!(
+            out!(
                 "{phone} is off the tenant's opt-out list: {n} lead(s) with it will receive later \
                  campaigns (messages the opt-out skipped stay skipped)"
             );
@@ -1093,7 +1123,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!("{id}");
+            out!("{id}");
             eprintln!(
                 "scheduled for {} ({} local)",
                 scheduled_at.to_rfc3339(),
@@ -1118,12 +1148,15 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
         }
         CampaignCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            println!(
+            out!(
                 "{:<36}  {:<10} {:<22} {:<12} title",
-                "id", "status", "scheduled (UTC)", "niche"
+                "id",
+                "status",
+                "scheduled (UTC)",
+                "niche"
             );
             for c in repo::campaigns::list_campaigns(pool, tenant).await? {
-                println!(
+                out!(
                     "{:<36}  {:<10} {:<22} {:<12} {}",
                     c.id,
                     c.status,
@@ -1221,18 +1254,19 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                     0
                 };
             tx.commit().await?;
-            println!(
+            out!(
                 "campaign {campaign} ({}) updated, due {}; {rendered} unsent message(s) re-rendered",
                 c.status,
                 c.scheduled_at.to_rfc3339()
             );
             if edit.wa_template.is_some() {
                 match &c.wa_template {
-                    Some(t) => println!(
+                    Some(t) => out!(
                         "Cloud API devices send template {}:{} to every message not yet sending",
-                        t.name, t.language
+                        t.name,
+                        t.language
                     ),
-                    None => println!("Cloud API devices send the text"),
+                    None => out!("Cloud API devices send the text"),
                 }
             }
         }
@@ -1258,7 +1292,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!("{n} failed messages will be sent again");
+            out!("{n} failed messages will be sent again");
         }
     }
     Ok(())
@@ -1269,7 +1303,7 @@ async fn set_status(pool: &PgPool, tenant: &str, campaign: Uuid, to: CampaignSta
     let mut tx = pool.begin().await?;
     let now = repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, to).await?;
     tx.commit().await?;
-    println!("campaign {campaign} is {now}");
+    out!("campaign {campaign} is {now}");
     Ok(())
 }
 
@@ -1286,15 +1320,17 @@ pub(crate) async fn print_report(
     title: &str,
     p: &repo::campaigns::Progress,
 ) -> Result<()> {
-    println!(
+    out!(
         "{title}: {} messages, {} delivered, {} read",
-        p.total, p.delivered, p.read
+        p.total,
+        p.delivered,
+        p.read
     );
     for (status, n) in &p.by_status {
-        println!("  {status:<10} {n:>8}");
+        out!("  {status:<10} {n:>8}");
         for ((s, reason), m) in &p.by_reason {
             if s == status && s != "sent" {
-                println!("      {reason:<22} {m:>8}");
+                out!("      {reason:<22} {m:>8}");
             }
         }
     }
@@ -1313,9 +1349,9 @@ pub(crate) async fn print_report(
         })
         .collect();
     let width = lines.iter().map(|l| l.0.len()).max().unwrap_or(0).max(16);
-    println!("  per device:");
+    out!("  per device:");
     for (label, counts) in &lines {
-        println!("    {label:<width$} {counts}");
+        out!("    {label:<width$} {counts}");
     }
     Ok(())
 }
@@ -1329,13 +1365,13 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
             .to_string()
     };
     match repo::leads::get_opt_out(pool, tenant, phone).await? {
-        Some(at) => println!(
+        Some(at) => out!(
             "{phone}: on the opt-out list since {} (it receives nothing from this tenant)",
             local(at)
         ),
-        None => println!("{phone}: not on the opt-out list"),
+        None => out!("{phone}: not on the opt-out list"),
     }
-    println!("times in {zone}");
+    out!("times in {zone}");
     for (at, action, source) in repo::leads::list_opt_out_log(pool, tenant, phone).await? {
         let what = if action == "opt_in" {
             "taken off the opt-out list"
@@ -1347,16 +1383,22 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
             "operator" => "by an operator",
             _ => "before this log was kept",
         };
-        println!("{}  {what} {by}", local(at));
+        out!("{}  {what} {by}", local(at));
     }
     let leads = repo::leads::list_leads_with_phone(pool, tenant, phone).await?;
     if leads.is_empty() {
-        println!("no lead has this number");
+        out!("no lead has this number");
         return Ok(());
     }
-    println!(
+    out!(
         "{:<16} {:<20} {:<9} {:<20} {:<12} {:<11} {:<19} opted out",
-        "device", "name", "target", "niches", "triggers", "on WhatsApp", "last contacted"
+        "device",
+        "name",
+        "target",
+        "niches",
+        "triggers",
+        "on WhatsApp",
+        "last contacted"
     );
     for l in &leads {
         let device = if l.device_deleted {
@@ -1369,7 +1411,7 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
             Some(false) => "no",
             None => "unchecked",
         };
-        println!(
+        out!(
             "{:<16} {:<20} {:<9} {:<20} {:<12} {:<11} {:<19} {}",
             device,
             if l.name.is_empty() { "-" } else { &l.name },
@@ -1383,13 +1425,18 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
     }
     let messages = repo::messages::list_messages_to_number(pool, tenant, phone, limit).await?;
     if messages.is_empty() {
-        println!("no message to this number yet");
+        out!("no message to this number yet");
         return Ok(());
     }
-    println!("the newest {} message(s):", messages.len());
-    println!(
+    out!("the newest {} message(s):", messages.len());
+    out!(
         "{:>10} {:<19} {:<16} {:<10} {:<24} {:<9} campaign",
-        "message", "created", "device", "status", "reason", "receipt"
+        "message",
+        "created",
+        "device",
+        "status",
+        "reason",
+        "receipt"
     );
     for m in &messages {
         let receipt = if m.read_at.is_some() {
@@ -1401,7 +1448,7 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
         } else {
             "-"
         };
-        println!(
+        out!(
             "{:>10} {:<19} {:<16} {:<10} {:<24} {:<9} {}",
             m.id,
             local(m.created_at),
@@ -1420,7 +1467,7 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
     let campaign = repo::campaigns::get_campaign(pool, tenant, m.campaign_id).await?;
     let device = repo::devices::get_device(pool, tenant, m.device_id).await?;
     let at = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string();
-    println!(
+    out!(
         "message {} to {} through {} ({}), {:?}: {}{}",
         m.id,
         m.recipient,
@@ -1430,8 +1477,8 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
         m.status,
         m.reason.map(|r| format!(" ({r})")).unwrap_or_default()
     );
-    println!("times in UTC; {} attempt(s) at the host", m.attempts);
-    println!(
+    out!("times in UTC; {} attempt(s) at the host", m.attempts);
+    out!(
         "{}  {:>9}    {:<9} created",
         at(m.created_at),
         "",
@@ -1440,7 +1487,7 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
     for (t, from, to, reason) in
         repo::campaigns::list_message_transitions(pool, tenant, message).await?
     {
-        println!(
+        out!(
             "{}  {from:>9} -> {to:<9} {}",
             at(t),
             reason.unwrap_or_default()
@@ -1448,11 +1495,11 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
     }
     for (what, t) in [("delivered", m.delivered_at), ("read", m.read_at)] {
         if let Some(t) = t {
-            println!("{}  {:>9}    {what}", at(t), "");
+            out!("{}  {:>9}    {what}", at(t), "");
         }
     }
     if let Some(e) = m.last_error {
-        println!("last error: {e}");
+        out!("last error: {e}");
     }
     Ok(())
 }
@@ -1461,9 +1508,14 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     let queue = shared::queue::QueueConfig::from_env()?.connect().await;
     let rows = repo::devices::list_device_load(pool, tenant).await?;
     let now = chrono::Utc::now();
-    println!(
+    out!(
         "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  host",
-        "device", "status", "next send", "pending", "queued", "sending"
+        "device",
+        "status",
+        "next send",
+        "pending",
+        "queued",
+        "sending"
     );
     let (mut unserved, mut unreachable, mut stale) = (0, 0, 0);
     for d in &rows {
@@ -1511,46 +1563,53 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         } else {
             d.status.clone()
         };
-        println!(
+        out!(
             "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  {host}",
-            d.label, status, next, d.pending, d.queued, d.sending
+            d.label,
+            status,
+            next,
+            d.pending,
+            d.queued,
+            d.sending
         );
         // Why a device is not online (a restriction and its end, a logout, a ban): the person
         // who has to act reads it here.
         if d.status != "online" {
             if let Some(reason) = &d.status_reason {
-                println!("  └ {reason}");
+                out!("  └ {reason}");
             }
         }
     }
     let (p, q, s) = rows.iter().fold((0, 0, 0), |a, d| {
         (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending)
     });
-    println!("total: {p} pending, {q} queued, {s} sending");
+    out!("total: {p} pending, {q} queued, {s} sending");
     if unserved > 0 {
-        println!(
+        out!(
             "{unserved} device(s) without a live host lease (a host died or stopped, none has started, or every host is full: HOST_MAX_DEVICES): their messages wait until a host takes them; once a lease has been out for OFFLINE_GRACE_S its device counts as offline and its due messages are skipped"
         );
     }
     if stale > 0 {
-        println!(
+        out!(
             "{stale} device(s) marked (stale): the status is the last one a host wrote before its lease ran out; no host is keeping it current"
         );
     }
     if unreachable > 0 {
-        println!(
+        out!(
             "{unreachable} device(s) whose host holds their lease but cannot be reached by the workers (check the host's advertised URL, HOST_PUBLIC_URL, and the network between them): their messages wait; messages that found the host unreachable are skipped once that has lasted OFFLINE_GRACE_S"
         );
     }
     match queue {
         Ok(queue) => match queue.stats().await {
-            Ok(st) => println!(
+            Ok(st) => out!(
                 "queue: {} visible, {} in flight, {} dead-lettered",
-                st.visible, st.in_flight, st.dead_letter
+                st.visible,
+                st.in_flight,
+                st.dead_letter
             ),
-            Err(e) => println!("queue: unavailable ({e})"),
+            Err(e) => out!("queue: unavailable ({e})"),
         },
-        Err(e) => println!("queue: unavailable ({e})"),
+        Err(e) => out!("queue: unavailable ({e})"),
     }
     Ok(())
 }
@@ -1583,16 +1642,16 @@ async fn create_sqs_queue(
         std::time::Duration::from_secs(visibility_s),
     )
     .await?;
-    println!("QUEUE_BACKEND=sqs");
-    println!("SQS_QUEUE_URL={}", q.queue_url);
+    out!("QUEUE_BACKEND=sqs");
+    out!("SQS_QUEUE_URL={}", q.queue_url);
     if let Some(dlq) = q.dlq_url {
-        println!("SQS_DLQ_URL={dlq}");
+        out!("SQS_DLQ_URL={dlq}");
     }
     if let Some(e) = endpoint {
-        println!("SQS_ENDPOINT_URL={e}");
+        out!("SQS_ENDPOINT_URL={e}");
     }
     if let Some(r) = region {
-        println!("AWS_REGION={r}");
+        out!("AWS_REGION={r}");
     }
     Ok(())
 }

@@ -217,16 +217,20 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
                 .await?;
             }
             tx.commit().await?;
-            println!("{id}");
+            out!("{id}");
         }
         SequenceCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            println!(
+            out!(
                 "{:<36}  {:<9} {:<6} {:<10} {:<10} name",
-                "id", "status", "time", "trigger", "next"
+                "id",
+                "status",
+                "time",
+                "trigger",
+                "next"
             );
             for s in repo::sequences::list_sequences(pool, tenant).await? {
-                println!(
+                out!(
                     "{:<36}  {:<9} {:<6} {:<10} {:<10} {}",
                     s.id,
                     s.status,
@@ -278,7 +282,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
                 }
             }
             tx.commit().await?;
-            println!(
+            out!(
                 "{n} enrolled; first step due {}",
                 first_due.with_timezone(&zone)
             );
@@ -315,7 +319,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!("step {position} updated; {n} unsent messages re-rendered");
+            out!("step {position} updated; {n} unsent messages re-rendered");
         }
         SequenceCmd::RetryFailed {
             tenant,
@@ -335,7 +339,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             )
             .await?;
             tx.commit().await?;
-            println!("{n} failed messages of step {position} will be sent again");
+            out!("{n} failed messages of step {position} will be sent again");
         }
         SequenceCmd::Report { tenant, sequence } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
@@ -351,7 +355,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             }
             let enrolled = repo::sequences::count_enrollments(pool, tenant, sequence).await?;
             let e: Vec<String> = enrolled.iter().map(|(s, n)| format!("{s}={n}")).collect();
-            println!("{} [{}] enrollments: {}", seq.name, seq.status, e.join(" "));
+            out!("{} [{}] enrollments: {}", seq.name, seq.status, e.join(" "));
             print_report(pool, tenant, "all steps", &total).await?;
             for s in &steps {
                 let p = by_step.get(&s.campaign_id).cloned().unwrap_or_default();
@@ -373,6 +377,6 @@ async fn set(pool: &PgPool, tenant: &str, sequence: Uuid, to: SequenceStatus) ->
     let mut tx = pool.begin().await?;
     let now = repo::sequences::change_sequence_status(&mut tx, tenant, sequence, to).await?;
     tx.commit().await?;
-    println!("sequence {sequence} is {now}");
+    out!("sequence {sequence} is {now}");
     Ok(())
 }
