@@ -85,6 +85,24 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
     assert!(stale_row.contains("online (stale)"), "{stdout}");
     assert!(!lines[at].contains("stale"), "{stdout}");
     assert!(stdout.contains("1 device(s) marked (stale)"), "{stdout}");
+    // The device list says the same.
+    let out = std::process::Command::new(&cli)
+        .args(["device", "list", "--tenant", "status@example.com"])
+        .env("DATABASE_URL", &database_url)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&out.stdout);
+    let row = |label: &str| {
+        list.lines()
+            .find(|l| l.contains(&format!(" {label} ")))
+            .unwrap_or_else(|| panic!("no {label}:\n{list}"))
+            .to_string()
+    };
+    assert!(row("shop-stale").contains("online (stale)"), "{list}");
+    assert!(
+        row("shop-ok").contains("online ") && !row("shop-ok").contains("stale"),
+        "{list}"
+    );
     assert!(
         lines[at + 1].contains(why),
         "the reason follows the held device's row:\n{stdout}"

@@ -591,6 +591,21 @@ fn parse_wa_template(
     }
 }
 
+/// A device's status as the CLI shows it. A connection status is its host's to keep current;
+/// with no host serving the device it is only the last one written (a host that died with its
+/// devices online left them "online"), and says so.
+fn shown_status(status: &str, served: bool) -> String {
+    let connection = matches!(
+        status,
+        "connecting" | "awaiting_pairing" | "online" | "reconnecting"
+    );
+    if connection && !served {
+        format!("{status} (stale)")
+    } else {
+        status.to_string()
+    }
+}
+
 /// The time zone in which a tenant's dates and times are read.
 async fn tenant_zone(pool: &PgPool, tenant: Uuid) -> Result<chrono_tz::Tz> {
     let t = repo::tenants::get_tenant(pool, tenant).await?;
@@ -638,20 +653,21 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
         DeviceCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             out!(
-                "{:<36}  {:<16} {:<10} {:<14} {:>11}",
+                "{:<36}  {:<16} {:<10} {:<16} {:>11}",
                 "id",
                 "label",
                 "provider",
                 "status",
                 "delay (s)"
             );
+            let served = repo::hosts::list_served_devices(pool, tenant).await?;
             for d in repo::devices::list_devices(pool, tenant).await? {
                 out!(
-                    "{:<36}  {:<16} {:<10} {:<14} {:>5.1}-{:<5.1}",
+                    "{:<36}  {:<16} {:<10} {:<16} {:>5.1}-{:<5.1}",
                     d.id,
                     d.label,
                     d.provider,
-                    d.status,
+                    shown_status(&d.status, served.contains(&d.id)),
                     d.min_delay_s,
                     d.max_delay_s
                 );
@@ -1551,18 +1567,10 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         } else {
             format!("in {next:.1}s")
         };
-        // A connection status is its host's to keep current; with no host it is only the last
-        // one written (a host that died with its devices online left them "online").
-        let live_status = matches!(
-            d.status.as_str(),
-            "connecting" | "awaiting_pairing" | "online" | "reconnecting"
-        );
-        let status = if live_status && !served {
+        let status = shown_status(&d.status, served);
+        if status != d.status {
             stale += 1;
-            format!("{} (stale)", d.status)
-        } else {
-            d.status.clone()
-        };
+        }
         out!(
             "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  {host}",
             d.label,

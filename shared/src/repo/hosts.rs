@@ -145,6 +145,22 @@ pub async fn device_owner(
     .await?)
 }
 
+/// The tenant's devices a host serves now (a live lease).
+pub async fn list_served_devices(
+    pool: &PgPool,
+    tenant: Uuid,
+) -> Result<std::collections::HashSet<Uuid>, RepoError> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT d.id FROM devices d
+         JOIN device_leases l ON l.device_id = d.id
+         WHERE d.tenant_id = $1 AND l.lease_until > now()",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// Failures further apart than this belong to different outages: a host that nobody tried to
 /// reach for this long may have been reachable meanwhile, so its outage starts again.
 pub const OUTAGE_GAP_S: f64 = 600.0;
