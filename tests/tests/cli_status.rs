@@ -806,3 +806,42 @@ async fn output_into_a_closed_pipe_ends_quietly(pool: PgPool) {
         out.status
     );
 }
+
+/// A sequence created without delays is paced like a campaign created without them (30 to 90
+/// seconds between two sends of a device): its default was no gap at all, a drip sent in
+/// bursts.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_sequence_without_delays_gets_the_campaigns_default_pacing(pool: PgPool) {
+    seed_tenant(&pool, "seq-pace@example.com").await;
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "sequence",
+            "create",
+            "--tenant",
+            "seq-pace@example.com",
+            "--name",
+            "COLD",
+            "--niche",
+            "cars",
+            "--trigger",
+            "cold",
+            "--time",
+            "09:30",
+            "--step",
+            "0:Hi {name}",
+            "--step",
+            "2:Still there?",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let delays: Vec<(f64, f64)> = sqlx::query_as(
+        "SELECT c.min_delay_s, c.max_delay_s FROM campaigns c
+         JOIN sequence_steps s ON s.campaign_id = c.id ORDER BY s.position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(delays, vec![(30.0, 90.0), (30.0, 90.0)]);
+}

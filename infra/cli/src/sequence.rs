@@ -39,9 +39,12 @@ pub enum SequenceCmd {
         /// Trigger added to the lead when it finishes (enrolls it in the next sequence).
         #[arg(long)]
         next_trigger: Option<String>,
-        #[arg(long, default_value_t = 0.0)]
+        /// Gap between two sends of one device, seconds: drawn uniformly in [min, max], never
+        /// below the device's own floor. The defaults are `campaign create`'s: a drip sent
+        /// without gaps (the old default of 0) goes out in bursts, which is how numbers get banned.
+        #[arg(long, default_value_t = 30.0)]
         min_delay: f64,
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 90.0)]
         max_delay: f64,
         #[arg(long)]
         activate: bool,
