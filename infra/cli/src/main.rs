@@ -123,6 +123,7 @@ enum QueueCmd {
 enum TenantCmd {
     /// Create a tenant; prints its id.
     Create {
+        /// The tenant's login; also how commands name the tenant (`--tenant`).
         #[arg(long)]
         email: String,
         /// Stored as an argon2 hash; prefer the environment variable to the command line.
@@ -138,6 +139,7 @@ enum TenantCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// Hours that must pass between two messages to one lead, across campaigns and sequences.
         #[arg(long)]
         hours: f64,
     },
@@ -150,6 +152,7 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// A name for people (unique per tenant); commands take it or the device's id.
         #[arg(long)]
         label: String,
         /// The device's own number, E.164 (`+60123456789`).
@@ -236,6 +239,7 @@ enum DeviceCmd {
         /// Days of warm-up after pairing (0 = off); the cap starts at --warmup-start and doubles daily.
         #[arg(long)]
         warmup_days: Option<i32>,
+        /// Messages allowed on the warm-up's first day (then doubling daily).
         #[arg(long)]
         warmup_start: Option<i32>,
     },
@@ -300,6 +304,7 @@ enum LeadsCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The number, E.164 (`+60123456789`; spaces and dashes are dropped).
         #[arg(long)]
         phone: String,
     },
@@ -310,6 +315,7 @@ enum LeadsCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The number, E.164 (`+60123456789`; spaces and dashes are dropped).
         #[arg(long)]
         phone: String,
     },
@@ -319,6 +325,7 @@ enum LeadsCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The number, E.164 (`+60123456789`; spaces and dashes are dropped).
         #[arg(long)]
         phone: String,
         /// How many of the newest messages to show.

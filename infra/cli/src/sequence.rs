@@ -19,6 +19,7 @@ pub enum SequenceCmd {
         tenant: String,
         #[arg(long)]
         name: String,
+        /// The niche token a lead must have (exact match, not a substring).
         #[arg(long)]
         niche: String,
         /// prospect | customer | all
@@ -46,6 +47,7 @@ pub enum SequenceCmd {
         min_delay: f64,
         #[arg(long, default_value_t = 90.0)]
         max_delay: f64,
+        /// Start it at once instead of leaving it a draft.
         #[arg(long)]
         activate: bool,
     },
@@ -94,6 +96,7 @@ pub enum SequenceCmd {
         tenant: String,
         #[arg(long)]
         sequence: Uuid,
+        /// The number, E.164; every lead of the tenant with it is enrolled.
         #[arg(long)]
         phone: String,
     },
@@ -104,6 +107,7 @@ pub enum SequenceCmd {
         tenant: String,
         #[arg(long)]
         sequence: Uuid,
+        /// The step's place in the sequence, from 1.
         #[arg(long)]
         position: i32,
         #[arg(long)]
@@ -120,6 +124,7 @@ pub enum SequenceCmd {
         tenant: String,
         #[arg(long)]
         sequence: Uuid,
+        /// The step's place in the sequence, from 1.
         #[arg(long)]
         position: i32,
     },
