@@ -1742,6 +1742,51 @@ mod tests {
         assert_eq!(lines.at(starts[8] as u64), 12);
     }
 
+    /// A bad step is refused naming which it is, a negative day included (the shell's `-1:…`
+    /// reached clap as an unknown option before).
+    #[test]
+    fn a_sequence_step_is_days_and_a_template() {
+        let args = [
+            "wabcast",
+            "sequence",
+            "create",
+            "--tenant",
+            "t",
+            "--name",
+            "n",
+            "--niche",
+            "cars",
+            "--trigger",
+            "cold",
+            "--time",
+            "09:30",
+            "--step",
+            "0:Hi {name}",
+            "--step",
+            "-1:hi",
+        ];
+        let Command::Sequence(sequence::SequenceCmd::Create { steps, .. }) =
+            <Cli as clap::Parser>::try_parse_from(args).unwrap().command
+        else {
+            panic!("not sequence create");
+        };
+        assert_eq!(steps, ["0:Hi {name}", "-1:hi"]);
+        assert_eq!(
+            sequence::parse_step(&steps[0]).unwrap(),
+            (0, "Hi {name}".into())
+        );
+        for (bad, says) in [
+            ("-1:hi", "0 to 3650"),
+            ("3651:hi", "0 to 3650"),
+            ("x:hi", "not a number of days"),
+            ("hi", "DAYS:template"),
+            ("1:{Hi|", "never closed"),
+        ] {
+            let err = format!("{:#}", sequence::parse_step(bad).unwrap_err());
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
     /// An operator finds every command in `--help`: each (sub)command says what it does.
     #[test]
     fn every_command_has_a_description() {

@@ -32,7 +32,7 @@ pub enum SequenceCmd {
         #[arg(long)]
         time: chrono::NaiveTime,
         /// `DAYS:template`: the step's day offset from enrollment and its text; repeat in order.
-        #[arg(long = "step", required = true)]
+        #[arg(long = "step", required = true, allow_hyphen_values = true)]
         steps: Vec<String>,
         /// Image for every step (https URL, data: URL or @file).
         #[arg(long)]
@@ -139,7 +139,7 @@ pub enum SequenceCmd {
 }
 
 /// "2:Hello {name}" → (2, "Hello {name}").
-fn parse_step(raw: &str) -> Result<(i32, String)> {
+pub(crate) fn parse_step(raw: &str) -> Result<(i32, String)> {
     let (days, template) = raw
         .split_once(':')
         .context("a step is DAYS:template, e.g. \"0:Hi {name}\"")?;
@@ -147,6 +147,9 @@ fn parse_step(raw: &str) -> Result<(i32, String)> {
         .trim()
         .parse()
         .with_context(|| format!("{days:?} is not a number of days"))?;
+    if !(0..=3650).contains(&days) {
+        bail!("{days} days: a step's day is 0 to 3650 days after the enrollment");
+    }
     shared::render::Template::parse(template)?;
     Ok((days, template.to_string()))
 }
