@@ -347,3 +347,86 @@ async fn the_database_refuses_a_message_to_a_recipient_without_the_shape_of_a_nu
     assert_eq!(count, 0);
     insert("+60123456789").await.unwrap();
 }
+
+/// A device label names one live device of the tenant: a lead CSV maps leads to devices by
+/// label, and with two "phone-01" an import gave that label's leads to whichever came last. A
+/// second live device with the label is refused and nothing is added; another tenant, and the
+/// tenant after deleting the first, may use it. The migration renames duplicates a database
+/// already has (the oldest keeps the label) before it makes labels unique.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_device_label_names_one_live_device_of_the_tenant(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "labels@example.com").await;
+    let other = seed_tenant(&pool, "labels-other@example.com").await;
+    let first = seed_device(&pool, tenant, "phone-01", 0.0, 0.0).await;
+    let new = |label| repo::devices::NewDevice {
+        label,
+        phone: None,
+        provider: shared::domain::ProviderKind::Simulator,
+        delay: shared::domain::DelayRange::new(0.0, 0.0).unwrap(),
+        daily_cap: None,
+    };
+    let mut tx = pool.begin().await.unwrap();
+    let err = repo::devices::insert_device(&mut tx, tenant, &new(" phone-01 "))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RepoError::Conflict(m) if m.contains("already has a device labelled \"phone-01\"")),
+        "{err}"
+    );
+    drop(tx);
+    let count = |t: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM devices WHERE tenant_id = $1")
+                .bind(t)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(count(tenant).await, 1);
+    seed_device(&pool, other, "phone-01", 0.0, 0.0).await;
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::delete_device(&mut tx, tenant, first)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let second = seed_device(&pool, tenant, "phone-01", 0.0, 0.0).await;
+
+    // A database from before the rule: duplicates get their id's start appended, oldest first.
+    sqlx::query("DROP INDEX devices_tenant_label")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let third = seed_device(&pool, tenant, "phone-01", 0.0, 0.0).await;
+    sqlx::query("UPDATE devices SET created_at = now() + interval '1 minute' WHERE id = $1")
+        .bind(third)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(include_str!(
+        "../../migrations/20261205000003_device_label_unique.sql"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let labels: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, label FROM devices WHERE tenant_id = $1 AND deleted_at IS NULL ORDER BY created_at",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        labels,
+        vec![
+            (second, "phone-01".to_string()),
+            (third, format!("phone-01-{}", &third.to_string()[..8])),
+        ]
+    );
+    let mut tx = pool.begin().await.unwrap();
+    assert!(matches!(
+        repo::devices::insert_device(&mut tx, tenant, &new("phone-01")).await,
+        Err(RepoError::Conflict(_))
+    ));
+}

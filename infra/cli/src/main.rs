@@ -152,7 +152,8 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
-        /// A name for people (unique per tenant); commands take it or the device's id.
+        /// A name for people, unique among the tenant's live devices; a lead CSV names a
+        /// lead's device by it (or by id).
         #[arg(long)]
         label: String,
         /// The device's own number, E.164 (`+60123456789`).

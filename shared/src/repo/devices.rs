@@ -44,7 +44,7 @@ pub async fn insert_device(
         return Err(crate::domain::InvalidInput::new("label", "is empty").into());
     }
     let id = Uuid::new_v4();
-    sqlx::query(
+    let res = sqlx::query(
         "INSERT INTO devices (id, tenant_id, label, phone, provider, min_delay_s, max_delay_s, daily_cap)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
@@ -57,8 +57,19 @@ pub async fn insert_device(
     .bind(new.delay.max_s)
     .bind(new.daily_cap)
     .execute(tx)
-    .await?;
-    Ok(id)
+    .await;
+    match res {
+        Ok(_) => Ok(id),
+        // `devices_tenant_label`: a lead CSV names devices by label, so two live devices of a
+        // tenant never share one.
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(RepoError::Conflict(
+            format!(
+                "the tenant already has a device labelled {:?}; choose another label",
+                new.label.trim()
+            ),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub async fn get_device(pool: &PgPool, tenant: Uuid, device: Uuid) -> Result<Device, RepoError> {
