@@ -62,12 +62,12 @@ pub async fn insert_device(
         Ok(_) => Ok(id),
         // `devices_tenant_label`: a lead CSV names devices by label, so two live devices of a
         // tenant never share one.
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(RepoError::Conflict(
-            format!(
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(RepoError::Conflict(format!(
                 "the tenant already has a device labelled {:?}; choose another label",
                 new.label.trim()
-            ),
-        )),
+            )))
+        }
         Err(e) => Err(e.into()),
     }
 }
