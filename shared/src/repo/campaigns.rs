@@ -94,9 +94,8 @@ pub struct CampaignEdit<'a> {
 
 /// Edits a campaign that has not finished: its title, text, image, Cloud API template and
 /// delays at any time (new delays pace the gaps drawn from now on), its schedule only until it
-/// has started. A step of a
-/// sequence is edited through the sequence. Returns the campaign as it is now; the caller
-/// re-renders the unsent rows of a started campaign in the same transaction
+/// has started. A step of a sequence is edited through the sequence. Returns the campaign as it
+/// is now; the caller re-renders the unsent rows of a started campaign in the same transaction
 /// (`messages::rerender_unsent_messages`). Holds the campaign row, so an edit and the fan-out
 /// see each other whole: an edit waiting on a fan-out finds the campaign started.
 pub async fn update_campaign(
