@@ -348,6 +348,24 @@ async fn the_database_refuses_a_message_to_a_recipient_without_the_shape_of_a_nu
     insert("+60123456789").await.unwrap();
 }
 
+/// A database from before a uniqueness rule: its index is gone, so a duplicate can be added.
+async fn drop_index(pool: &PgPool, index: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {index}")))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Makes `later` the newest device, then runs a uniqueness migration over the duplicates.
+async fn migrate_with_later_duplicate(pool: &PgPool, later: Uuid, migration: &'static str) {
+    sqlx::query("UPDATE devices SET created_at = now() + interval '1 minute' WHERE id = $1")
+        .bind(later)
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(migration).execute(pool).await.unwrap();
+}
+
 /// A device label names one live device of the tenant: a lead CSV maps leads to devices by
 /// label, and with two "phone-01" an import gave that label's leads to whichever came last. A
 /// second live device with the label is refused and nothing is added; another tenant, and the
@@ -394,22 +412,14 @@ async fn a_device_label_names_one_live_device_of_the_tenant(pool: PgPool) {
     let second = seed_device(&pool, tenant, "phone-01", 0.0, 0.0).await;
 
     // A database from before the rule: duplicates get their id's start appended, oldest first.
-    sqlx::query("DROP INDEX devices_tenant_label")
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_index(&pool, "devices_tenant_label").await;
     let third = seed_device(&pool, tenant, "phone-01", 0.0, 0.0).await;
-    sqlx::query("UPDATE devices SET created_at = now() + interval '1 minute' WHERE id = $1")
-        .bind(third)
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::raw_sql(include_str!(
-        "../../migrations/20261205000003_device_label_unique.sql"
-    ))
-    .execute(&pool)
-    .await
-    .unwrap();
+    migrate_with_later_duplicate(
+        &pool,
+        third,
+        include_str!("../../migrations/20261205000003_device_label_unique.sql"),
+    )
+    .await;
     let labels: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT id, label FROM devices WHERE tenant_id = $1 AND deleted_at IS NULL ORDER BY created_at",
     )
@@ -429,4 +439,210 @@ async fn a_device_label_names_one_live_device_of_the_tenant(pool: PgPool) {
         repo::devices::insert_device(&mut tx, tenant, &new("phone-01")).await,
         Err(RepoError::Conflict(_))
     ));
+}
+
+/// One WhatsApp number is one device. Two live devices of a tenant with one number would each
+/// keep their own gaps and daily cap, and the account would send at both paces: `device add`
+/// refuses a number the tenant's live devices already have, and nothing is added; another
+/// tenant, a deleted device's number and devices without a number are not constrained. The
+/// migration first takes the number off the later of existing duplicates (the oldest keeps it).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_phone_number_is_one_live_device_of_the_tenant(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "numbers@example.com").await;
+    let other = seed_tenant(&pool, "numbers-other@example.com").await;
+    let phone = PhoneE164::parse("+60123456781").unwrap();
+    let add = |t: Uuid, label: &'static str, phone: Option<PhoneE164>| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let res = repo::devices::insert_device(
+                &mut tx,
+                t,
+                &repo::devices::NewDevice {
+                    label,
+                    phone: phone.as_ref(),
+                    provider: shared::domain::ProviderKind::Web,
+                    delay: shared::domain::DelayRange::new(0.0, 0.0).unwrap(),
+                    daily_cap: None,
+                },
+            )
+            .await;
+            if res.is_ok() {
+                tx.commit().await.unwrap();
+            }
+            res
+        }
+    };
+    let first = add(tenant, "phone-01", Some(phone.clone())).await.unwrap();
+    let err = add(tenant, "phone-02", Some(phone.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RepoError::Conflict(m) if m.contains("already has a device with the number +60123456781")),
+        "{err}"
+    );
+    let live = |t: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM devices WHERE tenant_id = $1 AND deleted_at IS NULL",
+            )
+            .bind(t)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(live(tenant).await, 1, "nothing added");
+    // Devices without a number, and another tenant's device with it, are fine.
+    add(tenant, "no-number-1", None).await.unwrap();
+    add(tenant, "no-number-2", None).await.unwrap();
+    add(other, "theirs", Some(phone.clone())).await.unwrap();
+    // A deleted device's number may be used again.
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::delete_device(&mut tx, tenant, first)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let second = add(tenant, "phone-02", Some(phone.clone())).await.unwrap();
+
+    // A database from before the rule: the oldest keeps the number, later ones lose it.
+    drop_index(&pool, "devices_tenant_phone").await;
+    let third = add(tenant, "phone-03", Some(phone.clone())).await.unwrap();
+    migrate_with_later_duplicate(
+        &pool,
+        third,
+        include_str!("../../migrations/20261205000004_device_phone_unique.sql"),
+    )
+    .await;
+    let phones: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT id, phone FROM devices
+         WHERE tenant_id = $1 AND deleted_at IS NULL AND phone IS NOT NULL OR id = $2
+         ORDER BY created_at",
+    )
+    .bind(tenant)
+    .bind(third)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        phones,
+        vec![(second, Some(phone.as_str().to_string())), (third, None)]
+    );
+    let theirs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM devices WHERE tenant_id = $1 AND phone = $2")
+            .bind(other)
+            .bind(phone.as_str())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(theirs, 1, "another tenant's device keeps its number");
+}
+
+/// The number a session is linked to is recorded on its device (what pairing reports wins over
+/// what a person typed), and a second device linked to an account the tenant already has as a
+/// device is logged out (unlinked) by the host, with a reason naming that device. Driven
+/// through the device host's HTTP pairing on the simulator, whose pairing by phone links that
+/// number.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_session_linked_to_another_devices_number_is_unlinked(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "linked@example.com").await;
+    let other = seed_tenant(&pool, "linked-other@example.com").await;
+    let a = seed_device(&pool, tenant, "phone-a", 0.0, 0.0).await;
+    let b = seed_device(&pool, tenant, "phone-b", 0.0, 0.0).await;
+    let c = seed_device(&pool, other, "phone-c", 0.0, 0.0).await;
+    sqlx::query("UPDATE devices SET phone = '+60111111111' WHERE id = $1")
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let device = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (Option<String>, String, Option<String>)>(
+                "SELECT phone, status, status_reason FROM devices WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let settled = |id: Uuid, want: &'static str| async move {
+        for _ in 0..200 {
+            let d = device(id).await;
+            if d.1 == want {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("device {id} never reached {want}: {:?}", device(id).await);
+    };
+    // The number pairing linked has reached the device row.
+    let linked = |id: Uuid| async move {
+        for _ in 0..200 {
+            if device(id).await.0.as_deref() == Some("+60122222222") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+
+    // A pairs with another number than it was given: the paired account wins.
+    host.client
+        .start_pairing(tenant, a, Some("+60122222222".into()))
+        .await
+        .unwrap();
+    linked(a).await;
+    assert_eq!(device(a).await.0.as_deref(), Some("+60122222222"));
+    assert_eq!(settled(a, "online").await.1, "online");
+
+    // B pairs with A's account: unlinked, A untouched.
+    host.client
+        .start_pairing(tenant, b, Some("+60122222222".into()))
+        .await
+        .unwrap();
+    let (phone, _, reason) = settled(b, "logged_out").await;
+    assert_eq!(phone, None, "B did not take the number");
+    let reason = reason.unwrap();
+    assert!(
+        reason.contains("+60122222222 is already device \"phone-a\"")
+            && reason.contains(&a.to_string()),
+        "{reason}"
+    );
+    // It stays logged out (no reconnect), and A still has its number and is online.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(device(b).await.1, "logged_out");
+    assert_eq!(
+        device(a).await,
+        (
+            Some("+60122222222".into()),
+            "online".into(),
+            Some("paired (simulated)".into())
+        )
+    );
+
+    // Another tenant's device may be that account (the tenants do not see each other).
+    host.client
+        .start_pairing(other, c, Some("+60122222222".into()))
+        .await
+        .unwrap();
+    linked(c).await;
+    assert_eq!(device(c).await.0.as_deref(), Some("+60122222222"));
+    assert_eq!(settled(c, "online").await.1, "online");
+
+    // Once A is deleted, B may pair with the number.
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::delete_device(&mut tx, tenant, a)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    host.client
+        .start_pairing(tenant, b, Some("+60122222222".into()))
+        .await
+        .unwrap();
+    linked(b).await;
+    assert_eq!(device(b).await.0.as_deref(), Some("+60122222222"));
+    assert_eq!(settled(b, "online").await.1, "online");
 }

@@ -205,6 +205,7 @@ async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
         pool.clone(),
         rx,
         vec!["STOP".into(), "UNSUBSCRIBE".into(), "BERHENTI".into()],
+        Vec::new(),
     ));
     let dref = DeviceRef {
         id: device,
@@ -319,6 +320,7 @@ async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
         pool.clone(),
         rx,
         vec!["BERHENTI".into()],
+        Vec::new(),
     ));
     tx.send(ProviderEvent::Inbound {
         device: DeviceRef {

@@ -180,6 +180,9 @@ async fn connect(
     }))
 }
 
+/// The status reason of a device a person logged out.
+const LOGGED_OUT_BY_USER: &str = "logged out by the user";
+
 async fn logout(
     State(state): State<AppState>,
     Path(id): Path<Uuid>,
@@ -192,13 +195,13 @@ async fn logout(
         .provider(device.provider)
         .ok_or_else(|| bad_request("provider not served by this host"))?;
     provider
-        .logout(&device)
+        .logout(&device, LOGGED_OUT_BY_USER)
         .await
         .map_err(|e| bad_request(e.to_string()))?;
     Ok(Json(DeviceStatusBody {
         device_id: id,
         status: DeviceStatus::LoggedOut.to_string(),
-        reason: Some("logged out by the user".into()),
+        reason: Some(LOGGED_OUT_BY_USER.into()),
     }))
 }
 

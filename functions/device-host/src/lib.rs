@@ -185,7 +185,7 @@ pub async fn start(
             pool.clone(),
             relaxed_pool.clone(),
             config.host_id.clone(),
-            providers,
+            providers.clone(),
             ImageFetcher::new()?,
         )
         .with_leases(config.lease_ttl, config.max_devices),
@@ -194,6 +194,7 @@ pub async fn start(
         relaxed_pool,
         events_rx,
         config.cloud_api.opt_out_keywords.clone(),
+        providers,
     ));
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await

@@ -92,6 +92,11 @@ pub enum ProviderEvent {
         provider_message_id: String,
         code: String,
     },
+    /// The device's session is linked to the WhatsApp account of this number (a web session
+    /// reports it each time it connects, so after pairing and after a restore; the simulator
+    /// when paired by phone). The host records it on the device, and unlinks the session when
+    /// another live device of the tenant already is that number.
+    Linked { device: DeviceRef, phone: PhoneE164 },
     /// Text a contact sent to the device (opt-out keywords act on it).
     Inbound {
         device: DeviceRef,
@@ -132,7 +137,9 @@ pub trait Provider: Send + Sync {
         Ok(true)
     }
     /// Logs the device out: unlinks it, forgets its session, and nothing reconnects on its own.
-    async fn logout(&self, device: &DeviceRef) -> Result<(), ProviderError> {
+    /// `why` becomes the status reason.
+    async fn logout(&self, device: &DeviceRef, why: &str) -> Result<(), ProviderError> {
+        let _ = why;
         Err(ProviderError::Rejected(format!(
             "{} devices have no session to log out of",
             device.provider

@@ -873,11 +873,14 @@ fn permanent_code(reason: &str) -> &'static str {
 }
 
 /// Writes provider events to PostgreSQL: statuses as they come, receipts in batches, acks and
-/// nacks of accepted messages, opt-out keywords of inbound text (`opt_out_keywords`, upper case).
+/// nacks of accepted messages, opt-out keywords of inbound text (`opt_out_keywords`, upper case),
+/// the number a session is linked to (unlinking, through its provider in `providers`, a session
+/// whose account another device of the tenant already is).
 pub async fn run_event_writer(
     pool: PgPool,
     mut events: mpsc::UnboundedReceiver<ProviderEvent>,
     opt_out_keywords: Vec<String>,
+    providers: Vec<Arc<dyn Provider>>,
 ) {
     let mut receipts: Vec<Receipt> = Vec::new();
     loop {
@@ -964,6 +967,12 @@ pub async fn run_event_writer(
                     if let Err(e) = write_refused(&pool, &device, &provider_message_id, &code).await
                     {
                         warn!(device_id = %device.id, error = %e, "could not record a nack");
+                    }
+                }
+                ProviderEvent::Linked { device, phone } => {
+                    let provider = providers.iter().find(|p| p.kind() == device.provider);
+                    if let Err(e) = write_linked(&pool, provider, &device, &phone).await {
+                        warn!(device_id = %device.id, error = %e, "could not record the linked number");
                     }
                 }
                 ProviderEvent::Inbound { device, from, text } => {
@@ -1060,6 +1069,47 @@ async fn write_opt_out(pool: &PgPool, device: &DeviceRef, from: &PhoneE164) -> a
     .await?;
     tx.commit().await?;
     Ok(n)
+}
+
+/// Records the account a session is linked to; a session whose number another live device of
+/// the tenant already is gets logged out (unlinked), with a reason naming that device: one
+/// WhatsApp number paced as two devices would send at both paces.
+async fn write_linked(
+    pool: &PgPool,
+    provider: Option<&Arc<dyn Provider>>,
+    device: &DeviceRef,
+    phone: &PhoneE164,
+) -> anyhow::Result<()> {
+    match repo::devices::record_linked_number(pool, device.tenant_id, device.id, phone).await? {
+        repo::devices::LinkedNumber::Recorded { previous: None } => {}
+        repo::devices::LinkedNumber::Recorded {
+            previous: Some(previous),
+        } => {
+            info!(device_id = %device.id, %previous, now = %phone, "the device is linked to another number than it said; recorded")
+        }
+        repo::devices::LinkedNumber::Gone => {}
+        repo::devices::LinkedNumber::OtherDevice { id, label } => {
+            let why = format!(
+                "unlinked: {phone} is already device {label:?} ({id}); one WhatsApp number is one \
+                 device (as two it would send at both paces). Pair this device with another number"
+            );
+            warn!(device_id = %device.id, other = %id, "a session linked to another device's number; logging it out");
+            match provider {
+                // A web logout deregisters at WhatsApp, a network call: off the writer's loop,
+                // which every device's statuses and receipts go through.
+                Some(p) => {
+                    let (p, device) = (p.clone(), device.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = p.logout(&device, &why).await {
+                            warn!(device_id = %device.id, error = %e, "could not log out a session linked to another device's number");
+                        }
+                    });
+                }
+                None => write_status(pool, device, DeviceStatus::LoggedOut, Some(&why)).await?,
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn write_status(

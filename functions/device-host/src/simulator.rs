@@ -371,6 +371,14 @@ impl Provider for Simulator {
             status: DeviceStatus::Online,
             reason: Some("paired (simulated)".into()),
         });
+        // Paired by phone: the simulated account is that number (a QR code could be scanned by
+        // any phone, so the simulator names no account for it).
+        if let Some(phone) = phone {
+            let _ = self.events.send(ProviderEvent::Linked {
+                device: device.clone(),
+                phone: phone.clone(),
+            });
+        }
         let nonce = Uuid::new_v4().simple().to_string();
         Ok(match phone {
             Some(_) => PairingBody {
@@ -455,7 +463,7 @@ impl Provider for Simulator {
     }
 
     /// The simulated link is forgotten: the device needs pairing again.
-    async fn logout(&self, device: &DeviceRef) -> Result<(), ProviderError> {
+    async fn logout(&self, device: &DeviceRef, why: &str) -> Result<(), ProviderError> {
         if let Ok(mut sessions) = self.sessions.lock() {
             if let Some(s) = sessions.get_mut(&device.id) {
                 s.online = false;
@@ -465,7 +473,7 @@ impl Provider for Simulator {
         let _ = self.events.send(ProviderEvent::Status {
             device: device.clone(),
             status: DeviceStatus::LoggedOut,
-            reason: Some("logged out by the user".into()),
+            reason: Some(why.into()),
         });
         Ok(())
     }

@@ -64,6 +64,7 @@ async fn forward(
             | WebEvent::Acked { device, .. }
             | WebEvent::Nacked { device, .. }
             | WebEvent::Receipt { device, .. }
+            | WebEvent::Linked { device, .. }
             | WebEvent::Inbound { device, .. } => *device,
         };
         let Some(device) = devices.read().ok().and_then(|m| m.get(&id).cloned()) else {
@@ -90,6 +91,13 @@ async fn forward(
                 provider_message_ids: ids,
                 read,
                 at,
+            },
+            WebEvent::Linked { phone, .. } => match PhoneE164::parse(&format!("+{phone}")) {
+                Ok(phone) => ProviderEvent::Linked { device, phone },
+                Err(e) => {
+                    warn!(device_id = %id, error = %e, "the session's own number is not E.164");
+                    continue;
+                }
             },
             WebEvent::Inbound { from, text, .. } => {
                 let Some(from) = from.and_then(|d| PhoneE164::parse(&format!("+{d}")).ok()) else {
@@ -244,9 +252,9 @@ impl Provider for WebProvider {
             .map_err(to_provider_error)
     }
 
-    async fn logout(&self, device: &DeviceRef) -> Result<(), ProviderError> {
+    async fn logout(&self, device: &DeviceRef, why: &str) -> Result<(), ProviderError> {
         self.remember(device);
-        self.sessions.logout(device.id).await;
+        self.sessions.logout(device.id, why).await;
         Ok(())
     }
 

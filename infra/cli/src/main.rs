@@ -661,9 +661,10 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
         DeviceCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             out!(
-                "{:<36}  {:<16} {:<10} {:<16} {:>11}",
+                "{:<36}  {:<16} {:<16} {:<10} {:<16} {:>11}",
                 "id",
                 "label",
+                "phone",
                 "provider",
                 "status",
                 "delay (s)"
@@ -671,9 +672,10 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             let served = repo::hosts::list_served_devices(pool, tenant).await?;
             for d in repo::devices::list_devices(pool, tenant).await? {
                 out!(
-                    "{:<36}  {:<16} {:<10} {:<16} {:>5.1}-{:<5.1}",
+                    "{:<36}  {:<16} {:<16} {:<10} {:<16} {:>5.1}-{:<5.1}",
                     d.id,
                     d.label,
+                    d.phone.as_deref().unwrap_or("-"),
                     d.provider,
                     shown_status(&d.status, served.contains(&d.id)),
                     d.min_delay_s,

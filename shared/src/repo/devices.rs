@@ -60,6 +60,17 @@ pub async fn insert_device(
     .await;
     match res {
         Ok(_) => Ok(id),
+        // `devices_tenant_phone`: one WhatsApp account is one device, paced once.
+        Err(sqlx::Error::Database(e))
+            if e.is_unique_violation() && e.constraint() == Some("devices_tenant_phone") =>
+        {
+            Err(RepoError::Conflict(format!(
+                "the tenant already has a device with the number {}; one WhatsApp number is one \
+                 device (two would each keep their own gaps and cap, and the number would send at \
+                 both paces)",
+                new.phone.map(PhoneE164::as_str).unwrap_or_default()
+            )))
+        }
         // `devices_tenant_label`: a lead CSV names devices by label, so two live devices of a
         // tenant never share one.
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
@@ -67,6 +78,77 @@ pub async fn insert_device(
                 "the tenant already has a device labelled {:?}; choose another label",
                 new.label.trim()
             )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What recording the number a device's session is linked to found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkedNumber {
+    /// The device's phone now is the number (`previous` is what it said before, if different).
+    Recorded { previous: Option<String> },
+    /// Another live device of the tenant already is this number: nothing was changed.
+    OtherDevice { id: Uuid, label: String },
+    /// The device is deleted or not the tenant's.
+    Gone,
+}
+
+/// Records that a device's session is linked to the WhatsApp account of `phone` (what pairing
+/// or a restored session reports, which may differ from what a person typed). The unique index
+/// `devices_tenant_phone` decides a race between two devices linked to one account: exactly
+/// one of them records it, and the other learns which device has it.
+pub async fn record_linked_number(
+    pool: &PgPool,
+    tenant: Uuid,
+    device: Uuid,
+    phone: &PhoneE164,
+) -> Result<LinkedNumber, RepoError> {
+    // A session reports its number at every connection: the row is written only when the
+    // number changes (the processor's claim locks device rows).
+    let current: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT phone FROM devices WHERE id = $2 AND tenant_id = $1 AND deleted_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(device)
+    .fetch_optional(pool)
+    .await?;
+    let previous = match current {
+        None => return Ok(LinkedNumber::Gone),
+        Some(Some(p)) if p == phone.as_str() => {
+            return Ok(LinkedNumber::Recorded { previous: None })
+        }
+        Some(p) => p,
+    };
+    let res = sqlx::query(
+        "UPDATE devices SET phone = $3
+         WHERE id = $2 AND tenant_id = $1 AND deleted_at IS NULL",
+    )
+    .bind(tenant)
+    .bind(device)
+    .bind(phone.as_str())
+    .execute(pool)
+    .await;
+    match res {
+        Ok(r) if r.rows_affected() == 1 => Ok(LinkedNumber::Recorded { previous }),
+        Ok(_) => Ok(LinkedNumber::Gone),
+        Err(sqlx::Error::Database(e))
+            if e.is_unique_violation() && e.constraint() == Some("devices_tenant_phone") =>
+        {
+            let other: Option<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, label FROM devices
+                 WHERE tenant_id = $1 AND phone = $2 AND deleted_at IS NULL AND id <> $3",
+            )
+            .bind(tenant)
+            .bind(phone.as_str())
+            .bind(device)
+            .fetch_optional(pool)
+            .await?;
+            match other {
+                Some((id, label)) => Ok(LinkedNumber::OtherDevice { id, label }),
+                // The other device was deleted in between: the number is free now.
+                None => Box::pin(record_linked_number(pool, tenant, device, phone)).await,
+            }
         }
         Err(e) => Err(e.into()),
     }

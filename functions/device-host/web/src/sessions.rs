@@ -83,6 +83,9 @@ pub enum WebEvent {
         read: bool,
         at: DateTime<Utc>,
     },
+    /// The session is connected as this WhatsApp account (its phone number, digits): sent at
+    /// every connection, so after pairing and after a restore.
+    Linked { device: Uuid, phone: String },
     /// Text from a contact; `from` is the sender's phone number (digits) when it could be told.
     Inbound {
         device: Uuid,
@@ -393,13 +396,18 @@ impl WebSessions {
 
     /// Logs the device out: unlinks it at WhatsApp (best effort), deletes its session store, and
     /// nothing reconnects until a person pairs it again.
-    pub async fn logout(&self, device: Uuid) {
+    pub async fn logout(&self, device: Uuid, why: &str) {
         match self.session(device) {
             Some(s) => {
                 // Terminal first, so the library's own "logged out" event finds nothing to do;
                 // the store is deleted once the client has deregistered and stopped.
                 let actions = match s.state.lock() {
-                    Ok(mut st) => st.0.on(Input::ManualLogout, Utc::now()),
+                    Ok(mut st) => st.0.on(
+                        Input::ManualLogout {
+                            reason: why.to_string(),
+                        },
+                        Utc::now(),
+                    ),
                     Err(_) => Vec::new(),
                 };
                 s.client.logout().await;
@@ -412,7 +420,7 @@ impl WebSessions {
                 let _ = self.events.send(WebEvent::Status {
                     device,
                     status: DeviceStatus::LoggedOut,
-                    reason: Some("logged out by the user".into()),
+                    reason: Some(why.to_string()),
                 });
             }
         }
@@ -571,6 +579,16 @@ impl WebSessions {
             Signal::Ignore => {}
             Signal::Supervisor(input) => {
                 let connected = input == Input::Connected;
+                if connected {
+                    // Which account this is, before the status says online: the host unlinks a
+                    // session whose number another device of the tenant already is.
+                    if let Some(pn) = self.session(device).and_then(|s| s.client.pn()) {
+                        let _ = self.events.send(WebEvent::Linked {
+                            device,
+                            phone: pn.user.to_string(),
+                        });
+                    }
+                }
                 self.apply(device, input);
                 if connected {
                     if let Some(s) = self.session(device) {

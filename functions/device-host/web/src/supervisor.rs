@@ -53,8 +53,11 @@ pub enum Input {
     Nack {
         code: String,
     },
-    /// A person logged the device out here.
-    ManualLogout,
+    /// The device was logged out here: by a person, or by the host (its account is another
+    /// device's). `reason` is the status reason.
+    ManualLogout {
+        reason: String,
+    },
     /// The host is stopping (or handing the device to another host).
     Shutdown,
     /// Time passes: a timed restriction may end.
@@ -263,9 +266,7 @@ impl Supervisor {
                     ),
                 )
             }
-            Input::ManualLogout => {
-                self.end(DeviceStatus::LoggedOut, "logged out by the user".into(), true)
-            }
+            Input::ManualLogout { reason } => self.end(DeviceStatus::LoggedOut, reason, true),
             Input::Shutdown => self.end(DeviceStatus::Offline, "host stopped".into(), false),
             Input::Tick => {
                 if self.status == DeviceStatus::Restricted && !self.restricted_now(now) {
@@ -383,7 +384,13 @@ mod tests {
                 DeviceStatus::LoggedOut,
                 true,
             ),
-            (Input::ManualLogout, DeviceStatus::LoggedOut, true),
+            (
+                Input::ManualLogout {
+                    reason: "logged out by the user".into(),
+                },
+                DeviceStatus::LoggedOut,
+                true,
+            ),
             (Input::Replaced, DeviceStatus::Stopped, false),
             (
                 Input::TemporaryBan {

@@ -86,7 +86,7 @@ async fn logout_is_terminal_and_deletes_the_store() {
     next_status(&mut rx, DeviceStatus::Reconnecting, Duration::from_secs(20))
         .await
         .expect("reconnecting");
-    sessions.logout(device).await;
+    sessions.logout(device, "logged out by the user").await;
     let reason = next_status(&mut rx, DeviceStatus::LoggedOut, Duration::from_secs(10))
         .await
         .expect("logged out");
