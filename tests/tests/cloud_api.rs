@@ -756,3 +756,57 @@ async fn an_image_with_a_public_link_is_sent_by_link_without_an_upload(pool: PgP
     }
     assert_eq!(graph.uploads(), 0, "a public link needs no upload");
 }
+
+/// A Cloud API number is one device: connecting reads the number of the phone-number id from
+/// the Graph API ("+60 12-345 6789" → +60123456789). While another live device of the tenant is
+/// that number (the phone it was moved from, say), the Cloud API device stays logged out with a
+/// reason naming it, however often it is connected (as two devices the number would send at
+/// both paces); once that device is deleted, it connects and the number is recorded on it.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_cloud_number_already_another_device_is_not_connected_twice(pool: PgPool) {
+    let graph = FakeGraph::start().await;
+    graph.allow(PNID, TOKEN_A);
+    let tenant = seed_tenant(&pool, "one-number@example.com").await;
+    let phone = seed_device(&pool, tenant, "phone-01", 0.0, 0.0).await;
+    sqlx::query("UPDATE devices SET phone = '+60123456789' WHERE id = $1")
+        .bind(phone)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let cloud = seed_cloud_device(&pool, tenant, "biz-1", PNID, TOKEN_A).await;
+    let host = host(&pool, &graph).await;
+    for _ in 0..2 {
+        let s = host.client.connect_device(tenant, cloud).await.unwrap();
+        assert_eq!(s.status, "logged_out");
+        let why = s.reason.unwrap();
+        assert!(
+            why.contains("+60123456789 is already device \"phone-01\"")
+                && why.contains(&phone.to_string()),
+            "{why}"
+        );
+    }
+    wait_for_device_status(&pool, tenant, cloud, "logged_out").await;
+    let d = repo::devices::get_device(&pool, tenant, cloud)
+        .await
+        .unwrap();
+    assert_eq!(d.phone, None);
+    let pipeline = Pipeline::new(&pool, test_queue(5).await, &host);
+    seed_leads(&pool, tenant, cloud, 0, 2, "cars", LeadStatus::Prospect).await;
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    pipeline.trigger().await;
+    pipeline.tick().await;
+    while pipeline.deliver().await > 0 {}
+    assert_eq!(graph.sent(), 0, "nothing goes out through it");
+
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::delete_device(&mut tx, tenant, phone)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let s = host.client.connect_device(tenant, cloud).await.unwrap();
+    assert_eq!(s.status, "online");
+    let d = repo::devices::get_device(&pool, tenant, cloud)
+        .await
+        .unwrap();
+    assert_eq!(d.phone.as_deref(), Some("+60123456789"));
+}

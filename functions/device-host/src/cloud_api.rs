@@ -215,6 +215,43 @@ impl CloudApi {
         }
     }
 
+    /// A phone-number id the Graph API knows: its number is recorded on the device, unless
+    /// another live device of the tenant already is that number (one number is one device, paced
+    /// once), which leaves this one logged out with a reason naming the other.
+    async fn linked(
+        &self,
+        device: &DeviceRef,
+        resp: reqwest::Response,
+    ) -> (DeviceStatus, Option<String>) {
+        let shown = resp
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["display_phone_number"].as_str().map(str::to_string));
+        // "+60 12-345 6789" (or without the plus): its digits with a plus.
+        let phone = shown.as_deref().and_then(|s| {
+            let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+            PhoneE164::parse(&format!("+{digits}")).ok()
+        });
+        let Some(phone) = phone else {
+            warn!(device_id = %device.id, shown = ?shown, "the Graph API gave no usable display_phone_number");
+            return (DeviceStatus::Online, None);
+        };
+        match repo::devices::record_linked_number(&self.pool, device.tenant_id, device.id, &phone)
+            .await
+        {
+            Ok(repo::devices::LinkedNumber::OtherDevice { id, label }) => (
+                DeviceStatus::LoggedOut,
+                Some(crate::provider::linked_elsewhere(&phone, &label, id)),
+            ),
+            Ok(_) => (DeviceStatus::Online, None),
+            Err(e) => {
+                warn!(device_id = %device.id, error = %e, "could not record the device's number");
+                (DeviceStatus::Online, None)
+            }
+        }
+    }
+
     /// Uploads the image for this device once; later sends reuse the media id.
     async fn media_id(
         &self,
@@ -463,7 +500,7 @@ impl Provider for CloudApi {
             .send()
             .await;
         let (status, why) = match resp {
-            Ok(r) if r.status().is_success() => (DeviceStatus::Online, None),
+            Ok(r) if r.status().is_success() => self.linked(device, r).await,
             Ok(r) => {
                 let code = r.status().as_u16();
                 let body = r.text().await.unwrap_or_default();

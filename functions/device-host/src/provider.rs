@@ -105,6 +105,15 @@ pub enum ProviderEvent {
     },
 }
 
+/// The status reason of a device whose session is linked to a number another live device of
+/// the tenant already is (the host unlinks it).
+pub fn linked_elsewhere(phone: &PhoneE164, label: &str, other: Uuid) -> String {
+    format!(
+        "unlinked: {phone} is already device {label:?} ({other}); one WhatsApp number is one \
+         device (as two it would send at both paces). Use this device for another number"
+    )
+}
+
 #[async_trait]
 pub trait Provider: Send + Sync {
     fn kind(&self) -> ProviderKind;

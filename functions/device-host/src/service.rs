@@ -1089,10 +1089,7 @@ async fn write_linked(
         }
         repo::devices::LinkedNumber::Gone => {}
         repo::devices::LinkedNumber::OtherDevice { id, label } => {
-            let why = format!(
-                "unlinked: {phone} is already device {label:?} ({id}); one WhatsApp number is one \
-                 device (as two it would send at both paces). Pair this device with another number"
-            );
+            let why = crate::provider::linked_elsewhere(phone, &label, id);
             warn!(device_id = %device.id, other = %id, "a session linked to another device's number; logging it out");
             match provider {
                 // A web logout deregisters at WhatsApp, a network call: off the writer's loop,
