@@ -645,4 +645,28 @@ async fn a_session_linked_to_another_devices_number_is_unlinked(pool: PgPool) {
     linked(b).await;
     assert_eq!(device(b).await.0.as_deref(), Some("+60122222222"));
     assert_eq!(settled(b, "online").await.1, "online");
+
+    // A number only typed on a device does not outrank a session that proves it: E typed
+    // +60133333333 (wrongly, say), F's session is that account; F keeps its link and takes the
+    // number, E loses the typed claim (and is not unlinked).
+    let e = seed_device(&pool, tenant, "phone-e", 0.0, 0.0).await;
+    let f = seed_device(&pool, tenant, "phone-f", 0.0, 0.0).await;
+    sqlx::query("UPDATE devices SET phone = '+60133333333' WHERE id = $1")
+        .bind(e)
+        .execute(&pool)
+        .await
+        .unwrap();
+    host.client
+        .start_pairing(tenant, f, Some("+60133333333".into()))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if device(f).await.0.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(device(f).await.0.as_deref(), Some("+60133333333"));
+    assert_eq!(settled(f, "online").await.1, "online");
+    assert_eq!(device(e).await, (None, "online".into(), None));
 }

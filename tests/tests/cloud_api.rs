@@ -759,16 +759,18 @@ async fn an_image_with_a_public_link_is_sent_by_link_without_an_upload(pool: PgP
 
 /// A Cloud API number is one device: connecting reads the number of the phone-number id from
 /// the Graph API ("+60 12-345 6789" → +60123456789). While another live device of the tenant is
-/// that number (the phone it was moved from, say), the Cloud API device stays logged out with a
-/// reason naming it, however often it is connected (as two devices the number would send at
-/// both paces); once that device is deleted, it connects and the number is recorded on it.
+/// that number, proven by its own session (the phone it was moved from, say), the Cloud API
+/// device stays logged out with a reason naming it, however often it is connected (as two
+/// devices the number would send at both paces); once that device is deleted, it connects and
+/// the number is recorded on it.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_cloud_number_already_another_device_is_not_connected_twice(pool: PgPool) {
     let graph = FakeGraph::start().await;
     graph.allow(PNID, TOKEN_A);
     let tenant = seed_tenant(&pool, "one-number@example.com").await;
     let phone = seed_device(&pool, tenant, "phone-01", 0.0, 0.0).await;
-    sqlx::query("UPDATE devices SET phone = '+60123456789' WHERE id = $1")
+    // A web device whose own session proved the number (a number only typed would yield).
+    sqlx::query("UPDATE devices SET phone = '+60123456789', phone_linked_at = now() WHERE id = $1")
         .bind(phone)
         .execute(&pool)
         .await

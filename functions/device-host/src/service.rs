@@ -1081,11 +1081,13 @@ async fn write_linked(
     phone: &PhoneE164,
 ) -> anyhow::Result<()> {
     match repo::devices::record_linked_number(pool, device.tenant_id, device.id, phone).await? {
-        repo::devices::LinkedNumber::Recorded { previous: None } => {}
-        repo::devices::LinkedNumber::Recorded {
-            previous: Some(previous),
-        } => {
-            info!(device_id = %device.id, %previous, now = %phone, "the device is linked to another number than it said; recorded")
+        repo::devices::LinkedNumber::Recorded { previous, released } => {
+            if let Some(previous) = previous {
+                info!(device_id = %device.id, %previous, now = %phone, "the device is linked to another number than it said; recorded");
+            }
+            for other in released {
+                info!(device_id = %device.id, %other, %phone, "another device had typed this number; its session proves it is this one's");
+            }
         }
         repo::devices::LinkedNumber::Gone => {}
         repo::devices::LinkedNumber::OtherDevice { id, label } => {

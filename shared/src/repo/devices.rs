@@ -86,28 +86,36 @@ pub async fn insert_device(
 /// What recording the number a device's session is linked to found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkedNumber {
-    /// The device's phone now is the number (`previous` is what it said before, if different).
-    Recorded { previous: Option<String> },
-    /// Another live device of the tenant already is this number: nothing was changed.
+    /// The device's phone now is the number (`previous` is what it said before, if another
+    /// number); `released` names the devices that had only typed the number and lost it.
+    Recorded {
+        previous: Option<String>,
+        released: Vec<Uuid>,
+    },
+    /// Another live device of the tenant is this number, proven by its own session: nothing
+    /// was changed.
     OtherDevice { id: Uuid, label: String },
     /// The device is deleted or not the tenant's.
     Gone,
 }
 
 /// Records that a device's session is linked to the WhatsApp account of `phone` (what pairing
-/// or a restored session reports, which may differ from what a person typed). The unique index
-/// `devices_tenant_phone` decides a race between two devices linked to one account: exactly
-/// one of them records it, and the other learns which device has it.
+/// or a connection reports, which may differ from what a person typed). A proven number
+/// outranks a typed one: another live device of the tenant that only typed the number loses
+/// it; one whose session proved it (`phone_linked_at`) keeps it, and this device learns which
+/// device that is. The unique index `devices_tenant_phone` decides a race between two sessions
+/// of one account: exactly one records it.
 pub async fn record_linked_number(
     pool: &PgPool,
     tenant: Uuid,
     device: Uuid,
     phone: &PhoneE164,
 ) -> Result<LinkedNumber, RepoError> {
-    // A session reports its number at every connection: the row is written only when the
-    // number changes (the processor's claim locks device rows).
-    let current: Option<Option<String>> = sqlx::query_scalar(
-        "SELECT phone FROM devices WHERE id = $2 AND tenant_id = $1 AND deleted_at IS NULL",
+    // A session reports its number at every connection: the row is written only when something
+    // changes (the processor's claim locks device rows).
+    let current: Option<(Option<String>, bool)> = sqlx::query_as(
+        "SELECT phone, phone_linked_at IS NOT NULL FROM devices
+         WHERE id = $2 AND tenant_id = $1 AND deleted_at IS NULL",
     )
     .bind(tenant)
     .bind(device)
@@ -115,26 +123,45 @@ pub async fn record_linked_number(
     .await?;
     let previous = match current {
         None => return Ok(LinkedNumber::Gone),
-        Some(Some(p)) if p == phone.as_str() => {
-            return Ok(LinkedNumber::Recorded { previous: None })
+        Some((Some(p), true)) if p == phone.as_str() => {
+            return Ok(LinkedNumber::Recorded {
+                previous: None,
+                released: Vec::new(),
+            })
         }
-        Some(p) => p,
+        Some((p, _)) => p.filter(|p| p != phone.as_str()),
     };
+    let mut tx = pool.begin().await?;
+    let released: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE devices SET phone = NULL
+         WHERE tenant_id = $1 AND phone = $3 AND id <> $2 AND deleted_at IS NULL
+           AND phone_linked_at IS NULL
+         RETURNING id",
+    )
+    .bind(tenant)
+    .bind(device)
+    .bind(phone.as_str())
+    .fetch_all(&mut *tx)
+    .await?;
     let res = sqlx::query(
-        "UPDATE devices SET phone = $3
+        "UPDATE devices SET phone = $3, phone_linked_at = now()
          WHERE id = $2 AND tenant_id = $1 AND deleted_at IS NULL",
     )
     .bind(tenant)
     .bind(device)
     .bind(phone.as_str())
-    .execute(pool)
+    .execute(&mut *tx)
     .await;
     match res {
-        Ok(r) if r.rows_affected() == 1 => Ok(LinkedNumber::Recorded { previous }),
+        Ok(r) if r.rows_affected() == 1 => {
+            tx.commit().await?;
+            Ok(LinkedNumber::Recorded { previous, released })
+        }
         Ok(_) => Ok(LinkedNumber::Gone),
         Err(sqlx::Error::Database(e))
             if e.is_unique_violation() && e.constraint() == Some("devices_tenant_phone") =>
         {
+            drop(tx);
             let other: Option<(Uuid, String)> = sqlx::query_as(
                 "SELECT id, label FROM devices
                  WHERE tenant_id = $1 AND phone = $2 AND deleted_at IS NULL AND id <> $3",
