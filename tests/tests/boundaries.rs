@@ -580,9 +580,9 @@ async fn a_session_linked_to_another_devices_number_is_unlinked(pool: PgPool) {
         panic!("device {id} never reached {want}: {:?}", device(id).await);
     };
     // The number pairing linked has reached the device row.
-    let linked = |id: Uuid| async move {
+    let linked = |id: Uuid, number: &'static str| async move {
         for _ in 0..200 {
-            if device(id).await.0.as_deref() == Some("+60122222222") {
+            if device(id).await.0.as_deref() == Some(number) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -594,7 +594,7 @@ async fn a_session_linked_to_another_devices_number_is_unlinked(pool: PgPool) {
         .start_pairing(tenant, a, Some("+60122222222".into()))
         .await
         .unwrap();
-    linked(a).await;
+    linked(a, "+60122222222").await;
     assert_eq!(device(a).await.0.as_deref(), Some("+60122222222"));
     assert_eq!(settled(a, "online").await.1, "online");
 
@@ -628,7 +628,7 @@ async fn a_session_linked_to_another_devices_number_is_unlinked(pool: PgPool) {
         .start_pairing(other, c, Some("+60122222222".into()))
         .await
         .unwrap();
-    linked(c).await;
+    linked(c, "+60122222222").await;
     assert_eq!(device(c).await.0.as_deref(), Some("+60122222222"));
     assert_eq!(settled(c, "online").await.1, "online");
 
@@ -642,7 +642,7 @@ async fn a_session_linked_to_another_devices_number_is_unlinked(pool: PgPool) {
         .start_pairing(tenant, b, Some("+60122222222".into()))
         .await
         .unwrap();
-    linked(b).await;
+    linked(b, "+60122222222").await;
     assert_eq!(device(b).await.0.as_deref(), Some("+60122222222"));
     assert_eq!(settled(b, "online").await.1, "online");
 
@@ -660,12 +660,7 @@ async fn a_session_linked_to_another_devices_number_is_unlinked(pool: PgPool) {
         .start_pairing(tenant, f, Some("+60133333333".into()))
         .await
         .unwrap();
-    for _ in 0..200 {
-        if device(f).await.0.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    linked(f, "+60133333333").await;
     assert_eq!(device(f).await.0.as_deref(), Some("+60133333333"));
     assert_eq!(settled(f, "online").await.1, "online");
     assert_eq!(device(e).await, (None, "online".into(), None));
