@@ -511,18 +511,41 @@ pub async fn deliver_batch(
     let started = std::time::Instant::now();
     let response = message_worker::handle(event, worker).await;
     let took = started.elapsed();
+    queue
+        .delete_batch(&succeeded(&msgs, response))
+        .await
+        .unwrap();
+    (msgs.len(), took)
+}
+
+/// The receipt handles of the records the worker did not report as failures: what the SQS
+/// event source deletes.
+pub fn succeeded(
+    msgs: &[shared::queue::ReceivedMessage],
+    response: aws_lambda_events::sqs::SqsBatchResponse,
+) -> Vec<String> {
     let failed: std::collections::HashSet<String> = response
         .batch_item_failures
         .into_iter()
         .map(|f| f.item_identifier)
         .collect();
-    let done: Vec<String> = msgs
-        .iter()
+    msgs.iter()
         .filter(|m| !failed.contains(&m.message_id))
         .map(|m| m.receipt_handle.clone())
-        .collect();
-    queue.delete_batch(&done).await.unwrap();
-    (msgs.len(), took)
+        .collect()
+}
+
+/// What a worker asks the host for a claimed message (text only).
+pub fn send_request(job: &repo::messages::SendJob) -> shared::host_api::SendRequest {
+    shared::host_api::SendRequest {
+        message_id: job.id,
+        tenant_id: job.tenant_id,
+        device_id: job.device_id,
+        to: job.recipient.clone(),
+        text: job.body.clone(),
+        image: None,
+        template: None,
+    }
 }
 
 /// Waits until the host has written this status for the device.

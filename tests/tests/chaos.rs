@@ -36,7 +36,6 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shared::domain::{CampaignStatus, LeadStatus, PhoneE164};
-use shared::host_api::SendRequest;
 use shared::queue::{to_sqs_event, Queue, WorkItem};
 use shared::repo;
 use sqlx::PgPool;
@@ -111,20 +110,12 @@ async fn receive(w: &World) -> Vec<shared::queue::ReceivedMessage> {
 /// Hands a batch to the worker and deletes what it did not report failed.
 async fn work_and_delete(w: &World, msgs: &[shared::queue::ReceivedMessage], delete: bool) {
     let response = message_worker::handle(to_sqs_event(msgs, "arn"), &w.p.worker).await;
-    if !delete {
-        return;
+    if delete {
+        w.p.queue
+            .delete_batch(&succeeded(msgs, response))
+            .await
+            .unwrap();
     }
-    let failed: HashSet<String> = response
-        .batch_item_failures
-        .into_iter()
-        .map(|f| f.item_identifier)
-        .collect();
-    let done: Vec<String> = msgs
-        .iter()
-        .filter(|m| !failed.contains(&m.message_id))
-        .map(|m| m.receipt_handle.clone())
-        .collect();
-    w.p.queue.delete_batch(&done).await.unwrap();
 }
 
 /// Every lease of an in-flight row into the past, except `sending` rows of the paced device:
@@ -187,18 +178,7 @@ async fn act(w: &World, a: Action) {
             tx.commit().await.unwrap();
             for j in &jobs {
                 // Whatever the outcome, nothing is recorded: the worker is gone.
-                w.host
-                    .client
-                    .send(&SendRequest {
-                        message_id: j.id,
-                        tenant_id: j.tenant_id,
-                        device_id: j.device_id,
-                        to: j.recipient.clone(),
-                        text: j.body.clone(),
-                        image: None,
-                        template: None,
-                    })
-                    .await;
+                w.host.client.send(&send_request(j)).await;
             }
         }
         Action::DeleteLost => {

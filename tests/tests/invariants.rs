@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use shared::domain::{CampaignStatus, LeadStatus};
-use shared::host_api::{SendOutcome, SendRequest};
+use shared::host_api::SendOutcome;
 use shared::queue::{Queue, WorkItem};
 use shared::repo;
 use sqlx::PgPool;
@@ -259,18 +259,7 @@ async fn a_worker_killed_after_the_host_accepted_is_reconciled_without_a_second_
     tx.commit().await.unwrap();
     assert_eq!(jobs.len(), 8);
     for j in &jobs {
-        let out = host
-            .client
-            .send(&SendRequest {
-                message_id: j.id,
-                tenant_id: j.tenant_id,
-                device_id: j.device_id,
-                to: j.recipient.clone(),
-                text: j.body.clone(),
-                image: None,
-                template: None,
-            })
-            .await;
+        let out = host.client.send(&send_request(j)).await;
         assert!(
             matches!(
                 out,
