@@ -386,6 +386,41 @@ async fn a_worker_write_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) 
     eight_sent_once_each(&pool, tenant, campaign, &host).await;
 }
 
+/// An inbound STOP whose opt-out PostgreSQL aborts as a deadlock victim (its skips lock one
+/// lead's rows in several campaigns; a worker's claim may hold two of them in the other order:
+/// the chaos test met it) is run again, more often than a worker's write, and recorded once.
+/// The device host had dropped it: nothing redelivers a message WhatsApp already handed over.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_opt_out_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "stop-abort@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, d, 0, 2, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    let aborts = i64::from(repo::ABORTED_ATTEMPTS) + 1;
+    assert!(aborts < i64::from(repo::leads::OPT_OUT_ATTEMPTS));
+    abort_writes_to(&pool, "skipped", aborts).await;
+    let leads = repo::leads::opt_out_number(
+        &pool,
+        tenant,
+        &phones[0],
+        repo::leads::ConsentSource::InboundMessage,
+    )
+    .await
+    .unwrap();
+    assert_eq!(leads, 1);
+    assert_eq!(writes_to(&pool, "skipped").await, aborts + 1);
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(
+        (counts.get("skipped"), counts.get("pending")),
+        (Some(&1), Some(&1))
+    );
+    let log = repo::leads::list_opt_out_log(&pool, tenant, &phones[0])
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 1, "recorded once: {log:?}");
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn an_outcome_write_that_keeps_being_aborted_is_left_to_the_rescuer(pool: PgPool) {
     let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue(&pool).await;
@@ -1250,6 +1285,112 @@ async fn a_retry_racing_a_resume_leaves_no_row_held_under_a_running_campaign(poo
     early.commit().await.unwrap();
     resume.await.unwrap().commit().await.unwrap();
     assert!(!held(ids[1]).await, "the resume released the retried row");
+}
+
+/// A send that fails transiently (or whose lease runs out) after its campaign was cancelled
+/// ends `cancelled`, not `pending`: the cancel ended the `pending` and `queued` rows and left
+/// the `sending` one alone, and back in `pending` under a cancelled campaign nothing would
+/// ever claim or end it (the chaos test found such a row). Both orders of a retry racing a
+/// cancel, the rescuer's path, and an operator's retry of a cancelled campaign's failures.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_send_that_fails_after_its_campaign_was_cancelled_ends_cancelled(pool: PgPool) {
+    let (tenant, _, campaign, ids) =
+        one_campaign_fanned_out(&pool, "cancel-race@example.com", 4).await;
+    let (tenant_b, _, campaign_b, ids_b) =
+        one_campaign_fanned_out(&pool, "cancel-race-b@example.com", 1).await;
+    let retry = |pool: PgPool, tenant: uuid::Uuid, id: i64| async move {
+        let mut tx = pool.begin().await.unwrap();
+        assert!(transient_retry(&mut tx, tenant, id).await);
+        tx
+    };
+    let row = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<String>)>(
+                "SELECT status, reason FROM broadcast_messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let cancelled = || {
+        (
+            "cancelled".to_string(),
+            Some("campaign_cancelled".to_string()),
+        )
+    };
+    sqlx::query("UPDATE broadcast_messages SET status = 'sending' WHERE id <> $1")
+        .bind(ids[3])
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // the cancel holds the campaign first; the retry, started before it commits, waits for it
+    // and then sees it
+    let cancel = change_status(pool.clone(), tenant, campaign, CampaignStatus::Cancelled).await;
+    let late = tokio::spawn(retry(pool.clone(), tenant, ids[0]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!late.is_finished(), "the retry waits for the cancel");
+    cancel.commit().await.unwrap();
+    late.await.unwrap().commit().await.unwrap();
+    assert_eq!(row(ids[0]).await, cancelled());
+    assert_eq!(
+        row(ids[3]).await,
+        cancelled(),
+        "the cancel ended the pending row"
+    );
+
+    // the retry first: the cancel waits for it, then finds its row pending
+    let early = retry(pool.clone(), tenant_b, ids_b[0]).await;
+    let cancel = tokio::spawn(change_status(
+        pool.clone(),
+        tenant_b,
+        campaign_b,
+        CampaignStatus::Cancelled,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!cancel.is_finished(), "the cancel waits for the retry");
+    early.commit().await.unwrap();
+    cancel.await.unwrap().commit().await.unwrap();
+    assert_eq!(row(ids_b[0]).await, cancelled());
+
+    sqlx::query("UPDATE broadcast_messages SET status = 'failed', reason = 'provider_error', finished_at = now() WHERE id = $1")
+        .bind(ids[2])
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // the rescuer puts a stale send of the cancelled campaign back, and on to cancelled
+    expire_leases(&pool).await;
+    let mut tx = pool.begin().await.unwrap();
+    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((r.retried, r.cancelled), (1, 1));
+    assert_eq!(row(ids[1]).await, cancelled());
+
+    // an operator's retry of failures leaves a cancelled campaign's failed row failed
+    let mut tx = pool.begin().await.unwrap();
+    let scope = repo::campaigns::RetryScope {
+        campaign: Some(campaign),
+        device: None,
+    };
+    let n = repo::campaigns::retry_failed_messages(&mut tx, tenant, scope)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(row(ids[2]).await.0, "failed");
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM broadcast_messages WHERE status NOT IN ('sent', 'failed', 'skipped', 'cancelled')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "every row of the cancelled campaigns is terminal");
 }
 
 /// An opt-out finds its lead's unsent rows through the tenant's running and paused campaigns

@@ -425,12 +425,35 @@ async fn pause_resume_edit_and_cancel_act_on_unsent_rows_at_once(pool: PgPool) {
         Some(&10)
     );
 
-    // Cancel: what is unsent is cancelled at once; enrollments end.
+    // Cancel: what is unsent is cancelled at once; enrollments end. A send under way at the
+    // cancel that then fails transiently ends cancelled too, not pending under the cancel.
+    let in_flight: i64 = sqlx::query_scalar(
+        "UPDATE broadcast_messages SET status = 'sending'
+         WHERE id = (SELECT min(id) FROM broadcast_messages WHERE campaign_id = $1)
+         RETURNING id",
+    )
+    .bind(step2)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     let mut tx = pool.begin().await.unwrap();
     repo::sequences::change_sequence_status(&mut tx, tenant, seq, SequenceStatus::Cancelled)
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let moved = repo::messages::mark_message_retry(
+        &mut tx,
+        tenant,
+        in_flight,
+        chrono::Utc::now(),
+        "transient",
+        true,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(moved);
     let rows = repo::messages::list_campaign_messages(&pool, tenant, step2)
         .await
         .unwrap();

@@ -72,6 +72,9 @@ pub struct Report {
     pub reconciled_sent: u64,
     pub reconciled_retry: u64,
     pub reconciled_failed: u64,
+    /// Of `reconciled_retry`, rows whose campaign was cancelled while they were sending: they
+    /// ended `cancelled` instead of waiting for a retry.
+    pub reconciled_cancelled: u64,
     pub skipped_offline: u64,
     pub skipped_deleted: u64,
     /// Messages of a device whose host held its lease but could not be reached past the grace.
@@ -264,6 +267,7 @@ async fn rescue(
     }
     report.reconciled_sent += reconciled.sent;
     report.reconciled_retry += reconciled.retried;
+    report.reconciled_cancelled += reconciled.cancelled;
     report.reconciled_failed += reconciled.failed + reconciled.exhausted;
     Ok(())
 }

@@ -457,15 +457,13 @@ impl CloudApi {
             else {
                 continue;
             };
-            let mut tx = self.pool.begin().await?;
-            let n = repo::leads::opt_out_lead(
-                &mut tx,
+            let n = repo::leads::opt_out_number(
+                &self.pool,
                 tenant,
                 &phone,
                 repo::leads::ConsentSource::InboundMessage,
             )
             .await?;
-            tx.commit().await?;
             info!(tenant = %tenant, leads = n, "opt-out keyword received");
             report.opt_outs += n;
         }

@@ -1059,16 +1059,13 @@ async fn write_refused(
 }
 
 async fn write_opt_out(pool: &PgPool, device: &DeviceRef, from: &PhoneE164) -> anyhow::Result<u64> {
-    let mut tx = pool.begin().await?;
-    let n = repo::leads::opt_out_lead(
-        &mut tx,
+    Ok(repo::leads::opt_out_number(
+        pool,
         device.tenant_id,
         from,
         repo::leads::ConsentSource::InboundMessage,
     )
-    .await?;
-    tx.commit().await?;
-    Ok(n)
+    .await?)
 }
 
 /// Records the account a session is linked to; a session whose number another live device of

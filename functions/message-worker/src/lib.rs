@@ -444,9 +444,10 @@ fn permanent_reason(code: &str) -> String {
     }
 }
 
-// The outcome writes are single conditional statements in autocommit: one that PostgreSQL
-// aborted as a deadlock victim is run again (`repo::retry_aborted`) instead of leaving its rows
-// to the rescuer, which would find them only after the lease (`LEASE_S`).
+// The outcome writes are whole transactions (a conditional statement in autocommit, or the
+// retry's own begin … commit): one that PostgreSQL aborted as a deadlock victim is run again
+// (`repo::retry_aborted`) instead of leaving its rows to the rescuer, which would find them only
+// after the lease (`LEASE_S`).
 
 async fn write_sent(sent: &[repo::messages::SentRecord], deps: &Deps) -> Result<(), RepoError> {
     repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record sent", || async {
@@ -478,10 +479,14 @@ async fn write_retry(
     tried: bool,
     deps: &Deps,
 ) -> Result<(), RepoError> {
+    // One transaction: the row's campaign is locked, the row goes back to `pending`, and on to
+    // `cancelled` if the campaign was cancelled while it was sending.
     repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record retry", || async {
-        let mut conn = deps.pool.acquire().await?;
-        repo::messages::mark_message_retry(&mut conn, job.tenant_id, job.id, due, error, tried)
-            .await
+        let mut tx = deps.pool.begin().await?;
+        repo::messages::mark_message_retry(&mut tx, job.tenant_id, job.id, due, error, tried)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     })
     .await?;
     Ok(())

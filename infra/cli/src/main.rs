@@ -1033,15 +1033,13 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
         LeadsCmd::OptOut { tenant, phone } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let phone = PhoneE164::parse(&phone)?;
-            let mut tx = pool.begin().await?;
-            let n = repo::leads::opt_out_lead(
-                &mut tx,
+            let n = repo::leads::opt_out_number(
+                pool,
                 tenant,
                 &phone,
                 repo::leads::ConsentSource::Operator,
             )
             .await?;
-            tx.commit().await?;
             out!(
                 "{phone} is on the tenant's opt-out list: {n} lead(s) with it opted out now, and \
                  any imported with it later come in opted out"

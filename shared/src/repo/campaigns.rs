@@ -550,8 +550,8 @@ pub struct RetryScope {
 
 /// `failed → pending`, due now, attempts reset: the rows go through pacing again, their history
 /// stays in `message_transitions`, the host's record is marked for a fresh attempt, and a
-/// completed campaign runs again until they finish. The rows of leads who have opted out stay
-/// `failed`. Returns how many rows were retried.
+/// completed campaign runs again until they finish. The rows of leads who have opted out, and
+/// of cancelled campaigns or sequences, stay `failed`. Returns how many rows were retried.
 pub async fn retry_failed_messages(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -572,6 +572,12 @@ pub async fn retry_failed_messages(
                AND NOT EXISTS (SELECT 1 FROM leads l
                                WHERE l.id = bm.lead_id AND l.tenant_id = bm.tenant_id
                                  AND l.opted_out_at IS NOT NULL)
+               -- nor a cancelled campaign's (or sequence's): nothing would claim or end them.
+               -- Share-locked: a cancel under way is waited for and then seen, and a later
+               -- cancel waits for this statement and then finds the rows pending
+               AND EXISTS (SELECT 1 FROM campaigns c
+                           WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id
+                             AND c.status <> 'cancelled' FOR SHARE)
              RETURNING id, campaign_id
          ), h AS (
              UPDATE host_sends SET state = 'retry', updated_at = now()

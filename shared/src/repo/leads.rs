@@ -295,6 +295,31 @@ pub async fn opt_out_lead(
     Ok(ids.len() as u64)
 }
 
+/// How many times in all [`opt_out_number`] runs an opt-out that PostgreSQL keeps aborting:
+/// more than [`super::ABORTED_ATTEMPTS`], because an opt-out that gives up loses a STOP (the
+/// device host has nothing to redeliver it), which costs far more than a wait.
+pub const OPT_OUT_ATTEMPTS: u32 = 8;
+
+/// [`opt_out_lead`] in a transaction of its own, run again while PostgreSQL aborts it as a
+/// deadlock victim: it skips one lead's rows in several campaigns, and a worker's claim may
+/// hold two of them locked in the other order. Every write in it is conditional or `ON
+/// CONFLICT DO NOTHING`, so a run whose commit succeeded but whose answer was lost changes
+/// nothing when run again. What the device host, the Cloud API webhook and the CLI call.
+pub async fn opt_out_number(
+    pool: &PgPool,
+    tenant: Uuid,
+    phone: &PhoneE164,
+    source: ConsentSource,
+) -> Result<u64, RepoError> {
+    super::retry_aborted(OPT_OUT_ATTEMPTS, "opt-out", || async {
+        let mut tx = pool.begin().await?;
+        let n = opt_out_lead(&mut tx, tenant, phone, source).await?;
+        tx.commit().await?;
+        Ok(n)
+    })
+    .await
+}
+
 /// The tenant's leads with this number (one per device that has it).
 pub async fn find_leads_by_phone(
     pool: &PgPool,

@@ -13,6 +13,7 @@
 //! read of `bm_claim`, the rescuer's lease scans) keep the default.
 
 use super::RepoError;
+use crate::domain::reason;
 use crate::queue::WorkItem;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{PgConnection, PgPool};
@@ -567,6 +568,10 @@ pub async fn mark_message_failed(
 /// `sending → pending` after a transient error, due again at `due_at` (backoff chosen by caller).
 /// `tried = false` (the message was held back, never offered to the provider) gives the claim's
 /// attempt back, so only real attempts count towards the limit.
+///
+/// A row whose campaign (or sequence) was cancelled while it was `sending` then goes on
+/// `pending → cancelled` in the same transaction (see [`cancel_retried_messages`]): the cancel
+/// left it alone, and nothing else would ever end it. The caller must commit both together.
 pub async fn mark_message_retry(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -575,6 +580,7 @@ pub async fn mark_message_retry(
     error: &str,
     tried: bool,
 ) -> Result<bool, RepoError> {
+    lock_campaigns_of_messages(tx, Some(tenant), &[id]).await?;
     let res = sqlx::query(concat!(
         "UPDATE broadcast_messages bm
              SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL,
@@ -589,9 +595,60 @@ pub async fn mark_message_retry(
     .bind(due_at)
     .bind(error)
     .bind(tried)
+    .execute(&mut *tx)
+    .await?;
+    if res.rows_affected() == 0 {
+        return Ok(false);
+    }
+    cancel_retried_messages(tx, &[id]).await?;
+    Ok(true)
+}
+
+/// Share-locks the campaigns of these rows, in id order, for a transaction that is about to put
+/// `sending` rows back to `pending`. A cancel locks its campaign (or a sequence its steps)
+/// before it cancels the `pending` and `queued` rows, and leaves `sending` ones alone: with the
+/// lock taken first, a cancel under way is waited for and its status seen, and a cancel that
+/// comes later waits for this transaction and then finds the rows `pending`. Checked without
+/// the lock, a cancel committing in between would leave a row `pending` under a cancelled
+/// campaign for good. `tenant` is `None` for the system-scope rescuer.
+async fn lock_campaigns_of_messages(
+    tx: &mut PgConnection,
+    tenant: Option<Uuid>,
+    ids: &[i64],
+) -> Result<(), RepoError> {
+    sqlx::query(
+        "SELECT c.id FROM campaigns c
+         WHERE c.id IN (SELECT bm.campaign_id FROM broadcast_messages bm
+                        WHERE bm.id = ANY($1) AND bm.tenant_id = c.tenant_id
+                          AND ($2::uuid IS NULL OR bm.tenant_id = $2))
+         ORDER BY c.id
+         FOR SHARE",
+    )
+    .bind(ids)
+    .bind(tenant)
     .execute(tx)
     .await?;
-    Ok(res.rows_affected() == 1)
+    Ok(())
+}
+
+/// `pending → cancelled` for rows just put back to `pending` whose campaign is cancelled, with
+/// the cancel's own reason (`sequence_cancelled` for a sequence's step). Only after
+/// [`lock_campaigns_of_messages`] in the same transaction.
+async fn cancel_retried_messages(tx: &mut PgConnection, ids: &[i64]) -> Result<u64, RepoError> {
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET status = 'cancelled', finished_at = now(), lease_until = NULL,
+             reason = CASE WHEN c.sequence_id IS NULL THEN $2 ELSE $3 END
+         FROM campaigns c
+         WHERE bm.id = ANY($1) AND bm.status = 'pending' COLLATE \"C\"
+           AND c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id AND c.status = 'cancelled'",
+    )
+    .bind(ids)
+    .bind(reason::CAMPAIGN_CANCELLED)
+    .bind(reason::SEQUENCE_CANCELLED)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
 }
 
 /// System scope: rows `queued` past their lease were lost between the processor's commit and
@@ -626,11 +683,15 @@ pub struct Reconciled {
     pub failed: u64,
     pub retried: u64,
     pub exhausted: u64,
+    /// Of the `retried`, those whose campaign (or sequence) was cancelled meanwhile: they went
+    /// on from `pending` to `cancelled`.
+    pub cancelled: u64,
 }
 
 /// System scope: rows `sending` past their lease are reconciled with the host's send record:
 /// sent there → `sent` (no second send); failed there → `failed`; otherwise back to `pending`
-/// with a backoff, or `failed / attempts_exhausted` once `max_attempts` were spent. At most
+/// with a backoff (and on to `cancelled` if its campaign was cancelled meanwhile, as in
+/// [`mark_message_retry`]), or `failed / attempts_exhausted` once `max_attempts` were spent. At most
 /// `limit` rows per call, the longest overdue first.
 ///
 /// The stale rows are found first, through the in-flight lease index, and every update is
@@ -655,6 +716,8 @@ pub async fn reconcile_stale_sending(
     if stale.is_empty() {
         return Ok(Reconciled::default());
     }
+    // Before any row goes back to `pending`: see `lock_campaigns_of_messages`.
+    lock_campaigns_of_messages(tx, None, &stale).await?;
     let sent = sqlx::query(
         "UPDATE broadcast_messages bm
          SET status = 'sent', reason = 'accepted', sent_at = h.updated_at, finished_at = now(),
@@ -706,7 +769,13 @@ pub async fn reconcile_stale_sending(
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    let cancelled = if retried > 0 {
+        cancel_retried_messages(tx, &stale).await?
+    } else {
+        0
+    };
     Ok(Reconciled {
+        cancelled,
         sent,
         failed,
         retried,

@@ -224,6 +224,16 @@ pub async fn change_sequence_status(
         S::Draft | S::Paused => CampaignStatus::Paused,
         S::Cancelled => CampaignStatus::Cancelled,
     };
+    // The steps are locked in id order before they change, the order in which the rescuer
+    // share-locks campaigns (`repo::messages`): a cancel and a rescue that both touch two steps
+    // cannot deadlock.
+    sqlx::query(
+        "SELECT id FROM campaigns WHERE sequence_id = $1 AND tenant_id = $2 ORDER BY id FOR UPDATE",
+    )
+    .bind(sequence)
+    .bind(tenant)
+    .execute(&mut *tx)
+    .await?;
     let steps: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE campaigns SET status = $3,
              finished_at = CASE WHEN $3 = 'cancelled' THEN now() ELSE finished_at END
