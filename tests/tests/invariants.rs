@@ -421,6 +421,27 @@ async fn an_opt_out_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) {
     assert_eq!(log.len(), 1, "recorded once: {log:?}");
 }
 
+/// An operator's cancel that PostgreSQL aborts as a deadlock victim (it writes every unsent row
+/// of the campaign, against the claims of live sending) is run again, not shown as an error.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_cancel_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) {
+    let (tenant, _, campaign, _) =
+        one_campaign_fanned_out(&pool, "cancel-abort@example.com", 3).await;
+    abort_writes_to(&pool, "cancelled", 1).await;
+    let now =
+        repo::campaigns::set_campaign_status(&pool, tenant, campaign, CampaignStatus::Cancelled)
+            .await
+            .unwrap();
+    assert_eq!(now, CampaignStatus::Cancelled);
+    assert_eq!(writes_to(&pool, "cancelled").await, 2);
+    assert_eq!(
+        status_counts(&pool, tenant, campaign)
+            .await
+            .get("cancelled"),
+        Some(&3)
+    );
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn an_outcome_write_that_keeps_being_aborted_is_left_to_the_rescuer(pool: PgPool) {
     let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue(&pool).await;

@@ -1324,9 +1324,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
 
 async fn set_status(pool: &PgPool, tenant: &str, campaign: Uuid, to: CampaignStatus) -> Result<()> {
     let tenant = resolve_tenant(pool, tenant).await?;
-    let mut tx = pool.begin().await?;
-    let now = repo::campaigns::change_campaign_status(&mut tx, tenant, campaign, to).await?;
-    tx.commit().await?;
+    let now = repo::campaigns::set_campaign_status(pool, tenant, campaign, to).await?;
     out!("campaign {campaign} is {now}");
     Ok(())
 }

@@ -385,9 +385,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
 
 async fn set(pool: &PgPool, tenant: &str, sequence: Uuid, to: SequenceStatus) -> Result<()> {
     let tenant = resolve_tenant(pool, tenant).await?;
-    let mut tx = pool.begin().await?;
-    let now = repo::sequences::change_sequence_status(&mut tx, tenant, sequence, to).await?;
-    tx.commit().await?;
+    let now = repo::sequences::set_sequence_status(pool, tenant, sequence, to).await?;
     out!("sequence {sequence} is {now}");
     Ok(())
 }

@@ -341,6 +341,30 @@ pub async fn mark_campaign_running(
     Ok(res.rows_affected() == 1)
 }
 
+/// [`change_campaign_status`] in a transaction of its own, run again while PostgreSQL aborts it
+/// as a deadlock victim: a pause or a cancel writes every unsent row of the campaign, in an
+/// order of its own that a worker's or the processor's claim of some of the same rows need not
+/// share. Run again, a change that did commit finds the campaign already in that status and
+/// changes nothing. What the CLI calls.
+pub async fn set_campaign_status(
+    pool: &PgPool,
+    tenant: Uuid,
+    campaign: Uuid,
+    to: CampaignStatus,
+) -> Result<CampaignStatus, RepoError> {
+    super::retry_aborted(
+        super::ABORTED_ATTEMPTS,
+        "change a campaign's status",
+        || async {
+            let mut tx = pool.begin().await?;
+            let now = change_campaign_status(&mut tx, tenant, campaign, to).await?;
+            tx.commit().await?;
+            Ok(now)
+        },
+    )
+    .await
+}
+
 /// Changes a campaign's status the way a user asks (pause, resume, cancel). Cancelling also
 /// cancels every unsent row in the same transaction. Returns the new status.
 pub async fn change_campaign_status(

@@ -184,6 +184,27 @@ pub async fn list_steps(
     .await?)
 }
 
+/// [`change_sequence_status`] in a transaction of its own, run again while PostgreSQL aborts it
+/// as a deadlock victim (see `campaigns::set_campaign_status`).
+pub async fn set_sequence_status(
+    pool: &PgPool,
+    tenant: Uuid,
+    sequence: Uuid,
+    to: SequenceStatus,
+) -> Result<SequenceStatus, RepoError> {
+    super::retry_aborted(
+        super::ABORTED_ATTEMPTS,
+        "change a sequence's status",
+        || async {
+            let mut tx = pool.begin().await?;
+            let now = change_sequence_status(&mut tx, tenant, sequence, to).await?;
+            tx.commit().await?;
+            Ok(now)
+        },
+    )
+    .await
+}
+
 /// Changes a sequence's status the way a user asks, with its step campaigns in the same
 /// transaction: active → steps `running`; paused/draft → steps `paused` (the processor holds
 /// what was queued); cancelled → steps `cancelled`, every unsent row `cancelled /
