@@ -130,6 +130,15 @@ pub struct PairingBody {
     pub svg: Option<String>,
 }
 
+/// Simulator only: a contact's text to a device (`POST /v1/sim/devices/{id}/inbound`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimInboundRequest {
+    pub tenant_id: Uuid,
+    /// The sender's number, as a person would type it; the host normalises it (E.164).
+    pub from: String,
+    pub text: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PairRequest {
     pub tenant_id: Uuid,
@@ -402,6 +411,28 @@ impl HostClient {
             self.http
                 .post(format!("{}/v1/sim/devices/{device}/{action}", self.base))
                 .query(&[("tenant_id", tenant.to_string())]),
+        )
+        .await
+    }
+
+    /// Simulator only: a contact writes `text` to the device from `from`. The host handles it
+    /// as a web session's inbound message (an opt-out keyword opts the number out), after it
+    /// answered.
+    pub async fn simulate_inbound(
+        &self,
+        tenant: Uuid,
+        device: Uuid,
+        from: &str,
+        text: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.call(
+            self.http
+                .post(format!("{}/v1/sim/devices/{device}/inbound", self.base))
+                .json(&SimInboundRequest {
+                    tenant_id: tenant,
+                    from: from.to_string(),
+                    text: text.to_string(),
+                }),
         )
         .await
     }

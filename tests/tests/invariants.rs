@@ -421,6 +421,81 @@ async fn an_opt_out_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) {
     assert_eq!(log.len(), 1, "recorded once: {log:?}");
 }
 
+/// An inbound STOP reaches the opt-out list through the device host's event writer even when
+/// its first writes fail (here the database refuses them twice with an error no retry of an
+/// abort would cover): the host writes it again in the background, while other events go on.
+/// Text that is no keyword changes nothing; a malformed sender, an unknown device and another
+/// tenant's device are refused.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_inbound_stop_is_recorded_even_when_its_first_writes_fail(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "stop-later@example.com").await;
+    let other = seed_tenant(&pool, "stop-other@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    let foreign = seed_device(&pool, other, "d", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, d, 0, 2, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    for sql in [
+        "CREATE SEQUENCE opt_out_writes",
+        "CREATE FUNCTION refuse_opt_outs() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF nextval('opt_out_writes') <= 2 THEN
+                 RAISE EXCEPTION 'the database is failing (injected by the test)';
+             END IF;
+             RETURN NEW;
+         END $$",
+        "CREATE TRIGGER refuse_opt_outs BEFORE INSERT ON opt_outs
+         FOR EACH ROW EXECUTE FUNCTION refuse_opt_outs()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let c = &host.client;
+    for (device, from, tenant) in [
+        (d, "not a number", tenant),
+        (uuid::Uuid::new_v4(), phones[0].as_str(), tenant),
+        (foreign, phones[0].as_str(), tenant),
+    ] {
+        assert!(c
+            .simulate_inbound(tenant, device, from, "STOP")
+            .await
+            .is_err());
+    }
+    c.simulate_inbound(tenant, d, phones[1].as_str(), "stop it please")
+        .await
+        .unwrap();
+    c.simulate_inbound(tenant, d, phones[0].as_str(), " stop ")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while status_counts(&pool, tenant, campaign).await.get("skipped") != Some(&1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the STOP was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let writes: i64 = sqlx::query_scalar("SELECT last_value FROM opt_out_writes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(writes, 3, "refused twice, then written");
+    let opted: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+        sqlx::query_scalar("SELECT opted_out_at FROM leads WHERE tenant_id = $1 ORDER BY phone")
+            .bind(tenant)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(opted[0].is_some() && opted[1].is_none(), "{opted:?}");
+    let foreign_opt_outs: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM opt_outs WHERE tenant_id = $1")
+            .bind(other)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(foreign_opt_outs, 0);
+}
+
 /// An operator's cancel that PostgreSQL aborts as a deadlock victim (it writes every unsent row
 /// of the campaign, against the claims of live sending) is run again, not shown as an error.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]

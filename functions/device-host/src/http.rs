@@ -17,7 +17,7 @@ use shared::config::Secret;
 use shared::domain::{DeviceStatus, PhoneE164, ProviderKind};
 use shared::host_api::{
     code, DeviceStatusBody, ErrorBody, PairRequest, SendBatchRequest, SendBatchResponse,
-    SendItemResult, SendRequest, MAX_BATCH,
+    SendItemResult, SendRequest, SimInboundRequest, MAX_BATCH,
 };
 use std::sync::Arc;
 use uuid::Uuid;
@@ -63,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}/connect", post(connect))
         .route("/v1/devices/{id}/logout", post(logout))
         .route("/v1/devices/{id}/qr.svg", get(qr_svg))
+        .route("/v1/sim/devices/{id}/inbound", post(simulate_inbound))
         .route("/v1/sim/devices/{id}/{action}", post(simulate))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     // Meta calls the webhook without our token: it is authenticated by its HMAC signature.
@@ -268,6 +269,23 @@ async fn pair(
         })
 }
 
+/// The tenant's device and this host's simulator, for the simulator-only endpoints.
+async fn simulator_device(
+    state: &AppState,
+    tenant: Uuid,
+    id: Uuid,
+) -> Result<(&Simulator, DeviceRef), SendError> {
+    let sim = state
+        .simulator
+        .as_deref()
+        .ok_or_else(|| bad_request("this host runs no simulator"))?;
+    let device: DeviceRef = state.host.device(tenant, id).await?;
+    if device.provider != ProviderKind::Simulator {
+        return Err(bad_request("not a simulator device"));
+    }
+    Ok((sim, device))
+}
+
 async fn simulate(
     State(state): State<AppState>,
     Path((id, action)): Path<(Uuid, String)>,
@@ -283,14 +301,7 @@ async fn simulate(
             )))
         }
     };
-    let sim = state
-        .simulator
-        .as_ref()
-        .ok_or_else(|| bad_request("this host runs no simulator"))?;
-    let device: DeviceRef = state.host.device(q.tenant_id, id).await?;
-    if device.provider != ProviderKind::Simulator {
-        return Err(bad_request("not a simulator device"));
-    }
+    let (sim, device) = simulator_device(&state, q.tenant_id, id).await?;
     let status: DeviceStatus = sim
         .set_online(&device, online)
         .map_err(SendError::internal)?;
@@ -299,6 +310,28 @@ async fn simulate(
         status: status.to_string(),
         reason: None,
     }))
+}
+
+/// A simulator device's session receives a contact's text (see `Simulator::receive_text`).
+async fn simulate_inbound(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+    body: Result<Json<SimInboundRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, SendError> {
+    let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
+    let from = PhoneE164::parse(&req.from).map_err(|e| bad_request(e.to_string()))?;
+    if req.text.len() > 4_096 {
+        return Err(bad_request("text: longer than 4,096 bytes"));
+    }
+    let (sim, device) = simulator_device(&state, req.tenant_id, id).await?;
+    sim.receive_text(&device, from, req.text)
+        .map_err(|e| SendError {
+            status: 409,
+            code: code::DEVICE_OFFLINE,
+            message: e.to_string(),
+            retryable: true,
+        })?;
+    Ok(Json(serde_json::json!({ "received": true })))
 }
 
 #[derive(Deserialize)]

@@ -984,7 +984,8 @@ pub async fn run_event_writer(
                             info!(tenant = %device.tenant_id, leads = n, "opt-out keyword received")
                         }
                         Err(e) => {
-                            warn!(device_id = %device.id, error = %e, "could not record an opt-out")
+                            warn!(device_id = %device.id, error = %e, "could not record an opt-out; trying again in the background");
+                            tokio::spawn(write_opt_out_later(pool.clone(), device, from));
                         }
                     }
                 }
@@ -1056,6 +1057,40 @@ async fn write_refused(
     .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// How long an opt-out that could not be written is tried again (see [`write_opt_out_later`]).
+const OPT_OUT_PERSISTENCE: Duration = Duration::from_secs(30 * 60);
+
+/// An inbound STOP that could not be written (the database unreachable or failing) is written
+/// again in the background, the pause doubling from a second up to a minute, for
+/// [`OPT_OUT_PERSISTENCE`]: WhatsApp handed the message over once, and nothing else holds it.
+/// The other events wait for nothing meanwhile. A host that stops before it succeeds loses
+/// it; the error it logs when it gives up names the number for an operator
+/// (`wabcast leads opt-out`).
+async fn write_opt_out_later(pool: PgPool, device: DeviceRef, from: PhoneE164) {
+    let mut pause = Duration::from_secs(1);
+    let mut waited = Duration::ZERO;
+    while waited < OPT_OUT_PERSISTENCE {
+        tokio::time::sleep(pause).await;
+        waited += pause;
+        match write_opt_out(&pool, &device, &from).await {
+            Ok(n) => {
+                info!(tenant = %device.tenant_id, leads = n, waited_s = waited.as_secs(), "opt-out recorded on a later attempt");
+                return;
+            }
+            Err(e) => {
+                warn!(device_id = %device.id, error = %e, "could not record an opt-out; trying again")
+            }
+        }
+        pause = (pause * 2).min(Duration::from_secs(60));
+    }
+    tracing::error!(
+        tenant = %device.tenant_id,
+        device_id = %device.id,
+        phone = %from,
+        "gave up recording an inbound opt-out; record it by hand with `wabcast leads opt-out`"
+    );
 }
 
 async fn write_opt_out(pool: &PgPool, device: &DeviceRef, from: &PhoneE164) -> anyhow::Result<u64> {

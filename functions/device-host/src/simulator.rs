@@ -230,6 +230,27 @@ impl Simulator {
     }
 
     /// Takes a device offline or brings it back, as a user unplugging a phone would.
+    /// A contact writes to the device: the text reaches the host's event writer as a web
+    /// session's inbound message would (an opt-out keyword opts the number out). Refused
+    /// while the device is offline: a phone without a connection receives nothing.
+    pub fn receive_text(
+        &self,
+        device: &DeviceRef,
+        from: PhoneE164,
+        text: String,
+    ) -> anyhow::Result<()> {
+        if self.offline_set().contains(&device.id) {
+            anyhow::bail!("the device is offline (simulated disconnect)");
+        }
+        self.events
+            .send(ProviderEvent::Inbound {
+                device: device.clone(),
+                from,
+                text,
+            })
+            .map_err(|_| anyhow::anyhow!("the host's event writer has stopped"))
+    }
+
     pub fn set_online(&self, device: &DeviceRef, online: bool) -> anyhow::Result<DeviceStatus> {
         let mut set = self.offline_set();
         if online {
