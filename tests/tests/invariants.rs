@@ -421,6 +421,70 @@ async fn an_opt_out_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) {
     assert_eq!(log.len(), 1, "recorded once: {log:?}");
 }
 
+/// A send that outlasts the worker's request (no answer from the host, which then sends it
+/// after all) is left `sending` for the rescuer, not put back to `pending`: a cancel in the
+/// meantime leaves it alone, and the rescuer finds it sent in the host's record. Put back to
+/// `pending`, the cancel ended a message that went out as `cancelled`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_send_with_no_answer_is_reconciled_not_cancelled_as_unsent(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "slow-host@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(
+        &pool,
+        SimConfig {
+            latency: Duration::from_millis(1_500),
+            ..quiet_sim()
+        },
+    )
+    .await;
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.worker.host = shared::host_api::HostClient::new(
+        &host.url,
+        shared::config::Secret::new(TOKEN),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    p.trigger().await;
+    p.tick().await;
+    assert_eq!(p.deliver().await, 1);
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sending"),
+        Some(&1),
+        "no answer is no outcome: the row waits for the rescuer"
+    );
+    repo::campaigns::set_campaign_status(&pool, tenant, campaign, CampaignStatus::Cancelled)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while host.sends().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the host never sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the host's record is written just after the provider accepted
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM host_sends")
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        if state.as_deref() == Some("sent") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host record: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    expire_leases(&pool).await;
+    assert_eq!(p.tick().await.reconciled_sent, 1);
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(counts.get("sent"), Some(&1), "{counts:?}");
+    assert_eq!(host.sends().len(), 1);
+}
+
 /// An inbound STOP reaches the opt-out list through the device host's event writer even when
 /// its first writes fail (here the database refuses them twice with an error no retry of an
 /// abort would cover): the host writes it again in the background, while other events go on.

@@ -17,7 +17,7 @@ use shared::config::Secret;
 use shared::domain::{DeviceStatus, PhoneE164, ProviderKind};
 use shared::host_api::{
     code, DeviceStatusBody, ErrorBody, PairRequest, SendBatchRequest, SendBatchResponse,
-    SendItemResult, SendRequest, SimInboundRequest, MAX_BATCH,
+    SendItemResult, SendRequest, SendResponse, SimInboundRequest, MAX_BATCH,
 };
 use std::sync::Arc;
 use uuid::Uuid;
@@ -109,7 +109,28 @@ async fn send(
     body: Result<Json<SendRequest>, JsonRejection>,
 ) -> Result<Json<shared::host_api::SendResponse>, SendError> {
     let Json(req) = body.map_err(|e| bad_request(e.body_text()))?;
-    state.host.send(&req).await.map(Json)
+    let (_, mut results) = send_to_the_end(&state.host, vec![req]).await?;
+    results
+        .pop()
+        .unwrap_or_else(|| Err(SendError::internal("empty batch result")))
+        .map(Json)
+}
+
+/// Runs the sends on a task of their own, to their end: a requester that stops waiting (its
+/// timeout, a reset connection) drops this handler, and would otherwise cut an attempt in half,
+/// the provider called and its outcome never recorded. Run to the end, the send record says
+/// `sent` or `failed`, and the worker's rescuer, or a repeated request, finds it there.
+async fn send_to_the_end(
+    host: &Arc<Host>,
+    reqs: Vec<SendRequest>,
+) -> Result<(Vec<SendRequest>, Vec<Result<SendResponse, SendError>>), SendError> {
+    let host = host.clone();
+    tokio::spawn(async move {
+        let results = host.send_batch(&reqs).await;
+        (reqs, results)
+    })
+    .await
+    .map_err(SendError::internal)
 }
 
 async fn send_batch(
@@ -122,10 +143,9 @@ async fn send_batch(
             "a batch holds 1 to {MAX_BATCH} messages"
         )));
     }
-    let results = state.host.send_batch(&req.messages).await;
+    let (messages, results) = send_to_the_end(&state.host, req.messages).await?;
     Ok(Json(SendBatchResponse {
-        results: req
-            .messages
+        results: messages
             .iter()
             .zip(results)
             .map(|(m, r)| match r {

@@ -8,7 +8,9 @@
 //! are sent in order (the host keeps each device's order within the batch). It returns partial batch failures: only records
 //! whose outcome could not be recorded are reported, and, as FIFO requires, every later record
 //! of the same group with them. Transient send errors are not batch failures: the row goes back
-//! to `pending` with a due time and the processor queues it again through pacing.
+//! to `pending` with a due time and the processor queues it again through pacing. A request
+//! that got no answer is no outcome: its row stays `sending` for the rescuer, which asks the
+//! host's send record after the lease.
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use chrono::Utc;
@@ -376,6 +378,22 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
             Outcome::Sent(..) => continue,
             Outcome::Failed { reason, detail } => {
                 write_failed(job, &permanent_reason(reason), detail, deps).await
+            }
+            // The request left and no answer came back (a timeout, a reset): the host may have
+            // sent it, or may be sending it still. The row stays `sending`, and past its lease
+            // the rescuer reconciles it with the host's send record (DESIGN §2): `sent` if it
+            // went out, else back to `pending`. Put back to `pending` now, a cancel, an opt-out
+            // or an offline skip in the meantime would end a message that did go out as
+            // `cancelled` or `skipped`.
+            Outcome::Retry { reason, detail, .. }
+                if reason == shared::host_api::code::NO_ANSWER =>
+            {
+                warn!(
+                    message_id = job.id,
+                    detail,
+                    "no answer from the device host; the rescuer reconciles this row after its lease"
+                );
+                continue;
             }
             Outcome::Retry {
                 reason,
