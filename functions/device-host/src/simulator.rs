@@ -229,7 +229,6 @@ impl Simulator {
         Ok(())
     }
 
-    /// Takes a device offline or brings it back, as a user unplugging a phone would.
     /// A contact writes to the device: the text reaches the host's event writer as a web
     /// session's inbound message would (an opt-out keyword opts the number out). Refused
     /// while the device is offline: a phone without a connection receives nothing.
@@ -251,6 +250,7 @@ impl Simulator {
             .map_err(|_| anyhow::anyhow!("the host's event writer has stopped"))
     }
 
+    /// Takes a device offline or brings it back, as a user unplugging a phone would.
     pub fn set_online(&self, device: &DeviceRef, online: bool) -> anyhow::Result<DeviceStatus> {
         let mut set = self.offline_set();
         if online {
