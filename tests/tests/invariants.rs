@@ -555,6 +555,135 @@ async fn an_inbound_stop_is_recorded_even_when_its_first_writes_fail(pool: PgPoo
     assert_eq!(foreign_opt_outs, 0);
 }
 
+/// A device host as its own process on `dir` (its inbox), for a test that kills it.
+async fn spawn_device_host(
+    db_url: &str,
+    dir: &std::path::Path,
+    id: &str,
+) -> (wabcast_tests::process::Group, shared::host_api::HostClient) {
+    let port = wabcast_tests::process::free_port();
+    let log = dir.with_extension(format!("{id}.log"));
+    let mut host = wabcast_tests::process::spawn(
+        std::process::Command::new(built_binary("device-host"))
+            .env("DATABASE_URL", db_url)
+            .env("HOST_TOKEN", TOKEN)
+            .env("HOST_BIND", format!("127.0.0.1:{port}"))
+            .env("HOST_DATA_DIR", dir)
+            .env("HOST_ID", id)
+            .env("SIM_RECEIPTS", "false")
+            .env("DB_MAX_CONNECTIONS", "4")
+            .env("RUST_LOG", "info"),
+        &log,
+    );
+    host.wait_listening(port, Duration::from_secs(60), &log)
+        .await;
+    let client = shared::host_api::HostClient::new(
+        &format!("http://127.0.0.1:{port}"),
+        shared::config::Secret::new(TOKEN),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    (host, client)
+}
+
+/// A STOP the host could not write (the database refusing it) survives the host being killed
+/// (SIGKILL, no goodbye) before it was written: the host started next on the same data
+/// directory writes it from its inbox, once, and the inbox is then empty.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_inbound_stop_survives_the_host_being_killed_before_it_was_recorded(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "stop-killed@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, d, 0, 2, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    for sql in [
+        "CREATE SEQUENCE opt_out_writes",
+        "CREATE FUNCTION refuse_opt_outs() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM nextval('opt_out_writes');
+             RAISE EXCEPTION 'the database is failing (injected by the test)';
+         END $$",
+        "CREATE TRIGGER refuse_opt_outs BEFORE INSERT ON opt_outs
+         FOR EACH ROW EXECUTE FUNCTION refuse_opt_outs()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let db_url = database_url_of(&pool).await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("host");
+    let (mut first, client) = spawn_device_host(&db_url, &dir, "inbox-first").await;
+    client
+        .simulate_inbound(tenant, d, phones[0].as_str(), "STOP")
+        .await
+        .unwrap();
+    let refused = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM opt_out_writes",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refused().await < 1 {
+        assert!(std::time::Instant::now() < deadline, "the host never tried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill_now();
+    sqlx::query("DROP TRIGGER refuse_opt_outs ON opt_outs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let opted = || async {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT opted_out_at FROM leads WHERE tenant_id = $1 AND phone = $2",
+        )
+        .bind(tenant)
+        .bind(phones[0].as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(opted().await, None, "nothing wrote it before the kill");
+
+    let (_second, _) = spawn_device_host(&db_url, &dir, "inbox-second").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while status_counts(&pool, tenant, campaign).await.get("skipped") != Some(&1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted host never wrote the STOP from its inbox"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(opted().await.is_some());
+    let other: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT opted_out_at FROM leads WHERE tenant_id = $1 AND phone = $2")
+            .bind(tenant)
+            .bind(phones[1].as_str())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(other, None, "only the sender is opted out");
+    let log: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, source FROM opt_out_log WHERE tenant_id = $1 ORDER BY at, id",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].0, "opt_out");
+    // marked done once written: a third start has nothing to write
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !device_host::inbox::Inbox::read(&dir.join("inbox.jsonl"))
+        .unwrap()
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "never marked done");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// An operator's cancel that PostgreSQL aborts as a deadlock victim (it writes every unsent row
 /// of the campaign, against the claims of live sending) is run again, not shown as an error.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]

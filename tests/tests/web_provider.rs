@@ -201,11 +201,16 @@ async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
     .unwrap();
 
     let (tx, rx) = mpsc::unbounded_channel();
+    let inbox_dir = tempfile::tempdir().unwrap();
     let writer = tokio::spawn(device_host::service::run_event_writer(
-        pool.clone(),
+        device_host::service::EventWriter {
+            pool: pool.clone(),
+            durable_pool: pool.clone(),
+            opt_out_keywords: vec!["STOP".into(), "UNSUBSCRIBE".into(), "BERHENTI".into()],
+            providers: Vec::new(),
+            inbox: device_host::inbox::Inbox::open(inbox_dir.path()).unwrap().0,
+        },
         rx,
-        vec!["STOP".into(), "UNSUBSCRIBE".into(), "BERHENTI".into()],
-        Vec::new(),
     ));
     let dref = DeviceRef {
         id: device,
@@ -316,11 +321,16 @@ async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
         .await
         .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
+    let inbox_dir = tempfile::tempdir().unwrap();
     let writer = tokio::spawn(device_host::service::run_event_writer(
-        pool.clone(),
+        device_host::service::EventWriter {
+            pool: pool.clone(),
+            durable_pool: pool.clone(),
+            opt_out_keywords: vec!["BERHENTI".into()],
+            providers: Vec::new(),
+            inbox: device_host::inbox::Inbox::open(inbox_dir.path()).unwrap().0,
+        },
         rx,
-        vec!["BERHENTI".into()],
-        Vec::new(),
     ));
     tx.send(ProviderEvent::Inbound {
         device: DeviceRef {

@@ -5,10 +5,12 @@
 //! - [`provider`]: the trait and the events providers report;
 //! - [`simulator`]: the deterministic simulator provider and its durable send log;
 //! - [`service`]: the send path over the durable send record, images, event writers;
+//! - [`inbox`]: the durable journal of inbound opt-outs not yet in PostgreSQL;
 //! - [`http`]: the authenticated HTTP API.
 
 pub mod cloud_api;
 pub mod http;
+pub mod inbox;
 pub mod provider;
 pub mod service;
 pub mod simulator;
@@ -190,11 +192,17 @@ pub async fn start(
         )
         .with_leases(config.lease_ttl, config.max_devices),
     );
+    let (inbox, left) = inbox::Inbox::open(&config.data_dir)?;
+    service::replay_opt_outs(&pool, &inbox, left);
     tokio::spawn(service::run_event_writer(
-        relaxed_pool,
+        service::EventWriter {
+            pool: relaxed_pool,
+            durable_pool: pool.clone(),
+            opt_out_keywords: config.cloud_api.opt_out_keywords.clone(),
+            providers,
+            inbox,
+        },
         events_rx,
-        config.cloud_api.opt_out_keywords.clone(),
-        providers,
     ));
     let listener = tokio::net::TcpListener::bind(config.bind)
         .await

@@ -6,6 +6,7 @@
 //! already sent answers "duplicate" and sends nothing; a request for an attempt that died with a
 //! previous process asks the provider whether it went out before trying again with the same id.
 
+use crate::inbox::{InboundStop, Inbox};
 use crate::provider::{DeviceRef, Outbound, Provider, ProviderError, ProviderEvent, ResolvedImage};
 use shared::domain::{reason, DeviceStatus, PhoneE164, ProviderKind};
 use shared::host_api::{code, SendRequest, SendResponse};
@@ -872,16 +873,33 @@ fn permanent_code(reason: &str) -> &'static str {
     }
 }
 
+/// What the event writer writes with.
+pub struct EventWriter {
+    /// Statuses, receipts, acks and nacks, linked numbers: may commit without waiting for the
+    /// WAL flush (`Durability::Relaxed`).
+    pub pool: PgPool,
+    /// Opt-outs: committed durably, because the inbox forgets a STOP once it is written.
+    pub durable_pool: PgPool,
+    /// Upper case; the whole inbound text (trimmed, any case) is one of them.
+    pub opt_out_keywords: Vec<String>,
+    /// To unlink a session whose account another device of the tenant already is.
+    pub providers: Vec<Arc<dyn Provider>>,
+    /// Every inbound STOP is kept here until PostgreSQL has it.
+    pub inbox: Arc<Inbox>,
+}
+
 /// Writes provider events to PostgreSQL: statuses as they come, receipts in batches, acks and
-/// nacks of accepted messages, opt-out keywords of inbound text (`opt_out_keywords`, upper case),
-/// the number a session is linked to (unlinking, through its provider in `providers`, a session
-/// whose account another device of the tenant already is).
-pub async fn run_event_writer(
-    pool: PgPool,
-    mut events: mpsc::UnboundedReceiver<ProviderEvent>,
-    opt_out_keywords: Vec<String>,
-    providers: Vec<Arc<dyn Provider>>,
-) {
+/// nacks of accepted messages, opt-out keywords of inbound text (through the inbox, see
+/// [`record_opt_out`]), the number a session is linked to (unlinking a session whose account
+/// another device of the tenant already is).
+pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceiver<ProviderEvent>) {
+    let EventWriter {
+        pool,
+        durable_pool,
+        opt_out_keywords,
+        providers,
+        inbox,
+    } = w;
     let mut receipts: Vec<Receipt> = Vec::new();
     loop {
         let first = if receipts.is_empty() {
@@ -979,14 +997,25 @@ pub async fn run_event_writer(
                     if !is_opt_out(&opt_out_keywords, &text) {
                         continue;
                     }
-                    match write_opt_out(&pool, &device, &from).await {
-                        Ok(n) => {
-                            info!(tenant = %device.tenant_id, leads = n, "opt-out keyword received")
-                        }
-                        Err(e) => {
-                            warn!(device_id = %device.id, error = %e, "could not record an opt-out; trying again in the background");
-                            tokio::spawn(write_opt_out_later(pool.clone(), device, from));
-                        }
+                    let stop = InboundStop {
+                        id: Uuid::new_v4(),
+                        tenant_id: device.tenant_id,
+                        device_id: device.id,
+                        from: from.as_str().to_string(),
+                        received_at: chrono::Utc::now(),
+                    };
+                    if let Err(e) = inbox.record(&stop).await {
+                        // Not lost yet: it is written below, or tried again while the host runs.
+                        tracing::error!(device_id = %device.id, phone = %from, error = %e, path = %inbox.path().display(),
+                            "could not keep an inbound opt-out in the inbox; it is lost if the host stops before it is recorded");
+                    }
+                    if !try_opt_out(&durable_pool, &inbox, &stop, &from).await {
+                        tokio::spawn(record_opt_out(
+                            durable_pool.clone(),
+                            inbox.clone(),
+                            stop,
+                            Duration::from_secs(1),
+                        ));
                     }
                 }
             }
@@ -1059,48 +1088,98 @@ async fn write_refused(
     Ok(())
 }
 
-/// How long an opt-out that could not be written is tried again (see [`write_opt_out_later`]).
-const OPT_OUT_PERSISTENCE: Duration = Duration::from_secs(30 * 60);
+/// After how long an opt-out still not recorded is logged as an error (it is tried for as long
+/// as the host runs, and again by the next host started on the same inbox).
+const OPT_OUT_PATIENCE: Duration = Duration::from_secs(30 * 60);
 
-/// An inbound STOP that could not be written (the database unreachable or failing) is written
-/// again in the background, the pause doubling from a second up to a minute, for
-/// [`OPT_OUT_PERSISTENCE`]: WhatsApp handed the message over once, and nothing else holds it.
-/// The other events wait for nothing meanwhile. A host that stops before it succeeds loses
-/// it; the error it logs when it gives up names the number for an operator
-/// (`wabcast leads opt-out`).
-async fn write_opt_out_later(pool: PgPool, device: DeviceRef, from: PhoneE164) {
-    let mut pause = Duration::from_secs(1);
-    let mut waited = Duration::ZERO;
-    while waited < OPT_OUT_PERSISTENCE {
-        tokio::time::sleep(pause).await;
-        waited += pause;
-        match write_opt_out(&pool, &device, &from).await {
-            Ok(n) => {
-                info!(tenant = %device.tenant_id, leads = n, waited_s = waited.as_secs(), "opt-out recorded on a later attempt");
-                return;
-            }
-            Err(e) => {
-                warn!(device_id = %device.id, error = %e, "could not record an opt-out; trying again")
-            }
-        }
-        pause = (pause * 2).min(Duration::from_secs(60));
-    }
-    tracing::error!(
-        tenant = %device.tenant_id,
-        device_id = %device.id,
-        phone = %from,
-        "gave up recording an inbound opt-out; record it by hand with `wabcast leads opt-out`"
-    );
-}
-
-async fn write_opt_out(pool: &PgPool, device: &DeviceRef, from: &PhoneE164) -> anyhow::Result<u64> {
-    Ok(repo::leads::opt_out_number(
+/// Writes one inbox STOP to PostgreSQL (durably) and marks it done in the inbox. Returns whether
+/// it was written; a failure is logged.
+async fn try_opt_out(
+    pool: &PgPool,
+    inbox: &Arc<Inbox>,
+    stop: &InboundStop,
+    from: &PhoneE164,
+) -> bool {
+    match repo::leads::opt_out_number(
         pool,
-        device.tenant_id,
+        stop.tenant_id,
         from,
         repo::leads::ConsentSource::InboundMessage,
     )
-    .await?)
+    .await
+    {
+        Ok(n) => {
+            info!(tenant = %stop.tenant_id, device_id = %stop.device_id, leads = n, "opt-out keyword received");
+            if let Err(e) = inbox.done(stop.id).await {
+                // The STOP is recorded; a host restarted on this inbox writes it again, which
+                // changes nothing unless an operator opted the number back in meanwhile.
+                warn!(error = %e, path = %inbox.path().display(), "could not mark an inbox opt-out done");
+            }
+            true
+        }
+        Err(e) => {
+            warn!(device_id = %stop.device_id, error = %e, "could not record an opt-out; trying again in the background");
+            false
+        }
+    }
+}
+
+/// An inbox STOP not recorded yet (the database unreachable or failing, or the host stopped
+/// before it was): written again after `pause`, the pause doubling up to a minute, until it is.
+/// The other events wait for nothing meanwhile. Past [`OPT_OUT_PATIENCE`] it logs an error
+/// naming the number once, for an operator who would rather not wait (`wabcast leads opt-out`;
+/// the later write then changes nothing).
+pub async fn record_opt_out(
+    pool: PgPool,
+    inbox: Arc<Inbox>,
+    stop: InboundStop,
+    mut pause: Duration,
+) {
+    let from = match PhoneE164::parse(&stop.from) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(phone = %stop.from, error = %e, path = %inbox.path().display(),
+                "an inbox opt-out names no valid number; record it by hand with `wabcast leads opt-out`");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        tokio::time::sleep(pause).await;
+        if try_opt_out(&pool, &inbox, &stop, &from).await {
+            info!(tenant = %stop.tenant_id, waited_s = started.elapsed().as_secs(), received_at = %stop.received_at,
+                "opt-out recorded on a later attempt");
+            return;
+        }
+        if !told && started.elapsed() >= OPT_OUT_PATIENCE {
+            told = true;
+            tracing::error!(
+                tenant = %stop.tenant_id,
+                device_id = %stop.device_id,
+                phone = %from,
+                received_at = %stop.received_at,
+                "an inbound opt-out is still not recorded after 30 minutes; still trying (record it by hand with `wabcast leads opt-out`)"
+            );
+        }
+        pause = (pause * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    }
+}
+
+/// The inbox's STOPs left by a previous run of this host, each written again in the background
+/// (at once, then as [`record_opt_out`] retries).
+pub fn replay_opt_outs(pool: &PgPool, inbox: &Arc<Inbox>, pending: Vec<InboundStop>) {
+    if !pending.is_empty() {
+        info!(count = pending.len(), path = %inbox.path().display(), "writing the inbound opt-outs a previous run left in the inbox");
+    }
+    for stop in pending {
+        tokio::spawn(record_opt_out(
+            pool.clone(),
+            inbox.clone(),
+            stop,
+            Duration::ZERO,
+        ));
+    }
 }
 
 /// Records the account a session is linked to; a session whose number another live device of
