@@ -555,6 +555,112 @@ async fn an_inbound_stop_is_recorded_even_when_its_first_writes_fail(pool: PgPoo
     assert_eq!(foreign_opt_outs, 0);
 }
 
+/// The rescuer's early reconciliation, with the defaults (`LEASE_S` 120, `HOST_TIMEOUT_S` 30).
+const HOST_LOST: repo::messages::HostLost = repo::messages::HostLost {
+    lease_s: 120.0,
+    settled_s: 30.0,
+};
+
+/// A `sending` row whose worker got no answer is reconciled before its own (two-minute) lease
+/// once the host is done with it: the host recorded how the send ended, or the host that
+/// recorded the attempt no longer holds the device (killed: its device lease ran out, or
+/// another host holds the device). It waits while that host holds the device, while the
+/// worker may still get its answer (claimed within the host timeout), and when no host
+/// recorded an attempt.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: PgPool) {
+    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "host-lost@example.com", 5).await;
+    // as the worker's claim leaves them, 40 s ago (the last 10 s ago)
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1,
+             sending_at = now() - interval '40 s', lease_until = now() + interval '80 s'
+         WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE broadcast_messages SET sending_at = now() - interval '10 s',
+             lease_until = now() + interval '110 s' WHERE id = $1",
+    )
+    .bind(ids[3])
+    .execute(&pool)
+    .await
+    .unwrap();
+    // 0: attempting on `dead`; 1: sent by `dead`; 2: no record; 3: attempting on `dead`, 10 s
+    // ago; 4: attempting on `old`, which no longer holds the device
+    for (id, state, host) in [
+        (ids[0], "attempting", "dead"),
+        (ids[1], "sent", "dead"),
+        (ids[3], "attempting", "dead"),
+        (ids[4], "attempting", "old"),
+    ] {
+        sqlx::query(
+            "INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state, host_id)
+             VALUES ($1, $2, $3, 'p-' || $1, $4, $5)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(device)
+        .bind(state)
+        .bind(host)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO device_leases (device_id, host_id, lease_until)
+         VALUES ($1, 'dead', now() + interval '20 s')",
+    )
+    .bind(device)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let reconcile = || async {
+        let mut tx = pool.begin().await.unwrap();
+        let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, HOST_LOST)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        r
+    };
+    let statuses = || async {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT status FROM broadcast_messages WHERE id = ANY($1) ORDER BY id",
+        )
+        .bind(&ids)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        rows
+    };
+    // `dead` still holds the device: only what it finished, and what `old` left
+    let r = reconcile().await;
+    assert_eq!((r.host_lost, r.sent, r.retried), (2, 1, 1), "{r:?}");
+    assert_eq!(
+        statuses().await,
+        ["sending", "sent", "sending", "sending", "pending"]
+    );
+    // `dead`'s lease ran out (killed): its attempt of 40 s ago goes back; the one of 10 s ago
+    // and the row without a record wait for their leases
+    sqlx::query("UPDATE device_leases SET lease_until = now() - interval '1 s'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = reconcile().await;
+    assert_eq!((r.host_lost, r.retried), (1, 1), "{r:?}");
+    assert_eq!(
+        statuses().await,
+        ["pending", "sent", "sending", "sending", "pending"]
+    );
+    assert_eq!(reconcile().await.host_lost, 0, "each row once");
+    // past their leases, the rest as before
+    expire_leases(&pool).await;
+    let r = reconcile().await;
+    assert_eq!((r.host_lost, r.retried), (0, 2), "{r:?}");
+}
+
 /// A device host as its own process on `dir` (its inbox), for a test that kills it.
 async fn spawn_device_host(
     db_url: &str,
@@ -1649,7 +1755,7 @@ async fn a_send_that_fails_after_its_campaign_was_cancelled_ends_cancelled(pool:
     // the rescuer puts a stale send of the cancelled campaign back, and on to cancelled
     expire_leases(&pool).await;
     let mut tx = pool.begin().await.unwrap();
-    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100)
+    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, HOST_LOST)
         .await
         .unwrap();
     tx.commit().await.unwrap();

@@ -25,8 +25,12 @@ pub struct Settings {
     /// How long a device may be disconnected (or its host unreachable while holding its lease)
     /// before its due messages end `skipped`.
     pub offline_grace: Duration,
-    /// How long a `queued` or `sending` row may stay so before the rescuer acts.
+    /// How long a `queued` or `sending` row may stay so before the rescuer acts (`LEASE_S`, the
+    /// worker's too).
     pub lease: Duration,
+    /// The worker's `HOST_TIMEOUT_S`: a `sending` row claimed longer ago whose host lost its
+    /// device is reconciled before its lease (`repo::messages::HostLost`).
+    pub host_timeout: Duration,
     pub max_devices_per_claim: i64,
     /// Messages one device may take in one claim while its gaps are zero.
     pub per_device_burst: i64,
@@ -48,6 +52,7 @@ impl Default for Settings {
             run_for: Duration::from_secs(64),
             offline_grace: Duration::from_secs(300),
             lease: Duration::from_secs(120),
+            host_timeout: Duration::from_secs(30),
             max_devices_per_claim: 1_000,
             per_device_burst: 50,
             max_messages_per_claim: 5_000,
@@ -75,6 +80,9 @@ pub struct Report {
     /// Of `reconciled_retry`, rows whose campaign was cancelled while they were sending: they
     /// ended `cancelled` instead of waiting for a retry.
     pub reconciled_cancelled: u64,
+    /// Of the reconciled rows, those taken before their lease because the host that attempted
+    /// them lost the device (`repo::messages::HostLost`).
+    pub reconciled_host_lost: u64,
     pub skipped_offline: u64,
     pub skipped_deleted: u64,
     /// Messages of a device whose host held its lease but could not be reached past the grace.
@@ -253,6 +261,10 @@ async fn rescue(
         settings.max_attempts,
         settings.rescue_retry_after.as_secs_f64(),
         settings.rescue_batch,
+        repo::messages::HostLost {
+            lease_s: settings.lease.as_secs_f64(),
+            settled_s: settings.host_timeout.as_secs_f64(),
+        },
     )
     .await
     .context("failed to reconcile stale sending rows")?;
@@ -269,6 +281,7 @@ async fn rescue(
     report.reconciled_retry += reconciled.retried;
     report.reconciled_cancelled += reconciled.cancelled;
     report.reconciled_failed += reconciled.failed + reconciled.exhausted;
+    report.reconciled_host_lost += reconciled.host_lost;
     Ok(())
 }
 

@@ -23,6 +23,10 @@ async fn main() -> Result<(), Error> {
             d.offline_grace.as_secs(),
         )?),
         lease: Duration::from_secs(config::parsed_or("LEASE_S", d.lease.as_secs())?),
+        host_timeout: Duration::from_secs(config::parsed_or(
+            "HOST_TIMEOUT_S",
+            d.host_timeout.as_secs(),
+        )?),
         max_devices_per_claim: config::count_or("CLAIM_MAX_DEVICES", d.max_devices_per_claim)?,
         per_device_burst: config::count_or("CLAIM_PER_DEVICE", d.per_device_burst)?,
         max_messages_per_claim: config::count_or("CLAIM_MAX_MESSAGES", d.max_messages_per_claim)?,

@@ -60,6 +60,9 @@ struct Args {
     paced_hosts: usize,
     /// Kill the first paced host a third of the way through (a standby host takes over).
     paced_kill: bool,
+    /// The paced hosts' simulated send latency (`SIM_LATENCY_MS`), so that a killed host dies
+    /// with requests in flight, as a web session's typing pause makes them.
+    paced_latency_ms: u64,
 }
 
 fn args() -> Args {
@@ -75,8 +78,9 @@ fn args() -> Args {
         paced_claims: vec![1_000, 300, 100],
         paced_hosts: 1,
         paced_kill: false,
+        paced_latency_ms: 0,
     };
-    const USAGE: &str = "usage: pipeline-bench [--messages N] [--devices N] [--pollers N] [--watch-messages N] [--burst N] [--claim-messages N] [--paced-devices N] [--paced-claims N,N,…] [--paced-hosts N] [--paced-kill]";
+    const USAGE: &str = "usage: pipeline-bench [--messages N] [--devices N] [--pollers N] [--watch-messages N] [--burst N] [--claim-messages N] [--paced-devices N] [--paced-claims N,N,…] [--paced-hosts N] [--paced-kill] [--paced-latency-ms N]";
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
@@ -107,6 +111,7 @@ fn args() -> Args {
             ("--claim-messages", Some(n)) => a.claim_messages = n as i64,
             ("--paced-devices", Some(n)) => a.paced_devices = n,
             ("--paced-hosts", Some(n)) if n > 0 => a.paced_hosts = n,
+            ("--paced-latency-ms", Some(n)) => a.paced_latency_ms = n as u64,
             (other, _) => bad_argument(other, USAGE),
         }
         i += 2;
@@ -383,11 +388,11 @@ async fn redis_queue(url: &str, label: &str) -> Arc<RedisQueue> {
 
 /// The device host as its own process (so its RSS is its own), receipts off.
 async fn spawn_host(bin: &Path, db_url: &str, dir: &Path) -> (Group, String) {
-    spawn_host_with(bin, db_url, dir, 0, 32, &dir.join("sim-sends.jsonl")).await
+    spawn_host_with(bin, db_url, dir, 0, 32, &dir.join("sim-sends.jsonl"), 0).await
 }
 
-/// A device host that takes at most `max_devices` devices (0: no limit) and opens at most
-/// `connections` PostgreSQL connections.
+/// A device host that takes at most `max_devices` devices (0: no limit), opens at most
+/// `connections` PostgreSQL connections and takes `latency_ms` per simulated send.
 async fn spawn_host_with(
     bin: &Path,
     db_url: &str,
@@ -395,6 +400,7 @@ async fn spawn_host_with(
     max_devices: usize,
     connections: usize,
     sim_log: &Path,
+    latency_ms: u64,
 ) -> (Group, String) {
     let port = free_port();
     let host = spawn(
@@ -408,6 +414,7 @@ async fn spawn_host_with(
             .env("HOST_MAX_DEVICES", max_devices.to_string())
             .env("SIM_LOG_PATH", sim_log)
             .env("SIM_RECEIPTS", "false")
+            .env("SIM_LATENCY_MS", latency_ms.to_string())
             .env("DB_MAX_CONNECTIONS", connections.to_string())
             .env("RUST_LOG", "warn"),
         &dir.with_extension("log"),
@@ -798,6 +805,7 @@ async fn main() {
                 max_devices,
                 a.paced_hosts,
                 a.paced_kill,
+                a.paced_latency_ms,
             )
             .await;
         }
@@ -832,6 +840,7 @@ async fn paced_run(
     max_devices: i64,
     hosts: usize,
     kill: bool,
+    latency_ms: u64,
 ) {
     const PACED_PER_DEVICE: usize = 5;
     let (min_s, max_s) = (1.0, 3.0);
@@ -856,13 +865,35 @@ async fn paced_run(
     let mut procs: Vec<(Group, String)> = Vec::new();
     for h in 0..hosts {
         let hdir = dir.join(format!("host-{h}"));
-        procs.push(spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await);
+        procs.push(
+            spawn_host_with(
+                bin,
+                &db_url,
+                &hdir,
+                share,
+                connections,
+                &sim_log,
+                latency_ms,
+            )
+            .await,
+        );
     }
     wait_owned(&pool, tenant).await;
     if kill {
         // Started once the others own every device, so it owns nothing until one dies.
         let hdir = dir.join("standby");
-        procs.push(spawn_host_with(bin, &db_url, &hdir, share, connections, &sim_log).await);
+        procs.push(
+            spawn_host_with(
+                bin,
+                &db_url,
+                &hdir,
+                share,
+                connections,
+                &sim_log,
+                latency_ms,
+            )
+            .await,
+        );
     }
     // Devices without a live lease go to the worker's default host: the last one started.
     let default_url = procs.last().map(|p| p.1.clone()).unwrap_or_default();
@@ -930,6 +961,11 @@ async fn paced_run(
     let below = gaps.iter().filter(|g| **g < min_s).count();
     let within = gaps.iter().filter(|g| **g >= min_s && **g <= max_s).count();
     let (_, twice) = shared_send_log(&sim_log);
+    let per_send = if latency_ms > 0 {
+        format!(", {latency_ms} ms per send")
+    } else {
+        String::new()
+    };
     let on_hosts = if spawned > 1 {
         // Which host recorded each send (the host's send record), per host in start order.
         let per_host: Vec<(String, i64)> = sqlx::query_as(
@@ -993,18 +1029,19 @@ async fn paced_run(
             None => String::new(),
         };
         format!(
-            " on {spawned} hosts (sends per host {}{killed}; {} rescued)",
+            " on {spawned} hosts (sends per host {}{killed}; {} rescued, {} of them before their lease as their host lost the device)",
             counts.join(" / "),
             report.requeued
                 + report.reconciled_sent
                 + report.reconciled_retry
-                + report.reconciled_failed
+                + report.reconciled_failed,
+            report.reconciled_host_lost
         )
     } else {
         String::new()
     };
     println!(
-        "paced: {devices} devices × {PACED_PER_DEVICE} at 1–3 s, claims of ≤ {max_devices:>4} devices{on_hosts}: {:>5.0} msg/s ({sent} sent in {secs:.1}s); claim lateness p50 {:.2}s p99 {:.2}s max {:.2}s; gaps within [1 s, 3 s] {:.1} %, below 1 s {below}; slowest pass {} ms ({} over the tick); {twice} sent twice",
+        "paced: {devices} devices × {PACED_PER_DEVICE} at 1–3 s{per_send}, claims of ≤ {max_devices:>4} devices{on_hosts}: {:>5.0} msg/s ({sent} sent in {secs:.1}s); claim lateness p50 {:.2}s p99 {:.2}s max {:.2}s; gaps within [1 s, 3 s] {:.1} %, below 1 s {below}; slowest pass {} ms ({} over the tick); {twice} sent twice",
         sent as f64 / secs,
         percentile(&late, 0.5),
         percentile(&late, 0.99),
