@@ -157,10 +157,17 @@ pub async fn run(
     let done = || Instant::now() >= deadline || stop.load(Ordering::Relaxed);
     let mut report = Report::default();
     let mut housekept: Option<Instant> = None;
+    let mut lost_scanned: Option<Instant> = None;
     loop {
         let tick_started = Instant::now();
         if housekept.is_none_or(|at| at.elapsed() >= settings.tick) {
-            housekeeping(deps, settings, &mut report).await?;
+            // See `HOST_LOST_SCAN_EVERY`.
+            let scan_lost = lost_scanned
+                .is_none_or(|at| at.elapsed() >= settings.host_timeout / HOST_LOST_SCAN_EVERY);
+            if scan_lost {
+                lost_scanned = Some(Instant::now());
+            }
+            housekeeping(deps, settings, &mut report, scan_lost).await?;
             housekept = Some(Instant::now());
             report.ticks += 1;
         }
@@ -200,19 +207,28 @@ pub async fn tick(
     report: &mut Report,
 ) -> Result<bool, ProcessorError> {
     let started = Instant::now();
-    housekeeping(deps, settings, report).await?;
+    housekeeping(deps, settings, report, true).await?;
     let (_, saturated) = claim_and_enqueue(deps, settings, report).await?;
     note_pass(report, started.elapsed(), settings.tick);
     Ok(saturated)
 }
 
+/// How often, per `host_timeout`, the rescuer looks for `sending` rows whose host is done with
+/// them before their lease (`repo::messages::HostLost`): every 10 s by default, not every tick.
+/// Its index range holds the entries of every row version claimed in the 90 s before, dead
+/// ones included until a vacuum (a bitmap scan never marks them dead): 20 ms for the 200,000
+/// of a 100,000-message run, measured; about 50 ms at 3,000 msg/s, which every tick would have
+/// paid. A row is then reconciled up to 10 s later, instead of the 90 s its lease would add.
+const HOST_LOST_SCAN_EVERY: u32 = 3;
+
 async fn housekeeping(
     deps: &Deps,
     settings: &Settings,
     report: &mut Report,
+    scan_lost: bool,
 ) -> Result<(), ProcessorError> {
     sweep(deps, settings, report).await?;
-    rescue(deps, settings, report).await
+    rescue(deps, settings, report, scan_lost).await
 }
 
 async fn sweep(
@@ -247,6 +263,7 @@ async fn rescue(
     deps: &Deps,
     settings: &Settings,
     report: &mut Report,
+    scan_lost: bool,
 ) -> Result<(), ProcessorError> {
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
     let stale = repo::messages::requeue_stale_queued(
@@ -261,10 +278,10 @@ async fn rescue(
         settings.max_attempts,
         settings.rescue_retry_after.as_secs_f64(),
         settings.rescue_batch,
-        repo::messages::HostLost {
+        scan_lost.then_some(repo::messages::HostLost {
             lease_s: settings.lease.as_secs_f64(),
             settled_s: settings.host_timeout.as_secs_f64(),
-        },
+        }),
     )
     .await
     .context("failed to reconcile stale sending rows")?;

@@ -729,7 +729,7 @@ pub async fn reconcile_stale_sending(
     max_attempts: i32,
     retry_after_s: f64,
     limit: i64,
-    host_lost: HostLost,
+    host_lost: Option<HostLost>,
 ) -> Result<Reconciled, RepoError> {
     let mut stale: Vec<i64> = sqlx::query_scalar(
         "SELECT id FROM broadcast_messages
@@ -741,7 +741,11 @@ pub async fn reconcile_stale_sending(
     .fetch_all(&mut *tx)
     .await?;
     // Through the in-flight lease index too: a row's lease ends `lease_s` after its claim, so
-    // the rows claimed more than `settled_s` ago are a range of it (few, unless hosts are lost).
+    // the rows claimed more than `settled_s` ago are a range of it (few live ones, unless hosts
+    // are lost; `None` skips this).
+    let Some(host_lost) = host_lost else {
+        return reconcile_sending(tx, stale, max_attempts, retry_after_s, 0).await;
+    };
     let lost: Vec<i64> = sqlx::query_scalar(
         "SELECT bm.id FROM broadcast_messages bm
          WHERE bm.status = 'sending' AND bm.lease_until >= now()
@@ -764,6 +768,17 @@ pub async fn reconcile_stale_sending(
     .await?;
     let host_lost = lost.len() as u64;
     stale.extend(lost);
+    reconcile_sending(tx, stale, max_attempts, retry_after_s, host_lost).await
+}
+
+/// [`reconcile_stale_sending`]'s writes, for the rows it locked.
+async fn reconcile_sending(
+    tx: &mut PgConnection,
+    stale: Vec<i64>,
+    max_attempts: i32,
+    retry_after_s: f64,
+    host_lost: u64,
+) -> Result<Reconciled, RepoError> {
     if stale.is_empty() {
         return Ok(Reconciled::default());
     }
