@@ -686,8 +686,8 @@ pub struct Reconciled {
     /// Of the `retried`, those whose campaign (or sequence) was cancelled meanwhile: they went
     /// on from `pending` to `cancelled`.
     pub cancelled: u64,
-    /// Of all the rows above, those taken before their lease because their host lost the device
-    /// (see [`reconcile_stale_sending`]).
+    /// Of all the rows above, those taken before their lease because their host was done with
+    /// them (see [`reconcile_stale_sending`]).
     pub host_lost: u64,
 }
 
