@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use device_host::provider::{DeviceRef, Outbound, Provider, ProviderError, ProviderEvent};
-use device_host::service::Host;
+use device_host::service::{Host, OptOuts};
 use shared::domain::{DeviceStatus, LeadStatus, PhoneE164, ProviderKind};
 use shared::host_api::{PairingBody, SendRequest};
 use shared::repo;
@@ -59,6 +59,33 @@ impl Provider for FakeWeb {
         self.checks.fetch_add(1, Ordering::SeqCst);
         Ok(!to.as_str().ends_with('0'))
     }
+}
+
+fn opt_outs(pool: &PgPool, keywords: &[&str], dir: &std::path::Path) -> OptOuts {
+    OptOuts {
+        pool: pool.clone(),
+        keywords: keywords.iter().map(|k| k.to_string()).collect(),
+        inbox: device_host::inbox::Inbox::open(dir).unwrap().0,
+    }
+}
+
+/// An opt-out is written in the background once it is in the inbox: waits (up to 10 s) until
+/// some lead with this number is opted out.
+async fn opted_out_soon(pool: &PgPool, phone: &str) {
+    for _ in 0..100 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM leads WHERE phone = $1 AND opted_out_at IS NOT NULL",
+        )
+        .bind(phone)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{phone} was never opted out");
 }
 
 async fn web_device(pool: &PgPool, tenant: Uuid) -> Uuid {
@@ -205,10 +232,12 @@ async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
     let writer = tokio::spawn(device_host::service::run_event_writer(
         device_host::service::EventWriter {
             pool: pool.clone(),
-            durable_pool: pool.clone(),
-            opt_out_keywords: vec!["STOP".into(), "UNSUBSCRIBE".into(), "BERHENTI".into()],
+            opt_outs: opt_outs(
+                &pool,
+                &["STOP", "UNSUBSCRIBE", "BERHENTI"],
+                inbox_dir.path(),
+            ),
             providers: Vec::new(),
-            inbox: device_host::inbox::Inbox::open(inbox_dir.path()).unwrap().0,
         },
         rx,
     ));
@@ -271,6 +300,7 @@ async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
         .await
         .unwrap()
         .unwrap();
+    opted_out_soon(&pool, &unsent.recipient).await;
 
     let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
         .await
@@ -325,10 +355,8 @@ async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
     let writer = tokio::spawn(device_host::service::run_event_writer(
         device_host::service::EventWriter {
             pool: pool.clone(),
-            durable_pool: pool.clone(),
-            opt_out_keywords: vec!["BERHENTI".into()],
+            opt_outs: opt_outs(&pool, &["BERHENTI"], inbox_dir.path()),
             providers: Vec::new(),
-            inbox: device_host::inbox::Inbox::open(inbox_dir.path()).unwrap().0,
         },
         rx,
     ));
@@ -344,6 +372,7 @@ async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
     .unwrap();
     drop(tx);
     writer.await.unwrap();
+    opted_out_soon(&pool, &phone).await;
     let opted: Vec<Uuid> = sqlx::query_scalar(
         "SELECT tenant_id FROM leads WHERE phone = $1 AND opted_out_at IS NOT NULL",
     )
@@ -352,4 +381,70 @@ async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
     .await
     .unwrap();
     assert_eq!(opted, vec![a]);
+}
+
+/// What the web sessions' durability hook relies on (`device_host::web::KeepOptOuts`): when
+/// `OptOuts::keep` returns, a STOP is in the inbox on disk, whatever PostgreSQL does, so the
+/// session may acknowledge it to WhatsApp; the write follows in the background.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_stop_is_in_the_inbox_when_keep_returns(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "keep@example.com").await;
+    let device = web_device(&pool, tenant).await;
+    seed_leads(&pool, tenant, device, 0, 1, "cars", LeadStatus::Prospect).await;
+    let dref = DeviceRef {
+        id: device,
+        tenant_id: tenant,
+        provider: ProviderKind::Web,
+    };
+    let from = PhoneE164::parse("+60199990001").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let inbox_file = dir.path().join("inbox.jsonl");
+
+    // A database nobody answers for: the STOP is kept all the same.
+    let unreachable = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap();
+    let keep = OptOuts {
+        pool: unreachable,
+        keywords: vec!["STOP".into()],
+        inbox: device_host::inbox::Inbox::open(dir.path()).unwrap().0,
+    };
+    assert!(!keep.keep(&dref, &from, "see you").await.unwrap());
+    assert!(device_host::inbox::Inbox::read(&inbox_file)
+        .unwrap()
+        .is_empty());
+    assert!(keep.keep(&dref, &from, " Stop ").await.unwrap());
+    let kept = device_host::inbox::Inbox::read(&inbox_file).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].tenant_id, kept[0].device_id, kept[0].from.as_str()),
+        (tenant, device, "+60199990001")
+    );
+    drop(keep);
+
+    // With PostgreSQL answering, the STOP is written and marked done in the inbox.
+    let keep = OptOuts {
+        pool: pool.clone(),
+        keywords: vec!["STOP".into()],
+        inbox: device_host::inbox::Inbox::open(dir.path()).unwrap().0,
+    };
+    let lead: String = sqlx::query_scalar("SELECT phone FROM leads WHERE tenant_id = $1")
+        .bind(tenant)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let other = PhoneE164::parse(&lead).unwrap();
+    assert!(keep.keep(&dref, &other, "STOP").await.unwrap());
+    opted_out_soon(&pool, other.as_str()).await;
+    for _ in 0..50 {
+        let left = device_host::inbox::Inbox::read(&inbox_file).unwrap();
+        if left.iter().all(|s| s.from != other.as_str()) {
+            // The first STOP (from the unreachable run) is still there: only a restart replays it.
+            assert_eq!(left.len(), 1);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the recorded STOP was never marked done in the inbox");
 }

@@ -1,8 +1,9 @@
 //! The host's durable inbox of inbound opt-outs (`HOST_DATA_DIR/inbox.jsonl`).
 //!
-//! WhatsApp hands a contact's STOP to the host once. The host appends it here, synced to disk,
-//! before it writes the opt-out to PostgreSQL, and marks it done, synced too, once that write has
-//! committed durably. When the database is failing, the STOP waits here: the event writer keeps
+//! WhatsApp drops a contact's message from its server once a session acknowledges it. The host
+//! appends a STOP here, synced to disk, before the web session acknowledges it (the session's
+//! durability hook waits for [`crate::service::OptOuts::keep`]) and before it writes the opt-out
+//! to PostgreSQL, and marks it done, synced too, once that write has committed durably. When the database is failing, the STOP waits here: the event writer keeps
 //! trying in the background, and a host that stops meanwhile (a deploy, a crash, SIGKILL) writes
 //! it again when it starts on the same data directory ([`Inbox::open`] returns what is left).
 //!
@@ -10,8 +11,9 @@
 //! (`repo::leads::opt_out_lead`). A done mark is synced all the same, so that a STOP recorded,
 //! then reversed by an operator's opt-in, is not replayed over the opt-in.
 //!
-//! What this cannot cover: a STOP lost between WhatsApp's delivery and the append (microseconds),
-//! and a host whose disk is gone for good (its replacement starts with an empty inbox). Nothing
+//! What this cannot cover: a host whose disk is gone for good (its replacement starts with an
+//! empty inbox). A web session's STOP that never reached the inbox was never acknowledged, and
+//! WhatsApp delivers it again. Nothing
 //! here ever drops an entry it read: a line it cannot parse is logged as an error, whole, and kept
 //! out of the compacted file only once it has been logged.
 

@@ -178,10 +178,19 @@ pub async fn start(
         simulator.clone() as Arc<dyn provider::Provider>,
         cloud.clone() as Arc<dyn provider::Provider>,
     ];
+    // The inbox before any provider: the web sessions keep STOPs in it before acknowledging them.
+    let (inbox, left) = inbox::Inbox::open(&config.data_dir)?;
+    let opt_outs = service::OptOuts {
+        pool: pool.clone(),
+        keywords: config.cloud_api.opt_out_keywords.clone(),
+        inbox,
+    };
+    service::replay_opt_outs(&pool, &opt_outs.inbox, left);
     #[cfg(feature = "web")]
-    providers
-        .push(web::WebProvider::start(config.web.clone(), events_tx_web)
-            as Arc<dyn provider::Provider>);
+    providers.push(
+        web::WebProvider::start(config.web.clone(), events_tx_web, opt_outs.clone())
+            as Arc<dyn provider::Provider>,
+    );
     let host = Arc::new(
         service::Host::new(
             pool.clone(),
@@ -192,15 +201,11 @@ pub async fn start(
         )
         .with_leases(config.lease_ttl, config.max_devices),
     );
-    let (inbox, left) = inbox::Inbox::open(&config.data_dir)?;
-    service::replay_opt_outs(&pool, &inbox, left);
     tokio::spawn(service::run_event_writer(
         service::EventWriter {
             pool: relaxed_pool,
-            durable_pool: pool.clone(),
-            opt_out_keywords: config.cloud_api.opt_out_keywords.clone(),
+            opt_outs,
             providers,
-            inbox,
         },
         events_rx,
     ));

@@ -97,7 +97,8 @@ pub enum ProviderEvent {
     /// when paired by phone). The host records it on the device, and unlinks the session when
     /// another live device of the tenant already is that number.
     Linked { device: DeviceRef, phone: PhoneE164 },
-    /// Text a contact sent to the device (opt-out keywords act on it).
+    /// Text a contact sent to the device (opt-out keywords act on it): the simulator's. The web
+    /// provider hands its sessions' text to the host's `OptOuts` itself, before acknowledging it.
     Inbound {
         device: DeviceRef,
         from: PhoneE164,

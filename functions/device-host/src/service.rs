@@ -878,14 +878,61 @@ pub struct EventWriter {
     /// Statuses, receipts, acks and nacks, linked numbers: may commit without waiting for the
     /// WAL flush (`Durability::Relaxed`).
     pub pool: PgPool,
-    /// Opt-outs: committed durably, because the inbox forgets a STOP once it is written.
-    pub durable_pool: PgPool,
-    /// Upper case; the whole inbound text (trimmed, any case) is one of them.
-    pub opt_out_keywords: Vec<String>,
+    /// Inbound text that may be an opt-out.
+    pub opt_outs: OptOuts,
     /// To unlink a session whose account another device of the tenant already is.
     pub providers: Vec<Arc<dyn Provider>>,
+}
+
+/// The host's handling of a contact's text, whichever provider it came through: an opt-out
+/// keyword is kept in the inbox (synced to disk), then written to PostgreSQL in the background
+/// until it is (see [`record_opt_out`]). The web provider calls [`OptOuts::keep`] before
+/// WhatsApp is told the message arrived, so a STOP is acknowledged only once it is on disk.
+#[derive(Clone)]
+pub struct OptOuts {
+    /// Committed durably, because the inbox forgets a STOP once it is written.
+    pub pool: PgPool,
+    /// Upper case; the whole inbound text (trimmed, any case) is one of them.
+    pub keywords: Vec<String>,
     /// Every inbound STOP is kept here until PostgreSQL has it.
     pub inbox: Arc<Inbox>,
+}
+
+impl OptOuts {
+    /// Keeps `text` from `from` if it is an opt-out keyword: `Ok(true)` once it is in the inbox,
+    /// `Ok(false)` for any other text. Either way of a STOP, its write to PostgreSQL is started
+    /// in the background; `Err` says that the inbox could not hold it, so that a caller who can
+    /// have the message delivered again (the web provider, by not acknowledging it) does.
+    pub async fn keep(
+        &self,
+        device: &DeviceRef,
+        from: &PhoneE164,
+        text: &str,
+    ) -> anyhow::Result<bool> {
+        if !is_opt_out(&self.keywords, text) {
+            return Ok(false);
+        }
+        let stop = InboundStop {
+            id: Uuid::new_v4(),
+            tenant_id: device.tenant_id,
+            device_id: device.id,
+            from: from.as_str().to_string(),
+            received_at: chrono::Utc::now(),
+        };
+        let kept = self.inbox.record(&stop).await;
+        if let Err(e) = &kept {
+            // Not lost yet: it is written below, and tried again while the host runs.
+            tracing::error!(device_id = %device.id, phone = %from, error = %e, path = %self.inbox.path().display(),
+                "could not keep an inbound opt-out in the inbox; it is lost if the host stops before it is recorded");
+        }
+        let (pool, inbox, from) = (self.pool.clone(), self.inbox.clone(), from.clone());
+        tokio::spawn(async move {
+            if !try_opt_out(&pool, &inbox, &stop, &from).await {
+                record_opt_out(pool, inbox, stop, Duration::from_secs(1)).await;
+            }
+        });
+        kept.map(|()| true)
+    }
 }
 
 /// Writes provider events to PostgreSQL: statuses as they come, receipts in batches, acks and
@@ -895,10 +942,8 @@ pub struct EventWriter {
 pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceiver<ProviderEvent>) {
     let EventWriter {
         pool,
-        durable_pool,
-        opt_out_keywords,
+        opt_outs,
         providers,
-        inbox,
     } = w;
     let mut receipts: Vec<Receipt> = Vec::new();
     loop {
@@ -994,29 +1039,8 @@ pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceive
                     }
                 }
                 ProviderEvent::Inbound { device, from, text } => {
-                    if !is_opt_out(&opt_out_keywords, &text) {
-                        continue;
-                    }
-                    let stop = InboundStop {
-                        id: Uuid::new_v4(),
-                        tenant_id: device.tenant_id,
-                        device_id: device.id,
-                        from: from.as_str().to_string(),
-                        received_at: chrono::Utc::now(),
-                    };
-                    if let Err(e) = inbox.record(&stop).await {
-                        // Not lost yet: it is written below, or tried again while the host runs.
-                        tracing::error!(device_id = %device.id, phone = %from, error = %e, path = %inbox.path().display(),
-                            "could not keep an inbound opt-out in the inbox; it is lost if the host stops before it is recorded");
-                    }
-                    if !try_opt_out(&durable_pool, &inbox, &stop, &from).await {
-                        tokio::spawn(record_opt_out(
-                            durable_pool.clone(),
-                            inbox.clone(),
-                            stop,
-                            Duration::from_secs(1),
-                        ));
-                    }
+                    // A failure to keep it is logged by `keep`, and its write goes ahead.
+                    let _ = opt_outs.keep(&device, &from, &text).await;
                 }
             }
         }

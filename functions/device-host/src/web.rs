@@ -1,10 +1,14 @@
 //! The web multi-device provider: [`device_host_web::WebSessions`] (whatsapp-rust) behind the
 //! host's [`Provider`] trait. Its events become [`ProviderEvent`]s: statuses, acks and nacks and
-//! receipts by our message id, inbound text.
+//! receipts by our message id. Contacts' text goes to the host's opt-outs ([`KeepOptOuts`]) before
+//! the session acknowledges it.
 
 use crate::provider::{DeviceRef, Outbound, Provider, ProviderError, ProviderEvent};
+use crate::service::OptOuts;
 use async_trait::async_trait;
-use device_host_web::{digits, PairingKind, WebConfig, WebError, WebEvent, WebSessions};
+use device_host_web::{
+    digits, InboundKeeper, InboundText, PairingKind, WebConfig, WebError, WebEvent, WebSessions,
+};
 use shared::domain::{reason, DeviceStatus, PhoneE164, ProviderKind};
 use shared::host_api::PairingBody;
 use std::collections::HashMap;
@@ -21,12 +25,22 @@ pub struct WebProvider {
 }
 
 impl WebProvider {
-    /// Starts the provider and the task that turns its events into host events.
-    pub fn start(config: WebConfig, events: mpsc::UnboundedSender<ProviderEvent>) -> Arc<Self> {
+    /// Starts the provider and the task that turns its events into host events. Contacts' text
+    /// goes to `opt_outs` before WhatsApp is told it arrived ([`KeepOptOuts`]).
+    pub fn start(
+        config: WebConfig,
+        events: mpsc::UnboundedSender<ProviderEvent>,
+        opt_outs: OptOuts,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let devices = Arc::new(RwLock::new(HashMap::new()));
+        let keeper = Arc::new(KeepOptOuts {
+            devices: devices.clone(),
+            opt_outs,
+        });
         let provider = Arc::new(Self {
-            sessions: Arc::new(WebSessions::new(config, tx)),
-            devices: Arc::new(RwLock::new(HashMap::new())),
+            sessions: Arc::new(WebSessions::new(config, tx, keeper)),
+            devices,
             events: events.clone(),
         });
         tokio::spawn(forward(provider.devices.clone(), rx, events));
@@ -41,6 +55,40 @@ impl WebProvider {
         if let Ok(mut m) = self.devices.write() {
             m.insert(device.id, device.clone());
         }
+    }
+}
+
+/// The web sessions' [`InboundKeeper`]: a STOP is in the host's inbox, synced, before the
+/// session acknowledges it to WhatsApp. A message whose sender or device cannot be told is
+/// acknowledged without being kept (a redelivery would not tell them either).
+pub struct KeepOptOuts {
+    devices: Arc<RwLock<HashMap<Uuid, DeviceRef>>>,
+    opt_outs: OptOuts,
+}
+
+#[async_trait]
+impl InboundKeeper for KeepOptOuts {
+    async fn keep(&self, inbound: InboundText) -> Result<(), String> {
+        let Some(from) = inbound
+            .from
+            .and_then(|d| PhoneE164::parse(&format!("+{d}")).ok())
+        else {
+            return Ok(());
+        };
+        let Some(device) = self
+            .devices
+            .read()
+            .ok()
+            .and_then(|m| m.get(&inbound.device).cloned())
+        else {
+            warn!(device_id = %inbound.device, "inbound text for a device this host does not know");
+            return Ok(());
+        };
+        self.opt_outs
+            .keep(&device, &from, &inbound.text)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -64,8 +112,7 @@ async fn forward(
             | WebEvent::Acked { device, .. }
             | WebEvent::Nacked { device, .. }
             | WebEvent::Receipt { device, .. }
-            | WebEvent::Linked { device, .. }
-            | WebEvent::Inbound { device, .. } => *device,
+            | WebEvent::Linked { device, .. } => *device,
         };
         let Some(device) = devices.read().ok().and_then(|m| m.get(&id).cloned()) else {
             warn!(device_id = %id, "event of a device this host does not know");
@@ -99,12 +146,6 @@ async fn forward(
                     continue;
                 }
             },
-            WebEvent::Inbound { from, text, .. } => {
-                let Some(from) = from.and_then(|d| PhoneE164::parse(&format!("+{d}")).ok()) else {
-                    continue;
-                };
-                ProviderEvent::Inbound { device, from, text }
-            }
         };
         if events.send(out).is_err() {
             return;

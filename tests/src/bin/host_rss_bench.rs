@@ -87,7 +87,11 @@ async fn main() {
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let mut cfg = device_host_web::WebConfig::new(dir.path().join("webbench"));
     cfg.ws_url = Some("ws://127.0.0.1:9/ws/chat".into());
-    let sessions = Arc::new(device_host_web::WebSessions::new(cfg, tx));
+    let sessions = Arc::new(device_host_web::WebSessions::new(
+        cfg,
+        tx,
+        Arc::new(NoInbound),
+    ));
     // One session first, so one-time costs (library statics, the first SQLite connection) are
     // not counted per session.
     sessions.open(uuid::Uuid::new_v4(), None).await.unwrap();
@@ -106,4 +110,14 @@ async fn main() {
     );
     sessions.close_all().await;
     running.server.abort();
+}
+
+/// No contact writes to the benchmark's sessions (they never connect).
+struct NoInbound;
+
+#[async_trait::async_trait]
+impl device_host_web::InboundKeeper for NoInbound {
+    async fn keep(&self, _inbound: device_host_web::InboundText) -> Result<(), String> {
+        Ok(())
+    }
 }

@@ -7,14 +7,15 @@
 //!   phone-number pair code), sends (typing presence, image uploaded once per device, message id
 //!   chosen before the send), number checks, logout.
 //!
-//! This crate knows nothing of PostgreSQL: the host turns [`sessions::WebEvent`]s into rows.
+//! This crate knows nothing of PostgreSQL: the host turns [`sessions::WebEvent`]s into rows, and
+//! keeps contacts' text through its [`sessions::InboundKeeper`] before WhatsApp is told it arrived.
 
 pub mod mapping;
 pub mod sessions;
 pub mod supervisor;
 
 pub use sessions::{
-    digits, new_message_id, Prompt, WebConfig, WebError, WebEvent, WebImage, WebMessage,
-    WebSessions,
+    digits, new_message_id, InboundKeeper, InboundText, Prompt, WebConfig, WebError, WebEvent,
+    WebImage, WebMessage, WebSessions,
 };
 pub use supervisor::{Action, Input, PairingKind, Supervisor};

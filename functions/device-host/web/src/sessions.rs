@@ -20,6 +20,7 @@ use whatsapp_rust::upload::{UploadOptions, UploadResponse};
 use whatsapp_rust::wacore::download::MediaType;
 use whatsapp_rust::wacore::store::traits::Backend;
 use whatsapp_rust::wacore::store::InMemoryBackend;
+use whatsapp_rust::InboundDurabilityHook;
 use whatsapp_rust_tokio_transport::TokioWebSocketTransportFactory;
 
 #[derive(Debug, Clone)]
@@ -86,12 +87,79 @@ pub enum WebEvent {
     /// The session is connected as this WhatsApp account (its phone number, digits): sent at
     /// every connection, so after pairing and after a restore.
     Linked { device: Uuid, phone: String },
-    /// Text from a contact; `from` is the sender's phone number (digits) when it could be told.
-    Inbound {
-        device: Uuid,
-        from: Option<String>,
-        text: String,
-    },
+}
+
+/// Text from a contact, as the host's [`InboundKeeper`] gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundText {
+    pub device: Uuid,
+    /// The sender's phone number (digits), when it could be told.
+    pub from: Option<String>,
+    pub text: String,
+}
+
+/// What the host keeps of a contact's message before WhatsApp is told that it arrived (the host:
+/// an opt-out keyword, in its durable inbox).
+///
+/// Registered as the client's inbound durability hook ([`KeepBeforeAck`]): the library buffers
+/// each decrypted message in the session store and sends its ack (the delivery receipt that
+/// makes WhatsApp's server drop it) only once `keep` returned `Ok` for it. On `Err`, or a crash
+/// before `keep` returned, the message stays unacknowledged and WhatsApp delivers it again at
+/// the next connection, where `keep` runs again: `keep` must be idempotent.
+#[async_trait::async_trait]
+pub trait InboundKeeper: Send + Sync {
+    async fn keep(&self, inbound: InboundText) -> Result<(), String>;
+}
+
+/// The session's durability hook: every one-to-one text of a batch goes to the keeper, in
+/// order, before the batch is acknowledged.
+struct KeepBeforeAck {
+    device: Uuid,
+    keeper: Arc<dyn InboundKeeper>,
+}
+
+#[async_trait::async_trait]
+impl InboundDurabilityHook for KeepBeforeAck {
+    async fn on_messages(
+        &self,
+        client: Arc<Client>,
+        batch: &[InboundMessage],
+    ) -> anyhow::Result<()> {
+        for m in batch {
+            if let Signal::Inbound {
+                sender,
+                sender_alt,
+                text,
+            } = map_inbound(m)
+            {
+                // A store lookup at most, never a send: the hook runs under the sender's lock.
+                let from = phone_of(&client, &sender, sender_alt.as_ref()).await;
+                self.keeper
+                    .keep(InboundText {
+                        device: self.device,
+                        from,
+                        text,
+                    })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("inbound text not kept: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sender's phone number: from the JID, its alternate, or the session's LID↔phone map.
+async fn phone_of(client: &Client, sender: &Jid, alt: Option<&Jid>) -> Option<String> {
+    if sender.is_pn() {
+        return Some(sender.user.to_string());
+    }
+    if let Some(a) = alt.filter(|a| a.is_pn()) {
+        return Some(a.user.to_string());
+    }
+    match client.get_lid_pn_entry(sender).await {
+        Ok(Some(entry)) => Some(entry.phone_number.to_string()),
+        _ => None,
+    }
 }
 
 /// The pairing prompt on show.
@@ -147,6 +215,7 @@ pub struct WebSessions {
     config: WebConfig,
     sessions: RwLock<HashMap<Uuid, Arc<Session>>>,
     events: mpsc::UnboundedSender<WebEvent>,
+    keeper: Arc<dyn InboundKeeper>,
     uploads: std::sync::atomic::AtomicU64,
 }
 
@@ -197,11 +266,17 @@ pub fn digits(e164: &str) -> String {
 }
 
 impl WebSessions {
-    pub fn new(config: WebConfig, events: mpsc::UnboundedSender<WebEvent>) -> Self {
+    /// `keeper` gets every contact's text before it is acknowledged (see [`InboundKeeper`]).
+    pub fn new(
+        config: WebConfig,
+        events: mpsc::UnboundedSender<WebEvent>,
+        keeper: Arc<dyn InboundKeeper>,
+    ) -> Self {
         Self {
             config,
             sessions: RwLock::new(HashMap::new()),
             events,
+            keeper,
             uploads: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -306,6 +381,10 @@ impl WebSessions {
             .with_backend_arc(backend)
             .with_transport_factory(transport)
             .with_event_handler(Forward(tx))
+            .with_inbound_durability_hook(KeepBeforeAck {
+                device,
+                keeper: self.keeper.clone(),
+            })
             .skip_history_sync();
         if let Some(phone) = pair_phone {
             builder = builder.with_pair_code(PairCodeOptions {
@@ -566,7 +645,14 @@ impl WebSessions {
     /// Acts on one library event of the device.
     async fn on_event(&self, device: Uuid, event: &Event) {
         let signals = match event {
-            Event::Messages(batch) => batch.messages.iter().map(map_inbound).collect(),
+            // The hook kept every other message before it was acknowledged; placeholder
+            // recoveries bypass it (the library acks them on their own path) and are kept here.
+            Event::Messages(batch) => batch
+                .messages
+                .iter()
+                .filter(|m| m.info.unavailable_request_id.is_some())
+                .map(map_inbound)
+                .collect(),
             other => vec![map_event(other, Utc::now())],
         };
         for signal in signals {
@@ -644,24 +730,14 @@ impl WebSessions {
                 sender_alt,
                 text,
             } => {
-                let from = self.phone_of(device, &sender, sender_alt.as_ref()).await;
-                let _ = self.events.send(WebEvent::Inbound { device, from, text });
+                let Some(s) = self.session(device) else {
+                    return;
+                };
+                let from = phone_of(&s.client, &sender, sender_alt.as_ref()).await;
+                if let Err(e) = self.keeper.keep(InboundText { device, from, text }).await {
+                    warn!(device_id = %device, error = %e, "could not keep a recovered inbound message");
+                }
             }
-        }
-    }
-
-    /// The sender's phone number: from the JID, its alternate, or the session's LID↔phone map.
-    async fn phone_of(&self, device: Uuid, sender: &Jid, alt: Option<&Jid>) -> Option<String> {
-        if sender.is_pn() {
-            return Some(sender.user.to_string());
-        }
-        if let Some(a) = alt.filter(|a| a.is_pn()) {
-            return Some(a.user.to_string());
-        }
-        let s = self.session(device)?;
-        match s.client.get_lid_pn_entry(sender).await {
-            Ok(Some(entry)) => Some(entry.phone_number.to_string()),
-            _ => None,
         }
     }
 
@@ -712,5 +788,112 @@ async fn run_session(
                 s.poll(device);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use whatsapp_rust::wacore::types::message::MessageSource;
+
+    /// Records what it is given; refuses text equal to `refuse`.
+    #[derive(Default)]
+    struct Recorder {
+        kept: Mutex<Vec<InboundText>>,
+        refuse: Option<&'static str>,
+    }
+
+    #[async_trait::async_trait]
+    impl InboundKeeper for Recorder {
+        async fn keep(&self, inbound: InboundText) -> Result<(), String> {
+            if self.refuse == Some(inbound.text.as_str()) {
+                return Err("disk full".into());
+            }
+            self.kept.lock().unwrap().push(inbound);
+            Ok(())
+        }
+    }
+
+    fn message(sender: Jid, group: bool, text: &str) -> InboundMessage {
+        let info = MessageInfo {
+            source: MessageSource {
+                chat: sender.clone(),
+                sender,
+                is_group: group,
+                ..Default::default()
+            },
+            id: "3A00000000000001".into(),
+            ..Default::default()
+        };
+        InboundMessage::builder()
+            .message(Arc::new(wa::Message {
+                conversation: Some(text.to_string()),
+                ..Default::default()
+            }))
+            .info(Arc::new(info))
+            .build()
+    }
+
+    /// A client that never connects: the hook only reads its store.
+    async fn client() -> Arc<Client> {
+        let bot = Bot::builder()
+            .with_backend_arc(Arc::new(InMemoryBackend::new()))
+            .with_transport_factory(
+                TokioWebSocketTransportFactory::new().with_url("ws://127.0.0.1:9/ws/chat"),
+            )
+            .build()
+            .await
+            .unwrap();
+        bot.client()
+    }
+
+    #[tokio::test]
+    async fn the_hook_keeps_contacts_text_before_the_ack_and_fails_the_batch_it_cannot_keep() {
+        let device = Uuid::new_v4();
+        let recorder = Arc::new(Recorder::default());
+        let hook = KeepBeforeAck {
+            device,
+            keeper: recorder.clone(),
+        };
+        let batch = [
+            message(Jid::pn("60123456789"), false, "STOP"),
+            // a group's text is no contact's answer to us
+            message(Jid::pn("60123456780"), true, "stop"),
+            message(Jid::pn("60123456781"), false, "hello"),
+        ];
+        hook.on_messages(client().await, &batch).await.unwrap();
+        assert_eq!(
+            *recorder.kept.lock().unwrap(),
+            vec![
+                InboundText {
+                    device,
+                    from: Some("60123456789".into()),
+                    text: "STOP".into()
+                },
+                InboundText {
+                    device,
+                    from: Some("60123456781".into()),
+                    text: "hello".into()
+                },
+            ]
+        );
+
+        // One message that cannot be kept fails the whole batch: none of it is acknowledged,
+        // and WhatsApp delivers it again.
+        let refusing = Arc::new(Recorder {
+            refuse: Some("STOP"),
+            ..Default::default()
+        });
+        let hook = KeepBeforeAck {
+            device,
+            keeper: refusing.clone(),
+        };
+        let batch = [
+            message(Jid::pn("60123456781"), false, "hello"),
+            message(Jid::pn("60123456789"), false, "STOP"),
+        ];
+        let err = hook.on_messages(client().await, &batch).await.unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
     }
 }

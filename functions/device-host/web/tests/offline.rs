@@ -2,7 +2,9 @@
 //! connect gracefully, back off, report `reconnecting`, and never panic; logout must stop it for
 //! good and delete its store. No WhatsApp server is involved (none can be reached from here).
 
-use device_host_web::{WebConfig, WebError, WebEvent, WebMessage, WebSessions};
+use device_host_web::{
+    InboundKeeper, InboundText, WebConfig, WebError, WebEvent, WebMessage, WebSessions,
+};
 use shared::domain::DeviceStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +36,16 @@ async fn next_status(
     }
 }
 
+/// No contact ever writes to these sessions.
+struct NoInbound;
+
+#[async_trait::async_trait]
+impl InboundKeeper for NoInbound {
+    async fn keep(&self, _inbound: InboundText) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 fn config(dir: &std::path::Path, in_memory: bool) -> WebConfig {
     let mut c = WebConfig::new(dir);
     c.ws_url = Some(refused_url());
@@ -46,7 +58,11 @@ fn config(dir: &std::path::Path, in_memory: bool) -> WebConfig {
 async fn unreachable_server_backs_off_as_reconnecting_and_never_panics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let sessions = Arc::new(WebSessions::new(config(dir.path(), true), tx));
+    let sessions = Arc::new(WebSessions::new(
+        config(dir.path(), true),
+        tx,
+        Arc::new(NoInbound),
+    ));
     let device = Uuid::new_v4();
     assert_eq!(
         sessions.open(device, None).await.expect("open"),
@@ -78,7 +94,11 @@ async fn unreachable_server_backs_off_as_reconnecting_and_never_panics() {
 async fn logout_is_terminal_and_deletes_the_store() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let sessions = Arc::new(WebSessions::new(config(dir.path(), false), tx));
+    let sessions = Arc::new(WebSessions::new(
+        config(dir.path(), false),
+        tx,
+        Arc::new(NoInbound),
+    ));
     let device = Uuid::new_v4();
     sessions.open(device, None).await.expect("open");
     assert!(sessions.has_store(device), "a SQLite store per device");
