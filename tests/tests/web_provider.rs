@@ -448,3 +448,60 @@ async fn a_stop_is_in_the_inbox_when_keep_returns(pool: PgPool) {
     }
     panic!("the recorded STOP was never marked done in the inbox");
 }
+
+/// The web sessions' keeper: only a STOP from a known number for a known device waits for the
+/// inbox; a STOP it could not keep fails (the session then does not acknowledge it).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_web_keeper_keeps_stops_of_known_devices_before_the_ack(pool: PgPool) {
+    use device_host_web::{InboundKeeper, InboundText};
+    let tenant = seed_tenant(&pool, "keeper@example.com").await;
+    let device = web_device(&pool, tenant).await;
+    let dir = tempfile::tempdir().unwrap();
+    let devices = Arc::new(std::sync::RwLock::new(std::collections::HashMap::new()));
+    let keeper =
+        device_host::web::KeepOptOuts::new(devices.clone(), opt_outs(&pool, &["STOP"], dir.path()));
+    let text = |from: Option<&str>, text: &str| InboundText {
+        device,
+        from: from.map(str::to_string),
+        text: text.into(),
+    };
+    let inbox = || device_host::inbox::Inbox::read(&dir.path().join("inbox.jsonl")).unwrap();
+
+    // Not yet a device of this host: chit-chat is acknowledged, a STOP is not.
+    keeper.keep(text(Some("60199990003"), "hi")).await.unwrap();
+    let err = keeper
+        .keep(text(Some("60199990003"), "stop"))
+        .await
+        .unwrap_err();
+    assert!(err.contains("does not know"), "{err}");
+    devices.write().unwrap().insert(
+        device,
+        DeviceRef {
+            id: device,
+            tenant_id: tenant,
+            provider: ProviderKind::Web,
+        },
+    );
+    // A sender whose number cannot be told cannot be opted out: acknowledged, nothing kept.
+    keeper.keep(text(None, "STOP")).await.unwrap();
+    assert!(inbox().is_empty());
+    keeper
+        .keep(text(Some("60199990003"), "STOP"))
+        .await
+        .unwrap();
+    let kept = inbox();
+    // kept at once; marked done only once PostgreSQL has it (no lead has this number, the
+    // opt-out list does)
+    assert!(
+        kept.iter().any(|s| s.from == "+60199990003") || {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM opt_out_log WHERE tenant_id = $1")
+                    .bind(tenant)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            n > 0
+        },
+        "the STOP was neither in the inbox nor recorded"
+    );
+}

@@ -34,10 +34,7 @@ impl WebProvider {
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let devices = Arc::new(RwLock::new(HashMap::new()));
-        let keeper = Arc::new(KeepOptOuts {
-            devices: devices.clone(),
-            opt_outs,
-        });
+        let keeper = Arc::new(KeepOptOuts::new(devices.clone(), opt_outs));
         let provider = Arc::new(Self {
             sessions: Arc::new(WebSessions::new(config, tx, keeper)),
             devices,
@@ -59,20 +56,34 @@ impl WebProvider {
 }
 
 /// The web sessions' [`InboundKeeper`]: a STOP is in the host's inbox, synced, before the
-/// session acknowledges it to WhatsApp. A message whose sender or device cannot be told is
-/// acknowledged without being kept (a redelivery would not tell them either).
+/// session acknowledges it to WhatsApp. Other text is acknowledged at once. A STOP whose sender's
+/// number cannot be told is logged as an error and acknowledged (a redelivery would not tell it
+/// either); one for a device this host does not know is not acknowledged.
 pub struct KeepOptOuts {
     devices: Arc<RwLock<HashMap<Uuid, DeviceRef>>>,
     opt_outs: OptOuts,
 }
 
+impl KeepOptOuts {
+    /// `devices`: the devices whose sessions this host runs, by id.
+    pub fn new(devices: Arc<RwLock<HashMap<Uuid, DeviceRef>>>, opt_outs: OptOuts) -> Self {
+        Self { devices, opt_outs }
+    }
+}
+
 #[async_trait]
 impl InboundKeeper for KeepOptOuts {
     async fn keep(&self, inbound: InboundText) -> Result<(), String> {
+        if !crate::service::is_opt_out(&self.opt_outs.keywords, &inbound.text) {
+            return Ok(());
+        }
         let Some(from) = inbound
             .from
+            .as_deref()
             .and_then(|d| PhoneE164::parse(&format!("+{d}")).ok())
         else {
+            tracing::error!(device_id = %inbound.device, sender = ?inbound.from,
+                "an opt-out keyword from a sender whose phone number cannot be told; not recorded");
             return Ok(());
         };
         let Some(device) = self
@@ -81,8 +92,10 @@ impl InboundKeeper for KeepOptOuts {
             .ok()
             .and_then(|m| m.get(&inbound.device).cloned())
         else {
-            warn!(device_id = %inbound.device, "inbound text for a device this host does not know");
-            return Ok(());
+            return Err(format!(
+                "an opt-out for device {}, which this host does not know",
+                inbound.device
+            ));
         };
         self.opt_outs
             .keep(&device, &from, &inbound.text)
