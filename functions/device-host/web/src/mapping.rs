@@ -119,14 +119,9 @@ pub fn map_event(event: &Event, now: DateTime<Utc>) -> Signal {
                 at: r.timestamp,
             }
         }
-        Event::Messages(batch) => {
-            // Live traffic is one message a batch; an offline drain may carry several, and the
-            // session maps each through `map_inbound`.
-            match batch.messages.first() {
-                Some(m) => map_inbound(m),
-                None => Signal::Ignore,
-            }
-        }
+        // Inbound messages (`Event::Messages`) are not mapped here: the session's durability
+        // hook keeps each one before it is acknowledged, and the session maps only the
+        // placeholder recoveries that bypass the hook, one by one, through `map_inbound`.
         _ => Signal::Ignore,
     }
 }
