@@ -421,25 +421,27 @@ async fn an_opt_out_aborted_as_a_deadlock_victim_is_run_again(pool: PgPool) {
     assert_eq!(log.len(), 1, "recorded once: {log:?}");
 }
 
-/// A send that outlasts the worker's request (no answer from the host, which then sends it
-/// after all) is left `sending` for the rescuer, not put back to `pending`: a cancel in the
-/// meantime leaves it alone, and the rescuer finds it sent in the host's record. Put back to
-/// `pending`, the cancel ended a message that went out as `cancelled`.
-#[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn a_send_with_no_answer_is_reconciled_not_cancelled_as_unsent(pool: PgPool) {
-    let tenant = seed_tenant(&pool, "slow-host@example.com").await;
-    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
-    seed_leads(&pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
-    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+/// One message to one device through a host whose sends take `latency_ms`, and a worker that
+/// waits 300 ms for an answer: triggered, queued and delivered once, so the row is `sending`
+/// and the host still on it. Tenant, campaign, host, pipeline.
+async fn one_send_the_worker_stops_waiting_for(
+    pool: &PgPool,
+    email: &str,
+    latency_ms: u64,
+) -> (uuid::Uuid, uuid::Uuid, TestHost, Pipeline) {
+    let tenant = seed_tenant(pool, email).await;
+    let d = seed_device(pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(pool, tenant, &CampaignSpec::default()).await;
     let host = TestHost::start(
-        &pool,
+        pool,
         SimConfig {
-            latency: Duration::from_millis(1_500),
+            latency: Duration::from_millis(latency_ms),
             ..quiet_sim()
         },
     )
     .await;
-    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    let mut p = Pipeline::new(pool, test_queue(5).await, &host);
     p.worker.host = shared::host_api::HostClient::new(
         &host.url,
         shared::config::Secret::new(TOKEN),
@@ -449,6 +451,17 @@ async fn a_send_with_no_answer_is_reconciled_not_cancelled_as_unsent(pool: PgPoo
     p.trigger().await;
     p.tick().await;
     assert_eq!(p.deliver().await, 1);
+    (tenant, campaign, host, p)
+}
+
+/// A send that outlasts the worker's request (no answer from the host, which then sends it
+/// after all) is left `sending` for the rescuer, not put back to `pending`: a cancel in the
+/// meantime leaves it alone, and the rescuer finds it sent in the host's record. Put back to
+/// `pending`, the cancel ended a message that went out as `cancelled`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_send_with_no_answer_is_reconciled_not_cancelled_as_unsent(pool: PgPool) {
+    let (tenant, campaign, host, p) =
+        one_send_the_worker_stops_waiting_for(&pool, "slow-host@example.com", 1_500).await;
     assert_eq!(
         status_counts(&pool, tenant, campaign).await.get("sending"),
         Some(&1),
@@ -478,6 +491,124 @@ async fn a_send_with_no_answer_is_reconciled_not_cancelled_as_unsent(pool: PgPoo
     let counts = status_counts(&pool, tenant, campaign).await;
     assert_eq!(counts.get("sent"), Some(&1), "{counts:?}");
     assert_eq!(host.sends().len(), 1);
+}
+
+/// A send that outlasts its row's lease (the host still sending it: a long upload, a slow
+/// network) is not taken from its host: the rescuer renews the lease while the host that
+/// recorded the attempt holds the device, so a cancel meanwhile leaves the row alone and it
+/// ends `sent`, as it went out. Put back to `pending` at its lease, the row was cancelled and
+/// then sent by the host all the same: `cancelled` for a message the recipient got.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_send_still_under_way_at_its_lease_is_left_to_its_host(pool: PgPool) {
+    let (tenant, campaign, host, p) =
+        one_send_the_worker_stops_waiting_for(&pool, "long-send@example.com", 3_000).await;
+    let state = || async {
+        let s: Option<String> = sqlx::query_scalar("SELECT state FROM host_sends")
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        s
+    };
+    assert_eq!(state().await.as_deref(), Some("attempting"));
+    // the row's lease runs out while the host is still sending
+    expire_leases(&pool).await;
+    let r = p.tick().await;
+    assert_eq!(
+        (
+            r.reconciled_retry,
+            r.reconciled_failed,
+            r.sending_leases_renewed
+        ),
+        (0, 0, 1),
+        "{r:?}"
+    );
+    let lease_left: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM lease_until - now())::float8 FROM broadcast_messages",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        lease_left > 60.0,
+        "renewed by a worker's lease: {lease_left}"
+    );
+    repo::campaigns::set_campaign_status(&pool, tenant, campaign, CampaignStatus::Cancelled)
+        .await
+        .unwrap();
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("sending"),
+        Some(&1)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while state().await.as_deref() != Some("sent") {
+        assert!(std::time::Instant::now() < deadline, "{:?}", state().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    expire_leases(&pool).await;
+    assert_eq!(p.tick().await.reconciled_sent, 1);
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(counts.get("sent"), Some(&1), "{counts:?}");
+    assert_eq!(host.sends().len(), 1);
+}
+
+/// An attempt its host has been on for longer than any send takes
+/// (`repo::messages::LIVE_ATTEMPT_MAX_S`) is taken back at the row's lease as before: a hung
+/// send must not hold its row, and a paced device, for ever.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_attempt_stuck_past_any_send_is_taken_back_at_the_lease(pool: PgPool) {
+    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "stuck@example.com", 2).await;
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1,
+             sending_at = now() - interval '1 hour', lease_until = now() - interval '1 s'
+         WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // both attempting on `live`, which holds the device: one begun 30 s ago, one long ago
+    for (id, age_s) in [
+        (ids[0], 30.0),
+        (ids[1], repo::messages::LIVE_ATTEMPT_MAX_S + 60.0),
+    ] {
+        sqlx::query(
+            "INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state,
+                                     host_id, created_at, updated_at)
+             VALUES ($1, $2, $3, 'p-' || $1, 'attempting', 'live',
+                     now() - make_interval(secs => $4), now() - make_interval(secs => $4))",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(device)
+        .bind(age_s)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO device_leases (device_id, host_id, lease_until)
+         VALUES ($1, 'live', now() + interval '20 s')",
+    )
+    .bind(device)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, 120.0, Some(HOST_LOST))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((r.renewed, r.retried), (1, 1), "{r:?}");
+    let rows: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT status, COALESCE(lease_until > now() + interval '100 s', false) FROM broadcast_messages
+         WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows[0], ("sending".to_string(), true));
+    assert_eq!(rows[1].0, "pending");
 }
 
 /// An inbound STOP reaches the opt-out list through the device host's event writer even when
@@ -556,10 +687,7 @@ async fn an_inbound_stop_is_recorded_even_when_its_first_writes_fail(pool: PgPoo
 }
 
 /// The rescuer's early reconciliation, with the defaults (`LEASE_S` 120, `HOST_TIMEOUT_S` 30).
-const HOST_LOST: repo::messages::HostLost = repo::messages::HostLost {
-    lease_s: 120.0,
-    settled_s: 30.0,
-};
+const HOST_LOST: repo::messages::HostLost = repo::messages::HostLost { settled_s: 30.0 };
 
 /// A `sending` row whose worker got no answer is reconciled before its own (two-minute) lease
 /// once the host is done with it: the host recorded how the send ended, or the host that
@@ -619,9 +747,10 @@ async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: 
     .unwrap();
     let reconcile = || async {
         let mut tx = pool.begin().await.unwrap();
-        let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, Some(HOST_LOST))
-            .await
-            .unwrap();
+        let r =
+            repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, 120.0, Some(HOST_LOST))
+                .await
+                .unwrap();
         tx.commit().await.unwrap();
         r
     };
@@ -637,7 +766,7 @@ async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: 
     };
     // a pass that does not look for lost hosts (the processor looks every 10 s) leaves them all
     let mut tx = pool.begin().await.unwrap();
-    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, None)
+    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, 120.0, None)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -1762,7 +1891,7 @@ async fn a_send_that_fails_after_its_campaign_was_cancelled_ends_cancelled(pool:
     // the rescuer puts a stale send of the cancelled campaign back, and on to cancelled
     expire_leases(&pool).await;
     let mut tx = pool.begin().await.unwrap();
-    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, Some(HOST_LOST))
+    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, 120.0, Some(HOST_LOST))
         .await
         .unwrap();
     tx.commit().await.unwrap();

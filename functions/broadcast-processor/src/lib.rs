@@ -84,6 +84,9 @@ pub struct Report {
     /// Of the reconciled rows, those taken before their lease because their host was done with
     /// them (`repo::messages::HostLost`).
     pub reconciled_host_lost: u64,
+    /// `sending` rows past their lease whose host was still sending them: left to it with a
+    /// new lease (`repo::messages::reconcile_stale_sending`).
+    pub sending_leases_renewed: u64,
     pub skipped_offline: u64,
     pub skipped_deleted: u64,
     /// Messages of a device whose host held its lease but could not be reached past the grace.
@@ -279,8 +282,8 @@ async fn rescue(
         settings.max_attempts,
         settings.rescue_retry_after.as_secs_f64(),
         settings.rescue_batch,
+        settings.lease.as_secs_f64(),
         scan_lost.then_some(repo::messages::HostLost {
-            lease_s: settings.lease.as_secs_f64(),
             settled_s: settings.host_timeout.as_secs_f64(),
         }),
     )
@@ -300,6 +303,7 @@ async fn rescue(
     report.reconciled_cancelled += reconciled.cancelled;
     report.reconciled_failed += reconciled.failed + reconciled.exhausted;
     report.reconciled_host_lost += reconciled.host_lost;
+    report.sending_leases_renewed += reconciled.renewed;
     Ok(())
 }
 

@@ -689,15 +689,22 @@ pub struct Reconciled {
     /// Of all the rows above, those taken before their lease because their host was done with
     /// them (see [`reconcile_stale_sending`]).
     pub host_lost: u64,
+    /// Rows past their lease that their host is still sending: left `sending`, with a new
+    /// lease (see [`reconcile_stale_sending`]).
+    pub renewed: u64,
 }
+
+/// How long a host may be on one attempt and still be taken for sending it (10 minutes): more
+/// than any send takes (typing for at most a few seconds, an upload of at most 5 MB, the
+/// provider's own timeouts). The rescuer leaves a `sending` row past its lease to a live host's
+/// attempt this long; an attempt older than that is taken for hung, and its row is reconciled
+/// as one whose host gave no outcome.
+pub const LIVE_ATTEMPT_MAX_S: f64 = 600.0;
 
 /// When the rescuer may reconcile a `sending` row before its own lease ends (see
 /// [`reconcile_stale_sending`]).
 #[derive(Debug, Clone, Copy)]
 pub struct HostLost {
-    /// The worker's lease of a `sending` row (`LEASE_S`): the row's lease ends this long after
-    /// its claim.
-    pub lease_s: f64,
     /// The worker's host timeout (`HOST_TIMEOUT_S`): a row claimed longer ago than this has had
     /// its answer, or will never get one.
     pub settled_s: f64,
@@ -708,6 +715,13 @@ pub struct HostLost {
 /// with a backoff (and on to `cancelled` if its campaign was cancelled meanwhile, as in
 /// [`mark_message_retry`]), or `failed / attempts_exhausted` once `max_attempts` were spent. At most
 /// `limit` rows per call, the longest overdue first.
+///
+/// Except a row its host is still sending: the attempt is recorded (`attempting`) by the host
+/// that holds the device's lease now, and began less than [`LIVE_ATTEMPT_MAX_S`] ago. The host
+/// runs a send to its end whether or not the worker still waits (a long upload, a slow
+/// network), so that row gets a new lease of `lease_s` and stays `sending`, which a cancel
+/// leaves alone; the host's record then says how it ended. Put back to `pending`, it could be
+/// cancelled, or end `attempts_exhausted`, and then go out all the same.
 ///
 /// So is, before its own lease, a row claimed longer ago than the worker waits for an answer
 /// (`host_lost.settled_s`: its worker got no answer, or the row would not be `sending`) whose
@@ -729,6 +743,7 @@ pub async fn reconcile_stale_sending(
     max_attempts: i32,
     retry_after_s: f64,
     limit: i64,
+    lease_s: f64,
     host_lost: Option<HostLost>,
 ) -> Result<Reconciled, RepoError> {
     let mut stale: Vec<i64> = sqlx::query_scalar(
@@ -740,11 +755,15 @@ pub async fn reconcile_stale_sending(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
+    let renewed = renew_live_attempts(tx, &stale, lease_s).await?;
+    stale.retain(|id| !renewed.contains(id));
+    let renewed = renewed.len() as u64;
     // Through the in-flight lease index too: a row's lease ends `lease_s` after its claim, so
     // the rows claimed more than `settled_s` ago are a range of it (few live ones, unless hosts
     // are lost; `None` skips this).
     let Some(host_lost) = host_lost else {
-        return reconcile_sending(tx, stale, max_attempts, retry_after_s, 0).await;
+        let done = reconcile_sending(tx, stale, max_attempts, retry_after_s, 0).await?;
+        return Ok(Reconciled { renewed, ..done });
     };
     let lost: Vec<i64> = sqlx::query_scalar(
         "SELECT bm.id FROM broadcast_messages bm
@@ -762,13 +781,44 @@ pub async fn reconcile_stale_sending(
          FOR UPDATE OF bm SKIP LOCKED",
     )
     .bind((limit - stale.len() as i64).max(0))
-    .bind(host_lost.lease_s)
+    .bind(lease_s)
     .bind(host_lost.settled_s)
     .fetch_all(&mut *tx)
     .await?;
     let host_lost = lost.len() as u64;
     stale.extend(lost);
-    reconcile_sending(tx, stale, max_attempts, retry_after_s, host_lost).await
+    let done = reconcile_sending(tx, stale, max_attempts, retry_after_s, host_lost).await?;
+    Ok(Reconciled { renewed, ..done })
+}
+
+/// Of the `sending` rows `stale` (locked by the caller), those whose attempt their host is
+/// still on (see [`reconcile_stale_sending`]) get a lease of `lease_s` from now. Returns them.
+async fn renew_live_attempts(
+    tx: &mut PgConnection,
+    stale: &[i64],
+    lease_s: f64,
+) -> Result<Vec<i64>, RepoError> {
+    if stale.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_scalar(
+        "UPDATE broadcast_messages bm SET lease_until = now() + make_interval(secs => $2)
+         FROM host_sends h
+         WHERE bm.id = ANY($1) AND h.message_id = ANY($1)
+           AND h.message_id = bm.id AND h.tenant_id = bm.tenant_id
+           AND bm.status = 'sending' COLLATE \"C\"
+           AND h.state = 'attempting'
+           AND h.updated_at > now() - make_interval(secs => $3)
+           AND EXISTS (SELECT 1 FROM device_leases dl
+                       WHERE dl.device_id = bm.device_id AND dl.host_id = h.host_id
+                         AND dl.lease_until > now())
+         RETURNING bm.id",
+    )
+    .bind(stale)
+    .bind(lease_s)
+    .bind(LIVE_ATTEMPT_MAX_S)
+    .fetch_all(tx)
+    .await?)
 }
 
 /// [`reconcile_stale_sending`]'s writes, for the rows it locked.
@@ -847,6 +897,7 @@ async fn reconcile_sending(
         retried,
         exhausted,
         host_lost,
+        renewed: 0,
     })
 }
 
