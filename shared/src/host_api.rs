@@ -88,6 +88,11 @@ pub mod code {
     pub const NO_ANSWER: &str = "host_no_answer";
     /// Another host holds the device's lease: retry (the next claim routes to the owner).
     pub const WRONG_HOST: &str = "wrong_host";
+    /// No message with this id is being sent (its row is not `sending` for this tenant and
+    /// device: a request that arrived after its row's lease, when the rescuer had moved the row
+    /// on, or a stray id). Nothing was sent, and the caller records nothing: the row is not its
+    /// own any more.
+    pub const NOT_IN_FLIGHT: &str = "not_in_flight";
 
     /// Whether a transient error left the message untouched by any provider (it was never
     /// offered to WhatsApp), so that the retry does not use up one of its attempts: held back

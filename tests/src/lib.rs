@@ -548,6 +548,45 @@ pub fn send_request(job: &repo::messages::SendJob) -> shared::host_api::SendRequ
     }
 }
 
+/// Moves rows to `sending` as a worker's claim does: a host sends only a message whose row is
+/// `sending` (`repo::host_sends::begin_host_sends`).
+pub async fn mark_sending(pool: &PgPool, ids: &[i64]) {
+    sqlx::query(
+        "UPDATE broadcast_messages
+         SET status = 'sending', attempts = attempts + 1, sending_at = now(),
+             lease_until = now() + interval '2 minutes'
+         WHERE id = ANY($1) AND status IN ('pending', 'queued')",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The attempt record a host process leaves when it dies after recording an attempt and
+/// before the provider answered (`attempting`, owned by `host`).
+pub async fn record_dead_attempt(
+    pool: &PgPool,
+    tenant: Uuid,
+    device: Uuid,
+    message_id: i64,
+    provider_message_id: &str,
+    host: &str,
+) {
+    sqlx::query(
+        "INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state, host_id)
+         VALUES ($1, $2, $3, $4, 'attempting', $5)",
+    )
+    .bind(message_id)
+    .bind(tenant)
+    .bind(device)
+    .bind(provider_message_id)
+    .bind(host)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Waits until the host has written this status for the device.
 pub async fn wait_for_status(pool: &PgPool, tenant: Uuid, device: Uuid, want: &str) {
     // Up to 10 s: the host writes status through its event writer, which a loaded CI machine

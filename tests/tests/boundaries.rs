@@ -128,6 +128,17 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
     let a = seed_tenant(&pool, "a@example.com").await;
     let b = seed_tenant(&pool, "b@example.com").await;
     let da = seed_device(&pool, a, "a-phone", 0.0, 0.0).await;
+    // Eight messages of A's, claimed for sending: what a worker asks the host to send.
+    seed_leads(&pool, a, da, 0, 8, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, a, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    let ids: Vec<i64> = repo::messages::list_campaign_messages(&pool, a, campaign)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    mark_sending(&pool, &ids).await;
     let host = TestHost::start(&pool, quiet_sim()).await;
     let mut tx = pool.begin().await.unwrap();
     let b_media = repo::media::insert_media(&mut tx, b, "image/png", shared::media::TINY_PNG)
@@ -135,7 +146,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         .unwrap();
     tx.commit().await.unwrap();
     let base = SendRequest {
-        message_id: 1,
+        message_id: ids[0],
         tenant_id: a,
         device_id: da,
         to: "+60123456789".into(),
@@ -153,7 +164,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         ),
         (
             SendRequest {
-                message_id: 2,
+                message_id: ids[1],
                 text: "  ".into(),
                 ..base.clone()
             },
@@ -161,7 +172,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         ),
         (
             SendRequest {
-                message_id: 3,
+                message_id: ids[2],
                 image: Some("https://127.0.0.1/x.png".into()),
                 ..base.clone()
             },
@@ -169,7 +180,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         ),
         (
             SendRequest {
-                message_id: 4,
+                message_id: ids[3],
                 image: Some("https://169.254.169.254/latest".into()),
                 ..base.clone()
             },
@@ -177,7 +188,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         ),
         (
             SendRequest {
-                message_id: 5,
+                message_id: ids[4],
                 image: Some("file:///etc/passwd".into()),
                 ..base.clone()
             },
@@ -185,7 +196,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         ),
         (
             SendRequest {
-                message_id: 6,
+                message_id: ids[5],
                 image: Some(format!("media:{b_media}")),
                 ..base.clone()
             },
@@ -193,11 +204,19 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
         ),
         (
             SendRequest {
-                message_id: 7,
+                message_id: ids[6],
                 device_id: Uuid::new_v4(),
                 ..base.clone()
             },
             code::UNKNOWN_DEVICE,
+        ),
+        // No message with this id is being sent: nothing is sent for it.
+        (
+            SendRequest {
+                message_id: ids.iter().max().unwrap() + 1,
+                ..base.clone()
+            },
+            code::NOT_IN_FLIGHT,
         ),
     ];
     for (req, want) in cases {
@@ -240,7 +259,7 @@ async fn the_host_refuses_bad_sends_with_clear_errors(pool: PgPool) {
     let ok = host
         .client
         .send(&SendRequest {
-            message_id: 8,
+            message_id: ids[7],
             image: Some(format!("media:{a_media}")),
             ..base
         })

@@ -484,16 +484,14 @@ async fn a_send_whose_host_died_is_never_resent_blindly(pool: PgPool) {
     pipeline.trigger().await;
     let rows = messages(&pool, tenant, campaign).await;
     // Both messages have an attempt record left by a host that died during the call.
-    let mut tx = pool.begin().await.unwrap();
-    let attempts: Vec<repo::host_sends::NewAttempt> = rows
+    let attempts: Vec<(i64, String)> = rows
         .iter()
         .enumerate()
-        .map(|(i, r)| (r.id, tenant, device, format!("wbc.died{i}")))
+        .map(|(i, r)| (r.id, format!("wbc.died{i}")))
         .collect();
-    repo::host_sends::begin_host_sends(&mut tx, "dead-host", &attempts)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    for (id, pid) in &attempts {
+        record_dead_attempt(&pool, tenant, device, *id, pid, "dead-host").await;
+    }
     // The provider's statuses webhook confirms the first one went out.
     let confirm = serde_json::json!({
         "object": "whatsapp_business_account",

@@ -236,6 +236,27 @@ async fn a_record_delivered_twice_sends_once(pool: PgPool) {
     );
 }
 
+/// The first half of a worker: up to 10 records received and their rows claimed (`sending`,
+/// committed), nothing sent yet. The records and the claimed jobs.
+async fn receive_and_claim(
+    p: &Pipeline,
+) -> (
+    Vec<shared::queue::ReceivedMessage>,
+    Vec<repo::messages::SendJob>,
+) {
+    let msgs = p.queue.receive(10, Duration::from_secs(30)).await.unwrap();
+    let items: Vec<WorkItem> = msgs
+        .iter()
+        .map(|m| serde_json::from_str(&m.body).unwrap())
+        .collect();
+    let mut tx = p.pool.begin().await.unwrap();
+    let jobs = repo::messages::claim_messages_for_send(&mut tx, &items, 120.0)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    (msgs, jobs)
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_worker_killed_after_the_host_accepted_is_reconciled_without_a_second_send(pool: PgPool) {
     let tenant = seed_tenant(&pool, "t@example.com").await;
@@ -246,17 +267,8 @@ async fn a_worker_killed_after_the_host_accepted_is_reconciled_without_a_second_
     let p = Pipeline::new(&pool, test_queue(5).await, &host);
     p.trigger().await;
     p.tick().await;
-    let msgs = p.queue.receive(10, Duration::from_secs(30)).await.unwrap();
-    let items: Vec<WorkItem> = msgs
-        .iter()
-        .map(|m| serde_json::from_str(&m.body).unwrap())
-        .collect();
     // The worker's first half: claim and send, then "die" before recording anything.
-    let mut tx = pool.begin().await.unwrap();
-    let jobs = repo::messages::claim_messages_for_send(&mut tx, &items, 120.0)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let (msgs, jobs) = receive_and_claim(&p).await;
     assert_eq!(jobs.len(), 8);
     for j in &jobs {
         let out = host.client.send(&send_request(j)).await;
@@ -609,6 +621,220 @@ async fn an_attempt_stuck_past_any_send_is_taken_back_at_the_lease(pool: PgPool)
     .unwrap();
     assert_eq!(rows[0], ("sending".to_string(), true));
     assert_eq!(rows[1].0, "pending");
+}
+
+/// The worker's requests reach the host only after their rows' lease (a host that was slow to
+/// take them, a network that held them): the rescuer found no attempt recorded and put the rows
+/// back to `pending`, and a cancel then ended them. The host starts no attempt for a row that
+/// is not `sending` and sends nothing: before it checked the row, it sent both messages of a
+/// campaign whose rows say `cancelled`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_request_reaching_the_host_after_its_row_was_moved_on_sends_nothing(pool: PgPool) {
+    let (tenant, _, campaign, _) = one_campaign_fanned_out(&pool, "late@example.com", 2).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.tick().await;
+    let (_, jobs) = receive_and_claim(&p).await;
+    assert_eq!(jobs.len(), 2);
+    // the worker's requests are held up past the lease: no attempt recorded, back to pending
+    expire_leases(&pool).await;
+    let r = p.tick().await;
+    assert_eq!(
+        (r.reconciled_retry, r.sending_leases_renewed),
+        (2, 0),
+        "{r:?}"
+    );
+    repo::campaigns::set_campaign_status(&pool, tenant, campaign, CampaignStatus::Cancelled)
+        .await
+        .unwrap();
+    for j in &jobs {
+        let out = host.client.send(&send_request(j)).await;
+        assert!(
+            matches!(&out, SendOutcome::Permanent { reason, .. }
+                if reason == shared::host_api::code::NOT_IN_FLIGHT),
+            "{out:?}"
+        );
+    }
+    assert!(host.sends().is_empty(), "{:?}", host.sends());
+    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM host_sends")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(records, 0);
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(counts.get("cancelled"), Some(&2), "{counts:?}");
+}
+
+/// The host's attempt and the rescuer meet on the row: a host that asks while the rescuer holds
+/// the row waits for it, and finds the row moved on (here back to `pending`) instead of
+/// recording an attempt the rescuer never saw. Without the row lock it saw the row `sending`
+/// in its snapshot, recorded the attempt, and sent a message whose row was `pending`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_host_attempt_waits_for_the_rescuer_holding_its_row(pool: PgPool) {
+    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "meet@example.com", 1).await;
+    let id = ids[0];
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, sending_at = now(),
+             lease_until = now() + interval '2 minutes'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut rescuer = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM broadcast_messages WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_all(&mut *rescuer)
+        .await
+        .unwrap();
+    let begin = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            repo::host_sends::begin_host_sends(
+                &mut conn,
+                "h",
+                &[(id, tenant, device, "SIM0".to_string())],
+            )
+            .await
+            .unwrap()
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            !begin.is_finished(),
+            "the attempt began without waiting for the row"
+        );
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'pending', lease_until = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *rescuer)
+    .await
+    .unwrap();
+    rescuer.commit().await.unwrap();
+    let states = begin.await.unwrap();
+    assert!(states.is_empty(), "{states:?}");
+    // And a row that is `sending` for another device, or of another tenant, starts nothing.
+    sqlx::query("UPDATE broadcast_messages SET status = 'sending' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let other = seed_tenant(&pool, "meet-other@example.com").await;
+    let mut conn = pool.acquire().await.unwrap();
+    for (t, d) in [(tenant, uuid::Uuid::new_v4()), (other, device)] {
+        let states =
+            repo::host_sends::begin_host_sends(&mut conn, "h", &[(id, t, d, "SIM1".to_string())])
+                .await
+                .unwrap();
+        assert!(states.is_empty(), "{states:?}");
+    }
+    let states =
+        repo::host_sends::begin_host_sends(&mut conn, "h", &[(id, tenant, device, "SIM2".into())])
+            .await
+            .unwrap();
+    assert!(
+        matches!(
+            states.get(&id),
+            Some(repo::host_sends::HostSendState::Owned { .. })
+        ),
+        "{states:?}"
+    );
+}
+
+/// A host that answers "not in flight" (the request came after its row was moved on) sent
+/// nothing, and the row is no longer the worker's: the worker records nothing (a failure
+/// written now could end another claim of the row) and acknowledges the record.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_worker_told_its_row_is_not_in_flight_records_nothing(pool: PgPool) {
+    use shared::host_api::{ErrorBody, SendBatchRequest, SendBatchResponse, SendItemResult};
+    let (tenant, _, campaign, _) =
+        one_campaign_fanned_out(&pool, "not-in-flight@example.com", 3).await;
+    let app = axum::Router::new().route(
+        "/v1/send-batch",
+        axum::routing::post(|axum::Json(b): axum::Json<SendBatchRequest>| async move {
+            axum::Json(SendBatchResponse {
+                results: b
+                    .messages
+                    .iter()
+                    .map(|m| SendItemResult {
+                        message_id: m.message_id,
+                        sent: None,
+                        error: Some(ErrorBody {
+                            error: shared::host_api::code::NOT_IN_FLIGHT.into(),
+                            message: "not being sent".into(),
+                            retryable: false,
+                        }),
+                    })
+                    .collect(),
+            })
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let queue = test_queue(5).await;
+    let processor = broadcast_processor::Deps {
+        pool: pool.clone(),
+        queue: queue.clone() as std::sync::Arc<dyn Queue>,
+        settings: broadcast_processor::Settings {
+            run_for: Duration::ZERO,
+            ..Default::default()
+        },
+    };
+    broadcast_processor::tick(&processor, &processor.settings, &mut Default::default())
+        .await
+        .unwrap();
+    let worker = message_worker::Deps {
+        pool: pool.clone(),
+        host: shared::host_api::HostClient::new(
+            &url,
+            shared::config::Secret::new(TOKEN),
+            Duration::from_secs(10),
+        )
+        .unwrap(),
+        settings: message_worker::Settings::default(),
+    };
+    assert_eq!(deliver_once(queue.as_ref(), &worker).await, 3);
+    assert_eq!(
+        queue
+            .receive(10, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .len(),
+        0,
+        "acknowledged"
+    );
+    let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT status, reason, last_error FROM broadcast_messages WHERE campaign_id = $1",
+    )
+    .bind(campaign)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3);
+    assert!(
+        rows.iter()
+            .all(|r| *r == ("sending".to_string(), None, None)),
+        "{rows:?}"
+    );
+    let _ = tenant;
 }
 
 /// An inbound STOP reaches the opt-out list through the device host's event writer even when
@@ -991,11 +1217,7 @@ async fn a_host_that_died_mid_send_resumes_with_the_same_id_and_sends_once(pool:
         .await
         .unwrap();
     // A previous host process recorded an attempt and died before the provider sent it.
-    let mut tx = pool.begin().await.unwrap();
-    repo::host_sends::begin_host_send(&mut tx, tenant, d, rows[0].id, "SIMDEADBEEF", "dead-host")
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    record_dead_attempt(&pool, tenant, d, rows[0].id, "SIMDEADBEEF", "dead-host").await;
     p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
         .await;
     let sends = host.sends();

@@ -147,6 +147,7 @@ async fn the_number_check_runs_once_per_lead_and_skips_absent_numbers(pool: PgPo
     let tenant = seed_tenant(&pool, "web@example.com").await;
     let device = web_device(&pool, tenant).await;
     let (_, rows) = pending_rows(&pool, tenant, device, 20).await;
+    mark_sending(&pool, &rows.iter().map(|r| r.id).collect::<Vec<_>>()).await;
     let fake = Arc::new(FakeWeb::default());
     let host = fake_host(&pool, &fake);
     let results = host
@@ -183,6 +184,7 @@ async fn the_number_check_runs_once_per_lead_and_skips_absent_numbers(pool: PgPo
 
     // A second campaign to the same leads: answered from the lead, no new checks.
     let (_, rows2) = new_campaign(&pool, tenant).await;
+    mark_sending(&pool, &rows2.iter().map(|r| r.id).collect::<Vec<_>>()).await;
     let results = host
         .send_batch(&rows2.iter().map(request).collect::<Vec<_>>())
         .await;

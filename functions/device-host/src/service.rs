@@ -590,13 +590,7 @@ impl Host {
         for mut p in work.drain(..) {
             let r = &reqs[p.index];
             match states.remove(&r.message_id) {
-                None => {
-                    results[p.index] = Some(Err(SendError::permanent(
-                        404,
-                        code::INVALID_PAYLOAD,
-                        "message id belongs to another tenant",
-                    )))
-                }
+                None => results[p.index] = Some(Err(not_in_flight())),
                 Some(HostSendState::Owned {
                     provider_message_id,
                 }) => {
@@ -608,6 +602,7 @@ impl Host {
                     state,
                     error,
                     updated_at,
+                    live,
                 }) => match state.as_str() {
                     "sent" => {
                         results[p.index] = Some(Ok(SendResponse {
@@ -624,6 +619,9 @@ impl Host {
                             reason,
                         )));
                     }
+                    // An unfinished attempt of a row no longer `sending`: not this request's
+                    // to settle (the rescuer has the row).
+                    _ if !live => results[p.index] = Some(Err(not_in_flight())),
                     _ => {
                         // An attempt that died with a previous process (it is not in flight here).
                         let known = p.provider.was_sent(&p.device, &provider_message_id).await;
@@ -652,7 +650,7 @@ impl Host {
                             }));
                         } else {
                             let mut tx = self.pool.begin().await.map_err(SendError::internal)?;
-                            repo::host_sends::retake_host_send(
+                            let retaken = repo::host_sends::retake_host_send(
                                 &mut tx,
                                 r.tenant_id,
                                 r.message_id,
@@ -660,8 +658,12 @@ impl Host {
                             )
                             .await?;
                             tx.commit().await.map_err(SendError::internal)?;
-                            p.provider_message_id = provider_message_id;
-                            kept.push(p);
+                            if retaken {
+                                p.provider_message_id = provider_message_id;
+                                kept.push(p);
+                            } else {
+                                results[p.index] = Some(Err(not_in_flight()));
+                            }
                         }
                     }
                 },
@@ -860,6 +862,16 @@ impl Host {
         let device = self.device(tenant, id).await?;
         Ok(self.provider_for(&device)?.status(&device).await)
     }
+}
+
+/// The answer for a message this host may not send: its row is not `sending` for the request's
+/// tenant and device (see [`repo::host_sends::begin_host_sends`]).
+fn not_in_flight() -> SendError {
+    SendError::permanent(
+        409,
+        code::NOT_IN_FLIGHT,
+        "no message with this id is being sent for this tenant and device; nothing was sent",
+    )
 }
 
 fn permanent_code(reason: &str) -> &'static str {

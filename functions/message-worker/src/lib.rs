@@ -376,6 +376,18 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
     for (job, outcome) in &results {
         let res = match outcome {
             Outcome::Sent(..) => continue,
+            // The host found the row no longer `sending` and sent nothing: the rescuer moved it
+            // on after its lease (this request came that late), and it may be another claim's
+            // by now, which a write here would end.
+            Outcome::Failed { reason, detail }
+                if reason == shared::host_api::code::NOT_IN_FLIGHT =>
+            {
+                warn!(
+                    message_id = job.id,
+                    detail, "the device host found this row no longer sending; nothing recorded"
+                );
+                continue;
+            }
             Outcome::Failed { reason, detail } => {
                 write_failed(job, &permanent_reason(reason), detail, deps).await
             }

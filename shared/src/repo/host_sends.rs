@@ -12,21 +12,26 @@ pub enum HostSendState {
     /// This caller owns the attempt and must send with `provider_message_id`.
     Owned { provider_message_id: String },
     /// Another attempt is recorded; `state` says how it ended (or that it is still under way).
+    /// `live`: the message's row was `sending` when read (advisory: only
+    /// [`retake_host_send`] may act on an unfinished attempt, and it checks again under a lock).
     Existing {
         provider_message_id: String,
         state: String,
         error: Option<String>,
         updated_at: chrono::DateTime<chrono::Utc>,
+        live: bool,
     },
 }
 
-/// (message id, provider message id, state, error, updated at) of a recorded attempt.
+/// (message id, provider message id, state, error, updated at, row `sending`) of a recorded
+/// attempt.
 type ExistingRow = (
     i64,
     String,
     String,
     Option<String>,
     chrono::DateTime<chrono::Utc>,
+    bool,
 );
 
 /// One attempt to start: (message id, tenant, device, a fresh provider message id).
@@ -37,6 +42,14 @@ pub type NewAttempt = (i64, Uuid, Uuid, String);
 /// message id, so a retry reuses the id the provider may already know; a `retry` (a person
 /// retried a failed message) starts over with a fresh id. The caller must commit
 /// this durably before calling the provider: it is what stops a second send.
+///
+/// An attempt starts only for a message whose row is `sending`, of the attempt's tenant and
+/// device: the row is share-locked for the statement, so the rescuer, which locks a row before
+/// it reconciles it, either finds the attempt recorded or has already moved the row on, and
+/// then nothing starts. A request that reached the host late (after its row's lease, when the
+/// rescuer may have put the row back to `pending`, and a cancel ended it) would otherwise send a
+/// message its row says was not sent. An id missing from the answer has neither an attempt
+/// started nor one recorded: nothing may be sent for it.
 pub async fn begin_host_sends(
     tx: &mut PgConnection,
     host_id: &str,
@@ -47,9 +60,18 @@ pub async fn begin_host_sends(
     let devices: Vec<Uuid> = attempts.iter().map(|a| a.2).collect();
     let pids: Vec<&str> = attempts.iter().map(|a| a.3.as_str()).collect();
     let owned: Vec<(i64, String)> = sqlx::query_as(
-        "INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state, host_id)
+        "WITH live AS (
+             SELECT bm.id FROM broadcast_messages bm
+             JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[]) AS u(id, t, d)
+               ON bm.id = u.id AND bm.tenant_id = u.t AND bm.device_id = u.d
+             WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
+             ORDER BY bm.id
+             FOR SHARE OF bm
+         )
+         INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state, host_id)
          SELECT id, t, d, p, 'attempting', $5
          FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[]) AS u(id, t, d, p)
+         WHERE id IN (SELECT id FROM live)
          ORDER BY id
          ON CONFLICT (message_id) DO UPDATE
              SET state = 'attempting', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
@@ -86,7 +108,10 @@ pub async fn begin_host_sends(
         let rest_ids: Vec<i64> = rest.iter().map(|r| r.0).collect();
         let rest_tenants: Vec<Uuid> = rest.iter().map(|r| r.1).collect();
         let existing: Vec<ExistingRow> = sqlx::query_as(
-            "SELECT h.message_id, h.provider_message_id, h.state, h.error, h.updated_at
+            "SELECT h.message_id, h.provider_message_id, h.state, h.error, h.updated_at,
+                    EXISTS (SELECT 1 FROM broadcast_messages bm
+                            WHERE bm.id = h.message_id AND bm.tenant_id = h.tenant_id
+                              AND bm.status = 'sending' COLLATE \"C\") AS live
                  FROM host_sends h JOIN unnest($1::bigint[], $2::uuid[]) AS u(id, t)
                    ON h.message_id = u.id AND h.tenant_id = u.t
                  WHERE h.message_id = ANY($1)",
@@ -95,7 +120,7 @@ pub async fn begin_host_sends(
         .bind(&rest_tenants)
         .fetch_all(&mut *tx)
         .await?;
-        for (id, provider_message_id, state, error, updated_at) in existing {
+        for (id, provider_message_id, state, error, updated_at, live) in existing {
             out.insert(
                 id,
                 HostSendState::Existing {
@@ -103,31 +128,12 @@ pub async fn begin_host_sends(
                     state,
                     error,
                     updated_at,
+                    live,
                 },
             );
         }
     }
     Ok(out)
-}
-
-/// One attempt: see [`begin_host_sends`].
-pub async fn begin_host_send(
-    tx: &mut PgConnection,
-    tenant: Uuid,
-    device: Uuid,
-    message_id: i64,
-    provider_message_id: &str,
-    host_id: &str,
-) -> Result<HostSendState, RepoError> {
-    let mut states = begin_host_sends(
-        tx,
-        host_id,
-        &[(message_id, tenant, device, provider_message_id.to_string())],
-    )
-    .await?;
-    states
-        .remove(&message_id)
-        .ok_or(RepoError::NotFound("send record of this tenant"))
 }
 
 /// How one attempt ended: (message id, tenant, `sent` | `failed` | `aborted`, reason or detail).
@@ -160,7 +166,9 @@ pub async fn finish_host_sends(
 }
 
 /// Takes over an `attempting` record whose attempt died with its process (the provider said it
-/// never saw the message): it becomes owned again with the same provider message id.
+/// never saw the message): it becomes owned again with the same provider message id. Only
+/// while the message's row is `sending` (share-locked, as in [`begin_host_sends`]); false when
+/// nothing was taken over, and then nothing may be sent.
 pub async fn retake_host_send(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -168,8 +176,14 @@ pub async fn retake_host_send(
     host_id: &str,
 ) -> Result<bool, RepoError> {
     let res = sqlx::query(
-        "UPDATE host_sends SET host_id = $3, updated_at = now()
-         WHERE message_id = $1 AND tenant_id = $2 AND state = 'attempting'",
+        "WITH live AS (
+             SELECT id FROM broadcast_messages
+             WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"
+             FOR SHARE
+         )
+         UPDATE host_sends SET host_id = $3, updated_at = now()
+         WHERE message_id = $1 AND tenant_id = $2 AND state = 'attempting'
+           AND message_id IN (SELECT id FROM live)",
     )
     .bind(message_id)
     .bind(tenant)
