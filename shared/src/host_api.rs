@@ -72,6 +72,9 @@ pub mod code {
     pub const BAD_IMAGE: &str = "bad_image";
     pub const DEVICE_OFFLINE: &str = "device_offline";
     pub const RATE_LIMITED: &str = "rate_limited";
+    /// This host is sending the message right now, for an earlier request (a late request of a
+    /// previous claim of the row, which found it `sending` again). The caller records nothing:
+    /// the send under way decides, and its record settles the row.
     pub const IN_PROGRESS: &str = "in_progress";
     /// Not attempted: an earlier message of the same device in the batch failed transiently.
     pub const HELD_BACK: &str = "held_back";

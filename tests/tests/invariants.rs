@@ -75,8 +75,9 @@ async fn claim_some(pool: &PgPool) -> Vec<repo::messages::ClaimedItem> {
 }
 
 /// A worker's transient retry of a row in `sending`, due at once; whether it moved the row.
+/// For rows the test put in `sending` itself (`attempts` 0, the claim it retries).
 async fn transient_retry(tx: &mut sqlx::PgConnection, tenant: uuid::Uuid, id: i64) -> bool {
-    repo::messages::mark_message_retry(tx, tenant, id, chrono::Utc::now(), "transient", true)
+    repo::messages::mark_message_retry(tx, tenant, id, 0, chrono::Utc::now(), "transient", true)
         .await
         .unwrap()
 }
@@ -758,6 +759,43 @@ async fn a_host_attempt_waits_for_the_rescuer_holding_its_row(pool: PgPool) {
     );
 }
 
+/// `app` served as the worker's (default) host on a free port, the due rows queued by one
+/// processor tick: the queue, and a worker that sends to `app`.
+async fn queued_for_a_stub_host(
+    pool: &PgPool,
+    app: axum::Router,
+) -> (
+    std::sync::Arc<shared::queue::RedisQueue>,
+    message_worker::Deps,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let queue = test_queue(5).await;
+    let processor = broadcast_processor::Deps {
+        pool: pool.clone(),
+        queue: queue.clone() as std::sync::Arc<dyn Queue>,
+        settings: broadcast_processor::Settings {
+            run_for: Duration::ZERO,
+            ..Default::default()
+        },
+    };
+    broadcast_processor::tick(&processor, &processor.settings, &mut Default::default())
+        .await
+        .unwrap();
+    let worker = message_worker::Deps {
+        pool: pool.clone(),
+        host: shared::host_api::HostClient::new(
+            &url,
+            shared::config::Secret::new(TOKEN),
+            Duration::from_secs(10),
+        )
+        .unwrap(),
+        settings: message_worker::Settings::default(),
+    };
+    (queue, worker)
+}
+
 /// A host that answers "not in flight" (the request came after its row was moved on) sent
 /// nothing, and the row is no longer the worker's: the worker records nothing (a failure
 /// written now could end another claim of the row) and acknowledges the record.
@@ -786,31 +824,7 @@ async fn a_worker_told_its_row_is_not_in_flight_records_nothing(pool: PgPool) {
             })
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let queue = test_queue(5).await;
-    let processor = broadcast_processor::Deps {
-        pool: pool.clone(),
-        queue: queue.clone() as std::sync::Arc<dyn Queue>,
-        settings: broadcast_processor::Settings {
-            run_for: Duration::ZERO,
-            ..Default::default()
-        },
-    };
-    broadcast_processor::tick(&processor, &processor.settings, &mut Default::default())
-        .await
-        .unwrap();
-    let worker = message_worker::Deps {
-        pool: pool.clone(),
-        host: shared::host_api::HostClient::new(
-            &url,
-            shared::config::Secret::new(TOKEN),
-            Duration::from_secs(10),
-        )
-        .unwrap(),
-        settings: message_worker::Settings::default(),
-    };
+    let (queue, worker) = queued_for_a_stub_host(&pool, app).await;
     assert_eq!(deliver_once(queue.as_ref(), &worker).await, 3);
     assert_eq!(
         queue
@@ -835,6 +849,106 @@ async fn a_worker_told_its_row_is_not_in_flight_records_nothing(pool: PgPool) {
         "{rows:?}"
     );
     let _ = tenant;
+}
+
+/// A worker's answer lands only on the claim it belongs to. The host answers late, after the
+/// rows were moved on and claimed again (here the second claim is written directly: `attempts`
+/// 2): a transient error, which would put the second claim's row back to `pending` under a
+/// send that may be under way, and a permanent one, which would end it, change nothing; a
+/// `sent` is the message's outcome whatever the claim, and is recorded. "In progress" (the
+/// host is sending the message for an earlier request) records nothing either: that send
+/// decides, and the rescuer settles the row from the host's record of it.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_late_answer_is_recorded_only_on_its_own_claim(pool: PgPool) {
+    use shared::host_api::{
+        code, ErrorBody, SendBatchRequest, SendBatchResponse, SendItemResult, SendResponse,
+    };
+    use std::sync::Arc;
+    let (_, _, _, ids) = one_campaign_fanned_out(&pool, "late-answer@example.com", 4).await;
+    let error = |c: &str, retryable| ErrorBody {
+        error: c.into(),
+        message: format!("stub: {c}"),
+        retryable,
+    };
+    let answers: HashMap<i64, (Option<SendResponse>, Option<ErrorBody>)> = HashMap::from([
+        (ids[0], (None, Some(error(code::DEVICE_OFFLINE, true)))),
+        (ids[1], (None, Some(error(code::BAD_IMAGE, false)))),
+        (ids[2], (None, Some(error(code::IN_PROGRESS, true)))),
+        (
+            ids[3],
+            (
+                Some(SendResponse {
+                    provider_message_id: "p-late".into(),
+                    duplicate: false,
+                    accepted_at: chrono::Utc::now(),
+                }),
+                None,
+            ),
+        ),
+    ]);
+    let got = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let app = axum::Router::new().route(
+        "/v1/send-batch",
+        axum::routing::post({
+            let (got, release) = (got.clone(), release.clone());
+            move |axum::Json(b): axum::Json<SendBatchRequest>| async move {
+                got.notify_one();
+                release.notified().await;
+                axum::Json(SendBatchResponse {
+                    results: b
+                        .messages
+                        .iter()
+                        .map(|m| {
+                            let (sent, error) = answers[&m.message_id].clone();
+                            SendItemResult {
+                                message_id: m.message_id,
+                                sent,
+                                error,
+                            }
+                        })
+                        .collect(),
+                })
+            }
+        }),
+    );
+    let (queue, worker) = queued_for_a_stub_host(&pool, app).await;
+    let delivery = tokio::spawn({
+        let queue = queue.clone();
+        async move { deliver_once(queue.as_ref(), &worker).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), got.notified())
+        .await
+        .expect("the worker's request reached the host");
+    // meanwhile the rows were moved on and claimed again, all but one
+    sqlx::query(
+        "UPDATE broadcast_messages SET attempts = attempts + 1, sending_at = now()
+         WHERE id = ANY($1) AND status = 'sending' AND attempts = 1",
+    )
+    .bind([ids[0], ids[1], ids[3]])
+    .execute(&pool)
+    .await
+    .unwrap();
+    release.notify_one();
+    assert_eq!(delivery.await.unwrap(), 4);
+    let rows: Vec<(String, Option<String>, Option<String>, i32)> = sqlx::query_as(
+        "SELECT status, reason, last_error, attempts FROM broadcast_messages
+         WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let sending = |attempts| ("sending".to_string(), None, None, attempts);
+    assert_eq!(
+        rows,
+        [
+            sending(2),
+            sending(2),
+            sending(1),
+            ("sent".into(), Some("accepted".into()), None, 2),
+        ]
+    );
 }
 
 /// An inbound STOP reaches the opt-out list through the device host's event writer even when
@@ -916,14 +1030,14 @@ async fn an_inbound_stop_is_recorded_even_when_its_first_writes_fail(pool: PgPoo
 const HOST_LOST: repo::messages::HostLost = repo::messages::HostLost { settled_s: 30.0 };
 
 /// A `sending` row whose worker got no answer is reconciled before its own (two-minute) lease
-/// once the host is done with it: the host recorded how the send ended, or the host that
-/// recorded the attempt no longer holds the device (killed: its device lease ran out, or
-/// another host holds the device). It waits while that host holds the device, while the
-/// worker may still get its answer (claimed within the host timeout), and when no host
-/// recorded an attempt.
+/// once no host is on it: the host recorded how the send ended, or the host that recorded the
+/// attempt no longer holds the device (killed: its device lease ran out, or another host holds
+/// the device), or no host recorded an attempt. It waits while the host that recorded the
+/// attempt holds the device, and while the worker may still get its answer (claimed within the
+/// host timeout). A request that reaches the host after that starts nothing.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: PgPool) {
-    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "host-lost@example.com", 5).await;
+    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "host-lost@example.com", 6).await;
     // as the worker's claim leaves them, 40 s ago (the last 10 s ago)
     sqlx::query(
         "UPDATE broadcast_messages SET status = 'sending', attempts = 1,
@@ -936,14 +1050,14 @@ async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: 
     .unwrap();
     sqlx::query(
         "UPDATE broadcast_messages SET sending_at = now() - interval '10 s',
-             lease_until = now() + interval '110 s' WHERE id = $1",
+             lease_until = now() + interval '110 s' WHERE id = ANY($1)",
     )
-    .bind(ids[3])
+    .bind([ids[3], ids[5]])
     .execute(&pool)
     .await
     .unwrap();
     // 0: attempting on `dead`; 1: sent by `dead`; 2: no record; 3: attempting on `dead`, 10 s
-    // ago; 4: attempting on `old`, which no longer holds the device
+    // ago; 4: attempting on `old`, which no longer holds the device; 5: no record, 10 s ago
     for (id, state, host) in [
         (ids[0], "attempting", "dead"),
         (ids[1], "sent", "dead"),
@@ -997,15 +1111,27 @@ async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: 
         .unwrap();
     tx.commit().await.unwrap();
     assert_eq!((r.host_lost, r.sent, r.retried), (0, 0, 0), "{r:?}");
-    // `dead` still holds the device: only what it finished, and what `old` left
+    // `dead` still holds the device: only what it finished, what `old` left, and the row no
+    // host recorded
     let r = reconcile().await;
-    assert_eq!((r.host_lost, r.sent, r.retried), (2, 1, 1), "{r:?}");
+    assert_eq!((r.host_lost, r.sent, r.retried), (3, 1, 2), "{r:?}");
     assert_eq!(
         statuses().await,
-        ["sending", "sent", "sending", "sending", "pending"]
+        ["sending", "sent", "pending", "sending", "pending", "sending"]
     );
+    // the request for the unrecorded row, reaching the host now, starts nothing
+    let mut conn = pool.acquire().await.unwrap();
+    let begun = repo::host_sends::begin_host_sends(
+        &mut conn,
+        "dead",
+        &[(ids[2], tenant, device, "p-late".to_string())],
+    )
+    .await
+    .unwrap();
+    assert!(begun.is_empty(), "{begun:?}");
+    drop(conn);
     // `dead`'s lease ran out (killed): its attempt of 40 s ago goes back; the one of 10 s ago
-    // and the row without a record wait for their leases
+    // and the row claimed 10 s ago without a record wait (their workers may still be answered)
     sqlx::query("UPDATE device_leases SET lease_until = now() - interval '1 s'")
         .execute(&pool)
         .await
@@ -1014,13 +1140,19 @@ async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: 
     assert_eq!((r.host_lost, r.retried), (1, 1), "{r:?}");
     assert_eq!(
         statuses().await,
-        ["pending", "sent", "sending", "sending", "pending"]
+        ["pending", "sent", "pending", "sending", "pending", "sending"]
     );
     assert_eq!(reconcile().await.host_lost, 0, "each row once");
     // past their leases, the rest as before
     expire_leases(&pool).await;
     let r = reconcile().await;
     assert_eq!((r.host_lost, r.retried), (0, 2), "{r:?}");
+    let sends: i64 = sqlx::query_scalar("SELECT count(*) FROM host_sends WHERE message_id = $1")
+        .bind(ids[2])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sends, 0, "no attempt was started for the row moved on");
 }
 
 /// A device host as its own process on `dir` (its inbox), for a test that kills it.

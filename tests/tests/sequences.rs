@@ -446,6 +446,7 @@ async fn pause_resume_edit_and_cancel_act_on_unsent_rows_at_once(pool: PgPool) {
         &mut tx,
         tenant,
         in_flight,
+        0, // the claim the update above stands for: `attempts` untouched
         chrono::Utc::now(),
         "transient",
         true,

@@ -28,9 +28,9 @@ pub struct Settings {
     /// How long a `queued` or `sending` row may stay so before the rescuer acts (`LEASE_S`, the
     /// worker's too).
     pub lease: Duration,
-    /// The worker's `HOST_TIMEOUT_S`: a `sending` row claimed longer ago whose host is done with
-    /// it (its record is final, or it lost the device) is reconciled before its lease
-    /// (`repo::messages::HostLost`).
+    /// The worker's `HOST_TIMEOUT_S`: a `sending` row claimed longer ago that no host is on (its
+    /// record is final, its host lost the device, or no attempt was recorded) is reconciled
+    /// before its lease (`repo::messages::HostLost`).
     pub host_timeout: Duration,
     pub max_devices_per_claim: i64,
     /// Messages one device may take in one claim while its gaps are zero.
@@ -81,8 +81,8 @@ pub struct Report {
     /// Of `reconciled_retry`, rows whose campaign was cancelled while they were sending: they
     /// ended `cancelled` instead of waiting for a retry.
     pub reconciled_cancelled: u64,
-    /// Of the reconciled rows, those taken before their lease because their host was done with
-    /// them (`repo::messages::HostLost`).
+    /// Of the reconciled rows, those taken before their lease because no host was on them
+    /// (`repo::messages::HostLost`).
     pub reconciled_host_lost: u64,
     /// `sending` rows past their lease whose host was still sending them: left to it with a
     /// new lease (`repo::messages::reconcile_stale_sending`).
@@ -217,8 +217,8 @@ pub async fn tick(
     Ok(saturated)
 }
 
-/// How often, per `host_timeout`, the rescuer looks for `sending` rows whose host is done with
-/// them before their lease (`repo::messages::HostLost`): every 10 s by default, not every tick.
+/// How often, per `host_timeout`, the rescuer looks for `sending` rows that no host is on
+/// before their lease (`repo::messages::HostLost`): every 10 s by default, not every tick.
 /// Its index range holds the entries of every row version claimed in the 90 s before, dead
 /// ones included until a vacuum (a bitmap scan never marks them dead): 20 ms for the 200,000
 /// of a 100,000-message run, measured; at a steady 3,000 msg/s some 540,000, about 50 ms by

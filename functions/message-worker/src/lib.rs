@@ -391,19 +391,23 @@ async fn record(results: Vec<(SendJob, Outcome)>, deps: &Deps) -> anyhow::Result
             Outcome::Failed { reason, detail } => {
                 write_failed(job, &permanent_reason(reason), detail, deps).await
             }
-            // The request left and no answer came back (a timeout, a reset): the host may have
-            // sent it, or may be sending it still. The row stays `sending`, and past its lease
-            // the rescuer reconciles it with the host's send record (DESIGN §2): `sent` if it
-            // went out, else back to `pending`. Put back to `pending` now, a cancel, an opt-out
-            // or an offline skip in the meantime would end a message that did go out as
-            // `cancelled` or `skipped`.
+            // No outcome for this claim: the request left and no answer came back (a timeout,
+            // a reset), so the host may have sent it or be sending it still; or the host is
+            // sending the message for an earlier request (`in_progress`: a late one of a
+            // previous claim). The row stays `sending`, and once no host is on it
+            // (`HOST_TIMEOUT_S` after its claim, or past its lease) the rescuer reconciles it
+            // with the host's send record (DESIGN §2): `sent` if it went out, else back to
+            // `pending`. Put back to `pending` now, a cancel, an opt-out or an offline skip in
+            // the meantime would end a message that did go out as `cancelled` or `skipped`.
             Outcome::Retry { reason, detail, .. }
-                if reason == shared::host_api::code::NO_ANSWER =>
+                if reason == shared::host_api::code::NO_ANSWER
+                    || reason == shared::host_api::code::IN_PROGRESS =>
             {
                 warn!(
                     message_id = job.id,
+                    reason,
                     detail,
-                    "no answer from the device host; the rescuer reconciles this row after its lease"
+                    "no outcome from the device host for this claim; the rescuer reconciles the row with its send record"
                 );
                 continue;
             }
@@ -496,7 +500,15 @@ async fn write_failed(
 ) -> Result<(), RepoError> {
     repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record failed", || async {
         let mut conn = deps.pool.acquire().await?;
-        repo::messages::mark_message_failed(&mut conn, job.tenant_id, job.id, reason, detail).await
+        repo::messages::mark_message_failed(
+            &mut conn,
+            job.tenant_id,
+            job.id,
+            job.attempts,
+            reason,
+            detail,
+        )
+        .await
     })
     .await?;
     Ok(())
@@ -513,8 +525,16 @@ async fn write_retry(
     // `cancelled` if the campaign was cancelled while it was sending.
     repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record retry", || async {
         let mut tx = deps.pool.begin().await?;
-        repo::messages::mark_message_retry(&mut tx, job.tenant_id, job.id, due, error, tried)
-            .await?;
+        repo::messages::mark_message_retry(
+            &mut tx,
+            job.tenant_id,
+            job.id,
+            job.attempts,
+            due,
+            error,
+            tried,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     })

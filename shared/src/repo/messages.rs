@@ -506,6 +506,11 @@ pub type SentRecord = (i64, Uuid, String, DateTime<Utc>);
 /// cursor that would land in the past changes nothing the claim can see (`next_send_at <=
 /// now()` holds either way), so the device row is not written: with zero gaps that would be a
 /// write per batch to one small, hot row that the processor's claim locks too.
+///
+/// Unlike the other outcomes, `sent` is written onto whichever claim the row is in: the host
+/// sends a message id at most once and answers every later request for it with that first
+/// send, so a `sent` is the message's outcome, not one claim's, and a later claim would only
+/// be told the same.
 pub async fn mark_messages_sent(
     tx: &mut PgConnection,
     sent: &[SentRecord],
@@ -543,10 +548,16 @@ pub async fn mark_messages_sent(
 /// `sending → failed` with a machine-readable reason and the provider's detail; a number that is
 /// not on WhatsApp ends `skipped` instead (nothing was wrong with the send, there is no one to
 /// send to).
+///
+/// Only onto the claim the outcome belongs to: `attempt` is the row's `attempts` as that claim
+/// left it (`SendJob::attempts`). A worker's answer that comes after the rescuer moved its row
+/// on and another worker claimed it again would otherwise end that claim, whose send may be
+/// under way. (`sent` needs no such check, see [`mark_messages_sent`].)
 pub async fn mark_message_failed(
     tx: &mut PgConnection,
     tenant: Uuid,
     id: i64,
+    attempt: i32,
     reason: &str,
     detail: &str,
 ) -> Result<bool, RepoError> {
@@ -554,12 +565,14 @@ pub async fn mark_message_failed(
         "UPDATE broadcast_messages
          SET status = CASE WHEN $3 = 'not_on_whatsapp' THEN 'skipped' ELSE 'failed' END,
              reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
-         WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"",
+         WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"
+           AND attempts = $5",
     )
     .bind(id)
     .bind(tenant)
     .bind(reason)
     .bind(detail)
+    .bind(attempt)
     .execute(tx)
     .await?;
     Ok(res.rows_affected() == 1)
@@ -572,10 +585,17 @@ pub async fn mark_message_failed(
 /// A row whose campaign (or sequence) was cancelled while it was `sending` then goes on
 /// `pending → cancelled` in the same transaction (see [`cancel_retried_messages`]): the cancel
 /// left it alone, and nothing else would ever end it. The caller must commit both together.
+///
+/// Only onto the claim `attempt` (the row's `attempts` as that claim left it), as
+/// [`mark_message_failed`]: put back to `pending` under a later claim whose send is under way,
+/// the row could be cancelled, or claimed and sent a second time by a host that finds no
+/// record of the first.
+#[allow(clippy::too_many_arguments)]
 pub async fn mark_message_retry(
     tx: &mut PgConnection,
     tenant: Uuid,
     id: i64,
+    attempt: i32,
     due_at: DateTime<Utc>,
     error: &str,
     tried: bool,
@@ -588,13 +608,15 @@ pub async fn mark_message_retry(
                  held = ",
         held_if_campaign_paused!(),
         "
-             WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\""
+             WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"
+               AND attempts = $6"
     ))
     .bind(id)
     .bind(tenant)
     .bind(due_at)
     .bind(error)
     .bind(tried)
+    .bind(attempt)
     .execute(&mut *tx)
     .await?;
     if res.rows_affected() == 0 {
@@ -686,8 +708,8 @@ pub struct Reconciled {
     /// Of the `retried`, those whose campaign (or sequence) was cancelled meanwhile: they went
     /// on from `pending` to `cancelled`.
     pub cancelled: u64,
-    /// Of all the rows above, those taken before their lease because their host was done with
-    /// them (see [`reconcile_stale_sending`]).
+    /// Of all the rows above, those taken before their lease because no host was on them (see
+    /// [`reconcile_stale_sending`]).
     pub host_lost: u64,
     /// Rows past their lease that their host is still sending: left `sending`, with a new
     /// lease (see [`reconcile_stale_sending`]).
@@ -724,15 +746,17 @@ pub struct HostLost {
 /// cancelled, or end `attempts_exhausted`, and then go out all the same.
 ///
 /// So is, before its own lease, a row claimed longer ago than the worker waits for an answer
-/// (`host_lost.settled_s`: its worker got no answer, or the row would not be `sending`) whose
-/// host is done with it: the host's record says how the send ended, or the attempt was
-/// recorded by a host that no longer holds the device's lease (it died, or stopped renewing,
-/// and nobody or another host holds the device now), which cannot be sending it any more. The
-/// row's own lease is the worker's (two minutes), and a paced device sends nothing while a row
-/// of it is in flight: waiting for that lease stalled the device of every request a killed
-/// host had in flight for two minutes instead of the device lease (the paced benchmark with
-/// 1.5 s sends: 160 rows, stalls up to 150 s). A row with no attempt recorded waits for its
-/// lease: nothing says which host had it.
+/// (`host_lost.settled_s`: its worker got no answer, or the row would not be `sending`) that no
+/// host is sending: the host's record says how the send ended, or the attempt was recorded by a
+/// host that no longer holds the device's lease (it died, or stopped renewing, and nobody or
+/// another host holds the device now), which cannot be sending it any more, or no host recorded
+/// an attempt at all (the request never got that far: a host that died, or hung, before it).
+/// A request that reaches a host after this finds the row no longer `sending` and sends
+/// nothing (`host_sends::begin_host_sends` checks the row under a share lock, which this
+/// function's lock excludes). The row's own lease is the worker's (two minutes), and a paced
+/// device sends nothing while a row of it is in flight: waiting for that lease stalled the
+/// device of every request a killed host had in flight for two minutes instead of the device
+/// lease (the paced benchmark with 1.5 s sends: 160 rows, stalls up to 150 s).
 ///
 /// The stale rows are found first, through the in-flight lease index, and every update is
 /// then restricted to their ids: the common case (nothing stale) costs one index probe, and no
@@ -765,26 +789,41 @@ pub async fn reconcile_stale_sending(
         let done = reconcile_sending(tx, stale, max_attempts, retry_after_s, 0).await?;
         return Ok(Reconciled { renewed, ..done });
     };
-    let lost: Vec<i64> = sqlx::query_scalar(
+    // Locked first, and judged by a statement of its own: its snapshot is taken after the
+    // locks, so an attempt that a host recorded while it held the row (`begin_host_sends`
+    // share-locks it) is seen. Judged in the locking statement, the snapshot could predate the
+    // host's commit, and the row go back to `pending` under a send that had begun.
+    let claimed_long_ago: Vec<i64> = sqlx::query_scalar(
         "SELECT bm.id FROM broadcast_messages bm
          WHERE bm.status = 'sending' AND bm.lease_until >= now()
            AND bm.lease_until < now() + make_interval(secs => $2 - $3)
            AND bm.sending_at < now() - make_interval(secs => $3)
-           AND EXISTS (
-               SELECT 1 FROM host_sends h
-               WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id
-                 AND (h.state <> 'attempting'
-                      OR NOT EXISTS (SELECT 1 FROM device_leases dl
-                                     WHERE dl.device_id = bm.device_id AND dl.host_id = h.host_id
-                                       AND dl.lease_until > now())))
          ORDER BY bm.lease_until LIMIT $1
-         FOR UPDATE OF bm SKIP LOCKED",
+         FOR UPDATE SKIP LOCKED",
     )
     .bind((limit - stale.len() as i64).max(0))
     .bind(lease_s)
     .bind(host_lost.settled_s)
     .fetch_all(&mut *tx)
     .await?;
+    let lost: Vec<i64> = if claimed_long_ago.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_scalar(
+            "SELECT bm.id FROM broadcast_messages bm
+             WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
+               AND NOT EXISTS (
+                   SELECT 1 FROM host_sends h
+                   WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id
+                     AND h.state = 'attempting'
+                     AND EXISTS (SELECT 1 FROM device_leases dl
+                                 WHERE dl.device_id = bm.device_id AND dl.host_id = h.host_id
+                                   AND dl.lease_until > now()))",
+        )
+        .bind(&claimed_long_ago)
+        .fetch_all(&mut *tx)
+        .await?
+    };
     let host_lost = lost.len() as u64;
     stale.extend(lost);
     let done = reconcile_sending(tx, stale, max_attempts, retry_after_s, host_lost).await?;
@@ -874,7 +913,7 @@ async fn reconcile_sending(
         "UPDATE broadcast_messages bm
              SET status = 'pending', due_at = now() + make_interval(secs => $2),
                  lease_until = NULL,
-                 last_error = 'lease expired while sending; reconciled with the host',
+                 last_error = 'no outcome recorded for the send; reconciled with the host',
                  held = ",
         held_if_campaign_paused!(),
         "
