@@ -588,8 +588,7 @@ pub async fn mark_message_failed(
 ///
 /// Only onto the claim `attempt` (the row's `attempts` as that claim left it), as
 /// [`mark_message_failed`]: put back to `pending` under a later claim whose send is under way,
-/// the row could be cancelled, or claimed and sent a second time by a host that finds no
-/// record of the first.
+/// the row could be cancelled or skipped while that send goes out.
 #[allow(clippy::too_many_arguments)]
 pub async fn mark_message_retry(
     tx: &mut PgConnection,
