@@ -788,38 +788,34 @@ pub async fn reconcile_stale_sending(
         let done = reconcile_sending(tx, stale, max_attempts, retry_after_s, 0).await?;
         return Ok(Reconciled { renewed, ..done });
     };
-    // Locked first, and judged by a statement of its own: its snapshot is taken after the
-    // locks, so an attempt that a host recorded while it held the row (`begin_host_sends`
-    // share-locks it) is seen. Judged in the locking statement, the snapshot could predate the
-    // host's commit, and the row go back to `pending` under a send that had begun.
-    let claimed_long_ago: Vec<i64> = sqlx::query_scalar(
+    // Locked first, and judged again by a statement of its own: its snapshot is taken after
+    // the locks, so an attempt that a host recorded while it held the row (`begin_host_sends`
+    // share-locks it) is seen. Judged only in the locking statement, whose snapshot could
+    // predate the host's commit, the row could go back to `pending` under a send that had
+    // begun. (The locking statement judges too, by its snapshot, so that rows a host is on
+    // do not fill the `LIMIT`.)
+    let candidates: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT bm.id FROM broadcast_messages bm
          WHERE bm.status = 'sending' AND bm.lease_until >= now()
            AND bm.lease_until < now() + make_interval(secs => $2 - $3)
            AND bm.sending_at < now() - make_interval(secs => $3)
+           AND {NO_HOST_ON_IT}
          ORDER BY bm.lease_until LIMIT $1
-         FOR UPDATE SKIP LOCKED",
-    )
+         FOR UPDATE SKIP LOCKED"
+    )))
     .bind((limit - stale.len() as i64).max(0))
     .bind(lease_s)
     .bind(host_lost.settled_s)
     .fetch_all(&mut *tx)
     .await?;
-    let lost: Vec<i64> = if claimed_long_ago.is_empty() {
+    let lost: Vec<i64> = if candidates.is_empty() {
         Vec::new()
     } else {
-        sqlx::query_scalar(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT bm.id FROM broadcast_messages bm
-             WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
-               AND NOT EXISTS (
-                   SELECT 1 FROM host_sends h
-                   WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id
-                     AND h.state = 'attempting'
-                     AND EXISTS (SELECT 1 FROM device_leases dl
-                                 WHERE dl.device_id = bm.device_id AND dl.host_id = h.host_id
-                                   AND dl.lease_until > now()))",
-        )
-        .bind(&claimed_long_ago)
+             WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\" AND {NO_HOST_ON_IT}"
+        )))
+        .bind(&candidates)
         .fetch_all(&mut *tx)
         .await?
     };
@@ -828,6 +824,15 @@ pub async fn reconcile_stale_sending(
     let done = reconcile_sending(tx, stale, max_attempts, retry_after_s, host_lost).await?;
     Ok(Reconciled { renewed, ..done })
 }
+
+/// A `sending` row `bm` that no host is on: no attempt of it is recorded `attempting` by the
+/// host that holds its device's lease (see [`reconcile_stale_sending`]).
+const NO_HOST_ON_IT: &str = "NOT EXISTS (
+    SELECT 1 FROM host_sends h
+    WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id AND h.state = 'attempting'
+      AND EXISTS (SELECT 1 FROM device_leases dl
+                  WHERE dl.device_id = bm.device_id AND dl.host_id = h.host_id
+                    AND dl.lease_until > now()))";
 
 /// Of the `sending` rows `stale` (locked by the caller), those whose attempt their host is
 /// still on (see [`reconcile_stale_sending`]) get a lease of `lease_s` from now. Returns them.
