@@ -82,6 +82,19 @@ async fn transient_retry(tx: &mut sqlx::PgConnection, tenant: uuid::Uuid, id: i6
         .unwrap()
 }
 
+/// `host` holds `device`'s lease for the next 20 s (as a live host renews it).
+async fn hold_device(pool: &PgPool, device: uuid::Uuid, host: &str) {
+    sqlx::query(
+        "INSERT INTO device_leases (device_id, host_id, lease_until)
+         VALUES ($1, $2, now() + interval '20 s')",
+    )
+    .bind(device)
+    .bind(host)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Moves every lease of a campaign's in-flight rows into the past (a test's fast clock).
 async fn expire_leases(pool: &PgPool) {
     sqlx::query("UPDATE broadcast_messages SET lease_until = now() - interval '1 second' WHERE status IN ('queued', 'sending')")
@@ -598,14 +611,7 @@ async fn an_attempt_stuck_past_any_send_is_taken_back_at_the_lease(pool: PgPool)
         .await
         .unwrap();
     }
-    sqlx::query(
-        "INSERT INTO device_leases (device_id, host_id, lease_until)
-         VALUES ($1, 'live', now() + interval '20 s')",
-    )
-    .bind(device)
-    .execute(&pool)
-    .await
-    .unwrap();
+    hold_device(&pool, device, "live").await;
     let mut tx = pool.begin().await.unwrap();
     let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, 120.0, Some(HOST_LOST))
         .await
@@ -657,26 +663,51 @@ async fn a_request_reaching_the_host_after_its_row_was_moved_on_sends_nothing(po
         );
     }
     assert!(host.sends().is_empty(), "{:?}", host.sends());
-    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM host_sends")
-        .fetch_one(&pool)
+    // the rescuer's fences, and no attempt
+    let records: Vec<String> = sqlx::query_scalar("SELECT state FROM host_sends")
+        .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(records, 0);
+    assert_eq!(records, ["withdrawn", "withdrawn"]);
     let counts = status_counts(&pool, tenant, campaign).await;
     assert_eq!(counts.get("cancelled"), Some(&2), "{counts:?}");
 }
 
-/// The host's attempt and the rescuer meet on the row: a host that asks while the rescuer holds
-/// the row waits for it, and finds the row moved on (here back to `pending`) instead of
-/// recording an attempt the rescuer never saw. Without the row lock it saw the row `sending`
-/// in its snapshot, recorded the attempt, and sent a message whose row was `pending`.
+/// Waits until `task` is blocked on a row or transaction lock in this test's database (the
+/// race this sets up is then certain), and fails if it finishes first: `what` says why it
+/// should have waited.
+async fn waiting_on_a_lock<T>(pool: &PgPool, task: &tokio::task::JoinHandle<T>, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(!task.is_finished(), "{what}");
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The host's attempt and the rescuer meet at the host's send record, whatever each read of
+/// the row. Here the rescuer moves a row on first (back to `pending`, no attempt recorded): a
+/// host asking meanwhile, whose snapshot still shows the row `sending`, waits for the
+/// rescuer's fence and then records nothing. Without the fence (and with no lock on the row)
+/// it recorded the attempt and sent a message whose row was `pending`, where a cancel could
+/// end it. A later claim takes the fence over; that claim again, read late, starts nothing.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
-async fn a_host_attempt_waits_for_the_rescuer_holding_its_row(pool: PgPool) {
+async fn a_host_attempt_waits_for_the_rescuer_that_moves_its_row_on(pool: PgPool) {
     let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "meet@example.com", 1).await;
     let id = ids[0];
     sqlx::query(
-        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, sending_at = now(),
-             lease_until = now() + interval '2 minutes'
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 1,
+             sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 minute'
          WHERE id = $1",
     )
     .bind(id)
@@ -684,79 +715,216 @@ async fn a_host_attempt_waits_for_the_rescuer_holding_its_row(pool: PgPool) {
     .await
     .unwrap();
     let mut rescuer = pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM broadcast_messages WHERE id = $1 FOR UPDATE")
-        .bind(id)
-        .fetch_all(&mut *rescuer)
+    let r = repo::messages::reconcile_stale_sending(&mut rescuer, 5, 0.0, 100, 120.0, None)
         .await
         .unwrap();
-    let begin = tokio::spawn({
+    assert_eq!(r.retried, 1, "{r:?}");
+    let begin = |device: uuid::Uuid, tenant: uuid::Uuid, pid: &str| {
         let pool = pool.clone();
-        async move {
+        let pid = pid.to_string();
+        tokio::spawn(async move {
             let mut conn = pool.acquire().await.unwrap();
-            repo::host_sends::begin_host_sends(
-                &mut conn,
-                "h",
-                &[(id, tenant, device, "SIM0".to_string())],
-            )
-            .await
-            .unwrap()
-        }
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        assert!(
-            !begin.is_finished(),
-            "the attempt began without waiting for the row"
-        );
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never waited");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    sqlx::query(
-        "UPDATE broadcast_messages SET status = 'pending', lease_until = NULL WHERE id = $1",
+            repo::host_sends::begin_host_sends(&mut conn, "h", &[(id, tenant, device, pid)])
+                .await
+                .unwrap()
+        })
+    };
+    let late = begin(device, tenant, "SIM0");
+    waiting_on_a_lock(
+        &pool,
+        &late,
+        "the attempt began without waiting for the rescuer",
     )
-    .bind(id)
-    .execute(&mut *rescuer)
-    .await
-    .unwrap();
+    .await;
     rescuer.commit().await.unwrap();
-    let states = begin.await.unwrap();
+    let states = late.await.unwrap();
     assert!(states.is_empty(), "{states:?}");
-    // And a row that is `sending` for another device, or of another tenant, starts nothing.
+    let record: (String, i32) =
+        sqlx::query_as("SELECT state, claim FROM host_sends WHERE message_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(record, ("withdrawn".to_string(), 1));
+    // A request of that claim that read the row `sending` (as a snapshot from before the
+    // rescuer's commit would) still starts nothing: the fence, not the read, decides.
     sqlx::query("UPDATE broadcast_messages SET status = 'sending' WHERE id = $1")
         .bind(id)
         .execute(&pool)
         .await
         .unwrap();
+    assert!(begin(device, tenant, "SIM1").await.unwrap().is_empty());
+    // The next claim: not for another device, nor for another tenant; for its own, it takes
+    // the fence over with its own provider message id.
+    sqlx::query("UPDATE broadcast_messages SET enqueue_count = 2 WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
     let other = seed_tenant(&pool, "meet-other@example.com").await;
-    let mut conn = pool.acquire().await.unwrap();
     for (t, d) in [(tenant, uuid::Uuid::new_v4()), (other, device)] {
-        let states =
-            repo::host_sends::begin_host_sends(&mut conn, "h", &[(id, t, d, "SIM1".to_string())])
-                .await
-                .unwrap();
+        let states = begin(d, t, "SIM2").await.unwrap();
         assert!(states.is_empty(), "{states:?}");
     }
-    let states =
-        repo::host_sends::begin_host_sends(&mut conn, "h", &[(id, tenant, device, "SIM2".into())])
-            .await
-            .unwrap();
-    assert!(
-        matches!(
-            states.get(&id),
-            Some(repo::host_sends::HostSendState::Owned { .. })
-        ),
+    let states = begin(device, tenant, "SIM3").await.unwrap();
+    assert_eq!(
+        states.get(&id),
+        Some(&repo::host_sends::HostSendState::Owned {
+            provider_message_id: "SIM3".into()
+        }),
         "{states:?}"
     );
+}
+
+/// A row moved on whose claim has no attempt, but whose message has a record of an earlier
+/// claim a later one may take over (an `aborted` attempt, a person's `retry`): the rescuer's
+/// fence takes that record's place for this claim, so a late request of this claim starts
+/// nothing, and the next claim starts with the aborted attempt's provider message id (the
+/// provider may know it) or, after a retry, its own. Without the fence over the record, the
+/// late request took the earlier claim's record over and sent a message whose row was
+/// `pending`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_fence_over_an_earlier_claims_record_holds_for_its_claim_only(pool: PgPool) {
+    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "fence@example.com", 2).await;
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 2, enqueue_count = 2,
+             sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 minute'
+         WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (id, state) in [(ids[0], "aborted"), (ids[1], "retry")] {
+        sqlx::query(
+            "INSERT INTO host_sends
+                 (message_id, tenant_id, device_id, provider_message_id, state, host_id, claim)
+             VALUES ($1, $2, $3, 'p-old-' || $1, $4, 'h', 1)",
+        )
+        .bind(id)
+        .bind(tenant)
+        .bind(device)
+        .bind(state)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let mut tx = pool.begin().await.unwrap();
+    let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, 120.0, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(r.retried, 2, "{r:?}");
+    let begin = |claim: i32| {
+        let pool = pool.clone();
+        let ids = ids.clone();
+        async move {
+            // the row as a request of `claim` reads it
+            sqlx::query(
+                "UPDATE broadcast_messages SET status = 'sending', enqueue_count = $2
+                 WHERE id = ANY($1)",
+            )
+            .bind(&ids)
+            .bind(claim)
+            .execute(&pool)
+            .await
+            .unwrap();
+            let attempts: Vec<_> = ids
+                .iter()
+                .map(|id| (*id, tenant, device, format!("p-new-{id}")))
+                .collect();
+            let mut conn = pool.acquire().await.unwrap();
+            repo::host_sends::begin_host_sends(&mut conn, "h", &attempts)
+                .await
+                .unwrap()
+        }
+    };
+    let late = begin(2).await;
+    assert!(late.is_empty(), "{late:?}");
+    let next = begin(3).await;
+    let owned = |id: i64| match next.get(&id) {
+        Some(repo::host_sends::HostSendState::Owned {
+            provider_message_id,
+        }) => provider_message_id.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(owned(ids[0]), format!("p-old-{}", ids[0]));
+    assert_eq!(owned(ids[1]), format!("p-new-{}", ids[1]));
+}
+
+/// The other order: a host records attempts for two `sending` rows (one past its lease, one
+/// whose worker stopped waiting 10 s ago) and has not committed when the rescuer looks at
+/// them. The rescuer waits for it, sees the attempts of the host that holds the device, and
+/// leaves both rows `sending` (the first with a new lease). Without the fence it could not see
+/// the uncommitted attempts and put both rows back to `pending` under two sends.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_rescuer_waits_for_a_host_recording_an_attempt_and_leaves_the_row_to_it(pool: PgPool) {
+    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "meet2@example.com", 2).await;
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 1,
+             sending_at = now() - interval '40 s', lease_until = now() + interval '80 s'
+         WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE broadcast_messages SET lease_until = now() - interval '1 s' WHERE id = $1")
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    hold_device(&pool, device, "h").await;
+    let mut host = pool.begin().await.unwrap();
+    let attempts: Vec<_> = ids
+        .iter()
+        .map(|id| (*id, tenant, device, format!("SIM{id}")))
+        .collect();
+    let begun = repo::host_sends::begin_host_sends(&mut host, "h", &attempts)
+        .await
+        .unwrap();
+    assert_eq!(begun.len(), 2, "{begun:?}");
+    let rescuer = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let r = repo::messages::reconcile_stale_sending(
+                &mut tx,
+                5,
+                0.0,
+                100,
+                120.0,
+                Some(HOST_LOST),
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            r
+        }
+    });
+    waiting_on_a_lock(
+        &pool,
+        &rescuer,
+        "the rescuer judged without waiting for the host",
+    )
+    .await;
+    host.commit().await.unwrap();
+    let r = rescuer.await.unwrap();
+    assert_eq!(
+        (r.renewed, r.host_lost, r.retried, r.exhausted),
+        (1, 0, 0, 0),
+        "{r:?}"
+    );
+    let rows: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT bm.status, h.state, h.claim FROM broadcast_messages bm
+         JOIN host_sends h ON h.message_id = bm.id WHERE bm.id = ANY($1) ORDER BY bm.id",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let live = ("sending".to_string(), "attempting".to_string(), 1);
+    assert_eq!(rows, [live.clone(), live]);
 }
 
 /// `app` served as the worker's (default) host on a free port, the due rows queued by one
@@ -1079,14 +1247,7 @@ async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: 
         .await
         .unwrap();
     }
-    sqlx::query(
-        "INSERT INTO device_leases (device_id, host_id, lease_until)
-         VALUES ($1, 'dead', now() + interval '20 s')",
-    )
-    .bind(device)
-    .execute(&pool)
-    .await
-    .unwrap();
+    hold_device(&pool, device, "dead").await;
     let reconcile = || async {
         let mut tx = pool.begin().await.unwrap();
         let r =
@@ -1156,12 +1317,17 @@ async fn a_send_whose_host_lost_the_device_is_reconciled_before_its_lease(pool: 
     expire_leases(&pool).await;
     let r = reconcile().await;
     assert_eq!((r.host_lost, r.retried), (0, 2), "{r:?}");
-    let sends: i64 = sqlx::query_scalar("SELECT count(*) FROM host_sends WHERE message_id = $1")
-        .bind(ids[2])
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(sends, 0, "no attempt was started for the row moved on");
+    let record: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM host_sends WHERE message_id = $1")
+            .bind(ids[2])
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        record,
+        ["withdrawn"],
+        "no attempt was started for the row moved on"
+    );
 }
 
 /// A device host as its own process on `dir` (its inbox), for a test that kills it.

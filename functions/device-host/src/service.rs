@@ -865,7 +865,8 @@ impl Host {
 }
 
 /// The answer for a message this host may not send: its row is not `sending` for the request's
-/// tenant and device (see [`repo::host_sends::begin_host_sends`]).
+/// tenant and device, or the rescuer withdrew the claim the row is in (see
+/// [`repo::host_sends::begin_host_sends`]).
 fn not_in_flight() -> SendError {
     SendError::permanent(
         409,

@@ -44,12 +44,15 @@ pub type NewAttempt = (i64, Uuid, Uuid, String);
 /// this durably before calling the provider: it is what stops a second send.
 ///
 /// An attempt starts only for a message whose row is `sending`, of the attempt's tenant and
-/// device: the row is share-locked for the statement, so the rescuer, which locks a row before
-/// it reconciles it, either finds the attempt recorded or has already moved the row on, and
-/// then nothing starts. A request that reached the host late (after its row's lease, when the
-/// rescuer may have put the row back to `pending`, and a cancel ended it) would otherwise send a
-/// message its row says was not sent. An id missing from the answer has neither an attempt
-/// started nor one recorded: nothing may be sent for it.
+/// device, and only once per claim: a record is taken over (`aborted`, `retry`, or the
+/// rescuer's `withdrawn` fence) only by a later claim than the one it was written for. A
+/// request that reached the host late, after the rescuer moved its row on (back to `pending`,
+/// where a cancel may end it), would otherwise send a message its row says was not sent. The
+/// row is read, not locked: the rescuer fences the claim of every row it moves on with no
+/// attempt recorded ([`fence_unattempted_claims`]), in the transaction that moves it, and this
+/// insert meets that fence on the primary key: it waits for an uncommitted one and sees a
+/// committed one, whatever its snapshot said of the row. An id missing from the answer has
+/// neither an attempt started nor one recorded: nothing may be sent for it.
 pub async fn begin_host_sends(
     tx: &mut PgConnection,
     host_id: &str,
@@ -60,25 +63,23 @@ pub async fn begin_host_sends(
     let devices: Vec<Uuid> = attempts.iter().map(|a| a.2).collect();
     let pids: Vec<&str> = attempts.iter().map(|a| a.3.as_str()).collect();
     let owned: Vec<(i64, String)> = sqlx::query_as(
-        "WITH live AS (
-             SELECT bm.id FROM broadcast_messages bm
-             JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[]) AS u(id, t, d)
-               ON bm.id = u.id AND bm.tenant_id = u.t AND bm.device_id = u.d
-             WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
-             ORDER BY bm.id
-             FOR SHARE OF bm
-         )
-         INSERT INTO host_sends (message_id, tenant_id, device_id, provider_message_id, state, host_id)
-         SELECT id, t, d, p, 'attempting', $5
-         FROM unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[]) AS u(id, t, d, p)
-         WHERE id IN (SELECT id FROM live)
-         ORDER BY id
+        "INSERT INTO host_sends
+             (message_id, tenant_id, device_id, provider_message_id, state, host_id, claim)
+         SELECT bm.id, bm.tenant_id, bm.device_id, u.p, 'attempting', $5, bm.enqueue_count
+         FROM broadcast_messages bm
+         JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[]) AS u(id, t, d, p)
+           ON bm.id = u.id AND bm.tenant_id = u.t AND bm.device_id = u.d
+         WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
+         ORDER BY bm.id
          ON CONFLICT (message_id) DO UPDATE
              SET state = 'attempting', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
-                 provider_message_id = CASE WHEN host_sends.state = 'retry'
+                 claim = EXCLUDED.claim,
+                 provider_message_id = CASE
+                     WHEN host_sends.state = 'retry' OR host_sends.provider_message_id IS NULL
                      THEN EXCLUDED.provider_message_id ELSE host_sends.provider_message_id END
-             WHERE host_sends.state IN ('aborted', 'retry')
+             WHERE host_sends.state IN ('aborted', 'retry', 'withdrawn')
                AND host_sends.tenant_id = EXCLUDED.tenant_id
+               AND host_sends.claim < EXCLUDED.claim
          RETURNING message_id, provider_message_id",
     )
     .bind(&ids)
@@ -107,6 +108,7 @@ pub async fn begin_host_sends(
             .collect();
         let rest_ids: Vec<i64> = rest.iter().map(|r| r.0).collect();
         let rest_tenants: Vec<Uuid> = rest.iter().map(|r| r.1).collect();
+        // A `withdrawn` fence is no attempt: its id stays out of the answer (nothing to send).
         let existing: Vec<ExistingRow> = sqlx::query_as(
             "SELECT h.message_id, h.provider_message_id, h.state, h.error, h.updated_at,
                     EXISTS (SELECT 1 FROM broadcast_messages bm
@@ -114,7 +116,7 @@ pub async fn begin_host_sends(
                               AND bm.status = 'sending' COLLATE \"C\") AS live
                  FROM host_sends h JOIN unnest($1::bigint[], $2::uuid[]) AS u(id, t)
                    ON h.message_id = u.id AND h.tenant_id = u.t
-                 WHERE h.message_id = ANY($1)",
+                 WHERE h.message_id = ANY($1) AND h.state <> 'withdrawn'",
         )
         .bind(&rest_ids)
         .bind(&rest_tenants)
@@ -166,9 +168,12 @@ pub async fn finish_host_sends(
 }
 
 /// Takes over an `attempting` record whose attempt died with its process (the provider said it
-/// never saw the message): it becomes owned again with the same provider message id. Only
-/// while the message's row is `sending` (share-locked, as in [`begin_host_sends`]); false when
-/// nothing was taken over, and then nothing may be sent.
+/// never saw the message): it becomes owned again with the same provider message id, for the
+/// row's current claim. Only while the message's row is `sending`, share-locked: the rescuer
+/// moves a row with an `attempting` record on without a fence (that record already stops
+/// [`begin_host_sends`]), so the lock is what orders the two here. A rare path (a host died
+/// mid-send); the common one locks nothing. False when nothing was taken over, and then
+/// nothing may be sent.
 pub async fn retake_host_send(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -177,13 +182,14 @@ pub async fn retake_host_send(
 ) -> Result<bool, RepoError> {
     let res = sqlx::query(
         "WITH live AS (
-             SELECT id FROM broadcast_messages
+             SELECT id, enqueue_count FROM broadcast_messages
              WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"
              FOR SHARE
          )
-         UPDATE host_sends SET host_id = $3, updated_at = now()
-         WHERE message_id = $1 AND tenant_id = $2 AND state = 'attempting'
-           AND message_id IN (SELECT id FROM live)",
+         UPDATE host_sends h SET host_id = $3, updated_at = now(), claim = live.enqueue_count
+         FROM live
+         WHERE h.message_id = $1 AND h.tenant_id = $2 AND h.state = 'attempting'
+           AND h.message_id = live.id",
     )
     .bind(message_id)
     .bind(tenant)
@@ -191,4 +197,46 @@ pub async fn retake_host_send(
     .execute(tx)
     .await?;
     Ok(res.rows_affected() == 1)
+}
+
+/// System scope, for the rescuer, in the transaction that moves these `sending` rows on (they
+/// must be locked by it, and every one of them it fences must then be moved on): writes a
+/// `withdrawn` record for the current claim of each row whose claim has no attempt recorded,
+/// or whose record is one a later claim may take over (`aborted`, `retry`, `withdrawn` of an
+/// earlier claim). A request of that claim reaching a host afterwards then starts nothing
+/// (see [`begin_host_sends`]); a later claim takes the fence over.
+///
+/// A host inserting an attempt for one of these rows at the same moment is waited for on the
+/// primary key; its attempt is then recorded and the row is not fenced. The caller must judge
+/// the rows after this statement (a fresh snapshot sees that attempt) and leave a row with a
+/// live attempt `sending`.
+pub async fn fence_unattempted_claims(
+    tx: &mut PgConnection,
+    message_ids: &[i64],
+) -> Result<u64, RepoError> {
+    if message_ids.is_empty() {
+        return Ok(0);
+    }
+    let res = sqlx::query(
+        "INSERT INTO host_sends
+             (message_id, tenant_id, device_id, provider_message_id, state, host_id, claim)
+         SELECT bm.id, bm.tenant_id, bm.device_id, NULL, 'withdrawn', 'rescuer', bm.enqueue_count
+         FROM broadcast_messages bm
+         WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
+         ORDER BY bm.id
+         ON CONFLICT (message_id) DO UPDATE
+             SET state = 'withdrawn', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
+                 claim = EXCLUDED.claim,
+                 -- a person's retry starts over with a fresh id; an aborted attempt's id is
+                 -- kept for the claim that takes the fence over (the provider may know it)
+                 provider_message_id = CASE WHEN host_sends.state = 'retry' THEN NULL
+                     ELSE host_sends.provider_message_id END
+             WHERE host_sends.state IN ('aborted', 'retry', 'withdrawn')
+               AND host_sends.tenant_id = EXCLUDED.tenant_id
+               AND host_sends.claim < EXCLUDED.claim",
+    )
+    .bind(message_ids)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
 }

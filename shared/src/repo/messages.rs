@@ -750,12 +750,15 @@ pub struct HostLost {
 /// host that no longer holds the device's lease (it died, or stopped renewing, and nobody or
 /// another host holds the device now), which cannot be sending it any more, or no host recorded
 /// an attempt at all (the request never got that far: a host that died, or hung, before it).
-/// A request that reaches a host after this finds the row no longer `sending` and sends
-/// nothing (`host_sends::begin_host_sends` checks the row under a share lock, which this
-/// function's lock excludes). The row's own lease is the worker's (two minutes), and a paced
-/// device sends nothing while a row of it is in flight: waiting for that lease stalled the
-/// device of every request a killed host had in flight for two minutes instead of the device
-/// lease (the paced benchmark with 1.5 s sends: 160 rows, stalls up to 150 s).
+/// The row's own lease is the worker's (two minutes), and a paced device sends nothing while a
+/// row of it is in flight: waiting for that lease stalled the device of every request a killed
+/// host had in flight for two minutes instead of the device lease (the paced benchmark with
+/// 1.5 s sends: 160 rows, stalls up to 150 s).
+///
+/// Whichever pass moves a row on, a request of its claim that reaches a host afterwards sends
+/// nothing: a claim with no attempt recorded is fenced at the host's send record in this
+/// transaction (`host_sends::fence_unattempted_claims`), and any other record already stops
+/// that claim from starting an attempt.
 ///
 /// The stale rows are found first, through the in-flight lease index, and every update is
 /// then restricted to their ids: the common case (nothing stale) costs one index probe, and no
@@ -769,7 +772,7 @@ pub async fn reconcile_stale_sending(
     lease_s: f64,
     host_lost: Option<HostLost>,
 ) -> Result<Reconciled, RepoError> {
-    let mut stale: Vec<i64> = sqlx::query_scalar(
+    let stale: Vec<i64> = sqlx::query_scalar(
         "SELECT id FROM broadcast_messages
          WHERE status = 'sending' AND lease_until < now()
          ORDER BY lease_until LIMIT $1
@@ -778,36 +781,42 @@ pub async fn reconcile_stale_sending(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    let renewed = renew_live_attempts(tx, &stale, lease_s).await?;
-    stale.retain(|id| !renewed.contains(id));
-    let renewed = renewed.len() as u64;
     // Through the in-flight lease index too: a row's lease ends `lease_s` after its claim, so
     // the rows claimed more than `settled_s` ago are a range of it (few live ones, unless hosts
-    // are lost; `None` skips this).
-    let Some(host_lost) = host_lost else {
-        let done = reconcile_sending(tx, stale, max_attempts, retry_after_s, 0).await?;
-        return Ok(Reconciled { renewed, ..done });
+    // are lost; `None` skips this). Judged by this statement's snapshot too, so that rows a host
+    // is on do not fill the `LIMIT`; judged again below.
+    let candidates: Vec<i64> = match host_lost {
+        Some(host_lost) if (stale.len() as i64) < limit => {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT bm.id FROM broadcast_messages bm
+                 WHERE bm.status = 'sending' AND bm.lease_until >= now()
+                   AND bm.lease_until < now() + make_interval(secs => $2 - $3)
+                   AND bm.sending_at < now() - make_interval(secs => $3)
+                   AND {NO_HOST_ON_IT}
+                 ORDER BY bm.lease_until LIMIT $1
+                 FOR UPDATE SKIP LOCKED"
+            )))
+            .bind(limit - stale.len() as i64)
+            .bind(lease_s)
+            .bind(host_lost.settled_s)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+        _ => Vec::new(),
     };
-    // Locked first, and judged again by a statement of its own: its snapshot is taken after
-    // the locks, so an attempt that a host recorded while it held the row (`begin_host_sends`
-    // share-locks it) is seen. Judged only in the locking statement, whose snapshot could
-    // predate the host's commit, the row could go back to `pending` under a send that had
-    // begun. (The locking statement judges too, by its snapshot, so that rows a host is on
-    // do not fill the `LIMIT`.)
-    let candidates: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT bm.id FROM broadcast_messages bm
-         WHERE bm.status = 'sending' AND bm.lease_until >= now()
-           AND bm.lease_until < now() + make_interval(secs => $2 - $3)
-           AND bm.sending_at < now() - make_interval(secs => $3)
-           AND {NO_HOST_ON_IT}
-         ORDER BY bm.lease_until LIMIT $1
-         FOR UPDATE SKIP LOCKED"
-    )))
-    .bind((limit - stale.len() as i64).max(0))
-    .bind(lease_s)
-    .bind(host_lost.settled_s)
-    .fetch_all(&mut *tx)
-    .await?;
+    // Every row about to be judged is fenced at the host's send record first: a request of
+    // its claim that reaches a host after this transaction starts nothing. A host recording
+    // an attempt for one of them right now is waited for (the two meet on `host_sends`' key),
+    // and the statements below, each with a snapshot taken after this one, see that attempt:
+    // such a row stays `sending` (renewed, or left to its host).
+    let locked: Vec<i64> = stale.iter().chain(&candidates).copied().collect();
+    super::host_sends::fence_unattempted_claims(tx, &locked).await?;
+    let renewed = renew_live_attempts(tx, &stale, lease_s).await?;
+    let mut stale: Vec<i64> = stale
+        .into_iter()
+        .filter(|id| !renewed.contains(id))
+        .collect();
+    let renewed = renewed.len() as u64;
     let lost: Vec<i64> = if candidates.is_empty() {
         Vec::new()
     } else {
