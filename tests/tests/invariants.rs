@@ -852,6 +852,134 @@ async fn a_fence_over_an_earlier_claims_record_holds_for_its_claim_only(pool: Pg
     assert_eq!(owned(ids[1]), format!("p-new-{}", ids[1]));
 }
 
+/// A worker's outcome for its claim and a late request of an earlier claim that found the row
+/// `sending` meet at the fence too. The worker's answer came from a request that recorded no
+/// attempt (refused before it), so only the fence stands between the two. A send the late
+/// request started first decides: the worker, told "transient", waits for it and leaves the row
+/// `sending` (not `pending`, where a cancel could end it while it goes out). A worker that
+/// wrote first (here `failed`) is waited for, and the late request starts nothing. Without the
+/// worker's fence neither waited, and both rows ended moved on under a send.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(pool: PgPool) {
+    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "w-fence@example.com", 2).await;
+    // claim 2 in flight; claim 1 was moved on by the rescuer, which fenced it
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 2,
+             sending_at = now(), lease_until = now() + interval '2 minutes'
+         WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO host_sends
+             (message_id, tenant_id, device_id, provider_message_id, state, host_id, claim)
+         SELECT id, $2, $3, NULL, 'withdrawn', 'rescuer', 1 FROM unnest($1::bigint[]) AS id",
+    )
+    .bind(&ids)
+    .bind(tenant)
+    .bind(device)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let late_request = |id: i64| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut conn = pool.acquire().await.unwrap();
+            repo::host_sends::begin_host_sends(
+                &mut conn,
+                "h",
+                &[(id, tenant, device, format!("SIM{id}"))],
+            )
+            .await
+            .unwrap()
+        })
+    };
+    let record = |id: i64| {
+        let pool = pool.clone();
+        async move {
+            let row: (String, String, i32) = sqlx::query_as(
+                "SELECT bm.status, h.state, h.claim FROM broadcast_messages bm
+                 JOIN host_sends h ON h.message_id = bm.id WHERE bm.id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            row
+        }
+    };
+    // the late request first
+    let mut host = pool.begin().await.unwrap();
+    let begun = repo::host_sends::begin_host_sends(
+        &mut host,
+        "h",
+        &[(ids[0], tenant, device, "SIM-late".to_string())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(begun.len(), 1, "{begun:?}");
+    let worker = tokio::spawn({
+        let pool = pool.clone();
+        let id = ids[0];
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let moved = repo::messages::mark_message_retry(
+                &mut tx,
+                tenant,
+                id,
+                1,
+                chrono::Utc::now(),
+                "device_offline",
+                true,
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            moved
+        }
+    });
+    waiting_on_a_lock(
+        &pool,
+        &worker,
+        "the worker wrote without waiting for the host",
+    )
+    .await;
+    host.commit().await.unwrap();
+    assert!(!worker.await.unwrap(), "the row was moved under a send");
+    assert_eq!(
+        record(ids[0]).await,
+        ("sending".into(), "attempting".into(), 2)
+    );
+    // the worker first
+    let mut worker = pool.begin().await.unwrap();
+    assert!(repo::messages::mark_message_failed(
+        &mut worker,
+        tenant,
+        ids[1],
+        1,
+        "provider_rejected",
+        "refused"
+    )
+    .await
+    .unwrap());
+    let late = late_request(ids[1]);
+    waiting_on_a_lock(
+        &pool,
+        &late,
+        "the attempt began without waiting for the worker",
+    )
+    .await;
+    worker.commit().await.unwrap();
+    let begun = late.await.unwrap();
+    assert!(begun.is_empty(), "{begun:?}");
+    assert_eq!(
+        record(ids[1]).await,
+        ("failed".into(), "withdrawn".into(), 2)
+    );
+}
+
 /// The other order: a host records attempts for two `sending` rows (one past its lease, one
 /// whose worker stopped waiting 10 s ago) and has not committed when the rescuer looks at
 /// them. The rescuer waits for it, sees the attempts of the host that holds the device, and

@@ -199,12 +199,16 @@ pub async fn retake_host_send(
     Ok(res.rows_affected() == 1)
 }
 
-/// System scope, for the rescuer, in the transaction that moves these `sending` rows on (they
-/// must be locked by it, and every one of them it fences must then be moved on): writes a
-/// `withdrawn` record for the current claim of each row whose claim has no attempt recorded,
-/// or whose record is one a later claim may take over (`aborted`, `retry`, `withdrawn` of an
-/// earlier claim). A request of that claim reaching a host afterwards then starts nothing
-/// (see [`begin_host_sends`]); a later claim takes the fence over.
+/// Fences claims at the host's send record, in the transaction that moves these `sending` rows
+/// on (every row this fences must then be moved on in it): a `withdrawn` record for the row's
+/// current claim where that claim has no attempt recorded, or where the message's record is one
+/// a later claim may take over (`aborted`, `retry`, `withdrawn` of an earlier claim). A request
+/// of that claim reaching a host afterwards then starts nothing (see [`begin_host_sends`]); a
+/// later claim takes the fence over.
+///
+/// The rescuer fences the rows it locked (`tenant` and `attempt` `None`: system scope); a
+/// worker the one row of its claim, `attempt` being the row's `attempts` as its claim left it
+/// (a row no longer in that claim is not fenced, and the worker's write then matches nothing).
 ///
 /// A host inserting an attempt for one of these rows at the same moment is waited for on the
 /// primary key; its attempt is then recorded and the row is not fenced. The caller must judge
@@ -212,7 +216,9 @@ pub async fn retake_host_send(
 /// live attempt `sending`.
 pub async fn fence_unattempted_claims(
     tx: &mut PgConnection,
+    tenant: Option<Uuid>,
     message_ids: &[i64],
+    attempt: Option<i32>,
 ) -> Result<u64, RepoError> {
     if message_ids.is_empty() {
         return Ok(0);
@@ -223,6 +229,8 @@ pub async fn fence_unattempted_claims(
          SELECT bm.id, bm.tenant_id, bm.device_id, NULL, 'withdrawn', 'rescuer', bm.enqueue_count
          FROM broadcast_messages bm
          WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
+           AND ($2::uuid IS NULL OR bm.tenant_id = $2)
+           AND ($3::integer IS NULL OR bm.attempts = $3)
          ORDER BY bm.id
          ON CONFLICT (message_id) DO UPDATE
              SET state = 'withdrawn', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
@@ -236,6 +244,8 @@ pub async fn fence_unattempted_claims(
                AND host_sends.claim < EXCLUDED.claim",
     )
     .bind(message_ids)
+    .bind(tenant)
+    .bind(attempt)
     .execute(tx)
     .await?;
     Ok(res.rows_affected())

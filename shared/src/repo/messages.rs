@@ -553,6 +553,9 @@ pub async fn mark_messages_sent(
 /// left it (`SendJob::attempts`). A worker's answer that comes after the rescuer moved its row
 /// on and another worker claimed it again would otherwise end that claim, whose send may be
 /// under way. (`sent` needs no such check, see [`mark_messages_sent`].)
+///
+/// The claim is fenced at the host's send record first, and the row is left `sending` if a
+/// send of this claim was started after all (see [`NO_SEND_OF_THIS_CLAIM`]).
 pub async fn mark_message_failed(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -561,13 +564,14 @@ pub async fn mark_message_failed(
     reason: &str,
     detail: &str,
 ) -> Result<bool, RepoError> {
-    let res = sqlx::query(
-        "UPDATE broadcast_messages
+    super::host_sends::fence_unattempted_claims(tx, Some(tenant), &[id], Some(attempt)).await?;
+    let res = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE broadcast_messages bm
          SET status = CASE WHEN $3 = 'not_on_whatsapp' THEN 'skipped' ELSE 'failed' END,
              reason = $3, last_error = $4, finished_at = now(), lease_until = NULL
          WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"
-           AND attempts = $5",
-    )
+           AND attempts = $5 AND {NO_SEND_OF_THIS_CLAIM}"
+    )))
     .bind(id)
     .bind(tenant)
     .bind(reason)
@@ -588,7 +592,8 @@ pub async fn mark_message_failed(
 ///
 /// Only onto the claim `attempt` (the row's `attempts` as that claim left it), as
 /// [`mark_message_failed`]: put back to `pending` under a later claim whose send is under way,
-/// the row could be cancelled or skipped while that send goes out.
+/// the row could be cancelled or skipped while that send goes out. Fenced, and left `sending`
+/// if a send of this claim was started after all, as [`mark_message_failed`].
 #[allow(clippy::too_many_arguments)]
 pub async fn mark_message_retry(
     tx: &mut PgConnection,
@@ -600,16 +605,20 @@ pub async fn mark_message_retry(
     tried: bool,
 ) -> Result<bool, RepoError> {
     lock_campaigns_of_messages(tx, Some(tenant), &[id]).await?;
-    let res = sqlx::query(concat!(
-        "UPDATE broadcast_messages bm
+    super::host_sends::fence_unattempted_claims(tx, Some(tenant), &[id], Some(attempt)).await?;
+    let res = sqlx::query(sqlx::AssertSqlSafe(format!(
+        concat!(
+            "UPDATE broadcast_messages bm
              SET status = 'pending', due_at = $3, last_error = $4, lease_until = NULL,
                  attempts = CASE WHEN $5 THEN attempts ELSE attempts - 1 END,
                  held = ",
-        held_if_campaign_paused!(),
-        "
+            held_if_campaign_paused!(),
+            "
              WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"
-               AND attempts = $6"
-    ))
+               AND attempts = $6 AND {}"
+        ),
+        NO_SEND_OF_THIS_CLAIM
+    )))
     .bind(id)
     .bind(tenant)
     .bind(due_at)
@@ -624,6 +633,17 @@ pub async fn mark_message_retry(
     cancel_retried_messages(tx, &[id]).await?;
     Ok(true)
 }
+
+/// A `sending` row `bm` for which no send of its current claim was started: a worker's answer
+/// for its claim (a transient error, a refusal) can come from a request that never recorded an
+/// attempt (refused before it, or the host's records failed), while a late request of an
+/// earlier claim, which found the row `sending`, started one for this claim. That send decides:
+/// the row stays `sending`, and the rescuer reconciles it with the host's record. Checked after
+/// the claim was fenced, which waits for an attempt being recorded at that moment.
+const NO_SEND_OF_THIS_CLAIM: &str = "NOT EXISTS (
+    SELECT 1 FROM host_sends h
+    WHERE h.message_id = bm.id AND h.tenant_id = bm.tenant_id AND h.claim = bm.enqueue_count
+      AND h.state IN ('attempting', 'sent'))";
 
 /// Share-locks the campaigns of these rows, in id order, for a transaction that is about to put
 /// `sending` rows back to `pending`. A cancel locks its campaign (or a sequence its steps)
@@ -810,7 +830,7 @@ pub async fn reconcile_stale_sending(
     // and the statements below, each with a snapshot taken after this one, see that attempt:
     // such a row stays `sending` (renewed, or left to its host).
     let locked: Vec<i64> = stale.iter().chain(&candidates).copied().collect();
-    super::host_sends::fence_unattempted_claims(tx, &locked).await?;
+    super::host_sends::fence_unattempted_claims(tx, None, &locked, None).await?;
     let renewed = renew_live_attempts(tx, &stale, lease_s).await?;
     let mut stale: Vec<i64> = stale
         .into_iter()
