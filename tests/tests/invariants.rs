@@ -673,6 +673,20 @@ async fn a_request_reaching_the_host_after_its_row_was_moved_on_sends_nothing(po
     assert_eq!(counts.get("cancelled"), Some(&2), "{counts:?}");
 }
 
+/// Host `h` starting `attempt` on a connection of its own, as a task.
+fn host_begins(
+    pool: &PgPool,
+    attempt: repo::host_sends::NewAttempt,
+) -> tokio::task::JoinHandle<HashMap<i64, repo::host_sends::HostSendState>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut conn = pool.acquire().await.unwrap();
+        repo::host_sends::begin_host_sends(&mut conn, "h", &[attempt])
+            .await
+            .unwrap()
+    })
+}
+
 /// Waits until `task` is blocked on a row or transaction lock in this test's database (the
 /// race this sets up is then certain), and fails if it finishes first: `what` says why it
 /// should have waited.
@@ -719,16 +733,7 @@ async fn a_host_attempt_waits_for_the_rescuer_that_moves_its_row_on(pool: PgPool
         .await
         .unwrap();
     assert_eq!(r.retried, 1, "{r:?}");
-    let begin = |device: uuid::Uuid, tenant: uuid::Uuid, pid: &str| {
-        let pool = pool.clone();
-        let pid = pid.to_string();
-        tokio::spawn(async move {
-            let mut conn = pool.acquire().await.unwrap();
-            repo::host_sends::begin_host_sends(&mut conn, "h", &[(id, tenant, device, pid)])
-                .await
-                .unwrap()
-        })
-    };
+    let begin = |device, tenant, pid: &str| host_begins(&pool, (id, tenant, device, pid.into()));
     let late = begin(device, tenant, "SIM0");
     waiting_on_a_lock(
         &pool,
@@ -883,19 +888,7 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
     .execute(&pool)
     .await
     .unwrap();
-    let late_request = |id: i64| {
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let mut conn = pool.acquire().await.unwrap();
-            repo::host_sends::begin_host_sends(
-                &mut conn,
-                "h",
-                &[(id, tenant, device, format!("SIM{id}"))],
-            )
-            .await
-            .unwrap()
-        })
-    };
+    let late_request = |id: i64| host_begins(&pool, (id, tenant, device, format!("SIM{id}")));
     let record = |id: i64| {
         let pool = pool.clone();
         async move {
