@@ -673,6 +673,22 @@ async fn a_request_reaching_the_host_after_its_row_was_moved_on_sends_nothing(po
     assert_eq!(counts.get("cancelled"), Some(&2), "{counts:?}");
 }
 
+/// One message, `sending` in its first claim since 3 minutes and past its lease, no attempt
+/// recorded: the tenant, the device, the message id.
+async fn one_row_past_its_lease(pool: &PgPool, email: &str) -> (uuid::Uuid, uuid::Uuid, i64) {
+    let (tenant, device, _, ids) = one_campaign_fanned_out(pool, email, 1).await;
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 1,
+             sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 s'
+         WHERE id = $1",
+    )
+    .bind(ids[0])
+    .execute(pool)
+    .await
+    .unwrap();
+    (tenant, device, ids[0])
+}
+
 /// Host `h` starting `attempt` on a connection of its own, as a task.
 fn host_begins(
     pool: &PgPool,
@@ -717,17 +733,7 @@ async fn waiting_on_a_lock<T>(pool: &PgPool, task: &tokio::task::JoinHandle<T>, 
 /// end it. A later claim takes the fence over; that claim again, read late, starts nothing.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_host_attempt_waits_for_the_rescuer_that_moves_its_row_on(pool: PgPool) {
-    let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "meet@example.com", 1).await;
-    let id = ids[0];
-    sqlx::query(
-        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 1,
-             sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 minute'
-         WHERE id = $1",
-    )
-    .bind(id)
-    .execute(&pool)
-    .await
-    .unwrap();
+    let (tenant, device, id) = one_row_past_its_lease(&pool, "meet@example.com").await;
     let mut rescuer = pool.begin().await.unwrap();
     let r = repo::messages::reconcile_stale_sending(&mut rescuer, 5, 0.0, 100, 120.0, None)
         .await
@@ -971,6 +977,42 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
         record(ids[1]).await,
         ("failed".into(), "withdrawn".into(), 2)
     );
+}
+
+/// The rescuer's fence reads the record of an attempt under way and does not lock it: a host
+/// writing how its batch ended (here still uncommitted) is not waited for, and does not wait
+/// for the rescuer. Locked by the fence's conflict, such a record held the host's finishing
+/// write until the rescuer committed, and two of them, locked in different orders, could
+/// deadlock.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_rescuer_does_not_lock_the_record_of_a_send_under_way(pool: PgPool) {
+    let (tenant, device, id) = one_row_past_its_lease(&pool, "no-lock@example.com").await;
+    hold_device(&pool, device, "h").await;
+    let begun = host_begins(&pool, (id, tenant, device, "SIM0".into()))
+        .await
+        .unwrap();
+    assert_eq!(begun.len(), 1, "{begun:?}");
+    let mut host = pool.begin().await.unwrap();
+    repo::host_sends::finish_host_sends(&mut host, &[(id, tenant, "sent", None)])
+        .await
+        .unwrap();
+    let rescuer = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let r = repo::messages::reconcile_stale_sending(&mut tx, 5, 0.0, 100, 120.0, None)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            r
+        }
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), rescuer)
+        .await
+        .expect("the rescuer waited for the host's write")
+        .unwrap();
+    assert_eq!((r.renewed, r.retried), (1, 0), "{r:?}");
+    host.commit().await.unwrap();
 }
 
 /// The other order: a host records attempts for two `sending` rows (one past its lease, one

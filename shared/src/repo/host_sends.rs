@@ -211,7 +211,8 @@ pub async fn retake_host_send(
 /// (a row no longer in that claim is not fenced, and the worker's write then matches nothing).
 ///
 /// A host inserting an attempt for one of these rows at the same moment is waited for on the
-/// primary key; its attempt is then recorded and the row is not fenced. The caller must judge
+/// primary key; its attempt is then recorded and the row is not fenced. A record of an attempt
+/// already there is read, not locked. The caller must judge
 /// the rows after this statement (a fresh snapshot sees that attempt) and leave a row with a
 /// live attempt `sending`.
 pub async fn fence_unattempted_claims(
@@ -231,6 +232,11 @@ pub async fn fence_unattempted_claims(
          WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
            AND ($2::uuid IS NULL OR bm.tenant_id = $2)
            AND ($3::integer IS NULL OR bm.attempts = $3)
+           -- not a message with an attempt (or its end) recorded: nothing to fence, and the
+           -- conflict below would lock that record until this transaction ends, across the
+           -- host's finishing write of its batch (rows in another order: a deadlock)
+           AND NOT EXISTS (SELECT 1 FROM host_sends r WHERE r.message_id = bm.id
+                             AND r.state IN ('attempting', 'sent', 'failed'))
          ORDER BY bm.id
          ON CONFLICT (message_id) DO UPDATE
              SET state = 'withdrawn', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
