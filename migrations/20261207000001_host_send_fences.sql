@@ -16,10 +16,14 @@ ALTER TABLE host_sends ADD COLUMN claim integer NOT NULL DEFAULT 0;
 
 -- A fence that no attempt preceded has no provider message id; the claim that takes it over
 -- brings a fresh one.
+--
+-- The constraints are added NOT VALID (they hold for every write from here on) and validated in
+-- the next migration: validated here, every row would be read under this statement's lock,
+-- which blocks the hosts' writes to the table meanwhile.
 ALTER TABLE host_sends ALTER COLUMN provider_message_id DROP NOT NULL;
 ALTER TABLE host_sends ADD CONSTRAINT host_sends_provider_id_unless_withdrawn
-    CHECK (provider_message_id IS NOT NULL OR state = 'withdrawn');
+    CHECK (provider_message_id IS NOT NULL OR state = 'withdrawn') NOT VALID;
 
 ALTER TABLE host_sends DROP CONSTRAINT host_sends_state_check;
 ALTER TABLE host_sends ADD CONSTRAINT host_sends_state_check
-    CHECK (state IN ('attempting', 'sent', 'failed', 'aborted', 'retry', 'withdrawn'));
+    CHECK (state IN ('attempting', 'sent', 'failed', 'aborted', 'retry', 'withdrawn')) NOT VALID;

@@ -10,6 +10,10 @@
 //! - It says `IF NOT EXISTS`: a build that failed leaves an invalid index behind and its
 //!   migration unrecorded; `wabcast migrate` rebuilds the index and runs the migration again,
 //!   which must then skip it rather than fail.
+//! - A `CHECK` or `FOREIGN KEY` constraint added to one of [`BIG_TABLES`] is added `NOT VALID`
+//!   and validated (`VALIDATE CONSTRAINT`) in a later migration: added valid, every row is
+//!   checked under the `ALTER TABLE`'s lock, which blocks every write to the table meanwhile;
+//!   a validation of its own only blocks schema changes.
 
 /// Tables that grow with the messages or the leads.
 pub const BIG_TABLES: [&str; 5] = [
@@ -104,6 +108,30 @@ fn index_builds(code: &str) -> Vec<IndexBuild> {
     out
 }
 
+/// The big tables to which a statement adds a `CHECK` or `FOREIGN KEY` constraint that is
+/// validated at once (not `NOT VALID`).
+fn constraints_validated_at_once(code: &str) -> Vec<String> {
+    code.split(';')
+        .filter_map(|statement| {
+            let words: Vec<&str> = statement.split_whitespace().collect();
+            if words.get(..2) != Some(&["alter", "table"][..]) {
+                return None;
+            }
+            let table = words[2..]
+                .iter()
+                .find(|w| !["only", "if", "exists"].contains(w))?
+                .trim_matches('"');
+            let table = table.rsplit('.').next().unwrap_or(table).trim_matches('"');
+            let adds = statement.contains(" check") || statement.contains("foreign key");
+            (BIG_TABLES.contains(&table)
+                && statement.contains(" add ")
+                && adds
+                && !statement.contains("not valid"))
+            .then(|| table.to_string())
+        })
+        .collect()
+}
+
 /// What is wrong with one migration file (nothing for those older than [`FIRST_CHECKED`]).
 pub fn lint_migration(file_name: &str, sql: &str) -> Vec<String> {
     match version_of(file_name) {
@@ -129,6 +157,13 @@ pub fn lint_migration(file_name: &str, sql: &str) -> Vec<String> {
                  after an interrupted build"
             ));
         }
+    }
+    for table in constraints_validated_at_once(&code) {
+        problems.push(format!(
+            "{file_name}: adds a constraint to {table} that checks every row under a lock that \
+             blocks every write to it; add it NOT VALID and VALIDATE CONSTRAINT in a later \
+             migration"
+        ));
     }
     if code.contains("concurrently") {
         if !sql.starts_with("-- no-transaction") {
@@ -191,6 +226,26 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("found 2 statements")), "{p:?}");
         let again = "-- no-transaction\nCREATE INDEX CONCURRENTLY bm_x ON broadcast_messages (a)";
         assert!(lint_migration(NEW, again)[0].contains("IF NOT EXISTS"));
+    }
+
+    #[test]
+    fn a_constraint_on_a_big_table_is_added_not_valid() {
+        let valid = "ALTER TABLE host_sends ADD CONSTRAINT c CHECK (claim >= 0);";
+        let p = lint_migration(NEW, valid);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("NOT VALID"), "{p:?}");
+        let fk =
+            "ALTER TABLE ONLY public.leads ADD FOREIGN KEY (device_id) REFERENCES devices (id);";
+        assert_eq!(lint_migration(NEW, fk).len(), 1);
+        for fine in [
+            "ALTER TABLE host_sends ADD CONSTRAINT c CHECK (claim >= 0) NOT VALID;",
+            "ALTER TABLE host_sends VALIDATE CONSTRAINT c;",
+            "ALTER TABLE host_sends ADD COLUMN claim integer NOT NULL DEFAULT 0;",
+            "ALTER TABLE host_sends DROP CONSTRAINT host_sends_state_check;",
+            "ALTER TABLE devices ADD CONSTRAINT c CHECK (max_delay_s >= min_delay_s);",
+        ] {
+            assert!(lint_migration(NEW, fine).is_empty(), "{fine}");
+        }
     }
 
     #[test]
