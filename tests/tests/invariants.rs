@@ -980,10 +980,9 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
 }
 
 /// The rescuer's fence reads the record of an attempt under way and does not lock it: a host
-/// writing how its batch ended (here still uncommitted) is not waited for, and does not wait
-/// for the rescuer. Locked by the fence's conflict, such a record held the host's finishing
-/// write until the rescuer committed, and two of them, locked in different orders, could
-/// deadlock.
+/// writing how its batch ended (here still uncommitted) is not waited for. Met in the fence's
+/// conflict instead, such a record was locked until the rescuer committed, across the host's
+/// finishing write, and two of them, locked in different orders, could deadlock.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn the_rescuer_does_not_lock_the_record_of_a_send_under_way(pool: PgPool) {
     let (tenant, device, id) = one_row_past_its_lease(&pool, "no-lock@example.com").await;
