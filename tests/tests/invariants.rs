@@ -725,6 +725,21 @@ async fn waiting_on_a_lock<T>(pool: &PgPool, task: &tokio::task::JoinHandle<T>, 
     }
 }
 
+/// A host's attempt `late`, asked while `mover` (a transaction that moved its row on) is open,
+/// waits for `mover` and, once it committed, starts nothing.
+async fn starts_nothing_after(
+    pool: &PgPool,
+    late: tokio::task::JoinHandle<HashMap<i64, repo::host_sends::HostSendState>>,
+    mover: sqlx::Transaction<'_, sqlx::Postgres>,
+    who: &str,
+) {
+    let what = format!("the attempt began without waiting for {who}");
+    waiting_on_a_lock(pool, &late, &what).await;
+    mover.commit().await.unwrap();
+    let begun = late.await.unwrap();
+    assert!(begun.is_empty(), "{begun:?}");
+}
+
 /// The host's attempt and the rescuer meet at the host's send record, whatever each read of
 /// the row. Here the rescuer moves a row on first (back to `pending`, no attempt recorded): a
 /// host asking meanwhile, whose snapshot still shows the row `sending`, waits for the
@@ -741,15 +756,7 @@ async fn a_host_attempt_waits_for_the_rescuer_that_moves_its_row_on(pool: PgPool
     assert_eq!(r.retried, 1, "{r:?}");
     let begin = |device, tenant, pid: &str| host_begins(&pool, (id, tenant, device, pid.into()));
     let late = begin(device, tenant, "SIM0");
-    waiting_on_a_lock(
-        &pool,
-        &late,
-        "the attempt began without waiting for the rescuer",
-    )
-    .await;
-    rescuer.commit().await.unwrap();
-    let states = late.await.unwrap();
-    assert!(states.is_empty(), "{states:?}");
+    starts_nothing_after(&pool, late, rescuer, "the rescuer").await;
     let record: (String, i32) =
         sqlx::query_as("SELECT state, claim FROM host_sends WHERE message_id = $1")
             .bind(id)
@@ -963,16 +970,7 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
     )
     .await
     .unwrap());
-    let late = late_request(ids[1]);
-    waiting_on_a_lock(
-        &pool,
-        &late,
-        "the attempt began without waiting for the worker",
-    )
-    .await;
-    worker.commit().await.unwrap();
-    let begun = late.await.unwrap();
-    assert!(begun.is_empty(), "{begun:?}");
+    starts_nothing_after(&pool, late_request(ids[1]), worker, "the worker").await;
     assert_eq!(
         record(ids[1]).await,
         ("failed".into(), "withdrawn".into(), 2)
