@@ -209,6 +209,7 @@ pub async fn retake_host_send(
 /// The rescuer fences the rows it locked (`tenant` and `attempt` `None`: system scope); a
 /// worker the one row of its claim, `attempt` being the row's `attempts` as its claim left it
 /// (a row no longer in that claim is not fenced, and the worker's write then matches nothing).
+/// Either way the rows are locked here before their records, the rescuer's order.
 ///
 /// A host inserting an attempt for one of these rows at the same moment is waited for on the
 /// primary key; its attempt is then recorded and the row is not fenced. A record of an attempt
@@ -238,6 +239,9 @@ pub async fn fence_unattempted_claims(
            AND NOT EXISTS (SELECT 1 FROM host_sends r WHERE r.message_id = bm.id
                              AND r.state IN ('attempting', 'sent', 'failed'))
          ORDER BY bm.id
+         -- the message row before its record, as the rescuer locks them (a worker's fence
+         -- taking the record first could deadlock with a rescuer holding the row)
+         FOR UPDATE OF bm
          ON CONFLICT (message_id) DO UPDATE
              SET state = 'withdrawn', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
                  claim = EXCLUDED.claim,
