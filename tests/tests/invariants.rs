@@ -1671,6 +1671,65 @@ async fn an_outcome_write_that_keeps_being_aborted_is_left_to_the_rescuer(pool: 
     eight_sent_once_each(&pool, tenant, campaign, &host).await;
 }
 
+/// Makes PostgreSQL abort, as a deadlock victim, the first `aborts` of the host's statements
+/// that write a send record for which `when` holds (`BEFORE INSERT OR UPDATE`, row level: the
+/// first such row aborts its whole statement), counted in the sequence `host_writes_<name>`.
+async fn abort_host_record_writes(pool: &PgPool, name: &str, when: &str, aborts: i64) {
+    for sql in [
+        format!("CREATE SEQUENCE host_writes_{name}"),
+        format!(
+            "CREATE FUNCTION abort_host_writes_{name}() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval('host_writes_{name}') <= {aborts} THEN
+                     RAISE EXCEPTION 'deadlock detected (injected by the test)'
+                         USING ERRCODE = '40P01';
+                 END IF;
+                 RETURN NEW;
+             END $$"
+        ),
+        format!(
+            "CREATE TRIGGER abort_host_writes_{name} BEFORE INSERT OR UPDATE ON host_sends
+             FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION abort_host_writes_{name}()"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+/// The host's two writes of a batch, its attempt records and its outcome records, are run again
+/// when PostgreSQL aborts them as deadlock victims (the rescuer's fences meet them on the
+/// records' key). Given up on, an aborted attempt record sends the batch back to its worker as
+/// a transient failure, and an aborted outcome leaves the records `attempting`: a send that may
+/// be under way, for which a worker's retry leaves its row `sending` and the rescuer keeps
+/// renewing it for up to ten minutes.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_hosts_record_writes_aborted_as_deadlock_victims_are_run_again(pool: PgPool) {
+    let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue(&pool).await;
+    abort_host_record_writes(&pool, "attempting", "NEW.state = 'attempting'", 1).await;
+    abort_host_record_writes(&pool, "sent", "NEW.state = 'sent'", 1).await;
+    let out = message_worker::handle(shared::queue::to_sqs_event(&msgs, "arn"), &p.worker).await;
+    assert!(out.batch_item_failures.is_empty(), "{out:?}");
+    for name in ["attempting", "sent"] {
+        let writes: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT last_value FROM host_writes_{name}"
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        // The aborted row, then all eight of the statement run again.
+        assert_eq!(writes, 9, "{name}");
+    }
+    let states: Vec<String> = sqlx::query_scalar("SELECT state FROM host_sends")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(states, vec!["sent"; 8]);
+    eight_sent_once_each(&pool, tenant, campaign, &host).await;
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_host_that_died_mid_send_resumes_with_the_same_id_and_sends_once(pool: PgPool) {
     let tenant = seed_tenant(&pool, "t@example.com").await;

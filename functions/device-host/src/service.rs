@@ -581,11 +581,15 @@ impl Host {
             })
             .collect();
         // One statement in autocommit on the durable pool: committed, WAL flushed, before any
-        // provider call (one round trip instead of begin, insert, commit).
-        let mut conn = self.pool.acquire().await.map_err(SendError::internal)?;
-        let mut states =
-            repo::host_sends::begin_host_sends(&mut conn, &self.host_id, &attempts).await?;
-        drop(conn);
+        // provider call (one round trip instead of begin, insert, commit). Run again when
+        // PostgreSQL aborts it as a deadlock victim (it meets a rescuer's fences on the
+        // records' key): an aborted statement recorded nothing, and giving up would send the
+        // whole batch back to its worker as a transient failure.
+        let mut states = repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record attempts", || async {
+            let mut conn = self.pool.acquire().await?;
+            repo::host_sends::begin_host_sends(&mut conn, &self.host_id, &attempts).await
+        })
+        .await?;
         let mut kept = Vec::new();
         for mut p in work.drain(..) {
             let r = &reqs[p.index];
@@ -760,7 +764,10 @@ impl Host {
 
     /// Records outcomes in one statement on the relaxed pool: a lost
     /// `sent` is found again through the provider's was_sent, a lost `failed`/`aborted` only
-    /// means one more attempt.
+    /// means one more attempt. Run again when PostgreSQL aborts it as a deadlock victim: a
+    /// record left `attempting` says a send may be under way, so the worker's retry or
+    /// `failed` for its claim leaves the row `sending`, and the rescuer keeps renewing it
+    /// (`LIVE_ATTEMPT_MAX_S`) while this host holds the device.
     async fn finish(
         &self,
         finished: &[(i64, Uuid, &str, Option<String>)],
@@ -772,12 +779,11 @@ impl Host {
             .iter()
             .map(|(id, t, s, e)| (*id, *t, *s, e.as_deref()))
             .collect();
-        let mut conn = self
-            .relaxed_pool
-            .acquire()
-            .await
-            .map_err(SendError::internal)?;
-        repo::host_sends::finish_host_sends(&mut conn, &rows).await?;
+        repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record outcomes", || async {
+            let mut conn = self.relaxed_pool.acquire().await?;
+            repo::host_sends::finish_host_sends(&mut conn, &rows).await
+        })
+        .await?;
         Ok(())
     }
 
