@@ -870,6 +870,43 @@ async fn a_fence_over_an_earlier_claims_record_holds_for_its_claim_only(pool: Pg
     assert_eq!(owned(ids[1]), format!("p-new-{}", ids[1]));
 }
 
+/// A worker's retry (`device_offline`) of claim 1 of row `id`, in a transaction of its own, as a
+/// task.
+fn worker_retries(
+    pool: &PgPool,
+    tenant: uuid::Uuid,
+    id: i64,
+) -> tokio::task::JoinHandle<Result<bool, repo::RepoError>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut tx = pool.begin().await?;
+        let moved = repo::messages::mark_message_retry(
+            &mut tx,
+            tenant,
+            id,
+            1,
+            chrono::Utc::now(),
+            "device_offline",
+            true,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(moved)
+    })
+}
+
+/// Row `id`'s status, and its send record's state and claim.
+async fn row_and_record(pool: &PgPool, id: i64) -> (String, String, i32) {
+    sqlx::query_as(
+        "SELECT bm.status, h.state, h.claim FROM broadcast_messages bm
+         JOIN host_sends h ON h.message_id = bm.id WHERE bm.id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// A worker's outcome for its claim and a late request of an earlier claim that found the row
 /// `sending` meet at the fence too. The worker's answer came from a request that recorded no
 /// attempt (refused before it), so only the fence stands between the two. A send the late
@@ -902,20 +939,6 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
     .await
     .unwrap();
     let late_request = |id: i64| host_begins(&pool, (id, tenant, device, format!("SIM{id}")));
-    let record = |id: i64| {
-        let pool = pool.clone();
-        async move {
-            let row: (String, String, i32) = sqlx::query_as(
-                "SELECT bm.status, h.state, h.claim FROM broadcast_messages bm
-                 JOIN host_sends h ON h.message_id = bm.id WHERE bm.id = $1",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            row
-        }
-    };
     // the late request first
     let mut host = pool.begin().await.unwrap();
     let begun = repo::host_sends::begin_host_sends(
@@ -926,26 +949,7 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
     .await
     .unwrap();
     assert_eq!(begun.len(), 1, "{begun:?}");
-    let worker = tokio::spawn({
-        let pool = pool.clone();
-        let id = ids[0];
-        async move {
-            let mut tx = pool.begin().await.unwrap();
-            let moved = repo::messages::mark_message_retry(
-                &mut tx,
-                tenant,
-                id,
-                1,
-                chrono::Utc::now(),
-                "device_offline",
-                true,
-            )
-            .await
-            .unwrap();
-            tx.commit().await.unwrap();
-            moved
-        }
-    });
+    let worker = worker_retries(&pool, tenant, ids[0]);
     waiting_on_a_lock(
         &pool,
         &worker,
@@ -953,9 +957,12 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
     )
     .await;
     host.commit().await.unwrap();
-    assert!(!worker.await.unwrap(), "the row was moved under a send");
+    assert!(
+        !worker.await.unwrap().unwrap(),
+        "the row was moved under a send"
+    );
     assert_eq!(
-        record(ids[0]).await,
+        row_and_record(&pool, ids[0]).await,
         ("sending".into(), "attempting".into(), 2)
     );
     // the worker first
@@ -972,8 +979,45 @@ async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(poo
     .unwrap());
     starts_nothing_after(&pool, late_request(ids[1]), worker, "the worker").await;
     assert_eq!(
-        record(ids[1]).await,
+        row_and_record(&pool, ids[1]).await,
         ("failed".into(), "withdrawn".into(), 2)
+    );
+}
+
+/// A worker's fence locks its message row before the row's send record, in the rescuer's order:
+/// a worker writing its claim's outcome while the rescuer holds the row (locked by its first
+/// statement, past the lease) waits for the row and holds nothing the rescuer's own fence of
+/// that row needs next. Taking the record first (inserting its fence) and then waiting for the
+/// row, the worker held that record's key: the rescuer's fence waited for the worker, the
+/// worker for the rescuer, and PostgreSQL aborted one of the two.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_workers_fence_waits_for_the_rescuers_row_before_taking_its_record(pool: PgPool) {
+    let (tenant, _, id) = one_row_past_its_lease(&pool, "order@example.com").await;
+    let mut rescuer = pool.begin().await.unwrap();
+    let locked: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM broadcast_messages WHERE status = 'sending' AND lease_until < now()
+         FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_all(&mut *rescuer)
+    .await
+    .unwrap();
+    assert_eq!(locked, vec![id]);
+    let worker = worker_retries(&pool, tenant, id);
+    waiting_on_a_lock(
+        &pool,
+        &worker,
+        "the worker did not wait for the rescuer's row",
+    )
+    .await;
+    repo::host_sends::fence_unattempted_claims(&mut rescuer, None, &locked, None)
+        .await
+        .expect("the rescuer's fence, with the worker waiting");
+    rescuer.commit().await.unwrap();
+    let moved = worker.await.unwrap().expect("the worker's outcome write");
+    assert!(moved, "nothing was attempted: the retry goes through");
+    assert_eq!(
+        row_and_record(&pool, id).await,
+        ("pending".into(), "withdrawn".into(), 1)
     );
 }
 
