@@ -220,25 +220,20 @@ async fn receipts_are_written_back_and_never_move_backwards(pool: PgPool) {
     assert_eq!(n, 0);
 }
 
-/// The host's outcome record is a HOT update (no index entry written), as its attempt record
-/// and the outcome come in transactions of their own: the update changes no indexed column, and
-/// the page has room for the new version once earlier records' old versions are pruned, at the
-/// default fillfactor (measured in a scratch table, 50,000 records: 97.6 % HOT; with half of
-/// each page kept free, 100 % but a heap of 15 MB instead of 9.4, so the table keeps its
-/// default). An index on a column the outcome writes (`state`, `updated_at`, `error`) would make
-/// every outcome write an entry in every index. Written as the hosts write them: batches of 10,
-/// each batch's outcomes a few batches after its attempts.
+/// The host's outcome record is written as a HOT update (no new entry in any index): it changes
+/// no indexed column. An index on a column the outcome writes (`state`, `updated_at`, `error`)
+/// would make every outcome write an entry in every index of `host_sends`. Checked on records
+/// whose page has room for their second version, so that the answer does not depend on when
+/// old versions are pruned (which transactions open anywhere on the server delay: a test of
+/// 2,000 records in the hosts' pattern saw 1,988 HOT alone and as few as 80 under CI's load).
+/// How many are HOT in the running pipeline is `pipeline-bench`'s figure: 88–91 % on 12-07.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn the_hosts_outcome_records_are_written_without_index_entries(pool: PgPool) {
     let tenant = seed_tenant(&pool, "a@example.com").await;
     let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
-    seed_leads(&pool, tenant, d, 0, 2_000, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, d, 0, 10, "cars", LeadStatus::Prospect).await;
     seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    let host = TestHost::start(&pool, quiet_sim()).await;
-    Pipeline::new(&pool, test_queue(5).await, &host)
-        .trigger()
-        .await;
-    drop(host);
+    fan_out(&pool).await;
     let ids: Vec<i64> = sqlx::query_scalar(
         "UPDATE broadcast_messages SET status = 'sending', enqueue_count = 1, attempts = 1
          RETURNING id",
@@ -246,45 +241,38 @@ async fn the_hosts_outcome_records_are_written_without_index_entries(pool: PgPoo
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(ids.len(), 2_000);
+    assert_eq!(ids.len(), 10);
     // One connection for every write, so that its statistics can be flushed at once.
     let mut conn = pool.acquire().await.unwrap();
-    let batches: Vec<&[i64]> = ids.chunks(10).collect();
-    for (i, batch) in batches.iter().enumerate() {
-        let attempts: Vec<repo::host_sends::NewAttempt> = batch
-            .iter()
-            .map(|id| (*id, tenant, d, format!("SIM{id:012}")))
-            .collect();
-        let begun = repo::host_sends::begin_host_sends(&mut conn, "h", &attempts)
-            .await
-            .unwrap();
-        assert_eq!(begun.len(), batch.len());
-        if i >= 3 {
-            finish(&mut conn, tenant, batches[i - 3]).await;
-        }
-    }
-    for batch in &batches[batches.len() - 3..] {
-        finish(&mut conn, tenant, batch).await;
-    }
+    let attempts: Vec<repo::host_sends::NewAttempt> = ids
+        .iter()
+        .map(|id| (*id, tenant, d, format!("SIM{id:012}")))
+        .collect();
+    let begun = repo::host_sends::begin_host_sends(&mut conn, "h", &attempts)
+        .await
+        .unwrap();
+    assert_eq!(begun.len(), 10);
+    let rows: Vec<repo::host_sends::FinishedAttempt<'_>> =
+        ids.iter().map(|id| (*id, tenant, "sent", None)).collect();
+    repo::host_sends::finish_host_sends(&mut conn, &rows)
+        .await
+        .unwrap();
     // Reported at the end of the next transaction, then read in a fresh snapshot.
     sqlx::query("SELECT pg_stat_force_next_flush()")
         .execute(&mut *conn)
         .await
         .unwrap();
-    let (updates, hot): (i64, i64) = sqlx::query_as(
-        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'host_sends'",
+    let (updates, hot, pages): (i64, i64, i64) = sqlx::query_as(
+        "SELECT n_tup_upd, n_tup_hot_upd, pg_relation_size('host_sends') / 8192
+         FROM pg_stat_user_tables WHERE relname = 'host_sends'",
     )
     .fetch_one(&mut *conn)
     .await
     .unwrap();
-    assert_eq!(updates, 2_000);
-    assert!(hot >= 1_900, "{hot} of {updates} outcome records were HOT");
-}
-
-async fn finish(conn: &mut sqlx::PgConnection, tenant: uuid::Uuid, batch: &[i64]) {
-    let rows: Vec<repo::host_sends::FinishedAttempt<'_>> =
-        batch.iter().map(|id| (*id, tenant, "sent", None)).collect();
-    repo::host_sends::finish_host_sends(conn, &rows)
-        .await
-        .unwrap();
+    assert_eq!(pages, 1, "the records and their outcomes share one page");
+    assert_eq!(
+        (updates, hot),
+        (10, 10),
+        "outcome records written as HOT updates"
+    );
 }
