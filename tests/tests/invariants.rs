@@ -1034,7 +1034,7 @@ async fn the_rescuer_does_not_lock_the_record_of_a_send_under_way(pool: PgPool) 
         .unwrap();
     assert_eq!(begun.len(), 1, "{begun:?}");
     let mut host = pool.begin().await.unwrap();
-    repo::host_sends::finish_host_sends(&mut host, &[(id, tenant, "sent", None)])
+    repo::host_sends::finish_host_sends(&mut host, Some("h"), &[(id, tenant, "sent", None)])
         .await
         .unwrap();
     let rescuer = tokio::spawn({
@@ -1772,6 +1772,133 @@ async fn the_hosts_record_writes_aborted_as_deadlock_victims_are_run_again(pool:
         .unwrap();
     assert_eq!(states, vec!["sent"; 8]);
     eight_sent_once_each(&pool, tenant, campaign, &host).await;
+}
+
+/// The host's outcome records refused by the database (unreachable for a while: a failover)
+/// are written again in the background until it takes them, and the messages stay in flight on
+/// the host meanwhile: a repeated request is answered `in_progress`, not settled through the
+/// provider (the Cloud API's cannot tell, and would fail a message that went out as
+/// `outcome_unknown`). Only logged, as they were, the records stayed `attempting` for good, and
+/// a row whose worker could not write `sent` either was kept `sending` by the rescuer for ten
+/// minutes, then taken for hung.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_hosts_outcomes_refused_by_the_database_are_written_once_it_is_back(pool: PgPool) {
+    let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue(&pool).await;
+    for sql in [
+        "CREATE TABLE outage (since timestamptz)",
+        "INSERT INTO outage VALUES (now())",
+        "CREATE FUNCTION refuse_outcomes() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM outage) THEN
+                 RAISE EXCEPTION 'terminating connection: failing over (injected by the test)'
+                     USING ERRCODE = '57P01';
+             END IF;
+             RETURN NEW;
+         END $$",
+        "CREATE TRIGGER refuse_outcomes BEFORE UPDATE ON host_sends
+         FOR EACH ROW WHEN (NEW.state <> 'attempting') EXECUTE FUNCTION refuse_outcomes()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let out = message_worker::handle(shared::queue::to_sqs_event(&msgs, "arn"), &p.worker).await;
+    assert!(out.batch_item_failures.is_empty(), "{out:?}");
+    // The worker had the host's answers; the host's records are still to be written.
+    eight_sent_once_each(&pool, tenant, campaign, &host).await;
+    let states = || async {
+        sqlx::query_scalar::<_, String>("SELECT state FROM host_sends ORDER BY message_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(states().await, vec!["attempting"; 8]);
+    assert_eq!(host.running.host.unrecorded_outcomes(), 8);
+
+    let row = &repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap()[0];
+    let again = shared::host_api::SendRequest {
+        message_id: row.id,
+        tenant_id: tenant,
+        device_id: row.device_id,
+        to: row.recipient.clone(),
+        text: row.body.clone(),
+        image: None,
+        template: None,
+    };
+    let err = host.running.host.send(&again).await.unwrap_err();
+    assert_eq!(err.code, shared::host_api::code::IN_PROGRESS, "{err:?}");
+
+    sqlx::query("DELETE FROM outage")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let written = tokio::time::timeout(Duration::from_secs(30), async {
+        while states().await != vec!["sent"; 8] {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(written.is_ok(), "records: {:?}", states().await);
+    assert_eq!(
+        host.running
+            .host
+            .outcomes_recorded(Duration::from_secs(5))
+            .await,
+        0
+    );
+    let dup = host.running.host.send(&again).await.unwrap();
+    assert!(dup.duplicate, "{dup:?}");
+    eight_sent_once_each(&pool, tenant, campaign, &host).await;
+}
+
+/// (state, host) of a message's send record.
+async fn host_record(conn: &mut sqlx::PgConnection, id: i64) -> (String, String) {
+    sqlx::query_as("SELECT state, host_id FROM host_sends WHERE message_id = $1")
+        .bind(id)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// A host's outcome written late (see the test above) lands only on its own attempt still under
+/// way: once another host has taken the attempt over (it took the device, and its provider said
+/// the message had not gone out), the first host's `aborted` must not end it, or a later claim
+/// could take the record over and start a second send beside the one under way.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_late_outcome_does_not_end_an_attempt_another_host_took_over(pool: PgPool) {
+    let (tenant, device, id) = one_row_past_its_lease(&pool, "late@example.com").await;
+    hold_device(&pool, device, "h").await;
+    let begun = host_begins(&pool, (id, tenant, device, "SIM0".into()))
+        .await
+        .unwrap();
+    assert_eq!(begun.len(), 1, "{begun:?}");
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(
+        repo::host_sends::retake_host_send(&mut conn, tenant, id, "other")
+            .await
+            .unwrap()
+    );
+    // (owner writing, outcome written) → (state, host) of the record afterwards.
+    for (writer, outcome, want) in [
+        ("h", "aborted", ("attempting", "other")),
+        ("other", "sent", ("sent", "other")),
+        // Written again (its first write did land), it changes nothing.
+        ("other", "aborted", ("sent", "other")),
+    ] {
+        repo::host_sends::finish_host_sends(
+            &mut conn,
+            Some(writer),
+            &[(id, tenant, outcome, None)],
+        )
+        .await
+        .unwrap();
+        let (state, host) = host_record(&mut conn, id).await;
+        assert_eq!(
+            (state.as_str(), host.as_str()),
+            want,
+            "{writer} wrote {outcome}"
+        );
+    }
 }
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]

@@ -254,7 +254,7 @@ async fn the_hosts_outcome_records_are_written_without_index_entries(pool: PgPoo
     assert_eq!(begun.len(), 10);
     let rows: Vec<repo::host_sends::FinishedAttempt<'_>> =
         ids.iter().map(|id| (*id, tenant, "sent", None)).collect();
-    repo::host_sends::finish_host_sends(&mut conn, &rows)
+    repo::host_sends::finish_host_sends(&mut conn, Some("h"), &rows)
         .await
         .unwrap();
     // Reported at the end of the next transaction, then read in a fresh snapshot.

@@ -101,6 +101,8 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
         "status": "ok",
         "host_id": state.host.host_id,
         "devices": state.host.device_count(),
+        // Send outcomes the database has not taken yet (written again in the background).
+        "unrecorded_outcomes": state.host.unrecorded_outcomes(),
     }))
 }
 

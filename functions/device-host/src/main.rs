@@ -31,8 +31,14 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         r = running.server => r?,
         _ = stop_signal() => {
-            // Hand the devices over at once instead of after their leases run out.
+            // Hand the devices over at once instead of after their leases run out, once the
+            // outcomes still being written again have landed (or ten seconds have passed).
             running.leases.abort();
+            let left = running.host.outcomes_recorded(std::time::Duration::from_secs(10)).await;
+            if left > 0 {
+                tracing::warn!(outcomes = left, "stopping with send outcomes unrecorded: \
+                    their records stay `attempting`, resolved through the provider");
+            }
             match running.host.release_all().await {
                 Ok(n) => tracing::info!(devices = n, "stopping: devices released"),
                 Err(e) => tracing::warn!(error = %e, "stopping: could not release devices"),

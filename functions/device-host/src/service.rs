@@ -14,10 +14,11 @@ use shared::media::{ImageFetcher, ImageSource};
 use shared::repo::{self, host_sends::HostSendState, messages::Receipt, RepoError};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 /// An error the API turns into a status code and an `ErrorBody`.
@@ -69,7 +70,10 @@ pub struct Host {
     pub host_id: String,
     providers: HashMap<ProviderKind, Arc<dyn Provider>>,
     devices: RwLock<HashMap<Uuid, DeviceRef>>,
-    in_flight: Mutex<HashSet<i64>>,
+    /// Message ids whose send is under way here, or whose outcome is still to be recorded.
+    in_flight: Arc<Mutex<HashSet<i64>>>,
+    /// Outcomes the database did not take yet, written again in the background.
+    unrecorded: Arc<AtomicUsize>,
     fetcher: ImageFetcher,
     images: Mutex<HashMap<String, (Instant, ResolvedImage)>>,
     /// How long a device lease lasts without renewal (renewed every third of it).
@@ -172,14 +176,46 @@ impl Attempt {
     }
 }
 
-/// Removes a message id from the in-flight set however the send ends.
-struct InFlight<'a>(&'a Host, i64);
-impl Drop for InFlight<'_> {
+/// Removes a message id from the in-flight set however the send ends (or, when its outcome is
+/// written again in the background, once that is done).
+struct InFlight(Arc<Mutex<HashSet<i64>>>, i64);
+impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.0.in_flight.lock() {
+        if let Ok(mut s) = self.0.lock() {
             s.remove(&self.1);
         }
     }
+}
+
+/// (message id, tenant, `sent` | `failed` | `aborted`, reason or detail) of one attempt.
+type Outcome = (i64, Uuid, &'static str, Option<String>);
+
+/// A refused outcome write is tried again after this, then after twice as long each time, up
+/// to [`OUTCOME_RETRY_EVERY`] apart, for [`OUTCOME_RETRY_MAX`].
+const OUTCOME_RETRY_FIRST: Duration = Duration::from_millis(200);
+const OUTCOME_RETRY_EVERY: Duration = Duration::from_secs(5);
+/// As long as the rescuer takes an `attempting` record for a live attempt
+/// ([`repo::messages::LIVE_ATTEMPT_MAX_S`]); it reconciles the row after that anyway.
+const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(repo::messages::LIVE_ATTEMPT_MAX_S as u64);
+
+/// One statement, run again when PostgreSQL aborts it as a deadlock victim.
+async fn write_outcomes(
+    pool: &PgPool,
+    owner: Option<&str>,
+    finished: &[Outcome],
+) -> Result<(), RepoError> {
+    if finished.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<repo::host_sends::FinishedAttempt<'_>> = finished
+        .iter()
+        .map(|(id, t, s, e)| (*id, *t, *s, e.as_deref()))
+        .collect();
+    repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record outcomes", || async {
+        let mut conn = pool.acquire().await?;
+        repo::host_sends::finish_host_sends(&mut conn, owner, &rows).await
+    })
+    .await
 }
 
 const IMAGE_CACHE_TTL: Duration = Duration::from_secs(600);
@@ -202,7 +238,8 @@ impl Host {
             host_id,
             providers: providers.into_iter().map(|p| (p.kind(), p)).collect(),
             devices: RwLock::new(HashMap::new()),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
+            unrecorded: Arc::new(AtomicUsize::new(0)),
             fetcher,
             images: Mutex::new(HashMap::new()),
             lease_ttl: Duration::from_secs(30),
@@ -424,7 +461,7 @@ impl Host {
                 Err(e) => results[index] = Some(Err(e)),
             }
         }
-        let _guards = self.claim_in_flight(reqs, &mut work, &mut results);
+        let guards = self.claim_in_flight(reqs, &mut work, &mut results);
         if let Err(e) = self.begin(reqs, &mut work, &mut results).await {
             for p in work.drain(..) {
                 results[p.index] = Some(Err(e.clone()));
@@ -446,17 +483,21 @@ impl Host {
                 .await;
         let outcomes: Vec<(usize, Attempt)> = sent.into_iter().flatten().collect();
 
-        let finished: Vec<(i64, Uuid, &'static str, Option<String>)> = outcomes
+        let finished: Vec<Outcome> = outcomes
             .iter()
             .map(|(i, a)| {
                 let (state, error) = a.record();
                 (reqs[*i].message_id, reqs[*i].tenant_id, state, error)
             })
             .collect();
-        if let Err(e) = self.finish(&finished).await {
-            // The provider already answered: report what it said. The records stay
-            // 'attempting'; a repeat request resolves them through the provider's was_sent.
-            warn!(error = ?e, "could not record send outcomes");
+        if let Err(e) = self.finish(Some(&self.host_id), &finished).await {
+            // The provider already answered: report what it said, and write the outcomes
+            // again until the database takes them, their messages in flight here meanwhile.
+            warn!(error = ?e, outcomes = finished.len(),
+                  "could not record send outcomes; writing them again in the background");
+            let ids: HashSet<i64> = finished.iter().map(|f| f.0).collect();
+            let held = guards.into_iter().filter(|g| ids.contains(&g.1)).collect();
+            self.finish_later(finished, held);
         }
         for (i, a) in outcomes {
             results[i] = Some(a.into_result());
@@ -529,7 +570,7 @@ impl Host {
         reqs: &[SendRequest],
         work: &mut Vec<Pending>,
         results: &mut [Option<Result<SendResponse, SendError>>],
-    ) -> Vec<InFlight<'_>> {
+    ) -> Vec<InFlight> {
         let mut guards = Vec::new();
         let mut kept = Vec::new();
         for p in work.drain(..) {
@@ -537,7 +578,7 @@ impl Host {
             let inserted = self.in_flight.lock().map(|mut s| s.insert(id));
             match inserted {
                 Ok(true) => {
-                    guards.push(InFlight(self, id));
+                    guards.push(InFlight(self.in_flight.clone(), id));
                     kept.push(p);
                 }
                 Ok(false) => {
@@ -631,12 +672,15 @@ impl Host {
                         let known = p.provider.was_sent(&p.device, &provider_message_id).await;
                         if known.is_none() {
                             // The provider cannot tell: a resend could be a second send.
-                            self.finish(&[(
-                                r.message_id,
-                                r.tenant_id,
-                                "failed",
-                                Some(reason::OUTCOME_UNKNOWN.into()),
-                            )])
+                            self.finish(
+                                None,
+                                &[(
+                                    r.message_id,
+                                    r.tenant_id,
+                                    "failed",
+                                    Some(reason::OUTCOME_UNKNOWN.into()),
+                                )],
+                            )
                             .await?;
                             results[p.index] = Some(Err(SendError::permanent(
                                 422,
@@ -645,7 +689,7 @@ impl Host {
                                  whether it went out; not resent (retry it deliberately)",
                             )));
                         } else if known == Some(true) {
-                            self.finish(&[(r.message_id, r.tenant_id, "sent", None)])
+                            self.finish(None, &[(r.message_id, r.tenant_id, "sent", None)])
                                 .await?;
                             results[p.index] = Some(Ok(SendResponse {
                                 provider_message_id,
@@ -767,24 +811,69 @@ impl Host {
     /// means one more attempt. Run again when PostgreSQL aborts it as a deadlock victim: a
     /// record left `attempting` says a send may be under way, so the worker's retry or
     /// `failed` for its claim leaves the row `sending`, and the rescuer keeps renewing it
-    /// (`LIVE_ATTEMPT_MAX_S`) while this host holds the device.
-    async fn finish(
-        &self,
-        finished: &[(i64, Uuid, &str, Option<String>)],
-    ) -> Result<(), SendError> {
-        if finished.is_empty() {
-            return Ok(());
+    /// (`LIVE_ATTEMPT_MAX_S`) while this host holds the device. `owner`: see
+    /// [`repo::host_sends::finish_host_sends`].
+    async fn finish(&self, owner: Option<&str>, finished: &[Outcome]) -> Result<(), SendError> {
+        Ok(write_outcomes(&self.relaxed_pool, owner, finished).await?)
+    }
+
+    /// Writes this host's outcomes that the database did not take (unreachable, failing over)
+    /// again in the background, every few seconds, until it takes them, for at most
+    /// [`OUTCOME_RETRY_MAX`]. Their messages stay in flight here meanwhile (`guards`): a
+    /// repeated request is answered `in_progress` instead of being settled through the
+    /// provider, which may not be able to tell (the Cloud API cannot) and would then fail a
+    /// message that went out as `outcome_unknown`. Left `attempting`, the records keep the
+    /// rows `sending` (the rescuer renews a live attempt's row) and, once the database is back,
+    /// the rescuer finds them `sent` instead of taking them for hung after ten minutes.
+    fn finish_later(&self, finished: Vec<Outcome>, guards: Vec<InFlight>) {
+        let pool = self.relaxed_pool.clone();
+        let host_id = self.host_id.clone();
+        let unrecorded = self.unrecorded.clone();
+        unrecorded.fetch_add(finished.len(), Ordering::Relaxed);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut wait = OUTCOME_RETRY_FIRST;
+            loop {
+                tokio::time::sleep(wait).await;
+                match write_outcomes(&pool, Some(&host_id), &finished).await {
+                    Ok(()) => {
+                        info!(
+                            outcomes = finished.len(),
+                            after_s = started.elapsed().as_secs_f64(),
+                            "send outcomes recorded"
+                        );
+                        break;
+                    }
+                    Err(e) if started.elapsed() >= OUTCOME_RETRY_MAX => {
+                        error!(error = %e, outcomes = finished.len(),
+                               "gave up recording send outcomes: their records stay \
+                                `attempting`, resolved through the provider on a repeat request");
+                        break;
+                    }
+                    Err(_) => wait = (wait * 2).min(OUTCOME_RETRY_EVERY),
+                }
+            }
+            unrecorded.fetch_sub(finished.len(), Ordering::Relaxed);
+            drop(guards);
+        });
+    }
+
+    /// How many send outcomes are waiting to be written again (see [`Host::finish_later`]).
+    pub fn unrecorded_outcomes(&self) -> usize {
+        self.unrecorded.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `within` for the outcomes being written again to land (a host stopping
+    /// hands its devices over after this). Returns how many are still unwritten.
+    pub async fn outcomes_recorded(&self, within: Duration) -> usize {
+        let until = Instant::now() + within;
+        loop {
+            let left = self.unrecorded_outcomes();
+            if left == 0 || Instant::now() >= until {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let rows: Vec<repo::host_sends::FinishedAttempt<'_>> = finished
-            .iter()
-            .map(|(id, t, s, e)| (*id, *t, *s, e.as_deref()))
-            .collect();
-        repo::retry_aborted(repo::ABORTED_ATTEMPTS, "record outcomes", || async {
-            let mut conn = self.relaxed_pool.acquire().await?;
-            repo::host_sends::finish_host_sends(&mut conn, &rows).await
-        })
-        .await?;
-        Ok(())
     }
 
     /// `media:<id>` from PostgreSQL (the tenant's only) or an https URL through the guarded

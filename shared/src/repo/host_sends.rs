@@ -142,8 +142,17 @@ pub async fn begin_host_sends(
 pub type FinishedAttempt<'a> = (i64, Uuid, &'a str, Option<&'a str>);
 
 /// Records how a batch of attempts ended: `sent`, `failed` (with a reason) or `aborted` (not sent).
+///
+/// `owner`: the host whose own attempts these are; a record is then written only while it is
+/// still that host's `attempting` one. An outcome written late (the host writes it again until
+/// the database takes it) must not end an attempt that has changed hands meanwhile: another
+/// host that took the device retakes a record its provider says was not sent, and an `aborted`
+/// written over that live attempt would let a later claim start a second one. `None` settles a
+/// record whoever recorded it (an attempt that died with another process, resolved through the
+/// provider).
 pub async fn finish_host_sends(
     tx: &mut PgConnection,
+    owner: Option<&str>,
     finished: &[FinishedAttempt<'_>],
 ) -> Result<(), RepoError> {
     let ids: Vec<i64> = finished.iter().map(|f| f.0).collect();
@@ -153,7 +162,8 @@ pub async fn finish_host_sends(
     sqlx::query(
         "UPDATE host_sends h SET state = u.s, error = u.e, updated_at = now()
          FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[]) AS u(id, t, s, e)
-         WHERE h.message_id = ANY($1) AND h.message_id = u.id AND h.tenant_id = u.t",
+         WHERE h.message_id = ANY($1) AND h.message_id = u.id AND h.tenant_id = u.t
+           AND ($5::text IS NULL OR (h.host_id = $5 AND h.state = 'attempting'))",
     )
     // Planned at every call, for the table's current size: a cached generic plan is chosen
     // once, while the table is still nearly empty (a scan), and kept as the table grows.
@@ -162,6 +172,7 @@ pub async fn finish_host_sends(
     .bind(&tenants)
     .bind(&states)
     .bind(&errors)
+    .bind(owner)
     .execute(tx)
     .await?;
     Ok(())
