@@ -145,7 +145,7 @@ pub async fn seed_device(pool: &PgPool, tenant: Uuid, label: &str, min_s: f64, m
     )
     .await
     .unwrap();
-    repo::devices::set_device_status(&mut tx, tenant, id, DeviceStatus::Online, None)
+    repo::devices::set_device_status(&mut tx, None, tenant, id, DeviceStatus::Online, None)
         .await
         .unwrap();
     tx.commit().await.unwrap();

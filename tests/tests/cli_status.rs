@@ -47,9 +47,16 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
     let why =
         "WhatsApp refused a message (nack 463: reach-out restriction); new-contact sends paused";
     let mut tx = pool.begin().await.unwrap();
-    repo::devices::set_device_status(&mut tx, tenant, held, DeviceStatus::Restricted, Some(why))
-        .await
-        .unwrap();
+    repo::devices::set_device_status(
+        &mut tx,
+        None,
+        tenant,
+        held,
+        DeviceStatus::Restricted,
+        Some(why),
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 
     let out = std::process::Command::new(&cli)

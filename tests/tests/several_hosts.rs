@@ -166,6 +166,97 @@ async fn a_host_refuses_a_device_another_host_holds(pool: PgPool) {
     );
 }
 
+/// A device's status as recorded.
+async fn device_status(pool: &PgPool, device: Uuid) -> String {
+    sqlx::query_scalar("SELECT status FROM devices WHERE id = $1")
+        .bind(device)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits (up to 10 s) for a device's recorded status to be `want`.
+async fn until_status(pool: &PgPool, device: Uuid, want: &str) {
+    let reached = tokio::time::timeout(Duration::from_secs(10), async {
+        while device_status(pool, device).await != want {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{device}: {} instead of {want}",
+        device_status(pool, device).await
+    );
+}
+
+/// A host that lost a device to another host (it was too slow to renew: a stalled process, a
+/// database failing over) closes its session there, and a session closing says `offline, host
+/// stopped`. That status is not the host's to write any more: written over the new owner's
+/// `online`, it left a served device looking offline, its messages waiting and, past the
+/// offline grace, skipped as `device_offline`, until the new owner's session changed status
+/// again.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_host_that_lost_a_device_does_not_write_its_status(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "lost@example.com").await;
+    let moved = seed_device(&pool, tenant, "moved", 0.0, 0.0).await;
+    let kept = seed_device(&pool, tenant, "kept", 0.0, 0.0).await;
+    let a = TestHost::start_as(&pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
+    let b = TestHost::start_as(&pool, "host-b", Duration::from_secs(30), quiet_sim()).await;
+    // The lease rounds are run by hand below.
+    a.running.leases.abort();
+    b.running.leases.abort();
+    assert!(owners(&pool)
+        .await
+        .values()
+        .all(|h| h.as_deref() == Some("host-a")));
+
+    // A stalls past its lease on one device, and B takes that device over and connects it.
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::set_device_status(
+        &mut tx,
+        None,
+        tenant,
+        moved,
+        shared::domain::DeviceStatus::Reconnecting,
+        None,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    sqlx::query(
+        "UPDATE device_leases SET lease_until = now() - interval '1 s' WHERE device_id = $1",
+    )
+    .bind(moved)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(b.running.host.lease_round().await.unwrap().acquired, 1);
+    until_status(&pool, moved, "online").await;
+
+    // A comes back, finds the device gone and closes its session there.
+    let r = a.running.host.lease_round().await.unwrap();
+    assert_eq!((r.kept, r.released), (1, 1), "{r:?}");
+    // A's events are written in order: once its later one is, the closing one was handled.
+    let kept_ref = device_host::provider::DeviceRef {
+        id: kept,
+        tenant_id: tenant,
+        provider: shared::domain::ProviderKind::Simulator,
+    };
+    a.running.simulator.set_online(&kept_ref, false).unwrap();
+    until_status(&pool, kept, "offline").await;
+    assert_eq!(device_status(&pool, moved).await, "online");
+    assert_eq!(
+        owners(&pool)
+            .await
+            .get(&moved)
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some("host-b")
+    );
+}
+
 /// Lease renewals never wait for a device row. The processor's claim holds the rows of the
 /// devices it claims (up to a second at 1,000 devices) and the worker's outcome update moves
 /// their pacing cursors; when leases lived in `devices`, a host's renewal of all its devices

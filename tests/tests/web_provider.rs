@@ -240,6 +240,7 @@ async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
                 inbox_dir.path(),
             ),
             providers: Vec::new(),
+            host_id: "h".into(),
         },
         rx,
     ));
@@ -359,6 +360,7 @@ async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
             pool: pool.clone(),
             opt_outs: opt_outs(&pool, &["BERHENTI"], inbox_dir.path()),
             providers: Vec::new(),
+            host_id: "h".into(),
         },
         rx,
     ));

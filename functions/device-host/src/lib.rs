@@ -206,6 +206,7 @@ pub async fn start(
             pool: relaxed_pool,
             opt_outs,
             providers,
+            host_id: config.host_id.clone(),
         },
         events_rx,
     ));

@@ -990,6 +990,8 @@ pub struct EventWriter {
     pub opt_outs: OptOuts,
     /// To unlink a session whose account another device of the tenant already is.
     pub providers: Vec<Arc<dyn Provider>>,
+    /// This host: a device's status is recorded only while its lease names this host.
+    pub host_id: String,
 }
 
 /// The host's handling of a contact's text, whichever provider it came through: an opt-out
@@ -1052,6 +1054,7 @@ pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceive
         pool,
         opt_outs,
         providers,
+        host_id,
     } = w;
     let mut receipts: Vec<Receipt> = Vec::new();
     loop {
@@ -1084,8 +1087,12 @@ pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceive
                     status,
                     reason,
                 } => {
-                    if let Err(e) = write_status(&pool, &device, status, reason.as_deref()).await {
-                        warn!(device_id = %device.id, error = %e, "could not record device status");
+                    match write_status(&pool, &host_id, &device, status, reason.as_deref()).await {
+                        Ok(true) => {}
+                        Ok(false) => info!(device_id = %device.id, status = %status,
+                                           "status of a device another host serves now: not recorded"),
+                        Err(e) => warn!(device_id = %device.id, error = %e,
+                                        "could not record device status"),
                     }
                 }
                 ProviderEvent::Receipt {
@@ -1142,7 +1149,7 @@ pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceive
                 }
                 ProviderEvent::Linked { device, phone } => {
                     let provider = providers.iter().find(|p| p.kind() == device.provider);
-                    if let Err(e) = write_linked(&pool, provider, &device, &phone).await {
+                    if let Err(e) = write_linked(&pool, &host_id, provider, &device, &phone).await {
                         warn!(device_id = %device.id, error = %e, "could not record the linked number");
                     }
                 }
@@ -1319,6 +1326,7 @@ pub fn replay_opt_outs(pool: &PgPool, inbox: &Arc<Inbox>, pending: Vec<InboundSt
 /// WhatsApp number paced as two devices would send at both paces.
 async fn write_linked(
     pool: &PgPool,
+    host_id: &str,
     provider: Option<&Arc<dyn Provider>>,
     device: &DeviceRef,
     phone: &PhoneE164,
@@ -1347,23 +1355,37 @@ async fn write_linked(
                         }
                     });
                 }
-                None => write_status(pool, device, DeviceStatus::LoggedOut, Some(&why)).await?,
+                None => {
+                    write_status(pool, host_id, device, DeviceStatus::LoggedOut, Some(&why))
+                        .await?;
+                }
             }
         }
     }
     Ok(())
 }
 
+/// The device's status, if this host still holds its lease (see
+/// [`repo::devices::set_device_status`]); false when another host serves it now.
 async fn write_status(
     pool: &PgPool,
+    host_id: &str,
     device: &DeviceRef,
     status: DeviceStatus,
     reason: Option<&str>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
-    repo::devices::set_device_status(&mut tx, device.tenant_id, device.id, status, reason).await?;
+    let written = repo::devices::set_device_status(
+        &mut tx,
+        Some(host_id),
+        device.tenant_id,
+        device.id,
+        status,
+        reason,
+    )
+    .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(written)
 }
 
 async fn flush_receipts(pool: &PgPool, receipts: &mut Vec<Receipt>) {

@@ -483,6 +483,19 @@ impl Provider for Simulator {
         Some(self.log.contains(provider_message_id))
     }
 
+    /// Closes the device's simulated session on this host (another host serves the device now,
+    /// or this one is stopping), saying so as a web session closing does.
+    async fn release(&self, device: &DeviceRef) {
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.remove(&device.id);
+        }
+        let _ = self.events.send(ProviderEvent::Status {
+            device: device.clone(),
+            status: DeviceStatus::Offline,
+            reason: Some("host stopped".into()),
+        });
+    }
+
     /// The simulated link is forgotten: the device needs pairing again.
     async fn logout(&self, device: &DeviceRef, why: &str) -> Result<(), ProviderError> {
         if let Ok(mut sessions) = self.sessions.lock() {

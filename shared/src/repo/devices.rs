@@ -218,13 +218,20 @@ pub async fn list_live_devices(
 
 /// Sets a device's status; `status_changed_at` moves only when the status really changes, so
 /// the offline grace period counts from the moment the device went offline.
+///
+/// `holder`: the device host writing it, which records it only while the device's lease names
+/// it (renewed or run out, not taken over): a host that lost the device to another host closes
+/// its session there, and that session's `offline, host stopped` would otherwise land over the
+/// new owner's `online`. `Ok(false)`: not written, another host serves the device (or it is
+/// gone). `None` (an operator, a test) writes it whoever serves the device.
 pub async fn set_device_status(
     tx: &mut PgConnection,
+    holder: Option<&str>,
     tenant: Uuid,
     device: Uuid,
     status: DeviceStatus,
     reason: Option<&str>,
-) -> Result<(), RepoError> {
+) -> Result<bool, RepoError> {
     let res = sqlx::query(
         "UPDATE devices SET
              status_changed_at = CASE WHEN status <> $3 THEN now() ELSE status_changed_at END,
@@ -232,18 +239,21 @@ pub async fn set_device_status(
              -- the warm-up ramp starts the first time a real WhatsApp number comes online
              paired_at = CASE WHEN paired_at IS NULL AND $3 = 'online' AND provider <> 'simulator'
                               THEN now() ELSE paired_at END
-         WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+         WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL
+           AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM device_leases l
+                                            WHERE l.device_id = devices.id AND l.host_id = $5))",
     )
     .bind(device)
     .bind(tenant)
     .bind(status.as_str())
     .bind(reason)
+    .bind(holder)
     .execute(tx)
     .await?;
-    if res.rows_affected() == 0 {
+    if res.rows_affected() == 0 && holder.is_none() {
         return Err(RepoError::NotFound("device"));
     }
-    Ok(())
+    Ok(res.rows_affected() == 1)
 }
 
 /// A device's account-safety settings.

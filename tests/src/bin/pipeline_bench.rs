@@ -278,6 +278,7 @@ async fn seed(
         .unwrap();
         repo::devices::set_device_status(
             &mut tx,
+            None,
             tenant,
             id,
             shared::domain::DeviceStatus::Online,
