@@ -692,3 +692,39 @@ pub async fn fresh_database(base: &str, name: &str) -> (String, PgPool) {
     shared::db::migrate(&pool).await.unwrap();
     (url, pool)
 }
+
+/// The database away for some writes, as during a failover: `BEFORE {writes} ON {table}`
+/// (`writes` e.g. `UPDATE`, `UPDATE OF status`; `when` a trigger condition, `true` for all)
+/// fails with `57P01` (a server shutting down) until [`database_back`].
+pub async fn database_away_for(pool: &PgPool, writes: &str, table: &str, when: &str) {
+    for sql in [
+        "CREATE TABLE IF NOT EXISTS outage (since timestamptz)".to_string(),
+        "INSERT INTO outage VALUES (now())".to_string(),
+        "CREATE OR REPLACE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM outage) THEN
+                 RAISE EXCEPTION 'terminating connection: failing over (injected by the test)'
+                     USING ERRCODE = '57P01';
+             END IF;
+             RETURN NEW;
+         END $$"
+            .to_string(),
+        format!(
+            "CREATE TRIGGER refuse_writes_{table} BEFORE {writes} ON {table}
+             FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION refuse_writes()"
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+}
+
+/// The database is back (see [`database_away_for`]).
+pub async fn database_back(pool: &PgPool) {
+    sqlx::query("DELETE FROM outage")
+        .execute(pool)
+        .await
+        .unwrap();
+}

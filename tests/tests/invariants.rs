@@ -1784,22 +1784,7 @@ async fn the_hosts_record_writes_aborted_as_deadlock_victims_are_run_again(pool:
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn the_hosts_outcomes_refused_by_the_database_are_written_once_it_is_back(pool: PgPool) {
     let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue(&pool).await;
-    for sql in [
-        "CREATE TABLE outage (since timestamptz)",
-        "INSERT INTO outage VALUES (now())",
-        "CREATE FUNCTION refuse_outcomes() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             IF EXISTS (SELECT 1 FROM outage) THEN
-                 RAISE EXCEPTION 'terminating connection: failing over (injected by the test)'
-                     USING ERRCODE = '57P01';
-             END IF;
-             RETURN NEW;
-         END $$",
-        "CREATE TRIGGER refuse_outcomes BEFORE UPDATE ON host_sends
-         FOR EACH ROW WHEN (NEW.state <> 'attempting') EXECUTE FUNCTION refuse_outcomes()",
-    ] {
-        sqlx::query(sql).execute(&pool).await.unwrap();
-    }
+    database_away_for(&pool, "UPDATE", "host_sends", "NEW.state <> 'attempting'").await;
     let out = message_worker::handle(shared::queue::to_sqs_event(&msgs, "arn"), &p.worker).await;
     assert!(out.batch_item_failures.is_empty(), "{out:?}");
     // The worker had the host's answers; the host's records are still to be written.
@@ -1828,10 +1813,7 @@ async fn the_hosts_outcomes_refused_by_the_database_are_written_once_it_is_back(
     let err = host.running.host.send(&again).await.unwrap_err();
     assert_eq!(err.code, shared::host_api::code::IN_PROGRESS, "{err:?}");
 
-    sqlx::query("DELETE FROM outage")
-        .execute(&pool)
-        .await
-        .unwrap();
+    database_back(&pool).await;
     let written = tokio::time::timeout(Duration::from_secs(30), async {
         while states().await != vec!["sent"; 8] {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1849,6 +1831,57 @@ async fn the_hosts_outcomes_refused_by_the_database_are_written_once_it_is_back(
     let dup = host.running.host.send(&again).await.unwrap();
     assert!(dup.duplicate, "{dup:?}");
     eight_sent_once_each(&pool, tenant, campaign, &host).await;
+}
+
+/// What a host's sessions report while the database is away (a failover) is written once it
+/// is back: here a device's statuses, of which the latest counts. Only logged, as they were,
+/// a device that went offline during the outage stayed `online`, and its messages were claimed
+/// and failed instead of waiting for it.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_devices_status_reported_while_the_database_is_away_is_written_once_it_is_back(
+    pool: PgPool,
+) {
+    let tenant = seed_tenant(&pool, "away@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let status = || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM devices WHERE id = $1")
+            .bind(d)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(status().await, "online");
+    database_away_for(&pool, "UPDATE OF status", "devices", "true").await;
+    let device = device_host::provider::DeviceRef {
+        id: d,
+        tenant_id: tenant,
+        provider: shared::domain::ProviderKind::Simulator,
+    };
+    // Offline, back, offline again: the last is the one to record.
+    for online in [false, true, false] {
+        host.running.simulator.set_online(&device, online).unwrap();
+    }
+    // Give the writer time to meet the outage (and, before, to lose the statuses).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status().await, "online");
+    database_back(&pool).await;
+    let written = tokio::time::timeout(Duration::from_secs(20), async {
+        while status().await != "offline" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(written.is_ok(), "still {}", status().await);
+    // Nothing older lands after it: a later status still goes through in order.
+    host.running.simulator.set_online(&device, true).unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(20), async {
+        while status().await != "online" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "still {}", status().await);
 }
 
 /// (state, host) of a message's send record.

@@ -339,6 +339,76 @@ async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
     assert_eq!(opted, vec![unsent.recipient.clone()]);
 }
 
+/// A nack that arrives while the database is away (a failover) is kept and written once it is
+/// back: the refused message ends `failed`. Only logged, as it was, the message stayed `sent`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_nack_heard_while_the_database_is_away_is_written_once_it_is_back(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "nack-away@example.com").await;
+    let device = web_device(&pool, tenant).await;
+    let (_, rows) = pending_rows(&pool, tenant, device, 2).await;
+    // The fake has numbers ending in 0 off WhatsApp.
+    let row = rows.iter().find(|r| !r.recipient.ends_with('0')).unwrap();
+    let fake = Arc::new(FakeWeb::default());
+    let host = fake_host(&pool, &fake);
+    mark_sending(&pool, &[row.id]).await;
+    let sent = host.send_batch(&[request(row)]).await;
+    let pid = sent[0].as_ref().unwrap().provider_message_id.clone();
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sent', reason = 'accepted', sent_at = now(),
+             finished_at = now() WHERE status = 'sending'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    database_away_for(&pool, "UPDATE", "broadcast_messages", "true").await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let inbox_dir = tempfile::tempdir().unwrap();
+    let writer = tokio::spawn(device_host::service::run_event_writer(
+        device_host::service::EventWriter {
+            pool: pool.clone(),
+            opt_outs: opt_outs(&pool, &["STOP"], inbox_dir.path()),
+            providers: Vec::new(),
+            host_id: "h1".into(),
+        },
+        rx,
+    ));
+    tx.send(ProviderEvent::Refused {
+        device: DeviceRef {
+            id: device,
+            tenant_id: tenant,
+            provider: ProviderKind::Web,
+        },
+        provider_message_id: pid,
+        code: "463".into(),
+    })
+    .unwrap();
+    let state = || async {
+        let r = repo::messages::get_message(&pool, tenant, row.id)
+            .await
+            .unwrap();
+        (r.status, r.reason)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(state().await, ("sent".into(), Some("accepted".into())));
+    database_back(&pool).await;
+    let failed = tokio::time::timeout(Duration::from_secs(20), async {
+        while state().await.0 != "failed" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(failed.is_ok(), "{:?}", state().await);
+    assert_eq!(
+        state().await,
+        ("failed".into(), Some("provider_rejected".into()))
+    );
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
     let a = seed_tenant(&pool, "a@example.com").await;

@@ -1050,27 +1050,24 @@ impl OptOuts {
 /// [`record_opt_out`]), the number a session is linked to (unlinking a session whose account
 /// another device of the tenant already is).
 pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceiver<ProviderEvent>) {
-    let EventWriter {
-        pool,
-        opt_outs,
-        providers,
-        host_id,
-    } = w;
     let mut receipts: Vec<Receipt> = Vec::new();
+    let mut backlog = Backlog::default();
     loop {
-        let first = if receipts.is_empty() {
+        let first = if receipts.is_empty() && backlog.is_empty() {
             events.recv().await
         } else {
             match tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
                 Ok(ev) => ev,
                 Err(_) => {
-                    flush_receipts(&pool, &mut receipts).await;
+                    flush_receipts(&w.pool, &mut receipts).await;
+                    backlog.retry(&w, &mut receipts, false).await;
                     continue;
                 }
             }
         };
         let Some(ev) = first else {
-            flush_receipts(&pool, &mut receipts).await;
+            backlog.retry(&w, &mut receipts, true).await;
+            flush_receipts(&w.pool, &mut receipts).await;
             return;
         };
         let mut batch = vec![ev];
@@ -1082,19 +1079,6 @@ pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceive
         }
         for ev in batch {
             match ev {
-                ProviderEvent::Status {
-                    device,
-                    status,
-                    reason,
-                } => {
-                    match write_status(&pool, &host_id, &device, status, reason.as_deref()).await {
-                        Ok(true) => {}
-                        Ok(false) => info!(device_id = %device.id, status = %status,
-                                           "status of a device another host serves now: not recorded"),
-                        Err(e) => warn!(device_id = %device.id, error = %e,
-                                        "could not record device status"),
-                    }
-                }
                 ProviderEvent::Receipt {
                     tenant_id,
                     message_id,
@@ -1106,63 +1090,198 @@ pub async fn run_event_writer(w: EventWriter, mut events: mpsc::UnboundedReceive
                     read,
                     at,
                 }),
-                ProviderEvent::ReceiptByProviderId {
-                    device,
-                    provider_message_ids,
-                    read,
-                    at,
-                } => match repo::cloud_api::find_sends_by_provider_ids(
-                    &pool,
-                    device.tenant_id,
-                    device.id,
-                    &provider_message_ids,
-                )
-                .await
-                {
-                    Ok(found) => {
-                        receipts.extend(found.into_iter().map(|(_, message_id)| Receipt {
-                            tenant_id: device.tenant_id,
-                            message_id,
-                            read,
-                            at,
-                        }))
-                    }
-                    Err(e) => warn!(device_id = %device.id, error = %e, "could not match receipts"),
-                },
-                ProviderEvent::Accepted {
-                    device,
-                    provider_message_id,
-                } => {
-                    if let Err(e) = write_accepted(&pool, &device, &provider_message_id).await {
-                        warn!(device_id = %device.id, error = %e, "could not record an ack");
-                    }
-                }
-                ProviderEvent::Refused {
-                    device,
-                    provider_message_id,
-                    code,
-                } => {
-                    if let Err(e) = write_refused(&pool, &device, &provider_message_id, &code).await
-                    {
-                        warn!(device_id = %device.id, error = %e, "could not record a nack");
-                    }
-                }
-                ProviderEvent::Linked { device, phone } => {
-                    let provider = providers.iter().find(|p| p.kind() == device.provider);
-                    if let Err(e) = write_linked(&pool, &host_id, provider, &device, &phone).await {
-                        warn!(device_id = %device.id, error = %e, "could not record the linked number");
-                    }
-                }
                 ProviderEvent::Inbound { device, from, text } => {
                     // A failure to keep it is logged by `keep`, and its write goes ahead.
-                    let _ = opt_outs.keep(&device, &from, &text).await;
+                    let _ = w.opt_outs.keep(&device, &from, &text).await;
+                }
+                other => backlog.write(&w, other, &mut receipts).await,
+            }
+        }
+        backlog.retry(&w, &mut receipts, false).await;
+        if receipts.len() >= 2_000 {
+            flush_receipts(&w.pool, &mut receipts).await;
+        }
+    }
+}
+
+/// At most this many events wait for the database (a device's statuses count once); past it
+/// the oldest is dropped, logged.
+const BACKLOG_MAX: usize = 100_000;
+/// The database is tried again after this, then after twice as long each time, up to
+/// [`BACKLOG_RETRY_EVERY`] apart.
+const BACKLOG_RETRY_FIRST: Duration = Duration::from_millis(200);
+const BACKLOG_RETRY_EVERY: Duration = Duration::from_secs(5);
+
+/// What the event writer could not write because the database was away (unreachable, failing
+/// over, read-only for a moment; see [`repo::is_unavailable`]): a device's status (the latest
+/// only), acks and nacks, receipts by provider id, linked numbers. Dropped, as they were, a
+/// device that went offline or was logged out during a failover stayed `online` (its messages
+/// were claimed and failed), and a message WhatsApp refused stayed `sent`. Kept in order and
+/// written again every few seconds; while the database is away a new event waits behind the
+/// others instead of being tried (each try may wait for the pool's timeout). An error of the
+/// write itself (the database answered) is logged and the event dropped, as before: it would
+/// fail the same way again.
+#[derive(Default)]
+struct Backlog {
+    /// The latest status of each device, by device id.
+    statuses: HashMap<Uuid, ProviderEvent>,
+    events: std::collections::VecDeque<ProviderEvent>,
+    /// When to try the database again; `None` while it is taken to be there.
+    retry_at: Option<Instant>,
+    pause: Duration,
+    /// Since when it has been away.
+    since: Option<Instant>,
+    dropped: u64,
+}
+
+impl Backlog {
+    fn is_empty(&self) -> bool {
+        self.statuses.is_empty() && self.events.is_empty()
+    }
+
+    /// Writes an event, or keeps it when the database is away (or found away now).
+    async fn write(&mut self, w: &EventWriter, ev: ProviderEvent, receipts: &mut Vec<Receipt>) {
+        if let ProviderEvent::Status { device, .. } = &ev {
+            // A newer status of the device supersedes one still waiting.
+            self.statuses.remove(&device.id);
+        }
+        if self.retry_at.is_some() {
+            self.keep(ev);
+            return;
+        }
+        if let Err(e) = write_event(w, &ev, receipts).await {
+            if database_away(&e) {
+                warn!(error = %e, "the database is away: provider events kept, written again once it is back");
+                self.keep(ev);
+                self.since = Some(Instant::now());
+                self.pause = BACKLOG_RETRY_FIRST;
+                self.retry_at = Some(Instant::now() + self.pause);
+            } else {
+                warn!(error = %e, event = ?ev, "could not record a provider event");
+            }
+        }
+    }
+
+    fn keep(&mut self, ev: ProviderEvent) {
+        match ev {
+            ProviderEvent::Status { ref device, .. } => {
+                self.statuses.insert(device.id, ev);
+            }
+            other => {
+                self.events.push_back(other);
+                if self.events.len() > BACKLOG_MAX {
+                    if let Some(old) = self.events.pop_front() {
+                        self.dropped += 1;
+                        if self.dropped == 1 || self.dropped.is_multiple_of(1_000) {
+                            error!(dropped = self.dropped, oldest = ?old,
+                                   "the database has been away too long: provider events dropped");
+                        }
+                    }
                 }
             }
         }
-        if receipts.len() >= 2_000 {
-            flush_receipts(&pool, &mut receipts).await;
-        }
     }
+
+    /// Writes what waits, in order, once it is time to try again (`now`: at once); stops at
+    /// the first write that finds the database still away.
+    async fn retry(&mut self, w: &EventWriter, receipts: &mut Vec<Receipt>, now: bool) {
+        match self.retry_at {
+            Some(at) if now || Instant::now() >= at => {}
+            _ => return,
+        }
+        let statuses: Vec<ProviderEvent> = self.statuses.drain().map(|(_, ev)| ev).collect();
+        let mut waiting: std::collections::VecDeque<ProviderEvent> =
+            std::mem::take(&mut self.events);
+        waiting.extend(statuses);
+        while let Some(ev) = waiting.pop_front() {
+            match write_event(w, &ev, receipts).await {
+                Ok(()) => {}
+                Err(e) if database_away(&e) => {
+                    waiting.push_front(ev);
+                    for ev in waiting {
+                        self.keep(ev);
+                    }
+                    self.pause = (self.pause * 2).clamp(BACKLOG_RETRY_FIRST, BACKLOG_RETRY_EVERY);
+                    self.retry_at = Some(Instant::now() + self.pause);
+                    return;
+                }
+                Err(e) => warn!(error = %e, event = ?ev, "could not record a provider event"),
+            }
+        }
+        info!(
+            away_s = self.since.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0),
+            dropped = self.dropped,
+            "the database is back: the provider events kept meanwhile are written"
+        );
+        *self = Self::default();
+    }
+}
+
+/// Whether an event writer's error says the database was away (see [`repo::is_unavailable`]).
+fn database_away(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| match c.downcast_ref::<RepoError>() {
+        Some(RepoError::Db(db)) => repo::is_unavailable(db),
+        Some(_) => false,
+        None => c
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(repo::is_unavailable),
+    })
+}
+
+/// Writes one provider event (not a receipt by message id or inbound text: the caller's).
+async fn write_event(
+    w: &EventWriter,
+    ev: &ProviderEvent,
+    receipts: &mut Vec<Receipt>,
+) -> anyhow::Result<()> {
+    let pool = &w.pool;
+    match ev {
+        ProviderEvent::Status {
+            device,
+            status,
+            reason,
+        } => {
+            if !write_status(pool, &w.host_id, device, *status, reason.as_deref()).await? {
+                info!(device_id = %device.id, status = %status,
+                      "status of a device another host serves now: not recorded");
+            }
+        }
+        ProviderEvent::ReceiptByProviderId {
+            device,
+            provider_message_ids,
+            read,
+            at,
+        } => {
+            let found = repo::cloud_api::find_sends_by_provider_ids(
+                pool,
+                device.tenant_id,
+                device.id,
+                provider_message_ids,
+            )
+            .await?;
+            receipts.extend(found.into_iter().map(|(_, message_id)| Receipt {
+                tenant_id: device.tenant_id,
+                message_id,
+                read: *read,
+                at: *at,
+            }));
+        }
+        ProviderEvent::Accepted {
+            device,
+            provider_message_id,
+        } => write_accepted(pool, device, provider_message_id).await?,
+        ProviderEvent::Refused {
+            device,
+            provider_message_id,
+            code,
+        } => write_refused(pool, device, provider_message_id, code).await?,
+        ProviderEvent::Linked { device, phone } => {
+            let provider = w.providers.iter().find(|p| p.kind() == device.provider);
+            write_linked(pool, &w.host_id, provider, device, phone).await?;
+        }
+        ProviderEvent::Receipt { .. } | ProviderEvent::Inbound { .. } => {}
+    }
+    Ok(())
 }
 
 /// Whether inbound text is an opt-out: the whole message (trimmed, any case) is one keyword.

@@ -60,6 +60,26 @@ pub enum RepoError {
     Db(#[from] sqlx::Error),
 }
 
+/// Whether the database was away rather than the statement wrong, so that the same write may
+/// well succeed later: a connection lost, refused or timed out, a server shutting down or
+/// failing over (`08…`, `57P0…`, `53…`; a primary turned standby answers `25006`, read-only),
+/// or an abort (`40…`).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            ["08", "57P", "53", "40"].iter().any(|p| c.starts_with(p)) || c == "25006"
+        }),
+        _ => false,
+    }
+}
+
 /// How many times in all [`retry_aborted`] runs a statement that PostgreSQL keeps aborting.
 pub const ABORTED_ATTEMPTS: u32 = 3;
 
