@@ -6,6 +6,7 @@
 use chrono::{DateTime, Utc};
 use device_host::simulator::{SendLog, SimConfig};
 use shared::domain::LeadStatus;
+use shared::host_api::code;
 use shared::repo;
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -262,6 +263,8 @@ async fn a_host_that_lost_a_device_does_not_write_its_status(pool: PgPool) {
 /// their pacing cursors; when leases lived in `devices`, a host's renewal of all its devices
 /// waited behind the claim and deadlocked with the worker (3,000 devices, 2026-12-03). With one
 /// device row locked as a claim locks it, a renewal, a takeover and the owner lookup all answer.
+const TAKE: repo::hosts::Lapsed = repo::hosts::Lapsed::Take;
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn lease_renewal_does_not_wait_for_a_claimed_device(pool: PgPool) {
     let tenant = seed_tenant(&pool, "leases@example.com").await;
@@ -270,7 +273,7 @@ async fn lease_renewal_does_not_wait_for_a_claimed_device(pool: PgPool) {
     repo::hosts::register_host(&pool, "h1", "http://127.0.0.1:1")
         .await
         .unwrap();
-    let taken = repo::hosts::acquire_devices(&pool, "h1", &["simulator"], 30.0, 10)
+    let taken = repo::hosts::acquire_devices(&pool, "h1", &["simulator"], 30.0, 10, TAKE)
         .await
         .unwrap();
     assert_eq!(taken.len(), 2);
@@ -309,7 +312,7 @@ async fn lease_renewal_does_not_wait_for_a_claimed_device(pool: PgPool) {
     // another host cannot take a live lease, and does not wait to find that out
     let other = tokio::time::timeout(
         Duration::from_secs(5),
-        repo::hosts::acquire_device(&pool, "h2", tenant, a, 30.0),
+        repo::hosts::acquire_device(&pool, "h2", tenant, a, 30.0, TAKE),
     )
     .await
     .expect("the takeover attempt waited")
@@ -326,7 +329,14 @@ async fn lease_renewal_does_not_wait_for_a_claimed_device(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    let moved = repo::hosts::acquire_devices(&pool, "h2", &["simulator"], 30.0, 10)
+    // (not by a host back from an outage of the database: it leaves the lease to its holder
+    // for a while, in its rounds and on demand)
+    let leave = repo::hosts::Lapsed::Leave;
+    let none = repo::hosts::acquire_devices(&pool, "h2", &["simulator"], 30.0, 10, leave);
+    assert!(none.await.unwrap().is_empty());
+    let none = repo::hosts::acquire_device(&pool, "h2", tenant, a, 30.0, leave);
+    assert_eq!(none.await.unwrap(), None);
+    let moved = repo::hosts::acquire_devices(&pool, "h2", &["simulator"], 30.0, 10, TAKE)
         .await
         .unwrap();
     assert_eq!(moved.iter().map(|m| m.0).collect::<Vec<_>>(), vec![a]);
@@ -430,6 +440,195 @@ async fn a_device_no_host_serves_is_skipped_past_the_offline_grace(pool: PgPool)
         Some(&10)
     );
     assert_eq!(live.sends().len(), 5);
+}
+
+/// A database outage longer than the offline grace: no host could renew a lease meanwhile, so
+/// every lease ran out long before the database came back. Those ends say nothing of the
+/// devices: the first processor tick after it skipped every due message of every device as
+/// `device_offline` before any host could renew. A lease's end now counts from the processors'
+/// return plus a settling time; a device whose host did not come back is skipped after that.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn leases_that_ran_out_while_the_database_was_away_skip_nothing(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "outage@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 5, "cars", LeadStatus::Prospect).await;
+    let host = TestHost::start_as(&pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
+    wait_for_status(&pool, tenant, d, "online").await;
+    host.running.leases.abort();
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.processor.settings.offline_grace = Duration::from_secs(60);
+    assert_eq!(
+        p.tick().await.resumed,
+        0,
+        "the first tick ever marks no return"
+    );
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    // Ten minutes without the database: no processor ticked, the lease ran out 9.5 minutes ago.
+    let outage = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    outage("UPDATE processor_liveness SET last_tick_at = now() - interval '10 minutes'").await;
+    outage("UPDATE device_leases SET lease_until = now() - interval '570 seconds'").await;
+
+    let r = p.tick().await;
+    assert_eq!((r.resumed, r.skipped_offline), (1, 0), "{r:?}");
+    // The host renews its lease (its first round after the outage), and the campaign goes out.
+    let round = host.running.host.lease_round().await.unwrap();
+    assert_eq!(round.kept, 1);
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await,
+        HashMap::from([("sent".to_string(), 5)])
+    );
+    assert_eq!(host.sends().len(), 5);
+
+    // Another outage, and this time the host does not come back: within the settling time
+    // after the processors' return its device's messages wait (even with a grace of 0), past
+    // it they are skipped as a device nobody serves. (Its pacing cursor is far ahead, so that
+    // no claim takes them meanwhile: its status still says `online`.)
+    p.processor.settings.offline_grace = Duration::ZERO;
+    let second = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    outage("UPDATE devices SET next_send_at = now() + interval '1 hour'").await;
+    outage("UPDATE processor_liveness SET last_tick_at = now() - interval '10 minutes'").await;
+    outage("UPDATE device_leases SET lease_until = now() - interval '570 seconds'").await;
+    let r = p.tick().await;
+    assert_eq!((r.resumed, r.skipped_offline), (1, 0), "{r:?}");
+    let r = p.tick().await;
+    assert_eq!((r.resumed, r.skipped_offline), (0, 0), "{r:?}");
+    outage("UPDATE processor_liveness SET resumed_at = now() - interval '31 seconds'").await;
+    let r = p.tick().await;
+    assert_eq!((r.resumed, r.skipped_offline), (0, 5), "{r:?}");
+    let counts = status_counts(&pool, tenant, second).await;
+    assert_eq!(counts.get("skipped"), Some(&5), "{counts:?}");
+}
+
+/// A send its host was on when the database went away: right after the outage the host's
+/// lease looks lapsed until it renews it, and the rescuer would take the row for one whose host
+/// is lost (back to `pending`, an attempt spent, its record resolved through the provider on
+/// the next attempt). Within the settling time after the processors' return it waits; then its
+/// host, which renewed the lease, keeps it.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_send_under_way_across_an_outage_is_left_to_its_host(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "outage-send@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
+    let host = TestHost::start_as(&pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
+    wait_for_status(&pool, tenant, d, "online").await;
+    host.running.leases.abort();
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.tick().await;
+    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    let run = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    // Claimed three minutes ago, past its lease, its attempt recorded by host-a.
+    run(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 1,
+             sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 s'",
+    )
+    .await;
+    run("INSERT INTO host_sends
+             (message_id, tenant_id, device_id, provider_message_id, state, host_id, claim)
+         SELECT id, tenant_id, device_id, 'p-1', 'attempting', 'host-a', 1
+         FROM broadcast_messages")
+    .await;
+    // Ten minutes without the database.
+    run("UPDATE processor_liveness SET last_tick_at = now() - interval '10 minutes'").await;
+    run("UPDATE device_leases SET lease_until = now() - interval '570 seconds'").await;
+    let status = || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM broadcast_messages")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let r = p.tick().await;
+    assert_eq!(
+        (r.resumed, r.reconciled_retry, r.reconciled_host_lost),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(status().await, "sending");
+    // The host renews its lease; past the settling time the row is its host's still.
+    assert_eq!(host.running.host.lease_round().await.unwrap().kept, 1);
+    run("UPDATE processor_liveness SET resumed_at = now() - interval '31 seconds'").await;
+    let r = p.tick().await;
+    assert_eq!(
+        (r.reconciled_retry, r.sending_leases_renewed),
+        (0, 1),
+        "{r:?}"
+    );
+    assert_eq!(status().await, "sending");
+}
+
+/// An outage of the database longer than the lease: no host could renew, so every lease ran
+/// out, and whichever host's round came first afterwards took every device it had room for
+/// (web sessions closed on one host and opened on another's address, for every device of the
+/// others). A host whose rounds failed renews its own leases and leaves the others' lapsed
+/// leases alone, in its rounds and on demand, for one lease after its first round that
+/// succeeds; after that it takes the devices of a host that did not come back.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn after_a_database_outage_each_host_keeps_its_own_devices(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "failover@example.com").await;
+    let d1 = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    let d2 = seed_device(&pool, tenant, "d2", 0.0, 0.0).await;
+    let a = TestHost::start_as(&pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
+    wait_for_status(&pool, tenant, d1, "online").await;
+    wait_for_status(&pool, tenant, d2, "online").await;
+    let lease = Duration::from_millis(1_500);
+    let b = TestHost::start_as(&pool, "host-b", lease, quiet_sim()).await;
+    a.running.leases.abort();
+    b.running.leases.abort();
+    let all_a = HashMap::from([
+        (d1, Some("host-a".to_string())),
+        (d2, Some("host-a".to_string())),
+    ]);
+    assert_eq!(owners(&pool).await, all_a);
+
+    // The outage: every lease ran out while no host could write one.
+    sqlx::query("UPDATE device_leases SET lease_until = now() - interval '1 minute'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    database_away_for(&pool, "INSERT OR UPDATE", "device_leases", "true").await;
+    assert!(b.running.host.lease_round().await.is_err());
+    assert!(a.running.host.lease_round().await.is_err());
+    database_back(&pool).await;
+
+    // B's round comes first: it takes nothing, and nothing on demand either.
+    let r = b.running.host.lease_round().await.unwrap();
+    assert_eq!((r.kept, r.acquired), (0, 0), "{r:?}");
+    let asked = b.running.host.device(tenant, d1).await.map(|d| d.id);
+    assert_eq!(asked.map_err(|e| e.code), Err(code::WRONG_HOST));
+    // A renews its own.
+    let r = a.running.host.lease_round().await.unwrap();
+    assert_eq!((r.kept, r.released, r.acquired), (2, 0, 0), "{r:?}");
+    assert_eq!(owners(&pool).await, all_a);
+    assert_eq!(a.running.host.device_count(), 2);
+    assert_eq!(b.running.host.device_count(), 0);
+
+    // A dies after all; once B has been back for a whole lease it takes A's devices over.
+    sqlx::query("UPDATE device_leases SET lease_until = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = b.running.host.lease_round().await.unwrap();
+    assert_eq!(r.acquired, 0, "{r:?}");
+    tokio::time::sleep(lease).await;
+    let r = b.running.host.lease_round().await.unwrap();
+    assert_eq!(r.acquired, 2, "{r:?}");
+    assert_eq!(
+        owners(&pool).await,
+        HashMap::from([
+            (d1, Some("host-b".to_string())),
+            (d2, Some("host-b".to_string())),
+        ])
+    );
 }
 
 /// The host's record of an outage the workers met: (since, latest failure).

@@ -98,6 +98,10 @@ pub struct Report {
     pub slowest_pass_ms: u64,
     /// Passes that took longer than the tick (each also logged as a warning).
     pub slow_passes: u64,
+    /// Ticks that found no processor had reached the database for a while (an outage): device
+    /// leases that ran out meanwhile are not yet taken for devices nobody serves
+    /// (`repo::messages::note_processor_tick`).
+    pub resumed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,8 +235,22 @@ async fn housekeeping(
     report: &mut Report,
     scan_lost: bool,
 ) -> Result<(), ProcessorError> {
+    let gap = repo::messages::RESUME_GAP_S.max(3.0 * settings.tick.as_secs_f64());
+    let mut conn = deps.pool.acquire().await.context("failed to connect")?;
+    let liveness = repo::messages::note_processor_tick(&mut conn, gap)
+        .await
+        .context("failed to note the tick")?;
+    drop(conn);
+    if liveness.resumed {
+        report.resumed += 1;
+        warn!(
+            gap_s = gap,
+            "no processor reached the database for a while: device leases that ran out \
+             meanwhile are no witness until the hosts have had time to renew them"
+        );
+    }
     sweep(deps, settings, report).await?;
-    rescue(deps, settings, report, scan_lost).await
+    rescue(deps, settings, report, scan_lost, liveness.settling).await
 }
 
 async fn sweep(
@@ -268,6 +286,7 @@ async fn rescue(
     settings: &Settings,
     report: &mut Report,
     scan_lost: bool,
+    settling: bool,
 ) -> Result<(), ProcessorError> {
     let mut tx = deps.pool.begin().await.context("failed to begin")?;
     let stale = repo::messages::requeue_stale_queued(
@@ -277,18 +296,27 @@ async fn rescue(
     )
     .await
     .context("failed to requeue stale rows")?;
-    let reconciled = repo::messages::reconcile_stale_sending(
-        &mut tx,
-        settings.max_attempts,
-        settings.rescue_retry_after.as_secs_f64(),
-        settings.rescue_batch,
-        settings.lease.as_secs_f64(),
-        scan_lost.then_some(repo::messages::HostLost {
-            settled_s: settings.host_timeout.as_secs_f64(),
-        }),
-    )
-    .await
-    .context("failed to reconcile stale sending rows")?;
+    // Right after an outage every host's lease looks lapsed until the host renews it, and a
+    // `sending` row its host is still on would be taken for one nobody is on: back to
+    // `pending`, an attempt spent, and its record (`attempting`) resolved on the next attempt
+    // through the provider, which the Cloud API cannot do (`outcome_unknown`). Rows in
+    // `sending` wait for the settling time instead.
+    let reconciled = if settling {
+        repo::messages::Reconciled::default()
+    } else {
+        repo::messages::reconcile_stale_sending(
+            &mut tx,
+            settings.max_attempts,
+            settings.rescue_retry_after.as_secs_f64(),
+            settings.rescue_batch,
+            settings.lease.as_secs_f64(),
+            scan_lost.then_some(repo::messages::HostLost {
+                settled_s: settings.host_timeout.as_secs_f64(),
+            }),
+        )
+        .await
+        .context("failed to reconcile stale sending rows")?
+    };
     tx.commit().await.context("failed to commit rescue")?;
     if !stale.is_empty() {
         warn!(

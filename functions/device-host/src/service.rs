@@ -80,6 +80,25 @@ pub struct Host {
     pub lease_ttl: Duration,
     /// At most this many devices on this host (acquisition stops there).
     pub max_devices: usize,
+    /// Whether this host is back from an outage of the database (see [`Recovery`]).
+    recovery: Mutex<Recovery>,
+}
+
+/// A host's lease rounds through an outage of the database. While it lasts no host can renew
+/// a lease, so every lease runs out; whichever host's round came first afterwards used to take
+/// every device it had room for, and devices hopped between live hosts (each a session closed
+/// on one host and opened on another address, for every device of the others). A host whose
+/// rounds failed therefore renews its own leases first and takes no lease another host let run
+/// out, in its rounds or on demand, until a whole lease after its first round that succeeded:
+/// by then every live host has renewed its own (each renews every third of a lease). Devices
+/// nobody ever held it takes at once; those of a host that did not come back, after that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    Steady,
+    /// The latest lease round failed.
+    Failing,
+    /// Rounds succeed again; lapsed leases are left alone until then.
+    Settling(Instant),
 }
 
 /// What one lease round did.
@@ -244,6 +263,7 @@ impl Host {
             images: Mutex::new(HashMap::new()),
             lease_ttl: Duration::from_secs(30),
             max_devices: usize::MAX,
+            recovery: Mutex::new(Recovery::Steady),
         }
     }
 
@@ -274,11 +294,55 @@ impl Host {
     /// host took over (this one was too slow to renew), and takes unowned or expired devices up
     /// to the limit, restoring their sessions.
     pub async fn lease_round(&self) -> anyhow::Result<LeaseReport> {
+        let round = self.lease_round_once().await;
+        if round.is_err() {
+            self.set_recovery(Recovery::Failing);
+        }
+        round
+    }
+
+    fn set_recovery(&self, to: Recovery) {
+        if let Ok(mut r) = self.recovery.lock() {
+            *r = to;
+        }
+    }
+
+    /// Whether this host may take a lease another host let run out now (see [`Recovery`]).
+    fn lapsed_leases(&self) -> repo::hosts::Lapsed {
+        let settled = match self.recovery.lock().map(|r| *r) {
+            Ok(Recovery::Steady) => true,
+            Ok(Recovery::Settling(until)) => Instant::now() >= until,
+            Ok(Recovery::Failing) | Err(_) => false,
+        };
+        if settled {
+            repo::hosts::Lapsed::Take
+        } else {
+            repo::hosts::Lapsed::Leave
+        }
+    }
+
+    async fn lease_round_once(&self) -> anyhow::Result<LeaseReport> {
         let ttl = self.lease_ttl.as_secs_f64();
         let kept: HashSet<Uuid> = repo::hosts::renew_leases(&self.pool, &self.host_id, ttl)
             .await?
             .into_iter()
             .collect();
+        // This host's own leases are renewed: an outage of the database, if there was one, is
+        // over for it.
+        match self.recovery.lock().map(|r| *r) {
+            Ok(Recovery::Failing) => {
+                self.set_recovery(Recovery::Settling(Instant::now() + self.lease_ttl));
+                info!(
+                    kept = kept.len(),
+                    "lease round succeeded again: this host's leases renewed; lapsed leases of \
+                     other hosts are left for one lease"
+                );
+            }
+            Ok(Recovery::Settling(until)) if Instant::now() >= until => {
+                self.set_recovery(Recovery::Steady)
+            }
+            _ => {}
+        }
         let lost: Vec<DeviceRef> = self
             .devices
             .read()
@@ -303,8 +367,15 @@ impl Host {
         if room > 0 {
             let kinds: Vec<&str> = self.providers.keys().map(|k| k.as_str()).collect();
             let limit = i64::try_from(room).unwrap_or(i64::MAX);
-            for (id, tenant_id, provider) in
-                repo::hosts::acquire_devices(&self.pool, &self.host_id, &kinds, ttl, limit).await?
+            for (id, tenant_id, provider) in repo::hosts::acquire_devices(
+                &self.pool,
+                &self.host_id,
+                &kinds,
+                ttl,
+                limit,
+                self.lapsed_leases(),
+            )
+            .await?
             {
                 let Ok(provider) = provider.parse::<ProviderKind>() else {
                     continue;
@@ -411,6 +482,7 @@ impl Host {
             tenant,
             id,
             self.lease_ttl.as_secs_f64(),
+            self.lapsed_leases(),
         )
         .await?;
         if owned.is_none() {

@@ -1,6 +1,6 @@
 //! Device hosts and their device leases. A device is owned by one host at a time: the owner
 //! renews its leases every few seconds; a lease that runs out (its host died) is taken by the
-//! next host that looks. These are system-scope statements (a host serves every tenant), except
+//! next host that looks, except a host back from an outage of the database ([`Lapsed`]). These are system-scope statements (a host serves every tenant), except
 //! the on-demand acquisition and the owner lookup, which take the device's tenant.
 //!
 //! Leases live in `device_leases`, never in `devices`: a renewal rewrites every lease of a host
@@ -50,15 +50,27 @@ pub async fn renew_leases(pool: &PgPool, host: &str, ttl_s: f64) -> Result<Vec<U
 /// A device taken over: (device, tenant, provider).
 pub type Acquired = (Uuid, Uuid, String);
 
-/// Takes up to `limit` live devices of these providers that nobody owns or whose lease ran out.
-/// Concurrent hosts never take the same device: a lease row is taken by an insert, or by an
-/// update that checks again, under the row's lock, that the lease is still out.
+/// Whether a host may take a device whose lease another host held and let run out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lapsed {
+    /// Yes: that host died, or stopped renewing.
+    Take,
+    /// No, only devices nobody ever held: this host is back from an outage of the database,
+    /// during which no host could renew, and the others are renewing theirs now.
+    Leave,
+}
+
+/// Takes up to `limit` live devices of these providers that nobody owns or (with
+/// [`Lapsed::Take`]) whose lease ran out. Concurrent hosts never take the same device: a lease
+/// row is taken by an insert, or by an update that checks again, under the row's lock, that the
+/// lease is still out.
 pub async fn acquire_devices(
     pool: &PgPool,
     host: &str,
     providers: &[&str],
     ttl_s: f64,
     limit: i64,
+    lapsed: Lapsed,
 ) -> Result<Vec<Acquired>, RepoError> {
     Ok(sqlx::query_as(
         "WITH taken AS (
@@ -66,11 +78,11 @@ pub async fn acquire_devices(
              SELECT d.id, $1, now() + make_interval(secs => $3)
              FROM devices d LEFT JOIN device_leases l ON l.device_id = d.id
              WHERE d.deleted_at IS NULL AND d.provider = ANY($2)
-               AND (l.device_id IS NULL OR l.lease_until < now())
+               AND (l.device_id IS NULL OR ($5 AND l.lease_until < now()))
              ORDER BY d.id LIMIT $4
              ON CONFLICT (device_id) DO UPDATE
                  SET host_id = EXCLUDED.host_id, lease_until = EXCLUDED.lease_until
-                 WHERE device_leases.lease_until < now()
+                 WHERE $5 AND device_leases.lease_until < now()
              RETURNING device_id
          )
          SELECT d.id, d.tenant_id, d.provider FROM taken t JOIN devices d ON d.id = t.device_id",
@@ -79,18 +91,21 @@ pub async fn acquire_devices(
     .bind(providers)
     .bind(ttl_s)
     .bind(limit)
+    .bind(lapsed == Lapsed::Take)
     .fetch_all(pool)
     .await?)
 }
 
-/// The tenant's device for this host, if nobody else holds a live lease on it: `Ok(None)` when
-/// another host owns it (or it is unknown, deleted, or another tenant's).
+/// The tenant's device for this host, if nobody else holds a live lease on it (nor, with
+/// [`Lapsed::Leave`], one that ran out): `Ok(None)` when another host owns it (or it is
+/// unknown, deleted, or another tenant's).
 pub async fn acquire_device(
     pool: &PgPool,
     host: &str,
     tenant: Uuid,
     device: Uuid,
     ttl_s: f64,
+    lapsed: Lapsed,
 ) -> Result<Option<String>, RepoError> {
     Ok(sqlx::query_scalar(
         "WITH taken AS (
@@ -100,7 +115,7 @@ pub async fn acquire_device(
              ON CONFLICT (device_id) DO UPDATE
                  SET host_id = EXCLUDED.host_id, lease_until = EXCLUDED.lease_until
                  WHERE device_leases.host_id = EXCLUDED.host_id
-                    OR device_leases.lease_until < now()
+                    OR ($5 AND device_leases.lease_until < now())
              RETURNING device_id
          )
          SELECT d.provider FROM taken t JOIN devices d ON d.id = t.device_id AND d.tenant_id = $2",
@@ -109,6 +124,7 @@ pub async fn acquire_device(
     .bind(tenant)
     .bind(device)
     .bind(ttl_s)
+    .bind(lapsed == Lapsed::Take)
     .fetch_optional(pool)
     .await?)
 }

@@ -973,6 +973,16 @@ async fn reconcile_sending(
     })
 }
 
+/// How long after the processors' return from an outage a lease that ran out meanwhile still
+/// says nothing (see [`OFFLINE_PAST_GRACE`]), in seconds: every live host renews its leases
+/// within a third of its lease (`DEVICE_LEASE_S`, 30 s by default, so 10 s), and a host back
+/// from an outage takes no other host's device for a whole lease.
+macro_rules! resume_settle_s {
+    () => {
+        "30"
+    };
+}
+
 /// The sweeps below find their devices first and name them on the messages themselves
 /// (`bm.device_id = ANY(…)`), so that every index the planner may pick holds the device,
 /// whatever its statistics say, and a sweep with no device to act on costs one small query.
@@ -986,11 +996,65 @@ async fn reconcile_sending(
 /// shows is the last one its host wrote (often `online`): nobody is left to write another, so
 /// the lease is the only witness. A device that never had a host has no lease and is judged by
 /// its status alone (a host writes every status, and a new device starts `offline`).
-const OFFLINE_PAST_GRACE: &str = "d.deleted_at IS NULL
+///
+/// A lease that ran out while the processors could not reach the database (an outage, a
+/// failover) is no witness either: no host could renew it. Its end counts only from the
+/// processors' return ([`note_processor_tick`]) plus `resume_settle_s!()` (30 s), time for every live
+/// host to renew its leases. Before, the first tick after an outage longer than the grace
+/// skipped every due message of every device.
+const OFFLINE_PAST_GRACE: &str = concat!(
+    "d.deleted_at IS NULL
     AND ((d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
           AND d.status_changed_at <= now() - make_interval(secs => $1))
          OR d.id IN (SELECT device_id FROM device_leases
-                     WHERE lease_until <= now() - make_interval(secs => $1)))";
+                     WHERE GREATEST(lease_until,
+                                    (SELECT resumed_at + make_interval(secs => ",
+    resume_settle_s!(),
+    ")
+                                     FROM processor_liveness))
+                           <= now() - make_interval(secs => $1)))"
+);
+
+/// A gap between two processor ticks longer than this, or than three ticks, is taken for an
+/// outage (nothing else stops every processor: an invocation runs a little longer than the
+/// schedule's minute, so they overlap).
+pub const RESUME_GAP_S: f64 = 20.0;
+
+/// What a processor tick learnt of the processors' continuity ([`note_processor_tick`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// No processor had reached the database for a while before this tick: an outage ended.
+    pub resumed: bool,
+    /// Within the settling time after the latest return (`resume_settle_s!()`): device leases
+    /// may have run out only because no host could renew them. Lease-based judgements wait.
+    pub settling: bool,
+}
+
+/// System scope: one processor tick reached the database. A tick after no tick for `gap_s`
+/// marks the processors' return (`resumed_at`; the first tick ever marks none). Run it in
+/// autocommit, not inside a sweep: concurrent processors wait for this row only as long as it
+/// takes to write.
+pub async fn note_processor_tick(
+    conn: &mut PgConnection,
+    gap_s: f64,
+) -> Result<Liveness, RepoError> {
+    let (resumed, settling): (bool, bool) = sqlx::query_as(concat!(
+        "INSERT INTO processor_liveness (last_tick_at, resumed_at) VALUES (now(), '-infinity')
+         ON CONFLICT (id) DO UPDATE SET
+             resumed_at = CASE
+                 WHEN processor_liveness.last_tick_at < now() - make_interval(secs => $1)
+                 THEN now() ELSE processor_liveness.resumed_at END,
+             last_tick_at = GREATEST(processor_liveness.last_tick_at, now())
+         RETURNING resumed_at = now(),
+                   resumed_at + make_interval(secs => ",
+        resume_settle_s!(),
+        ") > now()"
+    ))
+    .bind(gap_s)
+    .fetch_one(conn)
+    .await?;
+    Ok(Liveness { resumed, settling })
+}
 
 /// System scope: unsent rows of deleted devices end `skipped / device_deleted`.
 pub async fn skip_deleted_device_messages(tx: &mut PgConnection) -> Result<u64, RepoError> {
