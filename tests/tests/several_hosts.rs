@@ -462,13 +462,16 @@ async fn leases_that_ran_out_while_the_database_was_away_skip_nothing(pool: PgPo
         0,
         "the first tick ever marks no return"
     );
-    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    p.trigger().await;
-    // Ten minutes without the database: no processor ticked, the lease ran out 9.5 minutes ago.
     let outage = |sql: &'static str| {
         let pool = pool.clone();
         async move { sqlx::query(sql).execute(&pool).await.unwrap() }
     };
+    // A gap shorter than the grace marks none either: no lease can have run out for longer.
+    outage("UPDATE processor_liveness SET last_tick_at = now() - interval '50 seconds'").await;
+    assert_eq!(p.tick().await.resumed, 0);
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    // Ten minutes without the database: no processor ticked, the lease ran out 9.5 minutes ago.
     outage("UPDATE processor_liveness SET last_tick_at = now() - interval '10 minutes'").await;
     outage("UPDATE device_leases SET lease_until = now() - interval '570 seconds'").await;
 

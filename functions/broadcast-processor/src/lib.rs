@@ -235,7 +235,9 @@ async fn housekeeping(
     report: &mut Report,
     scan_lost: bool,
 ) -> Result<(), ProcessorError> {
-    let gap = repo::messages::RESUME_GAP_S.max(3.0 * settings.tick.as_secs_f64());
+    let gap = repo::messages::RESUME_GAP_S
+        .max(3.0 * settings.tick.as_secs_f64())
+        .max(settings.offline_grace.as_secs_f64());
     let mut conn = deps.pool.acquire().await.context("failed to connect")?;
     let liveness = repo::messages::note_processor_tick(&mut conn, gap)
         .await

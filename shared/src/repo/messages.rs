@@ -1015,9 +1015,11 @@ const OFFLINE_PAST_GRACE: &str = concat!(
                            <= now() - make_interval(secs => $1)))"
 );
 
-/// A gap between two processor ticks longer than this, or than three ticks, is taken for an
-/// outage (nothing else stops every processor: an invocation runs a little longer than the
-/// schedule's minute, so they overlap).
+/// A gap between two processor ticks longer than this, than three ticks and than the offline
+/// grace is taken for an outage (nothing else stops every processor: an invocation runs a
+/// little longer than the schedule's minute, so they overlap). A shorter outage cannot make a
+/// live host's lease look run out for longer than the grace: it was renewed before the outage,
+/// so it ran out less than the outage ago.
 pub const RESUME_GAP_S: f64 = 20.0;
 
 /// What a processor tick learnt of the processors' continuity ([`note_processor_tick`]).
