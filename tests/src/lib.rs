@@ -303,16 +303,7 @@ pub struct TestHost {
 
 impl TestHost {
     pub async fn start(pool: &PgPool, sim: SimConfig) -> Self {
-        Self::start_with(
-            pool,
-            sim,
-            device_host::cloud_api::CloudApiConfig {
-                // Nothing listens there: tests that use the Cloud API pass a fake Graph API.
-                base_url: "http://127.0.0.1:9/v21.0".into(),
-                ..Default::default()
-            },
-        )
-        .await
+        Self::start_with(pool, sim, no_cloud_api()).await
     }
 
     pub async fn start_with(
@@ -323,20 +314,22 @@ impl TestHost {
         Self::start_full(pool, "test-host", Duration::from_secs(30), sim, cloud_api).await
     }
 
+    /// A test host whose refused outcome writes (other than for the database being away) are
+    /// given up on after `max` instead of ten minutes.
+    pub async fn start_with_outcome_retry_max(
+        pool: &PgPool,
+        sim: SimConfig,
+        max: Duration,
+    ) -> Self {
+        let mut config = Self::config("test-host", Duration::from_secs(30), sim, no_cloud_api());
+        config.0.outcome_retry_max = max;
+        Self::start_config(pool, config).await
+    }
+
     /// One of several hosts: its own id and lease length (its own data directory; give the
     /// simulators one `log_path` to play one WhatsApp behind them).
     pub async fn start_as(pool: &PgPool, host_id: &str, lease: Duration, sim: SimConfig) -> Self {
-        Self::start_full(
-            pool,
-            host_id,
-            lease,
-            sim,
-            device_host::cloud_api::CloudApiConfig {
-                base_url: "http://127.0.0.1:9/v21.0".into(),
-                ..Default::default()
-            },
-        )
-        .await
+        Self::start_full(pool, host_id, lease, sim, no_cloud_api()).await
     }
 
     async fn start_full(
@@ -346,30 +339,45 @@ impl TestHost {
         sim: SimConfig,
         cloud_api: device_host::cloud_api::CloudApiConfig,
     ) -> Self {
+        Self::start_config(pool, Self::config(host_id, lease_ttl, sim, cloud_api)).await
+    }
+
+    /// A test host's configuration, with the data directory it names.
+    fn config(
+        host_id: &str,
+        lease_ttl: Duration,
+        sim: SimConfig,
+        cloud_api: device_host::cloud_api::CloudApiConfig,
+    ) -> (device_host::Config, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let running = device_host::start(
-            device_host::Config {
-                bind: "127.0.0.1:0".parse().unwrap(),
-                token: Secret::new(TOKEN),
-                host_id: host_id.into(),
-                public_url: None,
-                lease_ttl,
-                max_devices: usize::MAX,
-                data_dir: dir.path().to_path_buf(),
-                simulator: sim,
-                cloud_api,
-                web: {
-                    // Never WhatsApp's servers from a test: a loopback port nobody listens on.
-                    let mut w = device_host_web::WebConfig::new(dir.path());
-                    w.ws_url = Some("ws://127.0.0.1:9/ws/chat".into());
-                    w
-                },
+        let config = device_host::Config {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            token: Secret::new(TOKEN),
+            host_id: host_id.into(),
+            public_url: None,
+            lease_ttl,
+            max_devices: usize::MAX,
+            outcome_retry_max: device_host::service::OUTCOME_RETRY_MAX,
+            data_dir: dir.path().to_path_buf(),
+            simulator: sim,
+            cloud_api,
+            web: {
+                // Never WhatsApp's servers from a test: a loopback port nobody listens on.
+                let mut w = device_host_web::WebConfig::new(dir.path());
+                w.ws_url = Some("ws://127.0.0.1:9/ws/chat".into());
+                w
             },
-            pool.clone(),
-            pool.clone(),
-        )
-        .await
-        .unwrap();
+        };
+        (config, dir)
+    }
+
+    async fn start_config(
+        pool: &PgPool,
+        (config, dir): (device_host::Config, tempfile::TempDir),
+    ) -> Self {
+        let running = device_host::start(config, pool.clone(), pool.clone())
+            .await
+            .unwrap();
         let url = format!("http://{}", running.addr);
         let client = HostClient::new(&url, Secret::new(TOKEN), Duration::from_secs(10)).unwrap();
         Self {
@@ -383,6 +391,15 @@ impl TestHost {
     /// Every send the simulator accepted, from its durable log.
     pub fn sends(&self) -> Vec<SendLogEntry> {
         SendLog::read(self.running.simulator.log().path()).unwrap()
+    }
+}
+
+/// A Cloud API base URL where nothing listens: tests that use the Cloud API pass a fake Graph
+/// API instead.
+fn no_cloud_api() -> device_host::cloud_api::CloudApiConfig {
+    device_host::cloud_api::CloudApiConfig {
+        base_url: "http://127.0.0.1:9/v21.0".into(),
+        ..Default::default()
     }
 }
 

@@ -371,11 +371,25 @@ async fn eight_messages_in_the_queue(
     Pipeline,
     Vec<shared::queue::ReceivedMessage>,
 ) {
+    eight_messages_in_the_queue_of(pool, |pool| TestHost::start(pool, quiet_sim())).await
+}
+
+/// [`eight_messages_in_the_queue`], for a host `start` starts.
+async fn eight_messages_in_the_queue_of<'a, F: std::future::Future<Output = TestHost>>(
+    pool: &'a PgPool,
+    start: impl FnOnce(&'a PgPool) -> F,
+) -> (
+    uuid::Uuid,
+    uuid::Uuid,
+    TestHost,
+    Pipeline,
+    Vec<shared::queue::ReceivedMessage>,
+) {
     let tenant = seed_tenant(pool, "t@example.com").await;
     let d = seed_device(pool, tenant, "d", 0.0, 0.0).await;
     seed_leads(pool, tenant, d, 0, 8, "cars", LeadStatus::Prospect).await;
     let campaign = seed_campaign(pool, tenant, &CampaignSpec::default()).await;
-    let host = TestHost::start(pool, quiet_sim()).await;
+    let host = start(pool).await;
     let p = Pipeline::new(pool, test_queue(5).await, &host);
     p.trigger().await;
     p.tick().await;
@@ -1830,6 +1844,40 @@ async fn the_hosts_outcomes_refused_by_the_database_are_written_once_it_is_back(
     );
     let dup = host.running.host.send(&again).await.unwrap();
     assert!(dup.duplicate, "{dup:?}");
+    eight_sent_once_each(&pool, tenant, campaign, &host).await;
+}
+
+/// An outage longer than the host gives a refused outcome write (ten minutes; one second
+/// here): the host writes it until the database is back. It used to give up after that time
+/// whatever the refusal, leaving the records `attempting`, so the next attempt resolved them
+/// through the provider, which the Cloud API cannot: a message it sent ended
+/// `failed / outcome_unknown`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_hosts_outcomes_outlast_an_outage_longer_than_its_retry_limit(pool: PgPool) {
+    let (tenant, campaign, host, p, msgs) = eight_messages_in_the_queue_of(&pool, |pool| {
+        TestHost::start_with_outcome_retry_max(pool, quiet_sim(), Duration::from_secs(1))
+    })
+    .await;
+    database_away_for(&pool, "UPDATE", "host_sends", "NEW.state <> 'attempting'").await;
+    let out = message_worker::handle(shared::queue::to_sqs_event(&msgs, "arn"), &p.worker).await;
+    assert!(out.batch_item_failures.is_empty(), "{out:?}");
+    // Three times the limit, and still trying (retries at 0.2, 0.6, 1.4, 3.0 s).
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    assert_eq!(host.running.host.unrecorded_outcomes(), 8);
+    database_back(&pool).await;
+    assert_eq!(
+        host.running
+            .host
+            .outcomes_recorded(Duration::from_secs(20))
+            .await,
+        0
+    );
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM host_sends ORDER BY message_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(states, vec!["sent"; 8]);
     eight_sent_once_each(&pool, tenant, campaign, &host).await;
 }
 

@@ -36,6 +36,9 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// At most this many devices on this host.
     pub max_devices: usize,
+    /// How long an outcome write the database refuses for another reason than being away is
+    /// tried again (`service::OUTCOME_RETRY_MAX`; not configurable from the environment).
+    pub outcome_retry_max: Duration,
     pub data_dir: PathBuf,
     pub simulator: simulator::SimConfig,
     pub cloud_api: cloud_api::CloudApiConfig,
@@ -73,6 +76,7 @@ impl Config {
                 0 => usize::MAX,
                 n => n,
             },
+            outcome_retry_max: service::OUTCOME_RETRY_MAX,
             data_dir,
             simulator: simulator::SimConfig {
                 seed: config::parsed_or("SIM_SEED", 42)?,
@@ -199,7 +203,8 @@ pub async fn start(
             providers.clone(),
             ImageFetcher::new()?,
         )
-        .with_leases(config.lease_ttl, config.max_devices),
+        .with_leases(config.lease_ttl, config.max_devices)
+        .with_outcome_retry_max(config.outcome_retry_max),
     );
     tokio::spawn(service::run_event_writer(
         service::EventWriter {

@@ -82,6 +82,9 @@ pub struct Host {
     pub max_devices: usize,
     /// Whether this host is back from an outage of the database (see [`Recovery`]).
     recovery: Mutex<Recovery>,
+    /// How long an outcome write refused for another reason than the database being away is
+    /// tried again ([`OUTCOME_RETRY_MAX`]).
+    outcome_retry_max: Duration,
 }
 
 /// A host's lease rounds through an outage of the database. While it lasts no host can renew
@@ -210,12 +213,14 @@ impl Drop for InFlight {
 type Outcome = (i64, Uuid, &'static str, Option<String>);
 
 /// A refused outcome write is tried again after this, then after twice as long each time, up
-/// to [`OUTCOME_RETRY_EVERY`] apart, for [`OUTCOME_RETRY_MAX`].
+/// to [`OUTCOME_RETRY_EVERY`] apart: while the database is away, until it is back; refused
+/// for another reason, for [`OUTCOME_RETRY_MAX`].
 const OUTCOME_RETRY_FIRST: Duration = Duration::from_millis(200);
 const OUTCOME_RETRY_EVERY: Duration = Duration::from_secs(5);
 /// As long as the rescuer takes an `attempting` record for a live attempt
 /// ([`repo::messages::LIVE_ATTEMPT_MAX_S`]); it reconciles the row after that anyway.
-const OUTCOME_RETRY_MAX: Duration = Duration::from_secs(repo::messages::LIVE_ATTEMPT_MAX_S as u64);
+pub const OUTCOME_RETRY_MAX: Duration =
+    Duration::from_secs(repo::messages::LIVE_ATTEMPT_MAX_S as u64);
 
 /// One statement, run again when PostgreSQL aborts it as a deadlock victim.
 async fn write_outcomes(
@@ -264,7 +269,15 @@ impl Host {
             lease_ttl: Duration::from_secs(30),
             max_devices: usize::MAX,
             recovery: Mutex::new(Recovery::Steady),
+            outcome_retry_max: OUTCOME_RETRY_MAX,
         }
+    }
+
+    /// Sets how long a refused outcome write is tried again when the database is not away
+    /// (before the host is shared).
+    pub fn with_outcome_retry_max(mut self, max: Duration) -> Self {
+        self.outcome_retry_max = max;
+        self
     }
 
     /// Sets the lease length and the device limit (before the host is shared).
@@ -890,8 +903,10 @@ impl Host {
     }
 
     /// Writes this host's outcomes that the database did not take (unreachable, failing over)
-    /// again in the background, every few seconds, until it takes them, for at most
-    /// [`OUTCOME_RETRY_MAX`]. Their messages stay in flight here meanwhile (`guards`): a
+    /// again in the background, every few seconds, until it takes them: without end while the
+    /// database is away (an outage longer than [`OUTCOME_RETRY_MAX`] used to leave a message
+    /// sent through the Cloud API `failed / outcome_unknown`), for at most that long when it
+    /// refuses them for another reason. Their messages stay in flight here meanwhile (`guards`): a
     /// repeated request is answered `in_progress` instead of being settled through the
     /// provider, which may not be able to tell (the Cloud API cannot) and would then fail a
     /// message that went out as `outcome_unknown`. Left `attempting`, the records keep the
@@ -901,6 +916,7 @@ impl Host {
         let pool = self.relaxed_pool.clone();
         let host_id = self.host_id.clone();
         let unrecorded = self.unrecorded.clone();
+        let give_up_after = self.outcome_retry_max;
         unrecorded.fetch_add(finished.len(), Ordering::Relaxed);
         tokio::spawn(async move {
             let started = Instant::now();
@@ -916,7 +932,7 @@ impl Host {
                         );
                         break;
                     }
-                    Err(e) if started.elapsed() >= OUTCOME_RETRY_MAX => {
+                    Err(e) if started.elapsed() >= give_up_after && !repo_away(&e) => {
                         error!(error = %e, outcomes = finished.len(),
                                "gave up recording send outcomes: their records stay \
                                 `attempting`, resolved through the provider on a repeat request");
@@ -1287,6 +1303,11 @@ impl Backlog {
         );
         *self = Self::default();
     }
+}
+
+/// Whether a data-layer error says the database was away (see [`repo::is_unavailable`]).
+fn repo_away(e: &RepoError) -> bool {
+    matches!(e, RepoError::Db(db) if repo::is_unavailable(db))
 }
 
 /// Whether an event writer's error says the database was away (see [`repo::is_unavailable`]).

@@ -53,6 +53,7 @@ async fn main() {
             public_url: None,
             lease_ttl: Duration::from_secs(30),
             max_devices: usize::MAX,
+            outcome_retry_max: device_host::service::OUTCOME_RETRY_MAX,
             data_dir: dir.path().to_path_buf(),
             simulator: device_host::simulator::SimConfig::default(),
             cloud_api: device_host::cloud_api::CloudApiConfig {
