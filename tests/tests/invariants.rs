@@ -360,17 +360,18 @@ async fn writes_to(pool: &PgPool, status: &str) -> i64 {
     .unwrap()
 }
 
-/// One device with eight leads, their campaign fanned out and queued, the eight records
-/// received from the queue (not yet handed to a worker).
-async fn eight_messages_in_the_queue(
-    pool: &PgPool,
-) -> (
+/// (tenant, campaign, host, pipeline, the eight queue records).
+type EightQueued = (
     uuid::Uuid,
     uuid::Uuid,
     TestHost,
     Pipeline,
     Vec<shared::queue::ReceivedMessage>,
-) {
+);
+
+/// One device with eight leads, their campaign fanned out and queued, the eight records
+/// received from the queue (not yet handed to a worker).
+async fn eight_messages_in_the_queue(pool: &PgPool) -> EightQueued {
     eight_messages_in_the_queue_of(pool, |pool| TestHost::start(pool, quiet_sim())).await
 }
 
@@ -378,13 +379,7 @@ async fn eight_messages_in_the_queue(
 async fn eight_messages_in_the_queue_of<'a, F: std::future::Future<Output = TestHost>>(
     pool: &'a PgPool,
     start: impl FnOnce(&'a PgPool) -> F,
-) -> (
-    uuid::Uuid,
-    uuid::Uuid,
-    TestHost,
-    Pipeline,
-    Vec<shared::queue::ReceivedMessage>,
-) {
+) -> EightQueued {
     let tenant = seed_tenant(pool, "t@example.com").await;
     let d = seed_device(pool, tenant, "d", 0.0, 0.0).await;
     seed_leads(pool, tenant, d, 0, 8, "cars", LeadStatus::Prospect).await;
