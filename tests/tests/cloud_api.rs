@@ -810,3 +810,70 @@ async fn a_cloud_number_already_another_device_is_not_connected_twice(pool: PgPo
         .unwrap();
     assert_eq!(d.phone.as_deref(), Some("+60123456789"));
 }
+
+/// The database away when a Cloud API device connects (a failover, right after its host took
+/// it): its number could not be recorded, and the device came online without it, so the check
+/// that one number is one device never ran for it (the number already another device's, both
+/// would send at their own paces). The host's event writer now records it once the database is
+/// back, and logs the device out then if the number is another device's.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_cloud_number_the_database_could_not_take_is_recorded_once_it_is_back(pool: PgPool) {
+    const PNID_B: &str = "106540352242999";
+    const TOKEN_B: &str = "EAAGm0PX4ZCpsBAKZAtest0token0for0device0b";
+    let graph = FakeGraph::start().await;
+    graph.allow(PNID, TOKEN_A);
+    graph.allow(PNID_B, TOKEN_B);
+    // Tenant A: the number is nobody's. Tenant B: a web device's session proved it already.
+    let a = seed_tenant(&pool, "number-a@example.com").await;
+    let cloud_a = seed_cloud_device(&pool, a, "biz-a", PNID, TOKEN_A).await;
+    let b = seed_tenant(&pool, "number-b@example.com").await;
+    let phone = seed_device(&pool, b, "phone-01", 0.0, 0.0).await;
+    sqlx::query("UPDATE devices SET phone = '+60123456789', phone_linked_at = now() WHERE id = $1")
+        .bind(phone)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let cloud_b = seed_cloud_device(&pool, b, "biz-b", PNID_B, TOKEN_B).await;
+    database_away_for(&pool, "UPDATE OF phone", "devices", "true").await;
+    let host = host(&pool, &graph).await;
+    for (tenant, device) in [(a, cloud_a), (b, cloud_b)] {
+        let s = host.client.connect_device(tenant, device).await.unwrap();
+        assert_eq!(s.status, "online", "{s:?}");
+    }
+    let number = |tenant: Uuid, device: Uuid| {
+        let pool = pool.clone();
+        async move {
+            repo::devices::get_device(&pool, tenant, device)
+                .await
+                .unwrap()
+                .phone
+        }
+    };
+    assert_eq!(number(a, cloud_a).await, None);
+
+    database_back(&pool).await;
+    wait_for_device_status(&pool, a, cloud_a, "online").await;
+    wait_for_device_status(&pool, b, cloud_b, "logged_out").await;
+    let why = repo::devices::get_device(&pool, b, cloud_b)
+        .await
+        .unwrap()
+        .status_reason
+        .unwrap();
+    assert!(why.contains("is already device \"phone-01\""), "{why}");
+    assert_eq!(number(b, cloud_b).await, None);
+    let seen = host.client.device_status(b, cloud_b).await.unwrap();
+    assert_eq!(seen.status, "logged_out", "{seen:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while number(a, cloud_a).await.is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's number never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(number(a, cloud_a).await.as_deref(), Some("+60123456789"));
+    assert_eq!(
+        host.client.device_status(a, cloud_a).await.unwrap().status,
+        "online"
+    );
+}

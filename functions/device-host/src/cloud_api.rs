@@ -217,12 +217,15 @@ impl CloudApi {
 
     /// A phone-number id the Graph API knows: its number is recorded on the device, unless
     /// another live device of the tenant already is that number (one number is one device, paced
-    /// once), which leaves this one logged out with a reason naming the other.
+    /// once), which leaves this one logged out with a reason naming the other. A number the
+    /// database did not take (away) comes back third: the caller hands it to the event writer
+    /// once the status is set, and the writer records it once the database is back (logging
+    /// the device out then if it is another device's number, see [`Provider::linked_elsewhere`]).
     async fn linked(
         &self,
         device: &DeviceRef,
         resp: reqwest::Response,
-    ) -> (DeviceStatus, Option<String>) {
+    ) -> (DeviceStatus, Option<String>, Option<PhoneE164>) {
         let shown = resp
             .json::<serde_json::Value>()
             .await
@@ -235,7 +238,7 @@ impl CloudApi {
         });
         let Some(phone) = phone else {
             warn!(device_id = %device.id, shown = ?shown, "the Graph API gave no usable display_phone_number");
-            return (DeviceStatus::Online, None);
+            return (DeviceStatus::Online, None, None);
         };
         match repo::devices::record_linked_number(&self.pool, device.tenant_id, device.id, &phone)
             .await
@@ -243,11 +246,13 @@ impl CloudApi {
             Ok(repo::devices::LinkedNumber::OtherDevice { id, label }) => (
                 DeviceStatus::LoggedOut,
                 Some(crate::provider::linked_elsewhere(&phone, &label, id)),
+                None,
             ),
-            Ok(_) => (DeviceStatus::Online, None),
+            Ok(_) => (DeviceStatus::Online, None, None),
             Err(e) => {
-                warn!(device_id = %device.id, error = %e, "could not record the device's number");
-                (DeviceStatus::Online, None)
+                warn!(device_id = %device.id, error = %e,
+                      "could not record the device's number; the event writer will");
+                (DeviceStatus::Online, None, Some(phone))
             }
         }
     }
@@ -497,26 +502,42 @@ impl Provider for CloudApi {
             .bearer_auth(creds.access_token.expose())
             .send()
             .await;
-        let (status, why) = match resp {
+        let (status, why, unrecorded) = match resp {
             Ok(r) if r.status().is_success() => self.linked(device, r).await,
             Ok(r) => {
                 let code = r.status().as_u16();
                 let body = r.text().await.unwrap_or_default();
                 match classify_response(code, &body).device {
-                    Some((s, why)) => (s, Some(why)),
+                    Some((s, why)) => (s, Some(why), None),
                     None => (
                         DeviceStatus::Reconnecting,
                         Some(format!("Cloud API answered HTTP {code}")),
+                        None,
                     ),
                 }
             }
             Err(e) => (
                 DeviceStatus::Reconnecting,
                 Some(format!("Cloud API unreachable: {}", e.without_url())),
+                None,
             ),
         };
         self.set_status(device, status, why);
+        // After the status: a logout the writer decides on lands after this `online`.
+        if let Some(phone) = unrecorded {
+            let _ = self.events.send(ProviderEvent::Linked {
+                device: device.clone(),
+                phone,
+            });
+        }
         status
+    }
+
+    /// Logged out here (sends refused) and in PostgreSQL, until a person connects it again:
+    /// the Graph API has no session to end.
+    async fn linked_elsewhere(&self, device: &DeviceRef, why: &str) -> Result<(), ProviderError> {
+        self.set_status(device, DeviceStatus::LoggedOut, Some(why.to_string()));
+        Ok(())
     }
 
     async fn status(&self, device: &DeviceRef) -> (DeviceStatus, Option<String>) {

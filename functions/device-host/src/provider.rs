@@ -155,6 +155,13 @@ pub trait Provider: Send + Sync {
             device.provider
         )))
     }
+    /// The device's session turned out to be linked to another device's number (one number is
+    /// one device, paced once): log it out, `why` naming the other. A network call for web
+    /// sessions; a provider with no session to log out of keeps the device logged out until a
+    /// person connects it again.
+    async fn linked_elsewhere(&self, device: &DeviceRef, why: &str) -> Result<(), ProviderError> {
+        self.logout(device, why).await
+    }
     /// Closes the device's session on this host without logging it out (another host takes it).
     async fn release(&self, _device: &DeviceRef) {}
 }

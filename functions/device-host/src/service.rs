@@ -1562,7 +1562,7 @@ async fn write_linked(
                 Some(p) => {
                     let (p, device) = (p.clone(), device.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = p.logout(&device, &why).await {
+                        if let Err(e) = p.linked_elsewhere(&device, &why).await {
                             warn!(device_id = %device.id, error = %e, "could not log out a session linked to another device's number");
                         }
                     });
