@@ -758,6 +758,7 @@ async fn starts_nothing_after(
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_host_attempt_waits_for_the_rescuer_that_moves_its_row_on(pool: PgPool) {
     let (tenant, device, id) = one_row_past_its_lease(&pool, "meet@example.com").await;
+    hold_device(&pool, device, "h").await;
     let mut rescuer = pool.begin().await.unwrap();
     let r = repo::messages::reconcile_stale_sending(&mut rescuer, 5, 0.0, 100, 120.0, None)
         .await
@@ -813,6 +814,7 @@ async fn a_host_attempt_waits_for_the_rescuer_that_moves_its_row_on(pool: PgPool
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_fence_over_an_earlier_claims_record_holds_for_its_claim_only(pool: PgPool) {
     let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "fence@example.com", 2).await;
+    hold_device(&pool, device, "h").await;
     sqlx::query(
         "UPDATE broadcast_messages SET status = 'sending', attempts = 2, enqueue_count = 2,
              sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 minute'
@@ -926,6 +928,7 @@ async fn row_and_record(pool: &PgPool, id: i64) -> (String, String, i32) {
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_workers_outcome_and_a_late_attempt_of_its_claim_meet_at_the_fence(pool: PgPool) {
     let (tenant, device, _, ids) = one_campaign_fanned_out(&pool, "w-fence@example.com", 2).await;
+    hold_device(&pool, device, "h").await;
     // claim 2 in flight; claim 1 was moved on by the rescuer, which fenced it
     sqlx::query(
         "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 2,
@@ -1949,6 +1952,17 @@ async fn a_late_outcome_does_not_end_an_attempt_another_host_took_over(pool: PgP
         .unwrap();
     assert_eq!(begun.len(), 1, "{begun:?}");
     let mut conn = pool.acquire().await.unwrap();
+    // Only the host holding the device takes an attempt over.
+    assert!(
+        !repo::host_sends::retake_host_send(&mut conn, tenant, id, "other")
+            .await
+            .unwrap()
+    );
+    sqlx::query("UPDATE device_leases SET host_id = 'other' WHERE device_id = $1")
+        .bind(device)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     assert!(
         repo::host_sends::retake_host_send(&mut conn, tenant, id, "other")
             .await

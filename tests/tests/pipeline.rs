@@ -242,6 +242,15 @@ async fn the_hosts_outcome_records_are_written_without_index_entries(pool: PgPoo
     .await
     .unwrap();
     assert_eq!(ids.len(), 10);
+    // Host `h` holds the device (only the lease holder starts an attempt).
+    sqlx::query(
+        "INSERT INTO device_leases (device_id, host_id, lease_until)
+         VALUES ($1, 'h', now() + interval '1 minute')",
+    )
+    .bind(d)
+    .execute(&pool)
+    .await
+    .unwrap();
     // One connection for every write, so that its statistics can be flushed at once.
     let mut conn = pool.acquire().await.unwrap();
     let attempts: Vec<repo::host_sends::NewAttempt> = ids

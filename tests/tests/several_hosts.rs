@@ -634,6 +634,68 @@ async fn after_a_database_outage_each_host_keeps_its_own_devices(pool: PgPool) {
     );
 }
 
+/// A host whose lease ran out may not have noticed yet that another host took the device (it
+/// stalled, or could not reach the database to renew): a request routed to it before the
+/// takeover must not send through the device beside its new host. It answers `wrong_host`
+/// (retried; the next claim routes the message to the owner) and records nothing, and the
+/// owner sends the message once.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_host_that_lost_the_device_unnoticed_sends_nothing_through_it(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "unnoticed@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
+    let a = TestHost::start_as(&pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
+    wait_for_status(&pool, tenant, d, "online").await;
+    let b = TestHost::start_as(&pool, "host-b", Duration::from_secs(30), quiet_sim()).await;
+    a.running.leases.abort();
+    b.running.leases.abort();
+    let p = Pipeline::new(&pool, test_queue(5).await, &a);
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    p.tick().await;
+    // The worker's claim, routed to A while A held the device; then B takes it over.
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, sending_at = now(),
+             lease_until = now() + interval '2 minutes'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE device_leases SET host_id = 'host-b' WHERE device_id = $1")
+        .bind(d)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let row = &repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap()[0];
+    let request = shared::host_api::SendRequest {
+        message_id: row.id,
+        tenant_id: tenant,
+        device_id: d,
+        to: row.recipient.clone(),
+        text: row.body.clone(),
+        image: None,
+        template: None,
+    };
+    let err = a.running.host.send(&request).await.unwrap_err();
+    assert_eq!(
+        (err.code, err.retryable),
+        (code::WRONG_HOST, true),
+        "{err:?}"
+    );
+    assert!(a.sends().is_empty());
+    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM host_sends")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(records, 0);
+    let sent = b.running.host.send(&request).await.unwrap();
+    assert!(!sent.duplicate);
+    assert_eq!(b.sends().len(), 1);
+    assert!(a.sends().is_empty());
+}
+
 /// The host's record of an outage the workers met: (since, latest failure).
 async fn outage(pool: &PgPool, host: &str) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
     sqlx::query_as("SELECT unreachable_since, unreachable_at FROM hosts WHERE id = $1")

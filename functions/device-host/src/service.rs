@@ -716,10 +716,24 @@ impl Host {
             repo::host_sends::begin_host_sends(&mut conn, &self.host_id, &attempts).await
         })
         .await?;
+        // An attempt starts only on a device whose lease this host holds: of the ids with
+        // neither an attempt started nor one recorded, those of a device it no longer holds are
+        // another host's now (a rare path: one more read).
+        let unstarted: Vec<Uuid> = work
+            .iter()
+            .filter(|p| !states.contains_key(&reqs[p.index].message_id))
+            .map(|p| p.device.id)
+            .collect();
+        let held = if unstarted.is_empty() {
+            HashSet::new()
+        } else {
+            repo::hosts::held_devices(&self.pool, &self.host_id, &unstarted).await?
+        };
         let mut kept = Vec::new();
         for mut p in work.drain(..) {
             let r = &reqs[p.index];
             match states.remove(&r.message_id) {
+                None if !held.contains(&p.device.id) => results[p.index] = Some(Err(lease_lost())),
                 None => results[p.index] = Some(Err(not_in_flight())),
                 Some(HostSendState::Owned {
                     provider_message_id,
@@ -1050,6 +1064,16 @@ impl Host {
 /// The answer for a message this host may not send: its row is not `sending` for the request's
 /// tenant and device, or the rescuer withdrew the claim the row is in (see
 /// [`repo::host_sends::begin_host_sends`]).
+/// This host's lease on the device ran out (another host may hold it now): nothing was sent,
+/// and the worker's next claim routes the message to the device's owner.
+fn lease_lost() -> SendError {
+    SendError::transient(
+        503,
+        code::WRONG_HOST,
+        "this host no longer holds the device's lease; nothing was sent",
+    )
+}
+
 fn not_in_flight() -> SendError {
     SendError::permanent(
         409,

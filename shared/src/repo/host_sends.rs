@@ -53,6 +53,12 @@ pub type NewAttempt = (i64, Uuid, Uuid, String);
 /// insert meets that fence on the primary key: it waits for an uncommitted one and sees a
 /// committed one, whatever its snapshot said of the row. An id missing from the answer has
 /// neither an attempt started nor one recorded: nothing may be sent for it.
+///
+/// And only by the host that holds the device's lease, live: a host whose lease ran out (it
+/// stalled, or could not reach the database) may not have noticed yet that another host took
+/// the device, and a request routed to it before the takeover would otherwise send through the
+/// device beside its new host. The rescuer takes an attempt recorded by a host that no longer
+/// holds the lease for one nobody is on; this keeps that true for every attempt begun since.
 pub async fn begin_host_sends(
     tx: &mut PgConnection,
     host_id: &str,
@@ -70,6 +76,9 @@ pub async fn begin_host_sends(
          JOIN unnest($1::bigint[], $2::uuid[], $3::uuid[], $4::text[]) AS u(id, t, d, p)
            ON bm.id = u.id AND bm.tenant_id = u.t AND bm.device_id = u.d
          WHERE bm.id = ANY($1) AND bm.status = 'sending' COLLATE \"C\"
+           AND EXISTS (SELECT 1 FROM device_leases dl
+                       WHERE dl.device_id = bm.device_id AND dl.host_id = $5
+                         AND dl.lease_until > now())
          ORDER BY bm.id
          ON CONFLICT (message_id) DO UPDATE
              SET state = 'attempting', host_id = EXCLUDED.host_id, updated_at = now(), error = NULL,
@@ -184,7 +193,7 @@ pub async fn finish_host_sends(
 /// moves a row with an `attempting` record on without a fence (that record already stops
 /// [`begin_host_sends`]), so the lock is what orders the two here. A rare path (a host died
 /// mid-send); the common one locks nothing. False when nothing was taken over, and then
-/// nothing may be sent.
+/// nothing may be sent. Only by the host holding the device's lease, as in [`begin_host_sends`].
 pub async fn retake_host_send(
     tx: &mut PgConnection,
     tenant: Uuid,
@@ -193,9 +202,12 @@ pub async fn retake_host_send(
 ) -> Result<bool, RepoError> {
     let res = sqlx::query(
         "WITH live AS (
-             SELECT id, enqueue_count FROM broadcast_messages
-             WHERE id = $1 AND tenant_id = $2 AND status = 'sending' COLLATE \"C\"
-             FOR SHARE
+             SELECT bm.id, bm.enqueue_count FROM broadcast_messages bm
+             WHERE bm.id = $1 AND bm.tenant_id = $2 AND bm.status = 'sending' COLLATE \"C\"
+               AND EXISTS (SELECT 1 FROM device_leases dl
+                           WHERE dl.device_id = bm.device_id AND dl.host_id = $3
+                             AND dl.lease_until > now())
+             FOR SHARE OF bm
          )
          UPDATE host_sends h SET host_id = $3, updated_at = now(), claim = live.enqueue_count
          FROM live

@@ -161,6 +161,23 @@ pub async fn device_owner(
     .await?)
 }
 
+/// Of these devices, those this host holds a live lease on.
+pub async fn held_devices(
+    pool: &PgPool,
+    host: &str,
+    devices: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, RepoError> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT device_id FROM device_leases
+         WHERE device_id = ANY($1) AND host_id = $2 AND lease_until > now()",
+    )
+    .bind(devices)
+    .bind(host)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// The tenant's devices a host serves now (a live lease).
 pub async fn list_served_devices(
     pool: &PgPool,
