@@ -509,6 +509,39 @@ async fn leases_that_ran_out_while_the_database_was_away_skip_nothing(pool: PgPo
     assert_eq!(counts.get("skipped"), Some(&5), "{counts:?}");
 }
 
+/// One message of a device served by `host-a` (its lease round stopped), claimed three minutes
+/// ago and past its lease, its attempt recorded by `host-a`, with a processor that has ticked
+/// once.
+async fn a_send_of_host_a_past_its_lease(pool: &PgPool, email: &str) -> (TestHost, Pipeline) {
+    let tenant = seed_tenant(pool, email).await;
+    let d = seed_device(pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
+    let host = TestHost::start_as(pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
+    wait_for_status(pool, tenant, d, "online").await;
+    host.running.leases.abort();
+    let p = Pipeline::new(pool, test_queue(5).await, &host);
+    p.tick().await;
+    seed_campaign(pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 1,
+             sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 s'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO host_sends
+             (message_id, tenant_id, device_id, provider_message_id, state, host_id, claim)
+         SELECT id, tenant_id, device_id, 'p-1', 'attempting', 'host-a', 1
+         FROM broadcast_messages",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    (host, p)
+}
+
 /// A send its host was on when the database went away: right after the outage the host's
 /// lease looks lapsed until it renews it, and the rescuer would take the row for one whose host
 /// is lost (back to `pending`, an attempt spent, its record resolved through the provider on
@@ -516,31 +549,11 @@ async fn leases_that_ran_out_while_the_database_was_away_skip_nothing(pool: PgPo
 /// host, which renewed the lease, keeps it.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_send_under_way_across_an_outage_is_left_to_its_host(pool: PgPool) {
-    let tenant = seed_tenant(&pool, "outage-send@example.com").await;
-    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
-    seed_leads(&pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
-    let host = TestHost::start_as(&pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
-    wait_for_status(&pool, tenant, d, "online").await;
-    host.running.leases.abort();
-    let p = Pipeline::new(&pool, test_queue(5).await, &host);
-    p.tick().await;
-    seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    p.trigger().await;
+    let (host, p) = a_send_of_host_a_past_its_lease(&pool, "outage-send@example.com").await;
     let run = |sql: &'static str| {
         let pool = pool.clone();
         async move { sqlx::query(sql).execute(&pool).await.unwrap() }
     };
-    // Claimed three minutes ago, past its lease, its attempt recorded by host-a.
-    run(
-        "UPDATE broadcast_messages SET status = 'sending', attempts = 1, enqueue_count = 1,
-             sending_at = now() - interval '3 minutes', lease_until = now() - interval '1 s'",
-    )
-    .await;
-    run("INSERT INTO host_sends
-             (message_id, tenant_id, device_id, provider_message_id, state, host_id, claim)
-         SELECT id, tenant_id, device_id, 'p-1', 'attempting', 'host-a', 1
-         FROM broadcast_messages")
-    .await;
     // Ten minutes without the database.
     run("UPDATE processor_liveness SET last_tick_at = now() - interval '10 minutes'").await;
     run("UPDATE device_leases SET lease_until = now() - interval '570 seconds'").await;
@@ -559,7 +572,9 @@ async fn a_send_under_way_across_an_outage_is_left_to_its_host(pool: PgPool) {
     assert_eq!(status().await, "sending");
     // The host renews its lease; past the settling time the row is its host's still.
     assert_eq!(host.running.host.lease_round().await.unwrap().kept, 1);
-    run("UPDATE processor_liveness SET resumed_at = now() - interval '31 seconds'").await;
+    run("UPDATE processor_liveness
+         SET resumed_at = now() - interval '31 seconds', back_at = now() - interval '31 seconds'")
+    .await;
     let r = p.tick().await;
     assert_eq!(
         (r.reconciled_retry, r.sending_leases_renewed),
@@ -567,6 +582,61 @@ async fn a_send_under_way_across_an_outage_is_left_to_its_host(pool: PgPool) {
         "{r:?}"
     );
     assert_eq!(status().await, "sending");
+}
+
+/// A failover of a minute under the default grace of five minutes: not long enough to hold back
+/// the offline judgement, but every lease ran out meanwhile all the same, and until the hosts
+/// renew, the rescuer took a `sending` row whose host was still on it for one whose host was
+/// lost (back to `pending`, an attempt spent). It waits for the settling time after any gap of
+/// an outage's length; a gap of a few ticks is no outage and holds nothing back.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_send_under_way_across_a_short_failover_is_left_to_its_host(pool: PgPool) {
+    let (host, p) = a_send_of_host_a_past_its_lease(&pool, "failover-send@example.com").await;
+    assert_eq!(p.processor.settings.offline_grace, Duration::from_secs(300));
+    let run = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    let status = || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM broadcast_messages")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    // A minute without the database; the device's lease ran out 40 s ago.
+    run("UPDATE processor_liveness SET last_tick_at = now() - interval '1 minute'").await;
+    run("UPDATE device_leases SET lease_until = now() - interval '40 seconds'").await;
+    let r = p.tick().await;
+    assert_eq!(
+        (
+            r.back,
+            r.resumed,
+            r.reconciled_retry,
+            r.reconciled_host_lost
+        ),
+        (1, 0, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(status().await, "sending");
+    // The host renews its lease; past the settling time the row is its host's still.
+    assert_eq!(host.running.host.lease_round().await.unwrap().kept, 1);
+    run("UPDATE processor_liveness SET back_at = now() - interval '31 seconds'").await;
+    let r = p.tick().await;
+    assert_eq!(
+        (r.back, r.reconciled_retry, r.sending_leases_renewed),
+        (0, 0, 1),
+        "{r:?}"
+    );
+    assert_eq!(status().await, "sending");
+
+    // A gap of a few seconds is no outage: a row whose host did lose the device is taken back
+    // at once.
+    run("UPDATE broadcast_messages SET lease_until = now() - interval '1 s'").await;
+    run("UPDATE device_leases SET lease_until = now() - interval '40 seconds'").await;
+    run("UPDATE processor_liveness SET last_tick_at = now() - interval '5 seconds'").await;
+    let r = p.tick().await;
+    assert_eq!((r.back, r.reconciled_retry), (0, 1), "{r:?}");
+    assert_eq!(status().await, "pending");
 }
 
 /// An outage of the database longer than the lease: no host could renew, so every lease ran

@@ -98,10 +98,14 @@ pub struct Report {
     pub slowest_pass_ms: u64,
     /// Passes that took longer than the tick (each also logged as a warning).
     pub slow_passes: u64,
-    /// Ticks that found no processor had reached the database for a while (an outage): device
-    /// leases that ran out meanwhile are not yet taken for devices nobody serves
-    /// (`repo::messages::note_processor_tick`).
+    /// Ticks that found no processor had reached the database for longer than the offline
+    /// grace (an outage that long): device leases that ran out meanwhile are not yet taken for
+    /// devices nobody serves (`repo::messages::note_processor_tick`).
     pub resumed: u64,
+    /// Ticks that found no processor had reached the database for an outage's gap of any
+    /// length (`repo::messages::RESUME_GAP_S`, three ticks): the rescuer leaves `sending` rows
+    /// to their hosts for the settling time after it.
+    pub back: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,24 +239,35 @@ async fn housekeeping(
     report: &mut Report,
     scan_lost: bool,
 ) -> Result<(), ProcessorError> {
-    let gap = repo::messages::RESUME_GAP_S
-        .max(3.0 * settings.tick.as_secs_f64())
-        .max(settings.offline_grace.as_secs_f64());
+    let outage_s = repo::messages::RESUME_GAP_S.max(3.0 * settings.tick.as_secs_f64());
+    let gaps = repo::messages::TickGaps {
+        outage_s,
+        past_grace_s: outage_s.max(settings.offline_grace.as_secs_f64()),
+    };
     let mut conn = deps.pool.acquire().await.context("failed to connect")?;
-    let liveness = repo::messages::note_processor_tick(&mut conn, gap)
+    let liveness = repo::messages::note_processor_tick(&mut conn, gaps)
         .await
         .context("failed to note the tick")?;
     drop(conn);
+    if liveness.back {
+        report.back += 1;
+        warn!(
+            gap_s = gaps.outage_s,
+            "no processor reached the database for a while: the rescuer leaves rows in \
+             `sending` to their hosts until the hosts have had time to renew their leases"
+        );
+    }
     if liveness.resumed {
         report.resumed += 1;
         warn!(
-            gap_s = gap,
-            "no processor reached the database for a while: device leases that ran out \
-             meanwhile are no witness until the hosts have had time to renew them"
+            gap_s = gaps.past_grace_s,
+            "no processor reached the database for longer than the offline grace: device \
+             leases that ran out meanwhile are no witness until the hosts have had time to \
+             renew them"
         );
     }
     sweep(deps, settings, report).await?;
-    rescue(deps, settings, report, scan_lost, liveness.settling).await
+    rescue(deps, settings, report, scan_lost, liveness.rescue_settling).await
 }
 
 async fn sweep(

@@ -1015,47 +1015,84 @@ const OFFLINE_PAST_GRACE: &str = concat!(
                            <= now() - make_interval(secs => $1)))"
 );
 
-/// A gap between two processor ticks longer than this, than three ticks and than the offline
-/// grace is taken for an outage (nothing else stops every processor: an invocation runs a
-/// little longer than the schedule's minute, so they overlap). A shorter outage cannot make a
-/// live host's lease look run out for longer than the grace: it was renewed before the outage,
-/// so it ran out less than the outage ago.
+/// A gap between two processor ticks longer than this and than three ticks is taken for an
+/// outage (nothing else stops every processor: an invocation runs a little longer than the
+/// schedule's minute, so they overlap). Device leases may have run out meanwhile, as no host
+/// could renew them, so the rescuer leaves `sending` rows to their hosts for the settling time
+/// after it ([`Liveness::rescue_settling`]). Only a gap longer than the offline grace too can
+/// make a live host's lease look run out for longer than the grace (it was renewed before the
+/// outage, so it ran out less than the outage ago): only such a gap holds back the offline
+/// judgement ([`Liveness::resumed`]).
 pub const RESUME_GAP_S: f64 = 20.0;
+
+/// The gaps between processor ticks that [`note_processor_tick`] marks, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TickGaps {
+    /// Longer than this, an outage: the rescuer settles.
+    pub outage_s: f64,
+    /// Longer than this (at least `outage_s`), an outage longer than the offline grace: the
+    /// offline judgement settles too.
+    pub past_grace_s: f64,
+}
 
 /// What a processor tick learnt of the processors' continuity ([`note_processor_tick`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
-    /// No processor had reached the database for a while before this tick: an outage ended.
+    /// No processor had reached the database for longer than the offline grace before this
+    /// tick: an outage that long ended.
     pub resumed: bool,
-    /// Within the settling time after the latest return (`resume_settle_s!()`): device leases
-    /// may have run out only because no host could renew them. Lease-based judgements wait.
+    /// Within the settling time after the latest such return (`resume_settle_s!()`): device
+    /// leases may have run out for longer than the grace only because no host could renew
+    /// them. The offline judgement by lease waits.
     pub settling: bool,
+    /// No processor had reached the database for `TickGaps::outage_s` before this tick: an
+    /// outage of any length ended (true also when `resumed` is).
+    pub back: bool,
+    /// Within the settling time after the latest return from any outage, however short: a
+    /// `sending` row's host may not have renewed its lease yet. The rescuer leaves such rows.
+    pub rescue_settling: bool,
 }
 
-/// System scope: one processor tick reached the database. A tick after no tick for `gap_s`
-/// marks the processors' return (`resumed_at`; the first tick ever marks none). Run it in
-/// autocommit, not inside a sweep: concurrent processors wait for this row only as long as it
-/// takes to write.
+/// System scope: one processor tick reached the database. A tick after no tick for
+/// `gaps.outage_s` marks the processors' return from an outage (`back_at`), after no tick for
+/// `gaps.past_grace_s` from one longer than the grace (`resumed_at` too); the first tick ever
+/// marks none. Run it in autocommit, not inside a sweep: concurrent processors wait for this
+/// row only as long as it takes to write.
 pub async fn note_processor_tick(
     conn: &mut PgConnection,
-    gap_s: f64,
+    gaps: TickGaps,
 ) -> Result<Liveness, RepoError> {
-    let (resumed, settling): (bool, bool) = sqlx::query_as(concat!(
-        "INSERT INTO processor_liveness (last_tick_at, resumed_at) VALUES (now(), '-infinity')
+    let (resumed, settling, back, rescue_settling): (bool, bool, bool, bool) =
+        sqlx::query_as(concat!(
+            "INSERT INTO processor_liveness (last_tick_at, resumed_at, back_at)
+         VALUES (now(), '-infinity', '-infinity')
          ON CONFLICT (id) DO UPDATE SET
              resumed_at = CASE
                  WHEN processor_liveness.last_tick_at < now() - make_interval(secs => $1)
                  THEN now() ELSE processor_liveness.resumed_at END,
+             back_at = CASE
+                 WHEN processor_liveness.last_tick_at < now() - make_interval(secs => $2)
+                 THEN now() ELSE processor_liveness.back_at END,
              last_tick_at = GREATEST(processor_liveness.last_tick_at, now())
          RETURNING resumed_at = now(),
                    resumed_at + make_interval(secs => ",
-        resume_settle_s!(),
-        ") > now()"
-    ))
-    .bind(gap_s)
-    .fetch_one(conn)
-    .await?;
-    Ok(Liveness { resumed, settling })
+            resume_settle_s!(),
+            ") > now(),
+                   back_at = now(),
+                   back_at + make_interval(secs => ",
+            resume_settle_s!(),
+            ") > now()"
+        ))
+        .bind(gaps.past_grace_s.max(gaps.outage_s))
+        .bind(gaps.outage_s)
+        .fetch_one(conn)
+        .await?;
+    Ok(Liveness {
+        resumed,
+        settling,
+        back,
+        rescue_settling,
+    })
 }
 
 /// System scope: unsent rows of deleted devices end `skipped / device_deleted`.
