@@ -4,6 +4,7 @@
 //! HTTP (trigger, processor tick, queue receive, `SqsEvent` to the worker, delete what succeeded).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod db_relay;
 pub mod graph;
 pub mod migration_lint;
 pub mod process;
