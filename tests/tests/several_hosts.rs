@@ -1078,6 +1078,12 @@ async fn a_campaign_runs_through_a_whole_outage_of_the_database(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(hosts, ["host-a"]);
+    // The outage cost no attempt: a send the host could not record was never offered.
+    let attempts: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT attempts FROM broadcast_messages")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, [1]);
     let stats = p.queue.stats().await.unwrap();
     eprintln!(
         "outage: {open} connections cut, {sent_at_cut} of {total} sent before it; \
