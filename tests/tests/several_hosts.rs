@@ -66,18 +66,23 @@ async fn every_message_sent_once(
     }
 }
 
+/// The device lease of [`two_hosts_one_whatsapp`]'s hosts.
+const TWO_HOSTS_LEASE: Duration = Duration::from_millis(1_500);
+
 /// Hosts `host-a`, started first, and `host-b` (leases of 1.5 s), with one simulated WhatsApp
 /// behind both: one send log, `whatsapp.jsonl` in the returned directory.
-async fn two_hosts_one_whatsapp(pool: &PgPool) -> (TestHost, TestHost, tempfile::TempDir) {
+async fn two_hosts_one_whatsapp(
+    pool: &PgPool,
+    latency: Duration,
+) -> (TestHost, TestHost, tempfile::TempDir) {
     let whatsapp = tempfile::tempdir().unwrap();
     let sim = SimConfig {
-        latency: Duration::from_millis(5),
+        latency,
         log_path: Some(whatsapp.path().join("whatsapp.jsonl")),
         ..quiet_sim()
     };
-    let lease = Duration::from_millis(1_500);
-    let a = TestHost::start_as(pool, "host-a", lease, sim.clone()).await;
-    let b = TestHost::start_as(pool, "host-b", lease, sim).await;
+    let a = TestHost::start_as(pool, "host-a", TWO_HOSTS_LEASE, sim.clone()).await;
+    let b = TestHost::start_as(pool, "host-b", TWO_HOSTS_LEASE, sim).await;
     (a, b, whatsapp)
 }
 
@@ -100,7 +105,7 @@ async fn a_host_dies_mid_campaign_and_every_message_still_ends_once(pool: PgPool
         devices.push(d);
     }
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
-    let (a, b, whatsapp) = two_hosts_one_whatsapp(&pool).await;
+    let (a, b, whatsapp) = two_hosts_one_whatsapp(&pool, Duration::from_millis(5)).await;
     let log_path = whatsapp.path().join("whatsapp.jsonl");
     // A came first and holds every device; B waits.
     assert!(owners(&pool)
@@ -959,6 +964,18 @@ async fn an_outage_starts_again_after_a_quiet_gap_or_a_new_address(pool: PgPool)
 /// `queued`, and the rescuer enqueues them again after their lease.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_campaign_runs_through_a_whole_outage_of_the_database(pool: PgPool) {
+    whole_outage(pool, Duration::from_millis(5)).await;
+}
+
+/// The same with every send taking 400 ms at the provider (a web session's typing pause), so
+/// that the outage begins with sends under way: their hosts finish them, and the outcomes
+/// neither host nor worker could write are written once the database is back.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_whole_outage_of_the_database_with_sends_under_way(pool: PgPool) {
+    whole_outage(pool, Duration::from_millis(400)).await;
+}
+
+async fn whole_outage(pool: PgPool, latency: Duration) {
     use shared::queue::Queue;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -984,7 +1001,7 @@ async fn a_campaign_runs_through_a_whole_outage_of_the_database(pool: PgPool) {
     // Everything but the test's own checks reaches PostgreSQL through the relay.
     let relay = wabcast_tests::db_relay::DbRelay::start(&pool).await;
     let through = relay.pool(20, Duration::from_secs(1));
-    let (a, b, whatsapp) = two_hosts_one_whatsapp(&through).await;
+    let (a, b, whatsapp) = two_hosts_one_whatsapp(&through, latency).await;
     let log_path = whatsapp.path().join("whatsapp.jsonl");
     let all_a = owners(&pool).await;
     assert_eq!(all_a.len(), devices as usize);
@@ -996,6 +1013,9 @@ async fn a_campaign_runs_through_a_whole_outage_of_the_database(pool: PgPool) {
     let mut p = Pipeline::new(&through, test_queue(2).await, &b);
     p.processor.settings.lease = Duration::from_secs(3);
     p.worker.settings.lease = Duration::from_secs(3);
+    // The processor knows the hosts' lease, as in a deployment (`DEVICE_LEASE_S`): a gap of two
+    // thirds of it is an outage, after which it waits a lease for the hosts to renew.
+    p.processor.settings.device_lease = TWO_HOSTS_LEASE;
     let p = Arc::new(p);
     let stop = Arc::new(AtomicBool::new(false));
     let runner = tokio::spawn({
@@ -1022,15 +1042,39 @@ async fn a_campaign_runs_through_a_whole_outage_of_the_database(pool: PgPool) {
     });
     let sent = || SendLog::read(&log_path).unwrap().len();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while sent() < total / 4 {
+    // With slow sends, the outage begins while some are under way: recorded by their host, not
+    // yet accepted by the provider (not in its log).
+    let under_way = || async {
+        let attempting: Vec<String> = sqlx::query_scalar(
+            "SELECT provider_message_id FROM host_sends WHERE state = 'attempting'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let log = SendLog::read(&log_path).unwrap();
+        attempting
+            .iter()
+            .filter(|p| !log.iter().any(|e| &e.provider_message_id == *p))
+            .count()
+    };
+    let slow = latency >= Duration::from_millis(100);
+    while sent() < total / 4 || (slow && under_way().await == 0) {
         assert!(tokio::time::Instant::now() < deadline, "sent {}", sent());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     // The outage, longer than two leases.
     let open = relay.cut();
+    let sent_at_cut = sent();
     assert!(open > 0, "no connection was open through the relay");
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let finished_in_the_outage = sent() - sent_at_cut;
+    if slow {
+        assert!(
+            finished_in_the_outage > 0,
+            "no send was under way when the database went away"
+        );
+    }
     let sent_at_cut = sent();
     assert!(sent_at_cut < total, "the campaign ended before the outage");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1086,8 +1130,8 @@ async fn a_campaign_runs_through_a_whole_outage_of_the_database(pool: PgPool) {
     assert_eq!(attempts, [1]);
     let stats = p.queue.stats().await.unwrap();
     eprintln!(
-        "outage: {open} connections cut, {sent_at_cut} of {total} sent before it; \
-         dead-lettered {}",
+        "outage: {open} connections cut, {sent_at_cut} of {total} sent before it \
+         ({finished_in_the_outage} of them under way at the cut); dead-lettered {}",
         stats.dead_letter
     );
     drop((a, b));

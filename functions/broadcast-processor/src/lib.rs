@@ -28,6 +28,10 @@ pub struct Settings {
     /// How long a `queued` or `sending` row may stay so before the rescuer acts (`LEASE_S`, the
     /// worker's too).
     pub lease: Duration,
+    /// The device hosts' `DEVICE_LEASE_S` (the same value): how long a lease lasts unrenewed,
+    /// which tells how long an outage of the database must be for the leases to run out, and how
+    /// long after one the hosts need to renew them (`repo::messages::TickGaps`).
+    pub device_lease: Duration,
     /// The worker's `HOST_TIMEOUT_S`: a `sending` row claimed longer ago that no host is on (its
     /// record is final, its host lost the device, or no attempt was recorded) is reconciled
     /// before its lease (`repo::messages::HostLost`).
@@ -54,6 +58,7 @@ impl Default for Settings {
             offline_grace: Duration::from_secs(300),
             lease: Duration::from_secs(120),
             host_timeout: Duration::from_secs(30),
+            device_lease: Duration::from_secs(30),
             max_devices_per_claim: 1_000,
             per_device_burst: 50,
             max_messages_per_claim: 5_000,
@@ -103,8 +108,8 @@ pub struct Report {
     /// devices nobody serves (`repo::messages::note_processor_tick`).
     pub resumed: u64,
     /// Ticks that found no processor had reached the database for an outage's gap of any
-    /// length (`repo::messages::RESUME_GAP_S`, three ticks): the rescuer leaves `sending` rows
-    /// to their hosts for the settling time after it.
+    /// length (`repo::messages::TickGaps`: two thirds of a device lease, three ticks): the
+    /// rescuer leaves `sending` rows to their hosts for the settling time after it.
     pub back: u64,
 }
 
@@ -239,11 +244,11 @@ async fn housekeeping(
     report: &mut Report,
     scan_lost: bool,
 ) -> Result<(), ProcessorError> {
-    let outage_s = repo::messages::RESUME_GAP_S.max(3.0 * settings.tick.as_secs_f64());
-    let gaps = repo::messages::TickGaps {
-        outage_s,
-        past_grace_s: outage_s.max(settings.offline_grace.as_secs_f64()),
-    };
+    let gaps = repo::messages::TickGaps::new(
+        settings.tick.as_secs_f64(),
+        settings.offline_grace.as_secs_f64(),
+        settings.device_lease.as_secs_f64(),
+    );
     let mut conn = deps.pool.acquire().await.context("failed to connect")?;
     let liveness = repo::messages::note_processor_tick(&mut conn, gaps)
         .await

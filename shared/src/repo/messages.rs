@@ -973,16 +973,6 @@ async fn reconcile_sending(
     })
 }
 
-/// How long after the processors' return from an outage a lease that ran out meanwhile still
-/// says nothing (see [`OFFLINE_PAST_GRACE`]), in seconds: every live host renews its leases
-/// within a third of its lease (`DEVICE_LEASE_S`, 30 s by default, so 10 s), and a host back
-/// from an outage takes no other host's device for a whole lease.
-macro_rules! resume_settle_s {
-    () => {
-        "30"
-    };
-}
-
 /// The sweeps below find their devices first and name them on the messages themselves
 /// (`bm.device_id = ANY(…)`), so that every index the planner may pick holds the device,
 /// whatever its statistics say, and a sweep with no device to act on costs one small query.
@@ -999,40 +989,47 @@ macro_rules! resume_settle_s {
 ///
 /// A lease that ran out while the processors could not reach the database (an outage, a
 /// failover) is no witness either: no host could renew it. Its end counts only from the
-/// processors' return ([`note_processor_tick`]) plus `resume_settle_s!()` (30 s), time for every live
-/// host to renew its leases. Before, the first tick after an outage longer than the grace
-/// skipped every due message of every device.
-const OFFLINE_PAST_GRACE: &str = concat!(
-    "d.deleted_at IS NULL
+/// processors' return ([`note_processor_tick`]) plus the settling time (`settle_s`, the hosts'
+/// device lease), time for every live host to renew its leases. Before, the first tick after an
+/// outage longer than the grace skipped every due message of every device.
+const OFFLINE_PAST_GRACE: &str = "d.deleted_at IS NULL
     AND ((d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
           AND d.status_changed_at <= now() - make_interval(secs => $1))
          OR d.id IN (SELECT device_id FROM device_leases
                      WHERE GREATEST(lease_until,
-                                    (SELECT resumed_at + make_interval(secs => ",
-    resume_settle_s!(),
-    ")
+                                    (SELECT resumed_at + make_interval(secs => settle_s)
                                      FROM processor_liveness))
-                           <= now() - make_interval(secs => $1)))"
-);
+                           <= now() - make_interval(secs => $1)))";
 
-/// A gap between two processor ticks longer than this and than three ticks is taken for an
-/// outage (nothing else stops every processor: an invocation runs a little longer than the
-/// schedule's minute, so they overlap). Device leases may have run out meanwhile, as no host
-/// could renew them, so the rescuer leaves `sending` rows to their hosts for the settling time
-/// after it ([`Liveness::rescue_settling`]). Only a gap longer than the offline grace too can
-/// make a live host's lease look run out for longer than the grace (it was renewed before the
-/// outage, so it ran out less than the outage ago): only such a gap holds back the offline
-/// judgement ([`Liveness::resumed`]).
-pub const RESUME_GAP_S: f64 = 20.0;
-
-/// The gaps between processor ticks that [`note_processor_tick`] marks, in seconds.
+/// The gaps between processor ticks that [`note_processor_tick`] marks, and what follows them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TickGaps {
-    /// Longer than this, an outage: the rescuer settles.
+    /// Longer than this, an outage: the rescuer settles. Two thirds of the hosts' device lease
+    /// and three ticks: a host renews its leases every third of a lease, so a shorter outage
+    /// cannot make a live host's lease run out; and nothing else stops every processor (an
+    /// invocation runs a little longer than the schedule's minute, so they overlap).
     pub outage_s: f64,
     /// Longer than this (at least `outage_s`), an outage longer than the offline grace: the
-    /// offline judgement settles too.
+    /// offline judgement settles too. Only such a gap can make a live host's lease look run out
+    /// for longer than the grace (it was renewed before the outage, so it ran out less than the
+    /// outage ago).
     pub past_grace_s: f64,
+    /// How long either settles: the hosts' device lease. Every live host renews within a third
+    /// of it, and a host back from an outage takes no other host's device for a whole lease.
+    pub settle_s: f64,
+}
+
+impl TickGaps {
+    /// The gaps for processors that tick every `tick_s`, judge devices offline after
+    /// `offline_grace_s`, and whose hosts hold device leases of `device_lease_s`.
+    pub fn new(tick_s: f64, offline_grace_s: f64, device_lease_s: f64) -> Self {
+        let outage_s = (device_lease_s * 2.0 / 3.0).max(3.0 * tick_s);
+        Self {
+            outage_s,
+            past_grace_s: outage_s.max(offline_grace_s),
+            settle_s: device_lease_s,
+        }
+    }
 }
 
 /// What a processor tick learnt of the processors' continuity ([`note_processor_tick`]).
@@ -1041,7 +1038,7 @@ pub struct Liveness {
     /// No processor had reached the database for longer than the offline grace before this
     /// tick: an outage that long ended.
     pub resumed: bool,
-    /// Within the settling time after the latest such return (`resume_settle_s!()`): device
+    /// Within the settling time after the latest such return (`TickGaps::settle_s`): device
     /// leases may have run out for longer than the grace only because no host could renew
     /// them. The offline judgement by lease waits.
     pub settling: bool,
@@ -1057,15 +1054,15 @@ pub struct Liveness {
 /// `gaps.outage_s` marks the processors' return from an outage (`back_at`), after no tick for
 /// `gaps.past_grace_s` from one longer than the grace (`resumed_at` too); the first tick ever
 /// marks none. Run it in autocommit, not inside a sweep: concurrent processors wait for this
-/// row only as long as it takes to write.
+/// row only as long as it takes to write. The settling time is stored with the marks, for
+/// the offline judgement ([`OFFLINE_PAST_GRACE`]) to read.
 pub async fn note_processor_tick(
     conn: &mut PgConnection,
     gaps: TickGaps,
 ) -> Result<Liveness, RepoError> {
-    let (resumed, settling, back, rescue_settling): (bool, bool, bool, bool) =
-        sqlx::query_as(concat!(
-            "INSERT INTO processor_liveness (last_tick_at, resumed_at, back_at)
-         VALUES (now(), '-infinity', '-infinity')
+    let (resumed, settling, back, rescue_settling): (bool, bool, bool, bool) = sqlx::query_as(
+        "INSERT INTO processor_liveness (last_tick_at, resumed_at, back_at, settle_s)
+         VALUES (now(), '-infinity', '-infinity', $3)
          ON CONFLICT (id) DO UPDATE SET
              resumed_at = CASE
                  WHEN processor_liveness.last_tick_at < now() - make_interval(secs => $1)
@@ -1073,20 +1070,18 @@ pub async fn note_processor_tick(
              back_at = CASE
                  WHEN processor_liveness.last_tick_at < now() - make_interval(secs => $2)
                  THEN now() ELSE processor_liveness.back_at END,
-             last_tick_at = GREATEST(processor_liveness.last_tick_at, now())
+             last_tick_at = GREATEST(processor_liveness.last_tick_at, now()),
+             settle_s = $3
          RETURNING resumed_at = now(),
-                   resumed_at + make_interval(secs => ",
-            resume_settle_s!(),
-            ") > now(),
+                   resumed_at + make_interval(secs => settle_s) > now(),
                    back_at = now(),
-                   back_at + make_interval(secs => ",
-            resume_settle_s!(),
-            ") > now()"
-        ))
-        .bind(gaps.past_grace_s.max(gaps.outage_s))
-        .bind(gaps.outage_s)
-        .fetch_one(conn)
-        .await?;
+                   back_at + make_interval(secs => settle_s) > now()",
+    )
+    .bind(gaps.past_grace_s.max(gaps.outage_s))
+    .bind(gaps.outage_s)
+    .bind(gaps.settle_s)
+    .fetch_one(conn)
+    .await?;
     Ok(Liveness {
         resumed,
         settling,
