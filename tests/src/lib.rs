@@ -53,6 +53,62 @@ pub async fn test_queue(max_receives: u32) -> Arc<RedisQueue> {
     )
 }
 
+/// A queue that refuses to take messages while `refuse` is set (as SQS does when throttled or
+/// unreachable), and is the queue it wraps otherwise.
+pub struct RefusingQueue {
+    pub inner: Arc<RedisQueue>,
+    pub refuse: std::sync::atomic::AtomicBool,
+}
+
+impl RefusingQueue {
+    pub fn new(inner: Arc<RedisQueue>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            refuse: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn refuse(&self, refuse: bool) {
+        self.refuse
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for RefusingQueue {
+    async fn send_batch(
+        &self,
+        messages: &[shared::queue::OutgoingMessage],
+    ) -> Result<usize, shared::queue::QueueError> {
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(shared::queue::QueueError::Unavailable(
+                "refused (injected by the test)".into(),
+            ));
+        }
+        self.inner.send_batch(messages).await
+    }
+    async fn receive(
+        &self,
+        max: usize,
+        visibility: Duration,
+    ) -> Result<Vec<shared::queue::ReceivedMessage>, shared::queue::QueueError> {
+        self.inner.receive(max, visibility).await
+    }
+    async fn delete(&self, receipt_handle: &str) -> Result<(), shared::queue::QueueError> {
+        self.inner.delete(receipt_handle).await
+    }
+    async fn change_visibility(
+        &self,
+        receipt_handle: &str,
+        timeout: Duration,
+    ) -> Result<(), shared::queue::QueueError> {
+        self.inner.change_visibility(receipt_handle, timeout).await
+    }
+    async fn stats(&self) -> Result<shared::queue::QueueStats, shared::queue::QueueError> {
+        self.inner.stats().await
+    }
+}
+
 /// The moto server (SQS API) for this test process: `WABCAST_MOTO_URL` when set (infra/test.sh
 /// starts one on a free loopback port), else one started here from the project venv on a free
 /// port and stopped by a watchdog when this process exits.

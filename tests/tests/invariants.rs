@@ -4002,3 +4002,50 @@ async fn end_campaign_rows(pool: &PgPool, campaign: uuid::Uuid, status: &str, re
     .await
     .unwrap();
 }
+
+/// The queue refused a message right after its claim (SQS throttled, or unreachable for a
+/// moment): the row stays `queued`, and a paced device sends nothing while a row of it is in
+/// flight. The rescuer used to enqueue it again only after its whole lease (`LEASE_S`, two
+/// minutes), so every device a blip of the queue touched stalled for two minutes. The refusal is
+/// known, so the row is the rescuer's after `enqueue_retry`; the claims pause meanwhile.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_message_the_queue_refused_is_enqueued_again_within_seconds(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "refused@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.2, 0.2).await;
+    seed_leads(&pool, tenant, d, 0, 2, "cars", LeadStatus::Prospect).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    wait_for_status(&pool, tenant, d, "online").await;
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    let refusing = RefusingQueue::new(p.queue.clone());
+    p.processor.queue = refusing.clone();
+    p.processor.settings.enqueue_retry = Duration::from_millis(500);
+    assert_eq!(p.processor.settings.lease, Duration::from_secs(120));
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+
+    refusing.refuse(true);
+    let r = p.tick().await;
+    assert_eq!((r.queued, r.enqueue_errors), (1, 1), "{r:?}");
+    assert_eq!(p.queue.stats().await.unwrap().visible, 0);
+    // Refused again by the rescuer once its retry is due: still nothing lost, nothing claimed.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = p.tick().await;
+    assert_eq!((r.requeued, r.enqueue_errors, r.queued), (1, 1, 0), "{r:?}");
+
+    // The queue takes messages again: the rescuer enqueues the row at its next retry, not two
+    // minutes later.
+    refusing.refuse(false);
+    let r = p.tick().await;
+    assert_eq!(r.requeued, 0, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = p.tick().await;
+    assert_eq!((r.requeued, r.enqueue_errors), (1, 0), "{r:?}");
+    assert_eq!(p.queue.stats().await.unwrap().visible, 1);
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await,
+        HashMap::from([("sent".to_string(), 2)])
+    );
+    assert_eq!(host.sends().len(), 2);
+}

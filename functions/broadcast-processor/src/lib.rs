@@ -45,6 +45,8 @@ pub struct Settings {
     /// `max_devices_per_claim`.
     pub max_messages_per_claim: i64,
     pub max_attempts: i32,
+    /// How soon the rescuer enqueues again the rows the queue refused (see `enqueue`).
+    pub enqueue_retry: Duration,
     /// Delay before a reconciled, unsent row is due again.
     pub rescue_retry_after: Duration,
     pub rescue_batch: i64,
@@ -63,6 +65,7 @@ impl Default for Settings {
             per_device_burst: 50,
             max_messages_per_claim: 5_000,
             max_attempts: 5,
+            enqueue_retry: Duration::from_secs(5),
             rescue_retry_after: Duration::from_secs(5),
             rescue_batch: 1_000,
         }
@@ -345,7 +348,7 @@ async fn rescue(
             count = stale.len(),
             "re-enqueueing rows lost past their lease"
         );
-        enqueue(deps, &stale, report).await;
+        enqueue(deps, settings, &stale, report).await;
         report.requeued += stale.len() as u64;
     }
     report.reconciled_sent += reconciled.sent;
@@ -398,9 +401,10 @@ async fn claim_and_enqueue(
     if claim.items.is_empty() {
         return Ok((0, false));
     }
-    enqueue(deps, &claim.items, report).await;
+    let enqueued = enqueue(deps, settings, &claim.items, report).await;
     report.queued += claim.items.len() as u64;
-    Ok((claim.items.len(), claim.full))
+    // A queue that refuses is not asked again at once: the next claim waits for the tick.
+    Ok((claim.items.len(), claim.full && enqueued))
 }
 
 /// Resolves each limited device's local day and quiet hours in its tenant's zone (chrono-tz).
@@ -436,13 +440,42 @@ fn device_limits(
         .collect()
 }
 
-/// Enqueues after the claim committed. If the queue refuses, the rows stay `queued` with their
-/// lease and the rescuer enqueues them again later: delayed, never lost.
-async fn enqueue(deps: &Deps, items: &[repo::messages::ClaimedItem], report: &mut Report) {
-    if let Err(e) = enqueue_items(deps.queue.as_ref(), items).await {
-        report.enqueue_errors += 1;
-        warn!(error = %e, count = items.len(), "enqueue failed; the rescuer will retry after the lease");
+/// Enqueues after the claim (or the rescuer's requeue) committed. If the queue refuses, the
+/// rows stay `queued` and the rescuer enqueues them again: delayed, never lost. Not after their
+/// whole lease (`LEASE_S`, two minutes), as a row lost on its way would be: the refusal is
+/// known, so their lease is cut to `enqueue_retry` (a paced device sends nothing while a row of
+/// it is in flight, so a blip of the queue stalled every device it touched for the whole
+/// lease). Returns whether the queue took them.
+async fn enqueue(
+    deps: &Deps,
+    settings: &Settings,
+    items: &[repo::messages::ClaimedItem],
+    report: &mut Report,
+) -> bool {
+    let Err(e) = enqueue_items(deps.queue.as_ref(), items).await else {
+        return true;
+    };
+    report.enqueue_errors += 1;
+    let retry_s = settings.enqueue_retry.as_secs_f64();
+    let cut = match deps.pool.acquire().await {
+        Ok(mut conn) => repo::messages::retry_enqueue_after(&mut conn, items, retry_s).await,
+        Err(err) => Err(err.into()),
+    };
+    match cut {
+        Ok(_) => warn!(
+            error = %e,
+            count = items.len(),
+            retry_s,
+            "enqueue failed; the rescuer enqueues them again"
+        ),
+        Err(db) => warn!(
+            error = %e,
+            count = items.len(),
+            db_error = %db,
+            "enqueue failed; the rescuer enqueues them again after their lease"
+        ),
     }
+    false
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ async fn main() -> Result<(), Error> {
         per_device_burst: config::count_or("CLAIM_PER_DEVICE", d.per_device_burst)?,
         max_messages_per_claim: config::count_or("CLAIM_MAX_MESSAGES", d.max_messages_per_claim)?,
         max_attempts: config::parsed_or("MAX_ATTEMPTS", d.max_attempts)?,
+        enqueue_retry: d.enqueue_retry,
         rescue_retry_after: d.rescue_retry_after,
         rescue_batch: d.rescue_batch,
     };

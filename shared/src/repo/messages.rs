@@ -717,6 +717,35 @@ pub async fn requeue_stale_queued(
     Ok(to_items(rows))
 }
 
+/// System scope: the queue refused these items right after their claim or requeue: the rows
+/// still `queued` in that enqueue (`enqueue_count`) become the rescuer's after `after_s`
+/// instead of their whole lease ([`requeue_stale_queued`] enqueues them then). A row enqueued
+/// again meanwhile, or claimed by a worker (the refusal may have been an answer lost after the
+/// queue took it), is left alone. Returns how many rows were cut short.
+pub async fn retry_enqueue_after(
+    conn: &mut PgConnection,
+    items: &[ClaimedItem],
+    after_s: f64,
+) -> Result<u64, RepoError> {
+    let ids: Vec<i64> = items.iter().map(|(i, _)| i.message_id).collect();
+    let tenants: Vec<Uuid> = items.iter().map(|(i, _)| i.tenant_id).collect();
+    let counts: Vec<i32> = items.iter().map(|(_, n)| *n).collect();
+    let res = sqlx::query(
+        "UPDATE broadcast_messages bm
+         SET lease_until = LEAST(bm.lease_until, now() + make_interval(secs => $4))
+         FROM unnest($1::bigint[], $2::uuid[], $3::int[]) AS w(id, tenant, n)
+         WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
+           AND bm.enqueue_count = w.n AND bm.status = 'queued' COLLATE \"C\"",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&counts)
+    .bind(after_s)
+    .execute(conn)
+    .await?;
+    Ok(res.rows_affected())
+}
+
 /// What the rescuer did with rows stuck in `sending`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reconciled {
