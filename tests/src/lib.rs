@@ -4,11 +4,11 @@
 //! HTTP (trigger, processor tick, queue receive, `SqsEvent` to the worker, delete what succeeded).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-pub mod db_relay;
 pub mod graph;
 pub mod migration_lint;
 pub mod process;
 pub mod queue_contract;
+pub mod relay;
 
 use chrono::Utc;
 use shared::config::Secret;
@@ -51,6 +51,33 @@ pub async fn test_queue(max_receives: u32) -> Arc<RedisQueue> {
         .await
         .expect("Redis must be reachable (infra/local-stack.sh starts it)"),
     )
+}
+
+/// `devices` devices `d0`, `d1`, … of the tenant, delays in [`min_s`, `max_s`], each with
+/// `per_device` prospect leads in niche `cars` (device `i`'s numbers from `i * 1000`).
+pub async fn seed_devices_with_leads(
+    pool: &PgPool,
+    tenant: Uuid,
+    devices: u64,
+    per_device: u64,
+    (min_s, max_s): (f64, f64),
+) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for i in 0..devices {
+        let d = seed_device(pool, tenant, &format!("d{i}"), min_s, max_s).await;
+        seed_leads(
+            pool,
+            tenant,
+            d,
+            i * 1_000,
+            per_device,
+            "cars",
+            LeadStatus::Prospect,
+        )
+        .await;
+        ids.push(d);
+    }
+    ids
 }
 
 /// A queue that refuses to take messages while `refuse` is set (as SQS does when throttled or

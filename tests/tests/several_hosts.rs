@@ -980,31 +980,17 @@ async fn whole_outage(pool: PgPool, latency: Duration) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let tenant = seed_tenant(&pool, "whole-outage@example.com").await;
-    let devices = 4;
-    let per_device = 20;
-    for i in 0..devices {
-        let d = seed_device(&pool, tenant, &format!("d{i}"), 0.15, 0.25).await;
-        seed_leads(
-            &pool,
-            tenant,
-            d,
-            i * 1_000,
-            per_device,
-            "cars",
-            LeadStatus::Prospect,
-        )
-        .await;
-    }
-    let total = (devices * per_device) as usize;
+    let devices = seed_devices_with_leads(&pool, tenant, 4, 20, (0.15, 0.25)).await;
+    let total = 4 * 20;
     let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
 
     // Everything but the test's own checks reaches PostgreSQL through the relay.
-    let relay = wabcast_tests::db_relay::DbRelay::start(&pool).await;
+    let relay = wabcast_tests::relay::Relay::to_database(&pool).await;
     let through = relay.pool(20, Duration::from_secs(1));
     let (a, b, whatsapp) = two_hosts_one_whatsapp(&through, latency).await;
     let log_path = whatsapp.path().join("whatsapp.jsonl");
     let all_a = owners(&pool).await;
-    assert_eq!(all_a.len(), devices as usize);
+    assert_eq!(all_a.len(), devices.len());
     assert!(all_a.values().all(|h| h.as_deref() == Some("host-a")));
 
     // The worker's default host is B: A's devices reach A only through the routing. Short

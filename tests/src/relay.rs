@@ -1,8 +1,8 @@
-//! A relay in front of PostgreSQL that a test can cut: while cut, every connection through it
-//! is closed and new ones are refused, as in a failover or an outage of the network, until it
-//! is restored. Whatever connects through it sees the errors a real outage gives (I/O errors on
-//! open connections, refused connects, pool timeouts), which a trigger raising an error code
-//! cannot give: reads go away too.
+//! A relay in front of PostgreSQL or Redis that a test can cut: while cut, every connection
+//! through it is closed and new ones are refused, as in a failover or an outage of the network,
+//! until it is restored. Whatever connects through it sees the errors a real outage gives (I/O
+//! errors on open connections, refused connects, pool timeouts), which a trigger raising an
+//! error code cannot give: reads go away too.
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -12,24 +12,25 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 
-pub struct DbRelay {
-    options: PgConnectOptions,
+pub struct Relay {
+    /// The database's connect options, for a relay to PostgreSQL.
+    options: Option<PgConnectOptions>,
     port: u16,
     cut: Arc<AtomicBool>,
     links: Arc<Mutex<Vec<AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
 
-/// Where the relay forwards to: the test database's server, over TCP or its Unix socket.
+/// Where the relay forwards to, over TCP or a Unix socket.
 #[derive(Clone)]
 enum Upstream {
     Tcp(String),
     Unix(String),
 }
 
-impl DbRelay {
+impl Relay {
     /// A relay to the server and database `pool` connects to, on a free loopback port.
-    pub async fn start(pool: &PgPool) -> Self {
+    pub async fn to_database(pool: &PgPool) -> Self {
         let options = (*pool.connect_options()).clone();
         let host = options.get_host().to_string();
         let upstream = if host.starts_with('/') {
@@ -37,6 +38,23 @@ impl DbRelay {
         } else {
             Upstream::Tcp(format!("{host}:{}", options.get_port()))
         };
+        Self::start(upstream, Some(options)).await
+    }
+
+    /// A relay to the Redis server of `url` (`redis://[user:password@]host:port[/db]`).
+    pub async fn to_redis(url: &str) -> Self {
+        let rest = url.strip_prefix("redis://").expect("a redis:// URL");
+        let authority = rest.split('/').next().unwrap_or(rest);
+        let address = authority.rsplit('@').next().unwrap_or(authority);
+        Self::start(Upstream::Tcp(address.to_string()), None).await
+    }
+
+    /// The relay's address for Redis clients: `url` with the relay's host and port.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn start(upstream: Upstream, options: Option<PgConnectOptions>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
@@ -87,10 +105,11 @@ impl DbRelay {
     /// A pool of up to `max` connections through the relay, to the same database, that gives up
     /// on a connection after `acquire_timeout` (a pool's default is 30 s).
     pub fn pool(&self, max: u32, acquire_timeout: Duration) -> PgPool {
+        let options = self.options.clone().expect("a relay to a database");
         PgPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(acquire_timeout)
-            .connect_lazy_with(self.options.clone().host("127.0.0.1").port(self.port))
+            .connect_lazy_with(options.host("127.0.0.1").port(self.port))
     }
 
     /// The outage begins: every open connection through the relay is closed and new ones are
@@ -111,7 +130,7 @@ impl DbRelay {
     }
 }
 
-impl Drop for DbRelay {
+impl Drop for Relay {
     fn drop(&mut self) {
         self.accept.abort();
         for l in self.links.lock().unwrap().drain(..) {
