@@ -4050,6 +4050,53 @@ async fn a_message_the_queue_refused_is_enqueued_again_within_seconds(pool: PgPo
     assert_eq!(host.sends().len(), 2);
 }
 
+/// While the queue refuses, the processor claims nothing more for `enqueue_retry`: before, a
+/// queue that was down had a claim every tick move every zero-gap device's messages into
+/// `queued` rows it could not take (100 of them in this test's second, 5 with the pause).
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn claims_wait_while_the_queue_refuses(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "refusing@example.com").await;
+    let devices = seed_devices_with_leads(&pool, tenant, 1, 200, (0.0, 0.0)).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    wait_for_status(&pool, tenant, devices[0], "online").await;
+    let mut p = Pipeline::new(&pool, test_queue(5).await, &host);
+    let refusing = RefusingQueue::new(p.queue.clone());
+    p.processor.queue = refusing.clone();
+    p.processor.settings.per_device_burst = 5;
+    p.processor.settings.enqueue_retry = Duration::from_secs(2);
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    p.trigger().await;
+
+    refusing.refuse(true);
+    let settings = broadcast_processor::Settings {
+        run_for: Duration::from_secs(1),
+        ..p.processor.settings.clone()
+    };
+    let report = broadcast_processor::run(
+        &p.processor,
+        &settings,
+        std::time::Instant::now() + settings.run_for,
+        &std::sync::atomic::AtomicBool::new(false),
+    )
+    .await
+    .unwrap();
+    assert!(report.ticks >= 3, "{report:?}");
+    assert_eq!((report.queued, report.enqueue_errors), (5, 1), "{report:?}");
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(counts.get("queued"), Some(&5), "{counts:?}");
+
+    // The queue takes messages again: the refused rows are enqueued again, the rest claimed.
+    refusing.refuse(false);
+    p.processor.settings.enqueue_retry = Duration::ZERO;
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await,
+        HashMap::from([("sent".to_string(), 200)])
+    );
+    assert_eq!(host.sends().len(), 200);
+}
+
 /// An outage of the queue while a campaign runs (Redis here; SQS unreachable in the cloud):
 /// every connection to it closed and new ones refused for 3 s, while the processor claims on
 /// (zero gaps, two messages per device per claim). The client waits out most of such an

@@ -45,7 +45,8 @@ pub struct Settings {
     /// `max_devices_per_claim`.
     pub max_messages_per_claim: i64,
     pub max_attempts: i32,
-    /// How soon the rescuer enqueues again the rows the queue refused (see `enqueue`).
+    /// How soon the rescuer enqueues again the rows the queue refused, and how long the claims
+    /// wait after a refusal (see `enqueue`).
     pub enqueue_retry: Duration,
     /// Delay before a reconciled, unsent row is due again.
     pub rescue_retry_after: Duration,
@@ -178,6 +179,10 @@ pub async fn run(
     let mut report = Report::default();
     let mut housekept: Option<Instant> = None;
     let mut lost_scanned: Option<Instant> = None;
+    // When the queue last refused an enqueue: claims wait `enqueue_retry` after it, so that a
+    // queue that is down does not have every device's messages claimed into `queued` rows it
+    // cannot take (the rescuer's retries of the refused rows probe it meanwhile).
+    let mut refused: Option<Instant> = None;
     loop {
         let tick_started = Instant::now();
         if housekept.is_none_or(|at| at.elapsed() >= settings.tick) {
@@ -187,11 +192,26 @@ pub async fn run(
             if scan_lost {
                 lost_scanned = Some(Instant::now());
             }
+            let (errors, requeued) = (report.enqueue_errors, report.requeued);
             housekeeping(deps, settings, &mut report, scan_lost).await?;
+            if report.enqueue_errors > errors {
+                refused = Some(Instant::now());
+            } else if report.requeued > requeued {
+                refused = None;
+            }
             housekept = Some(Instant::now());
             report.ticks += 1;
         }
-        let (_, saturated) = claim_and_enqueue(deps, settings, &mut report).await?;
+        let saturated = if refused.is_some_and(|at| at.elapsed() < settings.enqueue_retry) {
+            false
+        } else {
+            let errors = report.enqueue_errors;
+            let (_, saturated) = claim_and_enqueue(deps, settings, &mut report).await?;
+            if report.enqueue_errors > errors {
+                refused = Some(Instant::now());
+            }
+            saturated
+        };
         note_pass(&mut report, tick_started.elapsed(), settings.tick);
         if done() {
             return Ok(report);
@@ -445,7 +465,8 @@ fn device_limits(
 /// whole lease (`LEASE_S`, two minutes), as a row lost on its way would be: the refusal is
 /// known, so their lease is cut to `enqueue_retry` (a paced device sends nothing while a row of
 /// it is in flight, so a blip of the queue stalled every device it touched for the whole
-/// lease). Returns whether the queue took them.
+/// lease). Returns whether the queue took them; `run` claims nothing more for `enqueue_retry`
+/// after a refusal.
 async fn enqueue(
     deps: &Deps,
     settings: &Settings,
