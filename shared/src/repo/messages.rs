@@ -1434,3 +1434,24 @@ pub async fn update_message_bodies(
     .await?;
     Ok(res.rows_affected())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TickGaps;
+
+    #[test]
+    fn tick_gaps_follow_the_hosts_lease() {
+        // The defaults: a 1 s tick, a 300 s grace, 30 s leases.
+        let g = TickGaps::new(1.0, 300.0, 30.0);
+        assert_eq!(
+            (g.outage_s, g.past_grace_s, g.settle_s),
+            (20.0, 300.0, 30.0)
+        );
+        // Short leases mark short gaps; the grace never falls below the outage's gap.
+        let g = TickGaps::new(0.05, 0.0, 1.5);
+        assert_eq!((g.outage_s, g.past_grace_s, g.settle_s), (1.0, 1.0, 1.5));
+        // A slow tick is no outage: three ticks at least.
+        let g = TickGaps::new(10.0, 60.0, 30.0);
+        assert_eq!((g.outage_s, g.past_grace_s), (30.0, 60.0));
+    }
+}
