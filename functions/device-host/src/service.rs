@@ -1061,9 +1061,6 @@ impl Host {
     }
 }
 
-/// The answer for a message this host may not send: its row is not `sending` for the request's
-/// tenant and device, or the rescuer withdrew the claim the row is in (see
-/// [`repo::host_sends::begin_host_sends`]).
 /// This host's lease on the device ran out (another host may hold it now): nothing was sent,
 /// and the worker's next claim routes the message to the device's owner.
 fn lease_lost() -> SendError {
@@ -1074,6 +1071,9 @@ fn lease_lost() -> SendError {
     )
 }
 
+/// The answer for a message this host may not send: its row is not `sending` for the request's
+/// tenant and device, or the rescuer withdrew the claim the row is in (see
+/// [`repo::host_sends::begin_host_sends`]).
 fn not_in_flight() -> SendError {
     SendError::permanent(
         409,
