@@ -289,7 +289,7 @@ async fn lease_renewal_does_not_wait_for_a_claimed_device(pool: PgPool) {
     let tenant = seed_tenant(&pool, "leases@example.com").await;
     let a = seed_device(&pool, tenant, "a", 1.0, 2.0).await;
     let b = seed_device(&pool, tenant, "b", 1.0, 2.0).await;
-    repo::hosts::register_host(&pool, "h1", "http://127.0.0.1:1")
+    repo::hosts::register_host(&pool, "h1", "http://127.0.0.1:1", 30.0)
         .await
         .unwrap();
     let taken = repo::hosts::acquire_devices(&pool, "h1", &["simulator"], 30.0, 10, TAKE)
@@ -658,6 +658,86 @@ async fn a_send_under_way_across_a_short_failover_is_left_to_its_host(pool: PgPo
     assert_eq!(status().await, "pending");
 }
 
+/// The processors judge an outage by the device leases the hosts record, not by a setting of
+/// their own that must match the hosts'. A deployment that set `DEVICE_LEASE_S` on its hosts
+/// alone left the processors at 30 s: with 6 s host leases, a 5 s gap went unmarked although
+/// it let the leases run out, and the rescuer could take a row whose host was still sending it.
+/// The shortest lease a host holds devices by sets the outage's gap, the longest the settling
+/// time; a host that holds none counts for nothing, one of an earlier version (no lease
+/// recorded) as the processor's own setting.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn the_processors_judge_an_outage_by_the_leases_the_hosts_record(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "recorded-lease@example.com").await;
+    let d1 = seed_device(&pool, tenant, "d1", 0.0, 0.0).await;
+    let d2 = seed_device(&pool, tenant, "d2", 0.0, 0.0).await;
+    for (host, lease_s) in [("fast", 6.0), ("slow", 45.0), ("idle", 1.0)] {
+        repo::hosts::register_host(&pool, host, "http://127.0.0.1:1", lease_s)
+            .await
+            .unwrap();
+    }
+    for (host, device) in [("fast", d1), ("slow", d2)] {
+        let taken = repo::hosts::acquire_device(&pool, host, tenant, device, 30.0, TAKE)
+            .await
+            .unwrap();
+        assert!(taken.is_some(), "{host}");
+    }
+    let span = |fallback_s: f64| {
+        let pool = pool.clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            repo::hosts::device_lease_span(&mut conn, fallback_s)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(span(30.0).await, (6.0, 45.0));
+
+    let processor = broadcast_processor::Deps {
+        pool: pool.clone(),
+        queue: test_queue(3).await,
+        settings: broadcast_processor::Settings::default(),
+    };
+    assert_eq!(processor.settings.device_lease, Duration::from_secs(30));
+    let tick = || async {
+        let mut r = broadcast_processor::Report::default();
+        broadcast_processor::tick(&processor, &processor.settings, &mut r)
+            .await
+            .unwrap();
+        r
+    };
+    let gap = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    let settle_s = || async {
+        sqlx::query_scalar::<_, f64>("SELECT settle_s FROM processor_liveness")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    tick().await; // the first tick marks nothing
+                  // 5 s without a processor: more than two thirds of the fast host's 6 s lease.
+    gap("UPDATE processor_liveness SET last_tick_at = now() - interval '5 seconds'").await;
+    let r = tick().await;
+    assert_eq!(r.back, 1, "{r:?}");
+    assert_eq!(settle_s().await, 45.0);
+    // 3 s is no outage for any of them.
+    gap("UPDATE processor_liveness SET last_tick_at = now() - interval '3 seconds'").await;
+    assert_eq!(tick().await.back, 0);
+
+    // The fast host of an earlier version, which recorded no lease: it counts as the
+    // processor's 30 s, and 5 s is no outage any more.
+    gap("UPDATE hosts SET device_lease_s = NULL WHERE id = 'fast'").await;
+    assert_eq!(span(30.0).await, (30.0, 45.0));
+    gap("UPDATE processor_liveness SET last_tick_at = now() - interval '5 seconds'").await;
+    assert_eq!(tick().await.back, 0);
+    // With no host holding a device, the processor's own setting stands.
+    gap("DELETE FROM device_leases").await;
+    assert_eq!(span(12.0).await, (12.0, 12.0));
+    tick().await;
+    assert_eq!(settle_s().await, 30.0);
+}
+
 /// An outage of the database longer than the lease: no host could renew, so every lease ran
 /// out, and whichever host's round came first afterwards took every device it had room for
 /// (web sessions closed on one host and opened on another's address, for every device of the
@@ -902,7 +982,7 @@ async fn a_host_the_workers_cannot_reach_is_given_up_on_past_the_offline_grace(p
 
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn an_outage_starts_again_after_a_quiet_gap_or_a_new_address(pool: PgPool) {
-    repo::hosts::register_host(&pool, "h", "http://10.0.0.1:8080")
+    repo::hosts::register_host(&pool, "h", "http://10.0.0.1:8080", 30.0)
         .await
         .unwrap();
     let hosts = ["h".to_string()];
@@ -941,11 +1021,11 @@ async fn an_outage_starts_again_after_a_quiet_gap_or_a_new_address(pool: PgPool)
             .unwrap();
     assert!(restarted);
     // Re-registering at the same address keeps the record; a new address ends it.
-    repo::hosts::register_host(&pool, "h", "http://10.0.0.1:8080")
+    repo::hosts::register_host(&pool, "h", "http://10.0.0.1:8080", 30.0)
         .await
         .unwrap();
     assert!(outage(&pool, "h").await.0.is_some());
-    repo::hosts::register_host(&pool, "h", "http://10.0.0.2:8080")
+    repo::hosts::register_host(&pool, "h", "http://10.0.0.2:8080", 30.0)
         .await
         .unwrap();
     assert_eq!(outage(&pool, "h").await, (None, None));
@@ -999,9 +1079,10 @@ async fn whole_outage(pool: PgPool, latency: Duration) {
     let mut p = Pipeline::new(&through, test_queue(2).await, &b);
     p.processor.settings.lease = Duration::from_secs(3);
     p.worker.settings.lease = Duration::from_secs(3);
-    // The processor knows the hosts' lease, as in a deployment (`DEVICE_LEASE_S`): a gap of two
-    // thirds of it is an outage, after which it waits a lease for the hosts to renew.
-    p.processor.settings.device_lease = TWO_HOSTS_LEASE;
+    // The processor is not told the hosts' lease (its own `device_lease` stays at 30 s): each
+    // host records its own, and a gap of two thirds of it is an outage, after which the
+    // processor waits a lease for the hosts to renew.
+    assert!(p.processor.settings.device_lease > 10 * TWO_HOSTS_LEASE);
     let p = Arc::new(p);
     let stop = Arc::new(AtomicBool::new(false));
     let runner = tokio::spawn({

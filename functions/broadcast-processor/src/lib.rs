@@ -28,9 +28,12 @@ pub struct Settings {
     /// How long a `queued` or `sending` row may stay so before the rescuer acts (`LEASE_S`, the
     /// worker's too).
     pub lease: Duration,
-    /// The device hosts' `DEVICE_LEASE_S` (the same value): how long a lease lasts unrenewed,
-    /// which tells how long an outage of the database must be for the leases to run out, and how
-    /// long after one the hosts need to renew them (`repo::messages::TickGaps`).
+    /// How long a device lease lasts unrenewed, for hosts that did not record their own
+    /// (`DEVICE_LEASE_S` of an earlier version's hosts), and when no host holds a device. The
+    /// hosts' leases tell how long an outage of the database must be for them to run out, and
+    /// how long after one the hosts need to renew them (`repo::messages::TickGaps`); each host
+    /// records its own (`repo::hosts::register_host`), so a processor needs no setting that
+    /// must match the hosts'.
     pub device_lease: Duration,
     /// The worker's `HOST_TIMEOUT_S`: a `sending` row claimed longer ago that no host is on (its
     /// record is final, its host lost the device, or no attempt was recorded) is reconciled
@@ -267,12 +270,17 @@ async fn housekeeping(
     report: &mut Report,
     scan_lost: bool,
 ) -> Result<(), ProcessorError> {
+    let mut conn = deps.pool.acquire().await.context("failed to connect")?;
+    let (shortest, longest) =
+        repo::hosts::device_lease_span(&mut conn, settings.device_lease.as_secs_f64())
+            .await
+            .context("failed to read the hosts' device leases")?;
     let gaps = repo::messages::TickGaps::new(
         settings.tick.as_secs_f64(),
         settings.offline_grace.as_secs_f64(),
-        settings.device_lease.as_secs_f64(),
+        shortest,
+        longest,
     );
-    let mut conn = deps.pool.acquire().await.context("failed to connect")?;
     let liveness = repo::messages::note_processor_tick(&mut conn, gaps)
         .await
         .context("failed to note the tick")?;

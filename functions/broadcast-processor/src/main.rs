@@ -27,10 +27,10 @@ async fn main() -> Result<(), Error> {
             "HOST_TIMEOUT_S",
             d.host_timeout.as_secs(),
         )?),
-        device_lease: Duration::from_secs(config::parsed_or(
+        device_lease: Duration::from_secs(config::count_or(
             "DEVICE_LEASE_S",
-            d.device_lease.as_secs(),
-        )?),
+            d.device_lease.as_secs() as i64,
+        )? as u64),
         max_devices_per_claim: config::count_or("CLAIM_MAX_DEVICES", d.max_devices_per_claim)?,
         per_device_burst: config::count_or("CLAIM_PER_DEVICE", d.per_device_burst)?,
         max_messages_per_claim: config::count_or("CLAIM_MAX_MESSAGES", d.max_messages_per_claim)?,

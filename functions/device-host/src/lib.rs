@@ -71,7 +71,7 @@ impl Config {
             public_url: std::env::var("HOST_PUBLIC_URL")
                 .ok()
                 .filter(|s| !s.is_empty()),
-            lease_ttl: Duration::from_secs(config::parsed_or("DEVICE_LEASE_S", 30)?),
+            lease_ttl: Duration::from_secs(config::count_or("DEVICE_LEASE_S", 30)? as u64),
             max_devices: match config::parsed_or::<usize>("HOST_MAX_DEVICES", 0)? {
                 0 => usize::MAX,
                 n => n,
@@ -223,7 +223,13 @@ pub async fn start(
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{}", reachable(addr)));
-    shared::repo::hosts::register_host(&pool, &config.host_id, &url).await?;
+    shared::repo::hosts::register_host(
+        &pool,
+        &config.host_id,
+        &url,
+        config.lease_ttl.as_secs_f64(),
+    )
+    .await?;
     host.restore_sessions().await?;
     let leases = tokio::spawn(host.clone().run_leases(url));
     let app = http::router(http::AppState {

@@ -414,7 +414,14 @@ impl Host {
         let every = self.lease_ttl / 3;
         loop {
             tokio::time::sleep(every).await;
-            if let Err(e) = repo::hosts::register_host(&self.pool, &self.host_id, &url).await {
+            if let Err(e) = repo::hosts::register_host(
+                &self.pool,
+                &self.host_id,
+                &url,
+                self.lease_ttl.as_secs_f64(),
+            )
+            .await
+            {
                 warn!(error = %e, "could not refresh the host record");
             }
             match self.lease_round().await {

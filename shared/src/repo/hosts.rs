@@ -13,21 +13,48 @@ use super::RepoError;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-/// Records (or refreshes) a host and the URL the worker reaches it at. A new URL ends an
-/// outage the workers recorded at the old one (see [`mark_unreachable`]).
-pub async fn register_host(pool: &PgPool, host: &str, url: &str) -> Result<(), RepoError> {
+/// Records (or refreshes) a host, the URL the worker reaches it at, and the device lease it
+/// holds its devices by (`device_lease_s`, which the processors read: [`device_lease_span`]). A
+/// new URL ends an outage the workers recorded at the old one (see [`mark_unreachable`]).
+pub async fn register_host(
+    pool: &PgPool,
+    host: &str,
+    url: &str,
+    device_lease_s: f64,
+) -> Result<(), RepoError> {
     sqlx::query(
-        "INSERT INTO hosts (id, url, seen_at) VALUES ($1, $2, now())
+        "INSERT INTO hosts (id, url, seen_at, device_lease_s) VALUES ($1, $2, now(), $3)
          ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, seen_at = now(),
+             device_lease_s = EXCLUDED.device_lease_s,
              unreachable_since = CASE WHEN hosts.url = EXCLUDED.url
                                       THEN hosts.unreachable_since END,
              unreachable_at = CASE WHEN hosts.url = EXCLUDED.url THEN hosts.unreachable_at END",
     )
     .bind(host)
     .bind(url)
+    .bind(device_lease_s)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// The shortest and the longest device lease the hosts hold devices by: those of every host
+/// named on a lease, run out or not (a host that died still has its devices until another takes
+/// them). A host that did not record its lease (an earlier version), and the case of no host at
+/// all, count as `fallback_s` (the processor's own `DEVICE_LEASE_S`). System scope.
+pub async fn device_lease_span(
+    conn: &mut sqlx::PgConnection,
+    fallback_s: f64,
+) -> Result<(f64, f64), RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT COALESCE(min(COALESCE(h.device_lease_s, $1)), $1),
+                COALESCE(max(COALESCE(h.device_lease_s, $1)), $1)
+         FROM hosts h
+         WHERE EXISTS (SELECT 1 FROM device_leases dl WHERE dl.host_id = h.id)",
+    )
+    .bind(fallback_s)
+    .fetch_one(conn)
+    .await?)
 }
 
 /// Extends the leases of every live device this host owns; returns those devices. A device whose

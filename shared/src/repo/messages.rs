@@ -1019,7 +1019,7 @@ async fn reconcile_sending(
 /// A lease that ran out while the processors could not reach the database (an outage, a
 /// failover) is no witness either: no host could renew it. Its end counts only from the
 /// processors' return ([`note_processor_tick`]) plus the settling time (`settle_s`, the hosts'
-/// device lease), time for every live host to renew its leases. Before, the first tick after an
+/// longest device lease), time for every live host to renew its leases. Before, the first tick after an
 /// outage longer than the grace skipped every due message of every device.
 const OFFLINE_PAST_GRACE: &str = "d.deleted_at IS NULL
     AND ((d.status IN ('offline', 'connecting', 'reconnecting', 'awaiting_pairing', 'logged_out', 'stopped')
@@ -1033,30 +1033,38 @@ const OFFLINE_PAST_GRACE: &str = "d.deleted_at IS NULL
 /// The gaps between processor ticks that [`note_processor_tick`] marks, and what follows them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TickGaps {
-    /// Longer than this, an outage: the rescuer settles. Two thirds of the hosts' device lease
-    /// and three ticks: a host renews its leases every third of a lease, so a shorter outage
-    /// cannot make a live host's lease run out; and nothing else stops every processor (an
-    /// invocation runs a little longer than the schedule's minute, so they overlap).
+    /// Longer than this, an outage: the rescuer settles. Two thirds of the shortest device
+    /// lease a host holds devices by, and three ticks: a host renews its leases every third of
+    /// a lease, so a shorter outage cannot make a live host's lease run out; and nothing else
+    /// stops every processor (an invocation runs a little longer than the schedule's minute, so
+    /// they overlap).
     pub outage_s: f64,
     /// Longer than this (at least `outage_s`), an outage longer than the offline grace: the
     /// offline judgement settles too. Only such a gap can make a live host's lease look run out
     /// for longer than the grace (it was renewed before the outage, so it ran out less than the
     /// outage ago).
     pub past_grace_s: f64,
-    /// How long either settles: the hosts' device lease. Every live host renews within a third
-    /// of it, and a host back from an outage takes no other host's device for a whole lease.
+    /// How long either settles: the longest device lease a host holds devices by. Every live
+    /// host renews within a third of its lease, and a host back from an outage takes no other
+    /// host's device for a whole lease.
     pub settle_s: f64,
 }
 
 impl TickGaps {
-    /// The gaps for processors that tick every `tick_s`, judge devices offline after
-    /// `offline_grace_s`, and whose hosts hold device leases of `device_lease_s`.
-    pub fn new(tick_s: f64, offline_grace_s: f64, device_lease_s: f64) -> Self {
-        let outage_s = (device_lease_s * 2.0 / 3.0).max(3.0 * tick_s);
+    /// The gaps for processors that tick every `tick_s` and judge devices offline after
+    /// `offline_grace_s`, whose hosts hold their devices by leases from `shortest_lease_s` to
+    /// `longest_lease_s` (as the hosts record them: `hosts::device_lease_span`).
+    pub fn new(
+        tick_s: f64,
+        offline_grace_s: f64,
+        shortest_lease_s: f64,
+        longest_lease_s: f64,
+    ) -> Self {
+        let outage_s = (shortest_lease_s * 2.0 / 3.0).max(3.0 * tick_s);
         Self {
             outage_s,
             past_grace_s: outage_s.max(offline_grace_s),
-            settle_s: device_lease_s,
+            settle_s: longest_lease_s.max(shortest_lease_s),
         }
     }
 }
@@ -1442,16 +1450,20 @@ mod tests {
     #[test]
     fn tick_gaps_follow_the_hosts_lease() {
         // The defaults: a 1 s tick, a 300 s grace, 30 s leases.
-        let g = TickGaps::new(1.0, 300.0, 30.0);
+        let g = TickGaps::new(1.0, 300.0, 30.0, 30.0);
         assert_eq!(
             (g.outage_s, g.past_grace_s, g.settle_s),
             (20.0, 300.0, 30.0)
         );
         // Short leases mark short gaps; the grace never falls below the outage's gap.
-        let g = TickGaps::new(0.05, 0.0, 1.5);
+        let g = TickGaps::new(0.05, 0.0, 1.5, 1.5);
         assert_eq!((g.outage_s, g.past_grace_s, g.settle_s), (1.0, 1.0, 1.5));
         // A slow tick is no outage: three ticks at least.
-        let g = TickGaps::new(10.0, 60.0, 30.0);
+        let g = TickGaps::new(10.0, 60.0, 30.0, 30.0);
         assert_eq!((g.outage_s, g.past_grace_s), (30.0, 60.0));
+        // Hosts with different leases: the shortest says what an outage is (its host's leases
+        // run out first), the longest how long the hosts need to renew after one.
+        let g = TickGaps::new(1.0, 300.0, 6.0, 45.0);
+        assert_eq!((g.outage_s, g.settle_s), (4.0, 45.0));
     }
 }
