@@ -487,6 +487,19 @@ fn no_cloud_api() -> device_host::cloud_api::CloudApiConfig {
     }
 }
 
+/// `host` holds `device`'s lease for the next 20 s (as a live host renews it).
+pub async fn hold_device(pool: &PgPool, device: Uuid, host: &str) {
+    sqlx::query(
+        "INSERT INTO device_leases (device_id, host_id, lease_until)
+         VALUES ($1, $2, now() + interval '20 s')",
+    )
+    .bind(device)
+    .bind(host)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Simulator settings for fast tests: no latency, no failures, no receipts.
 pub fn quiet_sim() -> SimConfig {
     SimConfig {

@@ -82,19 +82,6 @@ async fn transient_retry(tx: &mut sqlx::PgConnection, tenant: uuid::Uuid, id: i6
         .unwrap()
 }
 
-/// `host` holds `device`'s lease for the next 20 s (as a live host renews it).
-async fn hold_device(pool: &PgPool, device: uuid::Uuid, host: &str) {
-    sqlx::query(
-        "INSERT INTO device_leases (device_id, host_id, lease_until)
-         VALUES ($1, $2, now() + interval '20 s')",
-    )
-    .bind(device)
-    .bind(host)
-    .execute(pool)
-    .await
-    .unwrap();
-}
-
 /// Moves every lease of a campaign's in-flight rows into the past (a test's fast clock).
 async fn expire_leases(pool: &PgPool) {
     sqlx::query("UPDATE broadcast_messages SET lease_until = now() - interval '1 second' WHERE status IN ('queued', 'sending')")

@@ -69,6 +69,31 @@ fn opt_outs(pool: &PgPool, keywords: &[&str], dir: &std::path::Path) -> OptOuts 
     }
 }
 
+/// A host's event writer on its own, with no provider to act through: the sender of its events,
+/// its task, and the directory of its inbox (kept for as long as the writer runs).
+fn event_writer(
+    pool: &PgPool,
+    keywords: &[&str],
+    host: &str,
+) -> (
+    mpsc::UnboundedSender<ProviderEvent>,
+    tokio::task::JoinHandle<()>,
+    tempfile::TempDir,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let inbox_dir = tempfile::tempdir().unwrap();
+    let writer = tokio::spawn(device_host::service::run_event_writer(
+        device_host::service::EventWriter {
+            pool: pool.clone(),
+            opt_outs: opt_outs(pool, keywords, inbox_dir.path()),
+            providers: Vec::new(),
+            host_id: host.into(),
+        },
+        rx,
+    ));
+    (tx, writer, inbox_dir)
+}
+
 /// An opt-out is written in the background once it is in the inbox: waits (up to 10 s) until
 /// some lead with this number is opted out.
 async fn opted_out_soon(pool: &PgPool, phone: &str) {
@@ -229,21 +254,7 @@ async fn acks_nacks_receipts_and_opt_outs_land_by_message_id(pool: PgPool) {
     .await
     .unwrap();
 
-    let (tx, rx) = mpsc::unbounded_channel();
-    let inbox_dir = tempfile::tempdir().unwrap();
-    let writer = tokio::spawn(device_host::service::run_event_writer(
-        device_host::service::EventWriter {
-            pool: pool.clone(),
-            opt_outs: opt_outs(
-                &pool,
-                &["STOP", "UNSUBSCRIBE", "BERHENTI"],
-                inbox_dir.path(),
-            ),
-            providers: Vec::new(),
-            host_id: "h".into(),
-        },
-        rx,
-    ));
+    let (tx, writer, _inbox_dir) = event_writer(&pool, &["STOP", "UNSUBSCRIBE", "BERHENTI"], "h");
     let dref = DeviceRef {
         id: device,
         tenant_id: tenant,
@@ -361,17 +372,7 @@ async fn a_nack_heard_while_the_database_is_away_is_written_once_it_is_back(pool
     .await
     .unwrap();
     database_away_for(&pool, "UPDATE", "broadcast_messages", "true").await;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let inbox_dir = tempfile::tempdir().unwrap();
-    let writer = tokio::spawn(device_host::service::run_event_writer(
-        device_host::service::EventWriter {
-            pool: pool.clone(),
-            opt_outs: opt_outs(&pool, &["STOP"], inbox_dir.path()),
-            providers: Vec::new(),
-            host_id: "h1".into(),
-        },
-        rx,
-    ));
+    let (tx, writer, _inbox_dir) = event_writer(&pool, &["STOP"], "h1");
     tx.send(ProviderEvent::Refused {
         device: DeviceRef {
             id: device,
@@ -409,6 +410,82 @@ async fn a_nack_heard_while_the_database_is_away_is_written_once_it_is_back(pool
         .unwrap();
 }
 
+/// Events kept while the database is away are written again in the order they came, a
+/// device's statuses among the rest. Here a session comes online and then reports that it is
+/// linked to a number another device of the tenant has proven, which logs it out in place (no
+/// provider to log it out through). Written after everything else, as the backlog did, the
+/// older `online` landed over that `logged_out`.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn events_kept_while_the_database_is_away_are_written_in_their_order(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "kept-order@example.com").await;
+    let first = web_device(&pool, tenant).await;
+    let second = seed_device(&pool, tenant, "web-2", 0.0, 0.0).await;
+    let phone = PhoneE164::parse("+60123456789").unwrap();
+    sqlx::query("UPDATE devices SET phone = $2, phone_linked_at = now() WHERE id = $1")
+        .bind(first)
+        .bind(phone.as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE devices SET provider = 'web', status = 'connecting' WHERE id = $1")
+        .bind(second)
+        .execute(&pool)
+        .await
+        .unwrap();
+    repo::hosts::register_host(&pool, "h1", "http://127.0.0.1:1", 30.0)
+        .await
+        .unwrap();
+    hold_device(&pool, second, "h1").await;
+    let status = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT status, status_reason FROM devices WHERE id = $1",
+        )
+        .bind(second)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
+    database_away_for(&pool, "UPDATE", "devices", "true").await;
+    let (tx, writer, _inbox_dir) = event_writer(&pool, &["STOP"], "h1");
+    let device = DeviceRef {
+        id: second,
+        tenant_id: tenant,
+        provider: ProviderKind::Web,
+    };
+    tx.send(ProviderEvent::Status {
+        device: device.clone(),
+        status: DeviceStatus::Online,
+        reason: None,
+    })
+    .unwrap();
+    tx.send(ProviderEvent::Linked {
+        device,
+        phone: phone.clone(),
+    })
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status().await.0, "connecting");
+
+    database_back(&pool).await;
+    let written = tokio::time::timeout(Duration::from_secs(20), async {
+        while status().await.0 == "connecting" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(written.is_ok());
+    // Whatever was still kept is written before the writer ends.
+    drop(tx);
+    tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .unwrap()
+        .unwrap();
+    let (now, why) = status().await;
+    assert_eq!(now, "logged_out", "{why:?}");
+    assert!(why.is_some_and(|w| w.contains("+60123456789")));
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
     let a = seed_tenant(&pool, "a@example.com").await;
@@ -423,17 +500,7 @@ async fn an_opt_out_never_crosses_tenants(pool: PgPool) {
         .fetch_one(&pool)
         .await
         .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let inbox_dir = tempfile::tempdir().unwrap();
-    let writer = tokio::spawn(device_host::service::run_event_writer(
-        device_host::service::EventWriter {
-            pool: pool.clone(),
-            opt_outs: opt_outs(&pool, &["BERHENTI"], inbox_dir.path()),
-            providers: Vec::new(),
-            host_id: "h".into(),
-        },
-        rx,
-    ));
+    let (tx, writer, _inbox_dir) = event_writer(&pool, &["BERHENTI"], "h");
     tx.send(ProviderEvent::Inbound {
         device: DeviceRef {
             id: da,

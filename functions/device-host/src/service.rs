@@ -1240,11 +1240,19 @@ const BACKLOG_RETRY_EVERY: Duration = Duration::from_secs(5);
 /// others instead of being tried (each try may wait for the pool's timeout). An error of the
 /// write itself (the database answered) is logged and the event dropped, as before: it would
 /// fail the same way again.
+///
+/// Written again in the order they came, statuses among the other events: a device's latest
+/// status goes where it came, not after everything else. (After the others, a status kept
+/// before a write that sets a status itself, such as a session linked to another device's
+/// number logged out in place, overwrote that write with the older status.)
 #[derive(Default)]
 struct Backlog {
-    /// The latest status of each device, by device id.
-    statuses: HashMap<Uuid, ProviderEvent>,
-    events: std::collections::VecDeque<ProviderEvent>,
+    /// The latest status of each device, by device id, with its place in the order.
+    statuses: HashMap<Uuid, (u64, ProviderEvent)>,
+    /// The other events, in order, each with its place.
+    events: std::collections::VecDeque<(u64, ProviderEvent)>,
+    /// The next event's place.
+    next: u64,
     /// When to try the database again; `None` while it is taken to be there.
     retry_at: Option<Instant>,
     pause: Duration,
@@ -1282,14 +1290,21 @@ impl Backlog {
     }
 
     fn keep(&mut self, ev: ProviderEvent) {
+        let place = self.next;
+        self.next += 1;
+        self.keep_at(place, ev);
+    }
+
+    /// Keeps an event at its place in the order (an event that was kept before keeps its own).
+    fn keep_at(&mut self, place: u64, ev: ProviderEvent) {
         match ev {
             ProviderEvent::Status { ref device, .. } => {
-                self.statuses.insert(device.id, ev);
+                self.statuses.insert(device.id, (place, ev));
             }
             other => {
-                self.events.push_back(other);
+                self.events.push_back((place, other));
                 if self.events.len() > BACKLOG_MAX {
-                    if let Some(old) = self.events.pop_front() {
+                    if let Some((_, old)) = self.events.pop_front() {
                         self.dropped += 1;
                         if self.dropped == 1 || self.dropped.is_multiple_of(1_000) {
                             error!(dropped = self.dropped, oldest = ?old,
@@ -1308,17 +1323,18 @@ impl Backlog {
             Some(at) if now || Instant::now() >= at => {}
             _ => return,
         }
-        let statuses: Vec<ProviderEvent> = self.statuses.drain().map(|(_, ev)| ev).collect();
-        let mut waiting: std::collections::VecDeque<ProviderEvent> =
-            std::mem::take(&mut self.events);
-        waiting.extend(statuses);
-        while let Some(ev) = waiting.pop_front() {
+        let mut waiting: Vec<(u64, ProviderEvent)> =
+            self.statuses.drain().map(|(_, e)| e).collect();
+        waiting.extend(std::mem::take(&mut self.events));
+        waiting.sort_by_key(|(place, _)| *place);
+        let mut waiting = std::collections::VecDeque::from(waiting);
+        while let Some((place, ev)) = waiting.pop_front() {
             match write_event(w, &ev, receipts).await {
                 Ok(()) => {}
                 Err(e) if database_away(&e) => {
-                    waiting.push_front(ev);
-                    for ev in waiting {
-                        self.keep(ev);
+                    waiting.push_front((place, ev));
+                    for (place, ev) in waiting {
+                        self.keep_at(place, ev);
                     }
                     self.pause = (self.pause * 2).clamp(BACKLOG_RETRY_FIRST, BACKLOG_RETRY_EVERY);
                     self.retry_at = Some(Instant::now() + self.pause);
