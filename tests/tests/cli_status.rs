@@ -9,6 +9,18 @@ use shared::repo;
 use sqlx::PgPool;
 use wabcast_tests::*;
 
+/// Runs the CLI command, which must succeed; its standard output.
+fn succeeds(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn status_shows_why_a_device_is_held(pool: PgPool) {
     let cli = built_binary("wabcast");
@@ -124,6 +136,107 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
     );
 }
 
+/// Right after an outage of the database every lease has run out, since no host could renew
+/// it: until the hosts have had their settling time to renew (one device lease after the
+/// processors' return), `wabcast status` says so rather than that no host serves the devices,
+/// as the processor itself does not count those leases yet. A lease that ran out after the
+/// return is a host that stopped renewing, and is shown as such.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn status_after_an_outage_of_the_database_says_the_hosts_are_renewing(pool: PgPool) {
+    let cli = built_binary("wabcast");
+    let database_url = database_url_of(&pool).await;
+    let tenant = seed_tenant(&pool, "renewing@example.com").await;
+    let renewing = seed_device(&pool, tenant, "shop-renewing", 0.0, 0.0).await;
+    let lost = seed_device(&pool, tenant, "shop-lost", 0.0, 0.0).await;
+    let run = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    // Back 5 s ago, settling for 30 s.
+    run(
+        "INSERT INTO processor_liveness (last_tick_at, resumed_at, back_at, settle_s)
+         VALUES (now(), '-infinity', now() - interval '5 seconds', 30)",
+    )
+    .await;
+    sqlx::query(
+        "INSERT INTO device_leases (device_id, host_id, lease_until)
+         VALUES ($1, 'host-a', now() - interval '20 seconds'),
+                ($2, 'host-b', now() - interval '2 seconds')",
+    )
+    .bind(renewing)
+    .bind(lost)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let status = || {
+        succeeds(
+            std::process::Command::new(&cli)
+                .args(["status", "--tenant", "renewing@example.com"])
+                .env("DATABASE_URL", &database_url)
+                .env("QUEUE_BACKEND", "redis")
+                .env("QUEUE_PREFIX", format!("cli-renewing-{renewing}")),
+        )
+    };
+    let row = |out: &str, label: &str| {
+        out.lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label}:\n{out}"))
+            .to_string()
+    };
+    let out = status();
+    let r = row(&out, "shop-renewing");
+    assert!(
+        r.contains("host-a? (its lease ran out while the database was away; renewing)"),
+        "{out}"
+    );
+    assert!(!r.contains("stale"), "{out}");
+    assert!(
+        row(&out, "shop-lost").contains("none (host-b's lease ran out"),
+        "{out}"
+    );
+    assert!(row(&out, "shop-lost").contains("online (stale)"), "{out}");
+    assert!(
+        out.contains("1 device(s) whose lease ran out while the database was away (back 5s ago)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 device(s) without a live host lease"),
+        "{out}"
+    );
+    // The device list agrees.
+    let list = std::process::Command::new(&cli)
+        .args(["device", "list", "--tenant", "renewing@example.com"])
+        .env("DATABASE_URL", &database_url)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    let line = |label: &str| {
+        list.lines()
+            .find(|l| l.contains(&format!(" {label} ")))
+            .unwrap_or_else(|| panic!("no {label}:\n{list}"))
+            .to_string()
+    };
+    assert!(!line("shop-renewing").contains("stale"), "{list}");
+    assert!(line("shop-lost").contains("online (stale)"), "{list}");
+
+    // The settling time over, a host that has not renewed is one that did not come back.
+    run("UPDATE processor_liveness SET back_at = now() - interval '31 seconds'").await;
+    let out = status();
+    assert!(
+        row(&out, "shop-renewing").contains("none (host-a's lease ran out"),
+        "{out}"
+    );
+    assert!(
+        row(&out, "shop-renewing").contains("online (stale)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("2 device(s) without a live host lease"),
+        "{out}"
+    );
+    assert!(!out.contains("while the database was away"), "{out}");
+}
+
 /// The status view's counts per device: every unsent row of the device, a paused campaign's
 /// (held) ones included, by state; another tenant's devices only in the operator's view of all.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
@@ -231,19 +344,12 @@ async fn migrate_repairs_the_indexes_an_interrupted_concurrent_build_left(pool: 
     );
 
     let migrate = || {
-        let out = std::process::Command::new(&cli)
-            .arg("migrate")
-            .env("DATABASE_URL", &database_url)
-            .env("QUEUE_BACKEND", "redis")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
+        succeeds(
+            std::process::Command::new(&cli)
+                .arg("migrate")
+                .env("DATABASE_URL", &database_url)
+                .env("QUEUE_BACKEND", "redis"),
+        )
     };
     let first = migrate();
     assert_eq!(

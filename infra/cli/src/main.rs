@@ -1529,6 +1529,7 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
 async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     let queue = shared::queue::QueueConfig::from_env()?.connect().await;
     let rows = repo::devices::list_device_load(pool, tenant).await?;
+    let settling = repo::messages::outage_settling(pool).await?;
     let now = chrono::Utc::now();
     out!(
         "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  host",
@@ -1539,10 +1540,15 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         "queued",
         "sending"
     );
-    let (mut unserved, mut unreachable, mut stale) = (0, 0, 0);
+    let (mut unserved, mut unreachable, mut stale, mut renewing) = (0, 0, 0, 0);
     for d in &rows {
-        // Which host serves the device; a lease that ran out means none does.
-        let served = d.lease_until.is_some_and(|until| until > now);
+        // Which host serves the device; a lease that ran out means none does, except one that
+        // ran out while the database was away, for as long as the hosts have to renew.
+        let lapsed_in_outage = match (d.lease_until, settling) {
+            (Some(until), Some((back, _))) => until <= now && until < back,
+            _ => false,
+        };
+        let served = d.lease_until.is_some_and(|until| until > now) || lapsed_in_outage;
         let host = match (&d.host_id, d.lease_until) {
             _ if d.status == "deleted" => "-".to_string(),
             (Some(h), Some(until)) if until > now => match d.host_unreachable_since {
@@ -1555,6 +1561,10 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
                 }
                 None => h.clone(),
             },
+            (Some(h), Some(_)) if lapsed_in_outage => {
+                renewing += 1;
+                format!("{h}? (its lease ran out while the database was away; renewing)")
+            }
             (Some(h), Some(until)) => {
                 unserved += 1;
                 format!(
@@ -1601,6 +1611,13 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     if unserved > 0 {
         out!(
             "{unserved} device(s) without a live host lease (a host died or stopped, none has started, or every host is full: HOST_MAX_DEVICES): their messages wait until a host takes them; once a lease has been out for OFFLINE_GRACE_S its device counts as offline and its due messages are skipped"
+        );
+    }
+    if let (true, Some((back, until))) = (renewing > 0, settling) {
+        out!(
+            "{renewing} device(s) whose lease ran out while the database was away (back {}s ago): their hosts renew within DEVICE_LEASE_S of its return ({}s left); a device whose host has not by then counts as without a host",
+            (now - back).num_seconds(),
+            (until - now).num_seconds().max(0)
         );
     }
     if stale > 0 {

@@ -205,7 +205,9 @@ pub async fn held_devices(
     Ok(ids.into_iter().collect())
 }
 
-/// The tenant's devices a host serves now (a live lease).
+/// The tenant's devices a host serves now: a live lease, or one that ran out before the
+/// processors' latest return from an outage of the database while they are settling after it
+/// (`messages::outage_settling`): no host could renew it then, and its host is renewing now.
 pub async fn list_served_devices(
     pool: &PgPool,
     tenant: Uuid,
@@ -213,7 +215,11 @@ pub async fn list_served_devices(
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "SELECT d.id FROM devices d
          JOIN device_leases l ON l.device_id = d.id
-         WHERE d.tenant_id = $1 AND l.lease_until > now()",
+         WHERE d.tenant_id = $1
+           AND (l.lease_until > now()
+                OR EXISTS (SELECT 1 FROM processor_liveness p
+                           WHERE l.lease_until < p.back_at
+                             AND p.back_at + make_interval(secs => p.settle_s) > now()))",
     )
     .bind(tenant)
     .fetch_all(pool)

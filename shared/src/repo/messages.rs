@@ -1127,6 +1127,21 @@ pub async fn note_processor_tick(
     })
 }
 
+/// System scope: while the processors are settling after a return from an outage of the
+/// database ([`note_processor_tick`]), when they came back and until when a device lease that
+/// ran out before that says nothing of its host (`back_at` plus the settling time: the hosts
+/// are renewing). `None` outside that time.
+pub async fn outage_settling(
+    pool: &PgPool,
+) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT back_at, back_at + make_interval(secs => settle_s) FROM processor_liveness
+         WHERE back_at + make_interval(secs => settle_s) > now()",
+    )
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// System scope: unsent rows of deleted devices end `skipped / device_deleted`.
 pub async fn skip_deleted_device_messages(tx: &mut PgConnection) -> Result<u64, RepoError> {
     let devices: Vec<Uuid> =
