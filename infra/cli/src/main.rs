@@ -1544,11 +1544,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
     for d in &rows {
         // Which host serves the device; a lease that ran out means none does, except one that
         // ran out while the database was away, for as long as the hosts have to renew.
-        let lapsed_in_outage = match (d.lease_until, settling) {
-            (Some(until), Some((back, _))) => until <= now && until < back,
-            _ => false,
-        };
-        let served = d.lease_until.is_some_and(|until| until > now) || lapsed_in_outage;
+        let served = d.lease_until.is_some_and(|until| until > now) || d.lease_renewing;
         let host = match (&d.host_id, d.lease_until) {
             _ if d.status == "deleted" => "-".to_string(),
             (Some(h), Some(until)) if until > now => match d.host_unreachable_since {
@@ -1561,7 +1557,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
                 }
                 None => h.clone(),
             },
-            (Some(h), Some(_)) if lapsed_in_outage => {
+            (Some(h), Some(_)) if d.lease_renewing => {
                 renewing += 1;
                 format!("{h}? (its lease ran out while the database was away; renewing)")
             }

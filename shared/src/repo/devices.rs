@@ -406,6 +406,9 @@ pub struct DeviceLoad {
     pub lease_until: Option<DateTime<Utc>>,
     /// Since when the workers have failed to reach that host, if they have.
     pub host_unreachable_since: Option<DateTime<Utc>>,
+    /// The lease ran out during an outage of the database and its host is renewing it
+    /// (`hosts::LAPSED_IN_OUTAGE`): not yet a device nobody serves.
+    pub lease_renewing: bool,
 }
 
 /// The status view for one tenant, or every tenant for an operator (`None`).
@@ -420,10 +423,11 @@ pub async fn list_device_load(
     pool: &PgPool,
     tenant: Option<Uuid>,
 ) -> Result<Vec<DeviceLoad>, RepoError> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT d.id, d.tenant_id, d.label, d.status, d.status_reason, d.next_send_at,
                 p.pending, f.queued, f.sending,
-                l.host_id, l.lease_until, h.unreachable_since AS host_unreachable_since
+                l.host_id, l.lease_until, h.unreachable_since AS host_unreachable_since,
+                COALESCE({}, false) AS lease_renewing
          FROM devices d
          LEFT JOIN device_leases l ON l.device_id = d.id
          LEFT JOIN hosts h ON h.id = l.host_id
@@ -435,7 +439,8 @@ pub async fn list_device_load(
                              WHERE m.device_id = d.id AND m.status IN ('queued', 'sending')) f
          WHERE ($1::uuid IS NULL OR d.tenant_id = $1)
          ORDER BY d.tenant_id, d.label, d.id",
-    )
+        super::hosts::LAPSED_IN_OUTAGE
+    )))
     .bind(tenant)
     .fetch_all(pool)
     .await?)

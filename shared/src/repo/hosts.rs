@@ -205,22 +205,26 @@ pub async fn held_devices(
     Ok(ids.into_iter().collect())
 }
 
-/// The tenant's devices a host serves now: a live lease, or one that ran out before the
-/// processors' latest return from an outage of the database while they are settling after it
+/// Whether the lease `l` (a `device_leases` row) ran out before the processors' latest return
+/// from an outage of the database and they are still settling after it
 /// (`messages::outage_settling`): no host could renew it then, and its host is renewing now.
+/// Such a lease says nothing yet of whether a host serves the device.
+pub(crate) const LAPSED_IN_OUTAGE: &str = "(l.lease_until <= now()
+    AND EXISTS (SELECT 1 FROM processor_liveness p
+                WHERE l.lease_until < p.back_at
+                  AND p.back_at + make_interval(secs => p.settle_s) > now()))";
+
+/// The tenant's devices a host serves now: a live lease, or one that ran out during an outage
+/// of the database while its host is renewing it ([`LAPSED_IN_OUTAGE`]).
 pub async fn list_served_devices(
     pool: &PgPool,
     tenant: Uuid,
 ) -> Result<std::collections::HashSet<Uuid>, RepoError> {
-    let ids: Vec<Uuid> = sqlx::query_scalar(
+    let ids: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT d.id FROM devices d
          JOIN device_leases l ON l.device_id = d.id
-         WHERE d.tenant_id = $1
-           AND (l.lease_until > now()
-                OR EXISTS (SELECT 1 FROM processor_liveness p
-                           WHERE l.lease_until < p.back_at
-                             AND p.back_at + make_interval(secs => p.settle_s) > now()))",
-    )
+         WHERE d.tenant_id = $1 AND (l.lease_until > now() OR {LAPSED_IN_OUTAGE})"
+    )))
     .bind(tenant)
     .fetch_all(pool)
     .await?;
