@@ -958,3 +958,335 @@ async fn a_sequence_without_delays_gets_the_campaigns_default_pacing(pool: PgPoo
     .unwrap();
     assert_eq!(delays, vec![(30.0, 90.0), (30.0, 90.0)]);
 }
+
+/// The message ids a `campaign messages` table lists (its lines that start with one), and its
+/// closing line.
+fn listed_ids(out: &str) -> (Vec<i64>, String) {
+    let ids = out
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let id = words.next()?.parse().ok()?;
+            // The second column is the lead id ("10 shown" is no message line).
+            words.next()?.parse::<i64>().ok()?;
+            Some(id)
+        })
+        .collect();
+    (ids, out.lines().last().unwrap_or_default().to_string())
+}
+
+/// `campaign messages`: every recipient's message with its state and why, filtered by state,
+/// reason and device, in pages that together list each message once, and as CSV that a
+/// spreadsheet opens without running a lead's name as a formula; a lead's name cannot send
+/// escape sequences to the operator's terminal. Another tenant's campaign is not found and a
+/// state that does not exist is refused, printing nothing.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn campaign_messages_lists_each_recipient_and_why(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+    let tenant = seed_tenant(&pool, "list@example.com").await;
+    seed_tenant(&pool, "other@example.com").await;
+    let north = seed_device(&pool, tenant, "north", 0.0, 0.0).await;
+    let south = seed_device(&pool, tenant, "south", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, north, 0, 5, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, south, 10, 5, "cars", LeadStatus::Prospect).await;
+    let formula = "=HYPERLINK(\"https://example.com\",\"win\")";
+    for (phone, name) in [
+        ("+601000000001", formula),
+        ("+601000000002", "\u{1b}[31mRed"),
+    ] {
+        sqlx::query("UPDATE leads SET name = $1 WHERE tenant_id = $2 AND phone = $3")
+            .bind(name)
+            .bind(tenant)
+            .bind(phone)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(
+        &pool,
+        SimConfig {
+            not_on_whatsapp_rate: 0.4,
+            ..quiet_sim()
+        },
+    )
+    .await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    let rows = repo::messages::list_campaign_messages(&pool, tenant, campaign)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 10);
+    let ids_where = |keep: &dyn Fn(&repo::messages::MessageRow) -> bool| -> BTreeSet<i64> {
+        rows.iter().filter(|r| keep(r)).map(|r| r.id).collect()
+    };
+    let all = ids_where(&|_| true);
+    let skipped = ids_where(&|r| r.status == "skipped");
+    let sent = ids_where(&|r| r.status == "sent");
+    assert!(!skipped.is_empty() && !sent.is_empty(), "{rows:?}");
+    assert!(rows.iter().all(|r| r.status == "sent"
+        || (r.status == "skipped" && r.reason.as_deref() == Some("not_on_whatsapp"))));
+
+    let c = campaign.to_string();
+    let base = [
+        "campaign",
+        "messages",
+        "--tenant",
+        "list@example.com",
+        "--campaign",
+        &c,
+    ];
+    let list = |extra: Vec<String>| {
+        let pool = pool.clone();
+        let args: Vec<String> = base.iter().map(|s| s.to_string()).chain(extra).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            wabcast(&pool, &args).await
+        }
+    };
+
+    // Everything: one line per message, with its number and state.
+    let (ok, out, err) = list(vec![]).await;
+    assert!(ok, "{out}{err}");
+    let (ids, last) = listed_ids(&out);
+    assert_eq!(ids.iter().copied().collect::<BTreeSet<_>>(), all, "{out}");
+    assert_eq!(ids.len(), 10, "{out}");
+    assert_eq!(last, "10 shown", "{out}");
+    for r in &rows {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&r.id.to_string()))
+            .unwrap();
+        assert!(
+            line.contains(&r.recipient) && line.contains(&r.status),
+            "{line}"
+        );
+    }
+    assert!(
+        !out.contains('\u{1b}'),
+        "an escape sequence reached the terminal:\n{out}"
+    );
+
+    // Filters: state, reason, device.
+    for (extra, want) in [
+        (vec!["--status", "skipped"], skipped.clone()),
+        (vec!["--reason", "not_on_whatsapp"], skipped.clone()),
+        (vec!["--status", "SENT"], sent.clone()),
+        (vec!["--status", "failed"], BTreeSet::new()),
+        (
+            vec!["--device", &north.to_string()],
+            ids_where(&|r| r.device_id == north),
+        ),
+    ] {
+        let (ok, out, err) = list(extra.iter().map(|s| s.to_string()).collect()).await;
+        assert!(ok, "{extra:?}: {out}{err}");
+        let (ids, last) = listed_ids(&out);
+        assert_eq!(
+            ids.into_iter().collect::<BTreeSet<_>>(),
+            want,
+            "{extra:?}: {out}"
+        );
+        if want.is_empty() {
+            assert_eq!(last, "no message matches", "{out}");
+        }
+    }
+
+    // Pages of three: each message once, in lead order, the last page saying nothing is left.
+    let mut paged = Vec::new();
+    let mut after = "0".to_string();
+    for page in 0.. {
+        assert!(page < 5, "the pages do not end: {paged:?}");
+        let (ok, out, err) = list(vec![
+            "--limit".into(),
+            "3".into(),
+            "--after".into(),
+            after.clone(),
+        ])
+        .await;
+        assert!(ok, "{out}{err}");
+        let (ids, last) = listed_ids(&out);
+        paged.extend(ids);
+        match last.split("--after ").nth(1) {
+            Some(next) => after = next.split_whitespace().next().unwrap().to_string(),
+            None => {
+                assert!(last.ends_with(" shown"), "{out}");
+                break;
+            }
+        }
+    }
+    assert_eq!(paged.len(), 10, "{paged:?}");
+    assert_eq!(paged.iter().copied().collect::<BTreeSet<_>>(), all);
+
+    // CSV: a header and every message; the formula name is text; times are UTC instants.
+    let (ok, out, err) = list(vec!["--csv".into()]).await;
+    assert!(ok, "{out}{err}");
+    let mut csv = csv::Reader::from_reader(out.as_bytes());
+    let header: Vec<String> = csv.headers().unwrap().iter().map(String::from).collect();
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let records: Vec<csv::StringRecord> = csv.records().map(|r| r.unwrap()).collect();
+    assert_eq!(records.len(), 10, "{out}");
+    let by_phone = |phone: &str| {
+        records
+            .iter()
+            .find(|r| &r[col("phone")] == phone)
+            .unwrap_or_else(|| panic!("no {phone}:\n{out}"))
+    };
+    assert_eq!(
+        &by_phone("+601000000001")[col("name")],
+        format!("'{formula}")
+    );
+    for r in &rows {
+        let rec = by_phone(&r.recipient);
+        assert_eq!(rec[col("message_id")].parse::<i64>().unwrap(), r.id);
+        assert_eq!(&rec[col("status")], r.status);
+        assert_eq!(Some(&rec[col("reason")]), r.reason.as_deref());
+        let sent_at = &rec[col("sent_at")];
+        let parsed = (!sent_at.is_empty()).then(|| {
+            chrono::DateTime::parse_from_rfc3339(sent_at)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        });
+        assert_eq!(parsed, r.sent_at, "{sent_at}");
+    }
+
+    // Refused, printing nothing: another tenant's campaign, a state or reason that is no word.
+    for (args, says) in [
+        (
+            vec![
+                "campaign",
+                "messages",
+                "--tenant",
+                "other@example.com",
+                "--campaign",
+                &c,
+            ],
+            "not found",
+        ),
+        (
+            [base.to_vec(), vec!["--status", "delivered"]].concat(),
+            "pending",
+        ),
+        (
+            [base.to_vec(), vec!["--reason", "x' OR '1'='1"]].concat(),
+            "--reason",
+        ),
+        (
+            [
+                base.to_vec(),
+                vec!["--device", &south.to_string().replace('-', "")[..8]],
+            ]
+            .concat(),
+            "device",
+        ),
+    ] {
+        let (ok, out, err) = wabcast(&pool, &args).await;
+        assert!(!ok && out.is_empty(), "{args:?}: {out}{err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+/// `sequence messages`: a step's messages, as `campaign messages` lists a campaign's, found by
+/// the step's place; a step without messages yet lists none, a step that does not exist and
+/// another tenant's sequence are refused.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn sequence_messages_lists_a_steps_recipients(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    let tenant = seed_tenant(&pool, "drip@example.com").await;
+    seed_tenant(&pool, "other@example.com").await;
+    let d = seed_device(&pool, tenant, "north", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 6, "cars", LeadStatus::Prospect).await;
+    sqlx::query("UPDATE leads SET triggers = ARRAY['cold'] WHERE tenant_id = $1")
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "sequence",
+            "create",
+            "--tenant",
+            "drip@example.com",
+            "--name",
+            "COLD",
+            "--niche",
+            "cars",
+            "--trigger",
+            "cold",
+            "--time",
+            "00:00",
+            "--step",
+            "0:Hi {name}",
+            "--step",
+            "2:Still there?",
+            "--activate",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let seq = out.trim().to_string();
+    // Step 1 at 00:00 of the enrollment day is due at once: the trigger writes its rows.
+    let report = fan_out(&pool).await;
+    assert_eq!(report.step_rows_created, 6, "{report:?} {out}");
+    let step1: uuid::Uuid = sqlx::query_scalar(
+        "SELECT campaign_id FROM sequence_steps WHERE sequence_id = $1::uuid AND position = 1",
+    )
+    .bind(&seq)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let want: Vec<i64> = repo::messages::list_campaign_messages(&pool, tenant, step1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(want.len(), 6);
+
+    let args = |tenant: &'static str, position: &'static str| {
+        vec![
+            "sequence".to_string(),
+            "messages".into(),
+            "--tenant".into(),
+            tenant.into(),
+            "--sequence".into(),
+            seq.clone(),
+            "--position".into(),
+            position.into(),
+        ]
+    };
+    let run = |args: Vec<String>| {
+        let pool = pool.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            wabcast(&pool, &args).await
+        }
+    };
+    let (ok, out, err) = run(args("drip@example.com", "1")).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.starts_with("COLD [active] step 1:"), "{out}");
+    let (mut ids, last) = listed_ids(&out);
+    ids.sort();
+    assert_eq!(ids, want, "{out}");
+    assert_eq!(last, "6 shown", "{out}");
+    assert!(
+        out.lines().filter(|l| l.contains(" pending ")).count() == 6,
+        "{out}"
+    );
+
+    let (ok, out, err) = run(args("drip@example.com", "2")).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(listed_ids(&out).1, "no message matches", "{out}");
+
+    for (tenant, position, says) in [
+        ("drip@example.com", "3", "has no step 3"),
+        ("other@example.com", "1", "not found"),
+    ] {
+        let (ok, out, err) = run(args(tenant, position)).await;
+        assert!(!ok && out.is_empty(), "{tenant} {position}: {out}{err}");
+        assert!(err.contains(says), "{err}");
+    }
+}

@@ -1,6 +1,6 @@
 //! `wabcast sequence …`: create, list, activate, pause, resume, cancel sequences, enroll leads,
-//! edit a step (its unsent messages are re-rendered at once), retry a step's failures, and the
-//! report per step.
+//! edit a step (its unsent messages are re-rendered at once), retry a step's failures, the
+//! report per step, and a step's messages one by one.
 
 use crate::{print_report, resolve_tenant, store_image};
 use anyhow::{bail, Context, Result};
@@ -127,6 +127,19 @@ pub enum SequenceCmd {
         /// The step's place in the sequence, from 1.
         #[arg(long)]
         position: i32,
+    },
+    /// One step's messages, one line each in lead order, as `campaign messages` lists them.
+    Messages {
+        /// The tenant, by email or id.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+        /// The step's place in the sequence, from 1.
+        #[arg(long)]
+        position: i32,
+        #[command(flatten)]
+        list: crate::ListArgs,
     },
     /// Counts per step, state, reason and device, and the enrollments.
     Report {
@@ -351,6 +364,22 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             .await?;
             tx.commit().await?;
             out!("{n} failed messages of step {position} will be sent again");
+        }
+        SequenceCmd::Messages {
+            tenant,
+            sequence,
+            position,
+            list,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let seq = repo::sequences::get_sequence(pool, tenant, sequence).await?;
+            let campaign = step_campaign(pool, tenant, sequence, position).await?;
+            let title = format!(
+                "{} [{}] step {position}",
+                crate::printable(&seq.name),
+                seq.status
+            );
+            crate::list_messages(pool, tenant, campaign, &title, list).await?;
         }
         SequenceCmd::Report { tenant, sequence } => {
             let tenant = resolve_tenant(pool, &tenant).await?;

@@ -1318,6 +1318,78 @@ pub async fn list_campaign_messages(
     .await?)
 }
 
+/// One recipient's message in a campaign's listing (`wabcast campaign messages`): who, through
+/// which device, what became of it and why.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RecipientMessage {
+    pub id: i64,
+    pub lead_id: i64,
+    pub recipient: String,
+    pub lead_name: String,
+    pub device_id: Uuid,
+    pub device_label: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub read_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Which of a campaign's messages [`list_campaign_recipients`] returns; `None` is any.
+#[derive(Debug, Clone, Default)]
+pub struct RecipientFilter {
+    pub status: Option<crate::domain::MessageStatus>,
+    pub reason: Option<String>,
+    pub device: Option<Uuid>,
+}
+
+/// A page of a campaign's messages in lead order: those of leads after `after_lead`, at most
+/// `limit`. The page is read along the (campaign, lead) unique index, so a page costs what it
+/// returns (plus the rows a filter passes over), however large the table; lead and device are
+/// looked up per row of the page, never joined before the limit.
+pub async fn list_campaign_recipients(
+    pool: &PgPool,
+    tenant: Uuid,
+    campaign: Uuid,
+    filter: &RecipientFilter,
+    after_lead: i64,
+    limit: i64,
+) -> Result<Vec<RecipientMessage>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT bm.id, bm.lead_id, bm.recipient, COALESCE(l.name, '') AS lead_name, bm.device_id,
+                COALESCE(d.label, '') AS device_label, bm.status, bm.reason, bm.attempts,
+                bm.last_error, bm.provider_message_id, bm.created_at, bm.queued_at, bm.sent_at,
+                bm.delivered_at, bm.read_at, bm.finished_at
+         FROM (SELECT * FROM broadcast_messages m
+               WHERE m.campaign_id = $1 AND m.tenant_id = $2 AND m.lead_id > $3
+                 AND ($4::text IS NULL OR m.status = $4)
+                 AND ($5::text IS NULL OR m.reason = $5)
+                 AND ($6::uuid IS NULL OR m.device_id = $6)
+               ORDER BY m.lead_id
+               LIMIT $7) bm
+         LEFT JOIN LATERAL (SELECT l.name FROM leads l
+                            WHERE l.id = bm.lead_id AND l.tenant_id = bm.tenant_id) l ON true
+         LEFT JOIN LATERAL (SELECT d.label FROM devices d
+                            WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id) d ON true
+         ORDER BY bm.lead_id",
+    )
+    .bind(campaign)
+    .bind(tenant)
+    .bind(after_lead)
+    .bind(filter.status.map(|s| s.as_str()))
+    .bind(filter.reason.as_deref())
+    .bind(filter.device)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// One message of the tenant; another tenant's id is not found.
 pub async fn get_message(pool: &PgPool, tenant: Uuid, id: i64) -> Result<MessageRow, RepoError> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(

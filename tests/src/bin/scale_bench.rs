@@ -16,7 +16,8 @@
 //! Each run: a campaign over the niche (fan-out rate), the processor's ticks until it is all
 //! queued (time per 1,000 queued), one worker playing the SQS event source until it is all
 //! sent (time per batch of 10: claim, the host's two records, the outcome), then the reports
-//! (campaign progress, the status view's device load, one message's history), a lead's opt-out
+//! (campaign progress, the status view's device load, one message's history, a page of
+//! `campaign messages` and its `--status failed`), a lead's opt-out
 //! and an idle processor tick, each the median of 9 calls; last, one device's failed messages
 //! retried (one call: it changes what is pending).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -84,6 +85,8 @@ struct Figures {
     progress_ms: f64,
     device_load_ms: f64,
     history_ms: f64,
+    page_ms: f64,
+    failed_page_ms: f64,
     idle_tick_ms: f64,
     opt_out_ms: f64,
     retry_ms: f64,
@@ -173,6 +176,43 @@ async fn run(p: &Pipeline, tenant: Uuid, expected: i64) -> Figures {
             .await
             .unwrap();
         assert_eq!(h.len(), 3, "pending → queued → sending → sent");
+    })
+    .await;
+    // `campaign messages`: a page of 100 from the middle of the campaign, and its failed ones
+    // (none: the filter passes over the whole campaign).
+    let middle: i64 = sqlx::query_scalar(
+        "SELECT lead_id FROM broadcast_messages WHERE campaign_id = $1
+         ORDER BY lead_id OFFSET $2 LIMIT 1",
+    )
+    .bind(campaign)
+    .bind(expected / 2)
+    .fetch_one(&p.pool)
+    .await
+    .unwrap();
+    f.page_ms = median_ms(|| async {
+        let page = repo::messages::list_campaign_recipients(
+            &p.pool,
+            tenant,
+            campaign,
+            &repo::messages::RecipientFilter::default(),
+            middle,
+            100,
+        )
+        .await
+        .unwrap();
+        assert_eq!(page.len(), 100);
+    })
+    .await;
+    f.failed_page_ms = median_ms(|| async {
+        let failed = repo::messages::RecipientFilter {
+            status: Some(shared::domain::MessageStatus::Failed),
+            ..Default::default()
+        };
+        let page =
+            repo::messages::list_campaign_recipients(&p.pool, tenant, campaign, &failed, 0, 100)
+                .await
+                .unwrap();
+        assert!(page.is_empty());
     })
     .await;
     // A lead's "STOP" (the host's inbound path calls the same function), a different lead each
@@ -551,6 +591,16 @@ async fn main() {
         full.history_ms,
     );
     line(
+        "campaign messages: a page of 100 (ms, median of 9)",
+        empty.page_ms,
+        full.page_ms,
+    );
+    line(
+        "campaign messages --status failed, none (ms, median of 9)",
+        empty.failed_page_ms,
+        full.failed_page_ms,
+    );
+    line(
         "a lead's opt-out (ms, median of 9)",
         empty.opt_out_ms,
         full.opt_out_ms,
@@ -593,6 +643,22 @@ async fn main() {
             println!(
                 "progress of a {what} history campaign of {total} rows: {ms:.2} ms (median of 9)"
             );
+            let failed = repo::messages::RecipientFilter {
+                status: Some(shared::domain::MessageStatus::Failed),
+                ..Default::default()
+            };
+            for (which, filter) in [
+                ("a page of 100", Default::default()),
+                ("failed, 100", failed),
+            ] {
+                let ms = median_ms(|| async {
+                    repo::messages::list_campaign_recipients(&pool, tenant, c, &filter, 0, 100)
+                        .await
+                        .unwrap();
+                })
+                .await;
+                println!("  its messages, {which}: {ms:.2} ms (median of 9)");
+            }
         }
     }
     // A campaign whose every lead was contacted within the tenant's frequency cap: its rows
