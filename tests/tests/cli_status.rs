@@ -728,6 +728,14 @@ async fn leads_show_tells_a_numbers_story_to_its_tenant_only(pool: PgPool) {
     assert_eq!(host.sends().len(), 7, "the two other leads only");
 
     let number = phones[0].as_str();
+    // A name imported with a terminal escape sequence (one that sets the window title).
+    sqlx::query("UPDATE leads SET name = $1 WHERE device_id = $2 AND phone = $3")
+        .bind("\u{1b}]0;x\u{7}Ali")
+        .bind(b)
+        .bind(number)
+        .execute(&pool)
+        .await
+        .unwrap();
     let (ok, out, err) = wabcast(
         &pool,
         &[
@@ -761,6 +769,10 @@ async fn leads_show_tells_a_numbers_story_to_its_tenant_only(pool: PgPool) {
         // Its last column is the opt-out's local time, not "-".
         assert!(!l.trim_end().ends_with(" -"), "not shown opted out: {out}");
     }
+    assert!(
+        !out.contains('\u{1b}') && out.contains("\u{fffd}]0;x\u{fffd}Ali"),
+        "the name's control characters reached the terminal: {out:?}"
+    );
     assert!(out.contains("the newest 2 message(s):"), "{out}");
     let rows = repo::messages::list_campaign_messages(&pool, tenant, first)
         .await

@@ -1485,7 +1485,11 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
         out!(
             "{:<16} {:<20} {:<9} {:<20} {:<12} {:<11} {:<19} {}",
             device,
-            if l.name.is_empty() { "-" } else { &l.name },
+            if l.name.is_empty() {
+                "-".to_string()
+            } else {
+                printable(&l.name)
+            },
             l.target_status,
             l.niches.join(","),
             l.triggers.join(","),
@@ -1833,7 +1837,7 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
         }
     }
     if let Some(e) = m.last_error {
-        out!("last error: {e}");
+        out!("last error: {}", printable(&e));
     }
     Ok(())
 }
