@@ -163,6 +163,31 @@ impl fmt::Display for Token {
     }
 }
 
+/// The longest lead name we keep, in characters: it goes into messages through `{name}`.
+pub const MAX_LEAD_NAME_CHARS: usize = 100;
+
+/// A lead's name as messages greet it (`{name}`, `{first_name}`): runs of white space (a line
+/// break or a tab inside a spreadsheet cell among them) become one space, ends trimmed; any
+/// other control character (a terminal escape, a bell, a NUL) is refused, as is a name longer
+/// than [`MAX_LEAD_NAME_CHARS`]. Empty is allowed: templates fall back for it.
+pub fn parse_lead_name(raw: &str) -> Result<String, InvalidInput> {
+    let folded = raw.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some(c) = folded.chars().find(|c| c.is_control()) {
+        return Err(InvalidInput::new(
+            "name",
+            format!("holds the control character U+{:04X}", u32::from(c)),
+        ));
+    }
+    let n = folded.chars().count();
+    if n > MAX_LEAD_NAME_CHARS {
+        return Err(InvalidInput::new(
+            "name",
+            format!("is {n} characters long; at most {MAX_LEAD_NAME_CHARS}"),
+        ));
+    }
+    Ok(folded)
+}
+
 /// Declares a string-backed enum whose variants map 1:1 to database values.
 macro_rules! db_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {

@@ -1003,7 +1003,7 @@ pub(crate) fn parse_leads_csv(
             let status_raw = get(c_status);
             Ok(repo::leads::NewLead {
                 device_id,
-                name: get(c_name).to_string(),
+                name: shared::domain::parse_lead_name(get(c_name))?,
                 phone: PhoneE164::parse(get(Some(c_phone)))?,
                 niches: Token::parse_set(get(c_niches))?,
                 status: if status_raw.is_empty() {
@@ -2025,6 +2025,21 @@ mod tests {
             "{err}"
         );
         assert!(parse_leads_csv("name,phone\nA,+60123456789\n", &devices).is_err());
+        // A name is greeted in messages and printed to terminals: a line break inside a cell
+        // folds to a space; an escape sequence or a name past 100 characters is refused.
+        let names = format!(
+            "device,name,phone\nphone-1,\"Ali\r\n  Bin\",+60123456789\nphone-1,\"\u{1b}[2JEve\",+60123456780\nphone-1,{},+60123456781\n",
+            "x".repeat(101)
+        );
+        let err = parse_leads_csv(&names, &devices).unwrap_err().to_string();
+        assert!(
+            err.contains("2 bad row(s)")
+                && err.contains("line 4: name: holds the control character U+001B")
+                && err.contains("line 5: name: is 101 characters long"),
+            "{err}"
+        );
+        let one = "device,name,phone\nphone-1,\"Ali\r\n  Bin\",+60123456789\n";
+        assert_eq!(parse_leads_csv(one, &devices).unwrap()[0].name, "Ali Bin");
         // One number twice for one device, written differently, once by label and once by id;
         // a quoted name spanning two lines counts its lines. Then the same from a spreadsheet:
         // a byte-order mark and CRLF line ends.
