@@ -74,3 +74,6 @@ pids+=($!)
 
 echo "== draining (logs in $work)"
 "$bin/wabcast" demo watch --tenant "$tenant" --campaign "$campaign" --timeout-s 600
+echo "== who got what, one line per recipient (the database stays; the services stop here):"
+echo "   DATABASE_URL=$DATABASE_URL target/debug/wabcast campaign messages --tenant $tenant --campaign $campaign --status skipped"
+echo "   (--csv for a spreadsheet; history --tenant $tenant --message <id> for one message's story)"
