@@ -1366,7 +1366,10 @@ pub async fn list_campaign_recipients(
                 COALESCE(d.label, '') AS device_label, bm.status, bm.reason, bm.attempts,
                 bm.last_error, bm.provider_message_id, bm.created_at, bm.queued_at, bm.sent_at,
                 bm.delivered_at, bm.read_at, bm.finished_at
-         FROM (SELECT * FROM broadcast_messages m
+         FROM (SELECT m.id, m.tenant_id, m.lead_id, m.recipient, m.device_id, m.status, m.reason,
+                      m.attempts, m.last_error, m.provider_message_id, m.created_at, m.queued_at,
+                      m.sent_at, m.delivered_at, m.read_at, m.finished_at
+               FROM broadcast_messages m
                WHERE m.campaign_id = $1 AND m.tenant_id = $2 AND m.lead_id > $3
                  AND ($4::text IS NULL OR m.status = $4)
                  AND ($5::text IS NULL OR m.reason = $5)
