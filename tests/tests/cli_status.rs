@@ -1302,3 +1302,247 @@ async fn sequence_messages_lists_a_steps_recipients(pool: PgPool) {
         assert!(err.contains(says), "{err}");
     }
 }
+
+/// Every `--device` names a device by its label or by its id: the tenant's own device of that
+/// label, never another tenant's of the same label or id; a deleted device by its id only, its
+/// label passing to the device that takes it next. A name that is no device of the tenant is
+/// refused and changes nothing.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_device_is_named_by_its_label_or_its_id(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    use std::collections::BTreeSet;
+    let tenant = seed_tenant(&pool, "label@example.com").await;
+    let other = seed_tenant(&pool, "other@example.com").await;
+    let north = seed_device(&pool, tenant, "north", 0.0, 0.0).await;
+    let south = seed_device(&pool, tenant, "south", 0.0, 0.0).await;
+    let theirs = seed_device(&pool, other, "north", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, north, 0, 3, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, south, 10, 3, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, other, theirs, 20, 3, "cars", LeadStatus::Prospect).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    seed_campaign(&pool, other, &CampaignSpec::default()).await;
+    assert_eq!(fan_out(&pool).await.rows_created, 9);
+    sqlx::query(
+        "UPDATE broadcast_messages SET status = 'failed', reason = 'provider_error', \
+         finished_at = now()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Per device: how many of its messages are in each state.
+    let states = || {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<(uuid::Uuid, String, i64)> = sqlx::query_as(
+                "SELECT device_id, status, count(*) FROM broadcast_messages \
+                 GROUP BY 1, 2 ORDER BY 1, 2",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.into_iter()
+                .map(|(d, s, n)| ((d, s), n))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        }
+    };
+    let c = campaign.to_string();
+    let t = "label@example.com";
+    let run = |args: Vec<String>| {
+        let pool = pool.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            wabcast(&pool, &args).await
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    // The listing: a label and an id name the same device.
+    let south_rows: BTreeSet<i64> =
+        sqlx::query_scalar("SELECT id FROM broadcast_messages WHERE device_id = $1")
+            .bind(south)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    for name in ["south".to_string(), south.to_string()] {
+        let (ok, out, err) = run(args(&[
+            "campaign",
+            "messages",
+            "--tenant",
+            t,
+            "--campaign",
+            &c,
+            "--device",
+            &name,
+        ]))
+        .await;
+        assert!(ok, "{name}: {out}{err}");
+        let (ids, _) = listed_ids(&out);
+        assert_eq!(
+            ids.into_iter().collect::<BTreeSet<_>>(),
+            south_rows,
+            "{out}"
+        );
+    }
+
+    // Refused, printing and changing nothing: another tenant's device by id, a label no device
+    // of the tenant has, a label of the other tenant only.
+    let before = states().await;
+    let theirs_id = theirs.to_string();
+    for name in [theirs_id.as_str(), "nowhere", "north\u{1b}[2J"] {
+        for cmd in [
+            args(&["device", "retry-failed", "--tenant", t, "--device", name]),
+            args(&[
+                "campaign",
+                "retry-failed",
+                "--tenant",
+                t,
+                "--campaign",
+                &c,
+                "--device",
+                name,
+            ]),
+            args(&[
+                "device",
+                "safety",
+                "--tenant",
+                t,
+                "--device",
+                name,
+                "--daily-cap",
+                "1",
+            ]),
+            args(&["device", "delete", "--tenant", t, "--device", name]),
+        ] {
+            let (ok, out, err) = run(cmd.clone()).await;
+            assert!(!ok && out.is_empty(), "{cmd:?}: {out}{err}");
+            assert!(err.contains("no device"), "{cmd:?}: {err}");
+            assert!(!err.contains('\u{1b}'), "{cmd:?}: {err}");
+        }
+    }
+    let (ok, out, err) = run(args(&[
+        "device",
+        "retry-failed",
+        "--tenant",
+        "other@example.com",
+        "--device",
+        "south",
+    ]))
+    .await;
+    assert!(!ok && err.contains("no device"), "{out}{err}");
+    assert_eq!(states().await, before);
+
+    // By label: north's failed messages of the campaign, then south's of every campaign; the
+    // other tenant's device called north keeps its failures.
+    let (ok, out, err) = run(args(&[
+        "campaign",
+        "retry-failed",
+        "--tenant",
+        t,
+        "--campaign",
+        &c,
+        "--device",
+        "north",
+    ]))
+    .await;
+    assert!(ok && out.starts_with("3 failed"), "{out}{err}");
+    let (ok, out, err) = run(args(&[
+        "device",
+        "retry-failed",
+        "--tenant",
+        t,
+        "--device",
+        "south",
+    ]))
+    .await;
+    assert!(ok && out.starts_with("3 failed"), "{out}{err}");
+    let after = states().await;
+    for d in [north, south] {
+        assert_eq!(
+            after.get(&(d, "pending".to_string())),
+            Some(&3),
+            "{after:?}"
+        );
+        assert_eq!(after.get(&(d, "failed".to_string())), None, "{after:?}");
+    }
+    assert_eq!(
+        after.get(&(theirs, "failed".to_string())),
+        Some(&3),
+        "{after:?}"
+    );
+
+    let cap = |d: uuid::Uuid, tenant: uuid::Uuid| {
+        let pool = pool.clone();
+        async move {
+            repo::devices::get_safety_settings(&pool, tenant, d)
+                .await
+                .unwrap()
+                .daily_cap
+        }
+    };
+    let (ok, out, err) = run(args(&[
+        "device",
+        "safety",
+        "--tenant",
+        t,
+        "--device",
+        "north",
+        "--daily-cap",
+        "7",
+    ]))
+    .await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(cap(north, tenant).await, Some(7));
+    assert_eq!(cap(theirs, other).await, None);
+
+    // A deleted device: its label is no longer its name, its id still is; a new device may take
+    // the label and is then the one it names.
+    let (ok, out, err) = run(args(&[
+        "device", "delete", "--tenant", t, "--device", "south",
+    ]))
+    .await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run(args(&[
+        "device",
+        "retry-failed",
+        "--tenant",
+        t,
+        "--device",
+        "south",
+    ]))
+    .await;
+    assert!(!ok && err.contains("no device"), "{out}{err}");
+    let (ok, out, err) = run(args(&[
+        "device",
+        "retry-failed",
+        "--tenant",
+        t,
+        "--device",
+        &south.to_string(),
+    ]))
+    .await;
+    assert!(ok && out.starts_with("0 failed"), "{out}{err}");
+    let (ok, out, err) = run(args(&["device", "add", "--tenant", t, "--label", "south"])).await;
+    assert!(ok, "{out}{err}");
+    let new_south: uuid::Uuid = out.trim().parse().unwrap();
+    let (ok, out, err) = run(args(&[
+        "device",
+        "safety",
+        "--tenant",
+        t,
+        "--device",
+        "south",
+        "--daily-cap",
+        "5",
+    ]))
+    .await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(cap(new_south, tenant).await, Some(5));
+    let old_cap: Option<i32> = sqlx::query_scalar("SELECT daily_cap FROM devices WHERE id = $1")
+        .bind(south)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(old_cap, None);
+}

@@ -14,6 +14,7 @@ macro_rules! out {
 }
 
 mod demo;
+mod messages;
 mod sequence;
 
 /// What `out!` does when stdout cannot be written: a reader that went away ends the command
@@ -30,8 +31,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use shared::config::Secret;
 use shared::domain::{
-    CampaignStatus, DelayRange, LeadStatus, MessageStatus, PhoneE164, ProviderKind, TargetStatus,
-    Token,
+    CampaignStatus, DelayRange, LeadStatus, PhoneE164, ProviderKind, TargetStatus, Token,
 };
 use shared::media::ImageSource;
 use shared::repo;
@@ -184,8 +184,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
     },
     /// Start pairing: draws the QR code in the terminal and redraws it as it rotates until the
     /// device is online (or prints the pair code with --phone).
@@ -193,8 +194,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
         #[arg(long)]
         phone: Option<String>,
         /// Print the QR code once and return instead of following its rotation.
@@ -209,8 +211,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
         /// Meta's phone-number id (WhatsApp Manager > API setup).
         #[arg(long)]
         phone_number_id: String,
@@ -230,8 +233,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
         /// Messages per tenant-local day, or `none`.
         #[arg(long)]
         daily_cap: Option<String>,
@@ -250,8 +254,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
     },
     /// Log a device out: unlinks it from the phone, deletes its session, and nothing reconnects
     /// until it is paired again.
@@ -259,8 +264,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -270,8 +276,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -280,8 +287,9 @@ enum DeviceCmd {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// The device, by label or id.
         #[arg(long)]
-        device: Uuid,
+        device: String,
         #[arg(long, value_parser = ["online", "offline"])]
         state: String,
         #[command(flatten)]
@@ -454,8 +462,9 @@ enum CampaignCmd {
         tenant: String,
         #[arg(long)]
         campaign: Uuid,
+        /// Only this device's failed messages, by label or id.
         #[arg(long)]
-        device: Option<Uuid>,
+        device: Option<String>,
     },
     /// Counts per state (with reasons) and per device.
     Progress {
@@ -475,34 +484,8 @@ enum CampaignCmd {
         #[arg(long)]
         campaign: Uuid,
         #[command(flatten)]
-        list: ListArgs,
+        list: messages::ListArgs,
     },
-}
-
-/// What `campaign messages` and `sequence messages` list, and how.
-#[derive(clap::Args)]
-pub(crate) struct ListArgs {
-    /// Only messages in this state: pending, queued, sending, sent, failed, skipped or
-    /// cancelled.
-    #[arg(long)]
-    status: Option<MessageStatus>,
-    /// Only messages that ended for this reason (e.g. `not_on_whatsapp`, `lead_opted_out`).
-    #[arg(long)]
-    reason: Option<String>,
-    /// Only one device's messages.
-    #[arg(long)]
-    device: Option<Uuid>,
-    /// At most this many lines; 0 for all [default: 100; with --csv, all].
-    #[arg(long)]
-    limit: Option<u64>,
-    /// Start after this lead id: the `--after` a page that stopped at its limit prints.
-    #[arg(long, default_value_t = 0)]
-    after: i64,
-    /// Comma-separated values with a header row: ids, times in UTC (RFC 3339, to the
-    /// microsecond), the provider's message id; text that a spreadsheet would run as a
-    /// formula gets a leading `'`.
-    #[arg(long)]
-    csv: bool,
 }
 
 #[tokio::main]
@@ -619,6 +602,29 @@ pub(crate) async fn resolve_tenant(pool: &PgPool, s: &str) -> Result<Uuid> {
     Ok(t.with_context(|| format!("no tenant {s:?}"))?.id)
 }
 
+/// A tenant's device by id or by label. An id is looked up first (a deleted device keeps its
+/// id, so `retry-failed` and the listings still reach it); what is not a device id of the tenant
+/// is read as the label of one of its live devices. Another tenant's device is not found
+/// either way.
+pub(crate) async fn resolve_device(pool: &PgPool, tenant: Uuid, s: &str) -> Result<Uuid> {
+    if let Ok(id) = s.parse::<Uuid>() {
+        match repo::devices::get_device(pool, tenant, id).await {
+            Ok(d) => return Ok(d.id),
+            Err(repo::RepoError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match repo::devices::find_live_device_by_label(pool, tenant, s).await {
+        Ok(d) => Ok(d.id),
+        Err(repo::RepoError::NotFound(_)) => bail!(
+            "no device {:?} among this tenant's devices (give its label or id; `device list` \
+             shows them)",
+            printable(s)
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `--wa-template name:language` with its `--wa-template-param`s.
 fn parse_wa_template(
     spec: Option<String>,
@@ -724,6 +730,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
         }
         DeviceCmd::Delete { tenant, device } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             let mut tx = pool.begin().await?;
             repo::devices::delete_device(&mut tx, tenant, device).await?;
             tx.commit().await?;
@@ -737,6 +744,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             host,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             if let Some(p) = &phone {
                 PhoneE164::parse(p)?;
             }
@@ -786,6 +794,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             host,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             let s = host_client(&host)?.logout_device(tenant, device).await?;
             out!(
                 "{}{}",
@@ -801,6 +810,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             host,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             let mut tx = pool.begin().await?;
             repo::cloud_api::set_cloud_credentials(
                 &mut tx,
@@ -827,6 +837,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             warmup_start,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             let current = repo::devices::get_safety_settings(pool, tenant, device).await?;
             let daily_cap = match daily_cap.as_deref() {
                 None => current.daily_cap,
@@ -869,7 +880,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
         }
         DeviceCmd::RetryFailed { tenant, device } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            repo::devices::get_device(pool, tenant, device).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             let mut tx = pool.begin().await?;
             let n = repo::campaigns::retry_failed_messages(
                 &mut tx,
@@ -889,6 +900,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             host,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             let s = host_client(&host)?.connect_device(tenant, device).await?;
             out!(
                 "{}{}",
@@ -903,6 +915,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
             host,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
             let s = host_client(&host)?
                 .simulate_connection(tenant, device, state == "online")
                 .await?;
@@ -1345,7 +1358,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let c = repo::campaigns::get_campaign(pool, tenant, campaign).await?;
             let title = format!("{} [{}]", printable(&c.title), c.status);
-            list_messages(pool, tenant, campaign, &title, list).await?;
+            messages::list_messages(pool, tenant, campaign, &title, list).await?;
         }
         CampaignCmd::RetryFailed {
             tenant,
@@ -1354,6 +1367,10 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             repo::campaigns::get_campaign(pool, tenant, campaign).await?;
+            let device = match &device {
+                Some(d) => Some(resolve_device(pool, tenant, d).await?),
+                None => None,
+            };
             let mut tx = pool.begin().await?;
             let n = repo::campaigns::retry_failed_messages(
                 &mut tx,
@@ -1543,261 +1560,6 @@ pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '\u{fffd}' } else { c })
         .collect()
-}
-
-/// At most `width` characters of `s`, the last one `…` when cut.
-fn fit(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        return s.to_string();
-    }
-    let mut cut: String = s.chars().take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
-/// Text for a spreadsheet: a field that starts like a formula (`=`, `+`, `-`, `@`, a tab or a
-/// carriage return) gets a leading `'`, so that opening the export never runs a lead's name.
-fn spreadsheet_text(s: &str) -> String {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    }
-}
-
-/// `campaign messages` and `sequence messages`: the campaign's (or step's) messages as `list`
-/// asks, under `title`.
-pub(crate) async fn list_messages(
-    pool: &PgPool,
-    tenant: Uuid,
-    campaign: Uuid,
-    title: &str,
-    list: ListArgs,
-) -> Result<()> {
-    if let Some(d) = list.device {
-        repo::devices::get_device(pool, tenant, d).await?;
-    }
-    if let Some(r) = &list.reason {
-        let word = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_';
-        if r.is_empty() || r.len() > 64 || !r.chars().all(word) {
-            bail!(
-                "--reason {r:?}: a reason is a word of a-z, 0-9 and _ (as `campaign progress` \
-                 shows them)"
-            );
-        }
-    }
-    if list.after < 0 {
-        bail!("--after takes a lead id, 0 or more");
-    }
-    let limit = match list.limit {
-        Some(0) => None,
-        Some(n) => Some(n),
-        None if list.csv => None,
-        None => Some(100),
-    };
-    let recipients = Recipients {
-        tenant,
-        campaign,
-        filter: repo::messages::RecipientFilter {
-            status: list.status,
-            reason: list.reason,
-            device: list.device,
-        },
-        after: list.after,
-        limit,
-    };
-    if list.csv {
-        recipients.print_csv(pool).await
-    } else {
-        recipients.print_table(pool, title).await
-    }
-}
-
-/// A listing of a campaign's messages (`campaign messages`), read in pages along the
-/// (campaign, lead) index so that a campaign of any size prints in bounded memory.
-struct Recipients {
-    tenant: Uuid,
-    campaign: Uuid,
-    filter: repo::messages::RecipientFilter,
-    after: i64,
-    /// `None`: all.
-    limit: Option<u64>,
-}
-
-impl Recipients {
-    const PAGE: u64 = 5_000;
-
-    /// Calls `each` for every message listed, in lead order; returns whether more were left
-    /// past the limit, and the last lead listed.
-    async fn each(
-        &self,
-        pool: &PgPool,
-        mut each: impl FnMut(&repo::messages::RecipientMessage) -> Result<()>,
-    ) -> Result<(bool, i64)> {
-        let mut after = self.after;
-        let mut left = self.limit;
-        loop {
-            let want = left.map_or(Self::PAGE, |l| l.min(Self::PAGE));
-            if want == 0 {
-                // Look one row ahead to say whether the limit cut the listing.
-                let more = repo::messages::list_campaign_recipients(
-                    pool,
-                    self.tenant,
-                    self.campaign,
-                    &self.filter,
-                    after,
-                    1,
-                )
-                .await?;
-                return Ok((!more.is_empty(), after));
-            }
-            let page = repo::messages::list_campaign_recipients(
-                pool,
-                self.tenant,
-                self.campaign,
-                &self.filter,
-                after,
-                want as i64,
-            )
-            .await?;
-            for m in &page {
-                each(m)?;
-                after = m.lead_id;
-            }
-            left = left.map(|l| l - page.len() as u64);
-            if (page.len() as u64) < want {
-                return Ok((false, after));
-            }
-        }
-    }
-
-    async fn print_table(&self, pool: &PgPool, title: &str) -> Result<()> {
-        let zone = tenant_zone(pool, self.tenant).await?;
-        let local = |t: chrono::DateTime<chrono::Utc>| {
-            t.with_timezone(&zone)
-                .format("%Y-%m-%d %H:%M:%S")
-                .to_string()
-        };
-        out!("{title}: messages in lead order, times in {zone}");
-        out!(
-            "{:>10} {:>9} {:<16} {:<20} {:<16} {:<9} {:<18} {:>5} {:<19} {:<9} last error",
-            "message",
-            "lead",
-            "number",
-            "name",
-            "device",
-            "status",
-            "reason",
-            "tries",
-            "sent",
-            "receipt"
-        );
-        let mut shown = 0u64;
-        let (more, last) = self
-            .each(pool, |m| {
-                let receipt = if m.read_at.is_some() {
-                    "read"
-                } else if m.delivered_at.is_some() {
-                    "delivered"
-                } else {
-                    "-"
-                };
-                let name = if m.lead_name.is_empty() {
-                    "-".to_string()
-                } else {
-                    fit(&printable(&m.lead_name), 20)
-                };
-                out!(
-                    "{:>10} {:>9} {:<16} {:<20} {:<16} {:<9} {:<18} {:>5} {:<19} {:<9} {}",
-                    m.id,
-                    m.lead_id,
-                    m.recipient,
-                    name,
-                    fit(&printable(&m.device_label), 16),
-                    m.status,
-                    m.reason.as_deref().unwrap_or("-"),
-                    m.attempts,
-                    m.sent_at.map(local).unwrap_or_else(|| "-".into()),
-                    receipt,
-                    m.last_error.as_deref().map(printable).unwrap_or_default()
-                );
-                shown += 1;
-                Ok(())
-            })
-            .await?;
-        if shown == 0 {
-            out!("no message matches");
-        } else if more {
-            out!(
-                "{shown} shown; more after lead {last}: add --after {last} (or --limit 0 for all)"
-            );
-        } else {
-            out!("{shown} shown");
-        }
-        Ok(())
-    }
-
-    async fn print_csv(&self, pool: &PgPool) -> Result<()> {
-        let mut w = csv::Writer::from_writer(std::io::stdout().lock());
-        let written = |r: csv::Result<()>| -> Result<()> {
-            match r {
-                Ok(()) => Ok(()),
-                Err(e) => match e.into_kind() {
-                    csv::ErrorKind::Io(io) => stdout_failed(io),
-                    other => bail!("cannot write the CSV: {other:?}"),
-                },
-            }
-        };
-        written(w.write_record([
-            "message_id",
-            "lead_id",
-            "phone",
-            "name",
-            "device_id",
-            "device",
-            "status",
-            "reason",
-            "attempts",
-            "created_at",
-            "queued_at",
-            "sent_at",
-            "delivered_at",
-            "read_at",
-            "finished_at",
-            "provider_message_id",
-            "last_error",
-        ]))?;
-        let at = |t: Option<chrono::DateTime<chrono::Utc>>| {
-            t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-                .unwrap_or_default()
-        };
-        self.each(pool, |m| {
-            written(w.write_record([
-                m.id.to_string(),
-                m.lead_id.to_string(),
-                m.recipient.clone(),
-                spreadsheet_text(&m.lead_name),
-                m.device_id.to_string(),
-                spreadsheet_text(&m.device_label),
-                m.status.clone(),
-                m.reason.clone().unwrap_or_default(),
-                m.attempts.to_string(),
-                at(Some(m.created_at)),
-                at(m.queued_at),
-                at(m.sent_at),
-                at(m.delivered_at),
-                at(m.read_at),
-                at(m.finished_at),
-                m.provider_message_id.clone().unwrap_or_default(),
-                spreadsheet_text(m.last_error.as_deref().unwrap_or_default()),
-            ]))
-        })
-        .await?;
-        if let Err(e) = w.flush() {
-            stdout_failed(e);
-        }
-        Ok(())
-    }
 }
 
 async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> {

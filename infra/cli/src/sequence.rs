@@ -139,7 +139,7 @@ pub enum SequenceCmd {
         #[arg(long)]
         position: i32,
         #[command(flatten)]
-        list: crate::ListArgs,
+        list: crate::messages::ListArgs,
     },
     /// Counts per step, state, reason and device, and the enrollments.
     Report {
@@ -379,7 +379,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
                 crate::printable(&seq.name),
                 seq.status
             );
-            crate::list_messages(pool, tenant, campaign, &title, list).await?;
+            crate::messages::list_messages(pool, tenant, campaign, &title, list).await?;
         }
         SequenceCmd::Report { tenant, sequence } => {
             let tenant = resolve_tenant(pool, &tenant).await?;

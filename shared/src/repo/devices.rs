@@ -192,6 +192,24 @@ pub async fn get_device(pool: &PgPool, tenant: Uuid, device: Uuid) -> Result<Dev
     .ok_or(RepoError::NotFound("device"))
 }
 
+/// A tenant's live device by its label (labels are unique among a tenant's live devices; a
+/// deleted device's label may belong to a newer device, which is the one found).
+pub async fn find_live_device_by_label(
+    pool: &PgPool,
+    tenant: Uuid,
+    label: &str,
+) -> Result<Device, RepoError> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices
+         WHERE tenant_id = $1 AND label = $2 AND deleted_at IS NULL"
+    )))
+    .bind(tenant)
+    .bind(label.trim())
+    .fetch_optional(pool)
+    .await?
+    .ok_or(RepoError::NotFound("device"))
+}
+
 pub async fn list_devices(pool: &PgPool, tenant: Uuid) -> Result<Vec<Device>, RepoError> {
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM devices WHERE tenant_id = $1 ORDER BY label, id"
