@@ -172,20 +172,41 @@ pub const MAX_LEAD_NAME_CHARS: usize = 100;
 /// than [`MAX_LEAD_NAME_CHARS`]. Empty is allowed: templates fall back for it.
 pub fn parse_lead_name(raw: &str) -> Result<String, InvalidInput> {
     let folded = raw.split_whitespace().collect::<Vec<_>>().join(" ");
-    if let Some(c) = folded.chars().find(|c| c.is_control()) {
+    printable_text("name", &folded, MAX_LEAD_NAME_CHARS)?;
+    Ok(folded)
+}
+
+/// Refuses text that holds a control character or is longer than `max` characters.
+fn printable_text(field: &'static str, text: &str, max: usize) -> Result<(), InvalidInput> {
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
         return Err(InvalidInput::new(
-            "name",
+            field,
             format!("holds the control character U+{:04X}", u32::from(c)),
         ));
     }
-    let n = folded.chars().count();
-    if n > MAX_LEAD_NAME_CHARS {
+    let n = text.chars().count();
+    if n > max {
         return Err(InvalidInput::new(
-            "name",
-            format!("is {n} characters long; at most {MAX_LEAD_NAME_CHARS}"),
+            field,
+            format!("is {n} characters long; at most {max}"),
         ));
     }
-    Ok(folded)
+    Ok(())
+}
+
+/// The longest device label, in characters.
+pub const MAX_DEVICE_LABEL_CHARS: usize = 64;
+
+/// A device's label, how people and lead files name the device: trimmed, not empty, at most
+/// [`MAX_DEVICE_LABEL_CHARS`], without control characters (it is printed in every report and
+/// typed as `--device`).
+pub fn parse_device_label(raw: &str) -> Result<String, InvalidInput> {
+    let label = raw.trim();
+    if label.is_empty() {
+        return Err(InvalidInput::new("label", "is empty"));
+    }
+    printable_text("label", label, MAX_DEVICE_LABEL_CHARS)?;
+    Ok(label.to_string())
 }
 
 /// Declares a string-backed enum whose variants map 1:1 to database values.
@@ -355,6 +376,26 @@ impl DelayRange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_label_is_trimmed_and_printable() {
+        assert_eq!(parse_device_label("  Ali's phone ").unwrap(), "Ali's phone");
+        assert_eq!(
+            parse_device_label(&"x".repeat(MAX_DEVICE_LABEL_CHARS))
+                .unwrap()
+                .len(),
+            MAX_DEVICE_LABEL_CHARS
+        );
+        for bad in [
+            "",
+            " \t ",
+            "a\u{1b}[2Jb",
+            "a\nb",
+            &"é".repeat(MAX_DEVICE_LABEL_CHARS + 1),
+        ] {
+            assert!(parse_device_label(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn phone_normalises_common_forms() {

@@ -1546,3 +1546,137 @@ async fn a_device_is_named_by_its_label_or_its_id(pool: PgPool) {
         .unwrap();
     assert_eq!(old_cap, None);
 }
+
+/// `device edit`: a device renamed is named by its new label (and no longer by the old one),
+/// and a raised delay floor paces its next claim at once, whatever the campaign asks. A label
+/// another device has, a range upside down, a label with a control character, another
+/// tenant's device and an edit of nothing are refused and change nothing.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn device_edit_renames_a_device_and_raises_its_floor(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    let tenant = seed_tenant(&pool, "edit@example.com").await;
+    let other = seed_tenant(&pool, "other@example.com").await;
+    let shop = seed_device(&pool, tenant, "shop-1", 0.0, 0.0).await;
+    seed_device(&pool, tenant, "shop-2", 0.0, 0.0).await;
+    seed_device(&pool, other, "theirs", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, shop, 0, 3, "cars", LeadStatus::Prospect).await;
+    let t = "edit@example.com";
+    let run = |a: &[&str]| {
+        let pool = pool.clone();
+        let args: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            wabcast(&pool, &args).await
+        }
+    };
+    let devices = || {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<(uuid::Uuid, String, f64, f64)> = sqlx::query_as(
+                "SELECT id, label, min_delay_s, max_delay_s FROM devices ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows
+        }
+    };
+
+    let before = devices().await;
+    for (args, says) in [
+        (
+            vec!["--device", "shop-1", "--label", "shop-2"],
+            "already has a device labelled",
+        ),
+        (
+            vec!["--device", "shop-1", "--label", "a\u{7}b"],
+            "control character",
+        ),
+        (vec!["--device", "shop-1", "--label", "  "], "empty"),
+        (
+            vec!["--device", "shop-1", "--min-delay", "9", "--max-delay", "3"],
+            "min <= max",
+        ),
+        (vec!["--device", "theirs", "--label", "mine"], "no device"),
+        (vec!["--device", "shop-1"], "nothing to change"),
+        (
+            vec!["--device", "shop-1", "--min-delay", "9"],
+            "--max-delay",
+        ),
+    ] {
+        let cmd = [vec!["device", "edit", "--tenant", t], args].concat();
+        let (ok, out, err) = run(&cmd).await;
+        assert!(!ok && out.is_empty(), "{cmd:?}: {out}{err}");
+        assert!(err.contains(says), "{cmd:?}: {err}");
+    }
+    assert_eq!(devices().await, before);
+
+    let (ok, out, err) = run(&[
+        "device",
+        "edit",
+        "--tenant",
+        t,
+        "--device",
+        "shop-1",
+        "--label",
+        " Ali's phone ",
+        "--min-delay",
+        "60",
+        "--max-delay",
+        "90",
+    ])
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("label Ali's phone, delay floor 60.0-90.0 s"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["device", "list", "--tenant", t]).await;
+    assert!(
+        ok && out.contains("Ali's phone") && !out.contains("shop-1"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = run(&[
+        "device",
+        "retry-failed",
+        "--tenant",
+        t,
+        "--device",
+        "shop-1",
+    ])
+    .await;
+    assert!(!ok && err.contains("no device"), "{out}{err}");
+    let (ok, out, err) = run(&[
+        "device",
+        "retry-failed",
+        "--tenant",
+        t,
+        "--device",
+        "Ali's phone",
+    ])
+    .await;
+    assert!(ok, "{out}{err}");
+
+    // The campaign asks for no gap at all; the device's new floor of 60-90 s holds its next
+    // claim: one message goes out now, the cursor moves 60-90 s on, the others wait.
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    assert_eq!(p.trigger().await.rows_created, 3);
+    for _ in 0..5 {
+        p.tick().await;
+    }
+    let counts = status_counts(&pool, tenant, campaign).await;
+    assert_eq!(counts.get("queued"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("pending"), Some(&2), "{counts:?}");
+    let (gap,): (f64,) = sqlx::query_as(
+        "SELECT extract(epoch FROM d.next_send_at - m.queued_at)::float8
+         FROM devices d JOIN broadcast_messages m ON m.device_id = d.id
+         WHERE d.id = $1 AND m.status = 'queued'",
+    )
+    .bind(shop)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!((60.0..=90.5).contains(&gap), "gap {gap}");
+}

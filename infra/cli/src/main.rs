@@ -179,6 +179,25 @@ enum DeviceCmd {
         #[arg(long)]
         tenant: String,
     },
+    /// Rename a device or change its delay floor; its id, leads and history stay. A lead CSV
+    /// names it by the new label from then on; gaps drawn from then on use the new floor.
+    Edit {
+        /// The tenant, by email or id.
+        #[arg(long)]
+        tenant: String,
+        /// The device, by label or id.
+        #[arg(long)]
+        device: String,
+        /// A new label, unique among the tenant's live devices.
+        #[arg(long)]
+        label: Option<String>,
+        /// New floor of the gap between two sends of this device, seconds (with --max-delay).
+        #[arg(long, requires = "max_delay")]
+        min_delay: Option<f64>,
+        /// New floor of the top of the gap's range, seconds (with --min-delay).
+        #[arg(long, requires = "min_delay")]
+        max_delay: Option<f64>,
+    },
     /// Delete a device: its unsent messages end skipped (device_deleted).
     Delete {
         /// The tenant, by email or id.
@@ -727,6 +746,42 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
                     d.max_delay_s
                 );
             }
+        }
+        DeviceCmd::Edit {
+            tenant,
+            device,
+            label,
+            min_delay,
+            max_delay,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let device = resolve_device(pool, tenant, &device).await?;
+            let delay = match (min_delay, max_delay) {
+                (Some(min), Some(max)) => Some(DelayRange::new(min, max)?),
+                _ => None,
+            };
+            if label.is_none() && delay.is_none() {
+                bail!("nothing to change: give --label, or --min-delay with --max-delay");
+            }
+            let mut tx = pool.begin().await?;
+            let d = repo::devices::update_device(
+                &mut tx,
+                tenant,
+                device,
+                &repo::devices::DeviceEdit {
+                    label: label.as_deref(),
+                    delay,
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            out!(
+                "device {}: label {}, delay floor {:.1}-{:.1} s",
+                d.id,
+                printable(&d.label),
+                d.min_delay_s,
+                d.max_delay_s
+            );
         }
         DeviceCmd::Delete { tenant, device } => {
             let tenant = resolve_tenant(pool, &tenant).await?;

@@ -40,9 +40,7 @@ pub async fn insert_device(
     tenant: Uuid,
     new: &NewDevice<'_>,
 ) -> Result<Uuid, RepoError> {
-    if new.label.trim().is_empty() {
-        return Err(crate::domain::InvalidInput::new("label", "is empty").into());
-    }
+    let label = crate::domain::parse_device_label(new.label)?;
     let id = Uuid::new_v4();
     let res = sqlx::query(
         "INSERT INTO devices (id, tenant_id, label, phone, provider, min_delay_s, max_delay_s, daily_cap)
@@ -50,7 +48,7 @@ pub async fn insert_device(
     )
     .bind(id)
     .bind(tenant)
-    .bind(new.label.trim())
+    .bind(&label)
     .bind(new.phone.map(PhoneE164::as_str))
     .bind(new.provider.as_str())
     .bind(new.delay.min_s)
@@ -73,14 +71,15 @@ pub async fn insert_device(
         }
         // `devices_tenant_label`: a lead CSV names devices by label, so two live devices of a
         // tenant never share one.
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            Err(RepoError::Conflict(format!(
-                "the tenant already has a device labelled {:?}; choose another label",
-                new.label.trim()
-            )))
-        }
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(label_taken(&label)),
         Err(e) => Err(e.into()),
     }
+}
+
+fn label_taken(label: &str) -> RepoError {
+    RepoError::Conflict(format!(
+        "the tenant already has a device labelled {label:?}; choose another label"
+    ))
 }
 
 /// What recording the number a device's session is linked to found.
@@ -403,6 +402,53 @@ pub async fn delete_device(
         return Err(RepoError::NotFound("device"));
     }
     Ok(())
+}
+
+/// What `device edit` changes; `None` keeps the current value.
+#[derive(Debug, Default)]
+pub struct DeviceEdit<'a> {
+    pub label: Option<&'a str>,
+    /// The device's floor: a campaign or sequence never paces it faster. Gaps drawn from now
+    /// on use it; the gap already drawn (the cursor `next_send_at`) stands.
+    pub delay: Option<DelayRange>,
+}
+
+/// Renames a live device or changes its delay floor. Its id, leads, messages and history stay;
+/// a lead file names it by the new label from now on. A label another live device of the tenant
+/// has is a conflict, and nothing changes.
+pub async fn update_device(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    device: Uuid,
+    edit: &DeviceEdit<'_>,
+) -> Result<Device, RepoError> {
+    let label = edit
+        .label
+        .map(crate::domain::parse_device_label)
+        .transpose()?;
+    let res = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE devices SET label = COALESCE($3, label),
+                min_delay_s = COALESCE($4, min_delay_s), max_delay_s = COALESCE($5, max_delay_s)
+         WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL
+         RETURNING {DEVICE_COLUMNS}"
+    )))
+    .bind(device)
+    .bind(tenant)
+    .bind(label.as_deref())
+    .bind(edit.delay.map(|d| d.min_s))
+    .bind(edit.delay.map(|d| d.max_s))
+    .fetch_optional(tx)
+    .await;
+    match res {
+        Ok(Some(d)) => Ok(d),
+        Ok(None) => Err(RepoError::NotFound("device")),
+        Err(sqlx::Error::Database(e))
+            if e.is_unique_violation() && e.constraint() == Some("devices_tenant_label") =>
+        {
+            Err(label_taken(label.as_deref().unwrap_or_default()))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One device's line in the system status view.
