@@ -1680,3 +1680,85 @@ async fn device_edit_renames_a_device_and_raises_its_floor(pool: PgPool) {
     .unwrap();
     assert!((60.0..=90.5).contains(&gap), "gap {gap}");
 }
+
+/// `campaign list`: the tenant's own campaigns, newest first, due times in its local time (as
+/// it typed them), filtered by state; another tenant's campaigns are not listed.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn campaign_list_shows_a_tenants_campaigns_in_its_local_time(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    let tenant = seed_tenant(&pool, "camps@example.com").await;
+    let other = seed_tenant(&pool, "other@example.com").await;
+    let d = seed_device(&pool, tenant, "north", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 2, "cars", LeadStatus::Prospect).await;
+    let running = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let theirs = seed_campaign(&pool, other, &CampaignSpec::default()).await;
+    fan_out(&pool).await;
+    // Kuala Lumpur keeps +08:00 all year.
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap())
+        .date_naive()
+        .to_string();
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "campaign",
+            "create",
+            "--tenant",
+            "camps@example.com",
+            "--title",
+            "Raya\u{1b}]0;x",
+            "--template",
+            "Hi",
+            "--niche",
+            "cars",
+            "--date",
+            &tomorrow,
+            "--time",
+            "09:30",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let scheduled = out.trim().to_string();
+
+    let list = |extra: &[&str]| {
+        let pool = pool.clone();
+        let args: Vec<String> = ["campaign", "list", "--tenant", "camps@example.com"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            wabcast(&pool, &args).await
+        }
+    };
+    let ids = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|w| w.parse::<uuid::Uuid>().is_ok())
+            .map(String::from)
+            .collect()
+    };
+    let (ok, out, err) = list(&[]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.starts_with("times in Asia/Kuala_Lumpur"), "{out}");
+    assert_eq!(
+        ids(&out),
+        vec![scheduled.clone(), running.to_string()],
+        "{out}"
+    );
+    assert!(!out.contains(&theirs.to_string()), "{out}");
+    let line = out.lines().find(|l| l.starts_with(&scheduled)).unwrap();
+    assert!(line.contains(&format!("{tomorrow} 09:30")), "{line}");
+    assert!(!out.contains('\u{1b}'), "{out}");
+
+    let (ok, out, err) = list(&["--status", "running"]).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(ids(&out), vec![running.to_string()], "{out}");
+    let (ok, out, err) = list(&["--status", "scheduled"]).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(ids(&out), vec![scheduled], "{out}");
+    let (ok, out, err) = list(&["--status", "sent"]).await;
+    assert!(!ok && out.is_empty(), "{out}{err}");
+}

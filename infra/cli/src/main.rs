@@ -406,11 +406,15 @@ enum CampaignCmd {
         #[arg(long = "wa-template-param")]
         wa_template_params: Vec<String>,
     },
-    /// A tenant's campaigns: id, status, scheduled instant (UTC), niche, title.
+    /// A tenant's campaigns, newest first: id, status, when it is (or was) due and when it
+    /// finished in the tenant's local time, niche, target, title.
     List {
         /// The tenant, by email or id.
         #[arg(long)]
         tenant: String,
+        /// Only campaigns in this state: scheduled, running, paused, completed or cancelled.
+        #[arg(long)]
+        status: Option<CampaignStatus>,
     },
     /// Hold a campaign: its unsent messages wait (even those already queued) until it resumes.
     Pause {
@@ -1277,23 +1281,35 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                 }
             );
         }
-        CampaignCmd::List { tenant } => {
+        CampaignCmd::List { tenant, status } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
+            let zone = tenant_zone(pool, tenant).await?;
+            let local = |t: chrono::DateTime<chrono::Utc>| {
+                t.with_timezone(&zone).format("%Y-%m-%d %H:%M").to_string()
+            };
+            out!("times in {zone}");
             out!(
-                "{:<36}  {:<10} {:<22} {:<12} title",
+                "{:<36}  {:<10} {:<16}  {:<16}  {:<12} {:<8} title",
                 "id",
                 "status",
-                "scheduled (UTC)",
-                "niche"
+                "due",
+                "finished",
+                "niche",
+                "target"
             );
             for c in repo::campaigns::list_campaigns(pool, tenant).await? {
+                if status.is_some_and(|s| s.as_str() != c.status) {
+                    continue;
+                }
                 out!(
-                    "{:<36}  {:<10} {:<22} {:<12} {}",
+                    "{:<36}  {:<10} {:<16}  {:<16}  {:<12} {:<8} {}",
                     c.id,
                     c.status,
-                    c.scheduled_at.format("%Y-%m-%d %H:%M:%S"),
+                    local(c.scheduled_at),
+                    c.finished_at.map(local).unwrap_or_else(|| "-".into()),
                     c.niche,
-                    c.title
+                    c.target_status,
+                    printable(&c.title)
                 );
             }
         }
