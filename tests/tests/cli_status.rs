@@ -1762,3 +1762,223 @@ async fn campaign_list_shows_a_tenants_campaigns_in_its_local_time(pool: PgPool)
     let (ok, out, err) = list(&["--status", "sent"]).await;
     assert!(!ok && out.is_empty(), "{out}{err}");
 }
+
+/// A lead as stored: phone, id, name, niches, status, triggers, opted out.
+type StoredLead = (String, i64, String, Vec<String>, String, Vec<String>, bool);
+
+/// `leads list`: a tenant's leads, filtered by device (label or id), niche, status and opt-out,
+/// in pages that list each lead once; its CSV imports back unchanged (a formula-looking name
+/// included), and an edited copy updates the leads it names. A deleted device's leads show
+/// only when that device is asked for; another tenant sees none of them.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn leads_list_filters_pages_and_imports_back(pool: PgPool) {
+    use std::collections::{BTreeMap, BTreeSet};
+    let tenant = seed_tenant(&pool, "book@example.com").await;
+    seed_tenant(&pool, "other@example.com").await;
+    seed_device(&pool, tenant, "+north", 0.0, 0.0).await;
+    let south = seed_device(&pool, tenant, "south", 0.0, 0.0).await;
+    let gone = seed_device(&pool, tenant, "gone", 0.0, 0.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("leads.csv");
+    std::fs::write(
+        &file,
+        "device,name,phone,niches,status,triggers\n\
+         +north,Ali,+60100000001,cars|loans,prospect,cold\n\
+         +north,\"=HYPERLINK(\"\"https://x\"\")\",+60100000002,cars,customer,\n\
+         +north,'=typed,+60100000003,loans,prospect,\n\
+         south,Bo,+60100000004,cars,customer,warm|hot\n\
+         south,,+60100000005,boats,prospect,\n\
+         gone,Cy,+60100000006,cars,prospect,\n",
+    )
+    .unwrap();
+    let t = "book@example.com";
+    let run = |a: Vec<String>| {
+        let pool = pool.clone();
+        async move {
+            let args: Vec<&str> = a.iter().map(String::as_str).collect();
+            wabcast(&pool, &args).await
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let path = file.to_str().unwrap().to_string();
+    let (ok, out, err) = run(args(&["leads", "import", "--tenant", t, "--file", &path])).await;
+    assert!(ok && out.starts_with("6 lead(s) imported"), "{out}{err}");
+    let (ok, out, err) = run(args(&[
+        "device", "delete", "--tenant", t, "--device", "gone",
+    ]))
+    .await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = run(args(&[
+        "leads",
+        "opt-out",
+        "--tenant",
+        t,
+        "--phone",
+        "+60100000004",
+    ]))
+    .await;
+    assert!(ok, "{out}{err}");
+
+    // Lead id by phone, and the leads as stored.
+    let stored = || {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<StoredLead> = sqlx::query_as(
+                "SELECT phone, id, name, niches, target_status, triggers,
+                            opted_out_at IS NOT NULL
+                     FROM leads WHERE tenant_id = $1 ORDER BY phone",
+            )
+            .bind(tenant)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.into_iter()
+                .map(|r| (r.0.clone(), r))
+                .collect::<BTreeMap<_, _>>()
+        }
+    };
+    let before = stored().await;
+    let id = |phone: &str| before[phone].1;
+    let ids_of = |phones: &[&str]| phones.iter().map(|p| id(p)).collect::<BTreeSet<_>>();
+    // The lead ids a table lists: its lines that start with one ("5 shown" is no lead).
+    let listed = |out: &str| -> Vec<i64> {
+        out.lines()
+            .filter(|l| !l.contains(" shown"))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    };
+    // A name typed as a spreadsheet shows text (`'=…`) is stored as the text.
+    assert_eq!(before["+60100000003"].2, "=typed");
+
+    let base = ["leads", "list", "--tenant", t];
+    let live = [
+        "+60100000001",
+        "+60100000002",
+        "+60100000003",
+        "+60100000004",
+        "+60100000005",
+    ];
+    for (extra, want) in [
+        (vec![], ids_of(&live)),
+        (
+            vec!["--device", "south"],
+            ids_of(&["+60100000004", "+60100000005"]),
+        ),
+        (
+            vec!["--device", &south.to_string()],
+            ids_of(&["+60100000004", "+60100000005"]),
+        ),
+        (
+            vec!["--device", &gone.to_string()],
+            ids_of(&["+60100000006"]),
+        ),
+        (
+            vec!["--niche", "loans"],
+            ids_of(&["+60100000001", "+60100000003"]),
+        ),
+        (vec!["--niche", "car"], BTreeSet::new()),
+        (
+            vec!["--status", "customer"],
+            ids_of(&["+60100000002", "+60100000004"]),
+        ),
+        (vec!["--opted-out", "true"], ids_of(&["+60100000004"])),
+        (
+            vec!["--opted-out", "false", "--niche", "cars"],
+            ids_of(&["+60100000001", "+60100000002"]),
+        ),
+    ] {
+        let (ok, out, err) = run([args(&base), args(&extra)].concat()).await;
+        assert!(ok, "{extra:?}: {out}{err}");
+        let got = listed(&out);
+        assert_eq!(got.len(), want.len(), "{extra:?}: {out}");
+        assert_eq!(
+            got.into_iter().collect::<BTreeSet<_>>(),
+            want,
+            "{extra:?}: {out}"
+        );
+        if want.is_empty() {
+            assert!(out.trim_end().ends_with("no lead matches"), "{out}");
+        }
+    }
+    let (ok, out, _) = run(args(&base)).await;
+    assert!(ok && !out.contains('\u{1b}'));
+    assert!(
+        out.contains(&format!("{:>9} south", id("+60100000004"))),
+        "{out}"
+    );
+
+    // Pages of two: every live lead once, in id order.
+    let mut paged = Vec::new();
+    let mut after = "0".to_string();
+    for page in 0.. {
+        assert!(page < 5, "the pages do not end: {paged:?}");
+        let (ok, out, err) =
+            run([args(&base), args(&["--limit", "2", "--after", &after])].concat()).await;
+        assert!(ok, "{out}{err}");
+        paged.extend(listed(&out));
+        match out.lines().last().unwrap().split("--after ").nth(1) {
+            Some(next) => after = next.split_whitespace().next().unwrap().to_string(),
+            None => break,
+        }
+    }
+    let mut want: Vec<i64> = ids_of(&live).into_iter().collect();
+    want.sort();
+    assert_eq!(paged, want);
+
+    // The CSV: the import's columns first, the formula quoted; imported back, nothing changes.
+    let (ok, csv_out, err) = run([args(&base), args(&["--csv"])].concat()).await;
+    assert!(ok, "{err}");
+    assert!(
+        csv_out.starts_with("device,name,phone,niches,status,triggers,lead_id,"),
+        "{csv_out}"
+    );
+    assert!(csv_out.contains("\"'=HYPERLINK("), "{csv_out}");
+    assert!(
+        csv_out.contains("'+north,'=typed,+60100000003"),
+        "{csv_out}"
+    );
+    assert!(
+        csv_out.contains("south,Bo,+60100000004,cars,customer,hot|warm"),
+        "{csv_out}"
+    );
+    assert_eq!(csv_out.lines().count(), 6, "{csv_out}");
+    std::fs::write(&file, &csv_out).unwrap();
+    let (ok, out, err) = run(args(&["leads", "import", "--tenant", t, "--file", &path])).await;
+    assert!(
+        ok && out.starts_with("0 lead(s) imported, 5 updated"),
+        "{out}{err}"
+    );
+    assert_eq!(stored().await, before);
+    // An edited copy: a new name and niche for one lead.
+    std::fs::write(
+        &file,
+        csv_out.replace(
+            "'+north,Ali,+60100000001,cars|loans",
+            "'+north,Ali Baba,+60100000001,cars|vip",
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = run(args(&["leads", "import", "--tenant", t, "--file", &path])).await;
+    assert!(ok, "{out}{err}");
+    let after_edit = stored().await;
+    assert_eq!(after_edit["+60100000001"].2, "Ali Baba");
+    assert_eq!(after_edit["+60100000001"].3, vec!["cars", "vip"]);
+    assert_eq!(after_edit["+60100000002"], before["+60100000002"]);
+
+    // Refused: another tenant's device name, a niche that is no token, a negative cursor.
+    for (extra, who, says) in [
+        (vec!["--device", "+north"], "other@example.com", "no device"),
+        (vec!["--niche", "car$"], t, "token"),
+        (vec!["--after=-1"], t, "--after"),
+    ] {
+        let cmd = [args(&["leads", "list", "--tenant", who]), args(&extra)].concat();
+        let (ok, out, err) = run(cmd.clone()).await;
+        assert!(!ok && out.is_empty(), "{cmd:?}: {out}{err}");
+        assert!(err.contains(says), "{cmd:?}: {err}");
+    }
+    let (ok, out, err) = run(args(&["leads", "list", "--tenant", "other@example.com"])).await;
+    assert!(
+        ok && out.trim_end().ends_with("no lead matches"),
+        "{out}{err}"
+    );
+}

@@ -14,6 +14,8 @@ macro_rules! out {
 }
 
 mod demo;
+mod lead_list;
+mod listing;
 mod messages;
 mod sequence;
 
@@ -348,6 +350,9 @@ enum LeadsCmd {
         #[arg(long)]
         phone: String,
     },
+    /// A tenant's leads, filtered by device, niche, status or opt-out, one line each in the
+    /// order they were added (`--csv`: a file `leads import` reads back, edited or not).
+    List(lead_list::LeadListArgs),
     /// Everything about a number: whether it is on the opt-out list, its leads on each device,
     /// and the newest messages to it with their states (details: `history --message`).
     Show {
@@ -1068,14 +1073,15 @@ pub(crate) fn parse_leads_csv(
         let line = row.position().map_or(i + 2, |p| lines.at(p.byte()));
         let get = |c: Option<usize>| c.and_then(|c| row.get(c)).unwrap_or("");
         let parsed = (|| -> Result<repo::leads::NewLead> {
-            let device_key = get(Some(c_device));
+            // A name or label `leads list --csv` wrote with a leading `'` reads as it was.
+            let device_key = listing::from_spreadsheet(get(Some(c_device)));
             let device_id = devices.get(device_key).copied().with_context(|| {
                 format!("device {device_key:?} is not one of this tenant's devices")
             })?;
             let status_raw = get(c_status);
             Ok(repo::leads::NewLead {
                 device_id,
-                name: shared::domain::parse_lead_name(get(c_name))?,
+                name: shared::domain::parse_lead_name(listing::from_spreadsheet(get(c_name)))?,
                 phone: PhoneE164::parse(get(Some(c_phone)))?,
                 niches: Token::parse_set(get(c_niches))?,
                 status: if status_raw.is_empty() {
@@ -1119,6 +1125,10 @@ pub(crate) fn parse_leads_csv(
 
 async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
     match cmd {
+        LeadsCmd::List(args) => {
+            let tenant = resolve_tenant(pool, &args.tenant).await?;
+            lead_list::run(pool, tenant, args).await?;
+        }
         LeadsCmd::Import { tenant, file } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let text = std::fs::read_to_string(&file)

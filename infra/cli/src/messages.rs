@@ -3,7 +3,8 @@
 //! in pages along the (campaign, lead) unique index so that a campaign of any size lists in
 //! bounded memory.
 
-use crate::{printable, resolve_device, stdout_failed, tenant_zone};
+use crate::listing::{csv_time, each_page, fit, print_tail, spreadsheet_text, Csv, Paging};
+use crate::{printable, resolve_device, tenant_zone};
 use anyhow::{bail, Result};
 use shared::domain::MessageStatus;
 use shared::repo;
@@ -23,37 +24,13 @@ pub(crate) struct ListArgs {
     /// Only one device's messages, by label or id.
     #[arg(long)]
     device: Option<String>,
-    /// At most this many lines; 0 for all [default: 100; with --csv, all].
-    #[arg(long)]
-    limit: Option<u64>,
-    /// Start after this lead id: the `--after` a page that stopped at its limit prints.
-    #[arg(long, default_value_t = 0)]
-    after: i64,
+    #[command(flatten)]
+    paging: Paging,
     /// Comma-separated values with a header row: ids, times in UTC (RFC 3339, to the
     /// microsecond), the provider's message id; text that a spreadsheet would run as a
     /// formula gets a leading `'`.
     #[arg(long)]
     csv: bool,
-}
-
-/// At most `width` characters of `s`, the last one `…` when cut.
-fn fit(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        return s.to_string();
-    }
-    let mut cut: String = s.chars().take(width.saturating_sub(1)).collect();
-    cut.push('…');
-    cut
-}
-
-/// Text for a spreadsheet: a field that starts like a formula (`=`, `+`, `-`, `@`, a tab or a
-/// carriage return) gets a leading `'`, so that opening the export never runs a lead's name.
-fn spreadsheet_text(s: &str) -> String {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
-    } else {
-        s.to_string()
-    }
 }
 
 /// `campaign messages` and `sequence messages`: the campaign's (or step's) messages as `list`
@@ -78,15 +55,7 @@ pub(crate) async fn list_messages(
             );
         }
     }
-    if list.after < 0 {
-        bail!("--after takes a lead id, 0 or more");
-    }
-    let limit = match list.limit {
-        Some(0) => None,
-        Some(n) => Some(n),
-        None if list.csv => None,
-        None => Some(100),
-    };
+    let (after, limit) = list.paging.resolve(list.csv)?;
     let recipients = Recipients {
         tenant,
         campaign,
@@ -95,7 +64,7 @@ pub(crate) async fn list_messages(
             reason: list.reason,
             device,
         },
-        after: list.after,
+        after,
         limit,
     };
     if list.csv {
@@ -117,50 +86,25 @@ struct Recipients {
 }
 
 impl Recipients {
-    const PAGE: u64 = 5_000;
-
     /// Calls `each` for every message listed, in lead order; returns whether more were left
     /// past the limit, and the last lead listed.
     async fn each(
         &self,
         pool: &PgPool,
-        mut each: impl FnMut(&repo::messages::RecipientMessage) -> Result<()>,
+        each: impl FnMut(&repo::messages::RecipientMessage) -> Result<()>,
     ) -> Result<(bool, i64)> {
-        let mut after = self.after;
-        let mut left = self.limit;
-        loop {
-            let want = left.map_or(Self::PAGE, |l| l.min(Self::PAGE));
-            if want == 0 {
-                // Look one row ahead to say whether the limit cut the listing.
-                let more = repo::messages::list_campaign_recipients(
-                    pool,
-                    self.tenant,
-                    self.campaign,
-                    &self.filter,
-                    after,
-                    1,
-                )
-                .await?;
-                return Ok((!more.is_empty(), after));
-            }
-            let page = repo::messages::list_campaign_recipients(
+        let fetch = |after: i64, n: i64| async move {
+            Ok(repo::messages::list_campaign_recipients(
                 pool,
                 self.tenant,
                 self.campaign,
                 &self.filter,
                 after,
-                want as i64,
+                n,
             )
-            .await?;
-            for m in &page {
-                each(m)?;
-                after = m.lead_id;
-            }
-            left = left.map(|l| l - page.len() as u64);
-            if (page.len() as u64) < want {
-                return Ok((false, after));
-            }
-        }
+            .await?)
+        };
+        each_page(self.after, self.limit, fetch, |m| m.lead_id, each).await
     }
 
     async fn print_table(&self, pool: &PgPool, title: &str) -> Result<()> {
@@ -217,30 +161,13 @@ impl Recipients {
                 Ok(())
             })
             .await?;
-        if shown == 0 {
-            out!("no message matches");
-        } else if more {
-            out!(
-                "{shown} shown; more after lead {last}: add --after {last} (or --limit 0 for all)"
-            );
-        } else {
-            out!("{shown} shown");
-        }
+        print_tail(shown, more, last, "no message matches", "lead");
         Ok(())
     }
 
     async fn print_csv(&self, pool: &PgPool) -> Result<()> {
-        let mut w = csv::Writer::from_writer(std::io::stdout().lock());
-        let written = |r: csv::Result<()>| -> Result<()> {
-            match r {
-                Ok(()) => Ok(()),
-                Err(e) => match e.into_kind() {
-                    csv::ErrorKind::Io(io) => stdout_failed(io),
-                    other => bail!("cannot write the CSV: {other:?}"),
-                },
-            }
-        };
-        written(w.write_record([
+        let mut w = Csv::stdout();
+        w.row([
             "message_id",
             "lead_id",
             "phone",
@@ -258,13 +185,10 @@ impl Recipients {
             "finished_at",
             "provider_message_id",
             "last_error",
-        ]))?;
-        let at = |t: Option<chrono::DateTime<chrono::Utc>>| {
-            t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
-                .unwrap_or_default()
-        };
+        ])?;
+        let at = csv_time;
         self.each(pool, |m| {
-            written(w.write_record([
+            w.row([
                 m.id.to_string(),
                 m.lead_id.to_string(),
                 m.recipient.clone(),
@@ -282,12 +206,10 @@ impl Recipients {
                 at(m.finished_at),
                 m.provider_message_id.clone().unwrap_or_default(),
                 spreadsheet_text(m.last_error.as_deref().unwrap_or_default()),
-            ]))
+            ])
         })
         .await?;
-        if let Err(e) = w.flush() {
-            stdout_failed(e);
-        }
+        w.finish();
         Ok(())
     }
 }

@@ -434,3 +434,74 @@ pub async fn list_leads_with_phone(
     .fetch_all(pool)
     .await?)
 }
+
+/// Which of a tenant's leads `leads list` shows; `None` is any.
+#[derive(Debug, Clone, Default)]
+pub struct LeadFilter {
+    /// Only this device's leads; without it, only live devices' leads.
+    pub device: Option<Uuid>,
+    /// Leads whose niche set holds this exact token.
+    pub niche: Option<Token>,
+    pub status: Option<LeadStatus>,
+    /// `Some(true)`: only opted-out leads; `Some(false)`: only those who can be messaged.
+    pub opted_out: Option<bool>,
+}
+
+/// A lead as `leads list` shows and exports it: the columns `leads import` reads, and more.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ListedLead {
+    pub id: i64,
+    pub device_id: Uuid,
+    pub device_label: String,
+    pub device_deleted: bool,
+    pub name: String,
+    pub phone: String,
+    pub niches: Vec<String>,
+    pub target_status: String,
+    pub triggers: Vec<String>,
+    pub opted_out_at: Option<DateTime<Utc>>,
+    pub last_contacted_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Up to `limit` of the tenant's leads with ids above `after`, in id order, that match the
+/// filter. A deleted device's leads (it sends nothing more) are left out unless the filter
+/// names that device. The page is read along `leads_tenant_id` and its devices are looked up per row, so a
+/// page costs the same for a tenant of any size among tenants of any size.
+pub async fn list_leads(
+    pool: &PgPool,
+    tenant: Uuid,
+    filter: &LeadFilter,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<ListedLead>, RepoError> {
+    Ok(sqlx::query_as(
+        "SELECT l.id, l.device_id, d.label AS device_label,
+                d.deleted_at IS NOT NULL AS device_deleted, l.name, l.phone, l.niches,
+                l.target_status, l.triggers, l.opted_out_at, l.last_contacted_at, l.created_at
+         FROM (SELECT * FROM leads l
+               WHERE l.tenant_id = $1 AND l.id > $2
+                 -- a deleted device's leads only when that device is asked for
+                 AND CASE WHEN $3::uuid IS NULL
+                          THEN (SELECT d.deleted_at IS NULL FROM devices d
+                                WHERE d.id = l.device_id AND d.tenant_id = l.tenant_id)
+                          ELSE l.device_id = $3 END
+                 AND ($4::text IS NULL OR l.niches @> ARRAY[$4::text])
+                 AND ($5::text IS NULL OR l.target_status = $5)
+                 AND ($6::bool IS NULL OR (l.opted_out_at IS NOT NULL) = $6)
+               ORDER BY l.tenant_id, l.id
+               LIMIT $7) l
+         CROSS JOIN LATERAL (SELECT d.label, d.deleted_at FROM devices d
+                             WHERE d.id = l.device_id AND d.tenant_id = l.tenant_id) d
+         ORDER BY l.id",
+    )
+    .bind(tenant)
+    .bind(after)
+    .bind(filter.device)
+    .bind(filter.niche.as_ref().map(Token::as_str))
+    .bind(filter.status.map(LeadStatus::as_str))
+    .bind(filter.opted_out)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
