@@ -383,6 +383,12 @@ async fn wabcast(pool: &PgPool, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `wabcast` with the arguments of `base`, then those of `extra`.
+async fn wabcast_args(pool: &PgPool, base: &[&str], extra: &[&str]) -> (bool, String, String) {
+    let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+    wabcast(pool, &args).await
+}
+
 /// What a person asks of one campaign after it ran: a message's whole story (created, each state
 /// change, its receipts) and the per-device report in label order; another tenant asking about
 /// the same ids is told they are not found. A schedule typed into the past is refused before it
@@ -1721,18 +1727,8 @@ async fn campaign_list_shows_a_tenants_campaigns_in_its_local_time(pool: PgPool)
     assert!(ok, "{out}{err}");
     let scheduled = out.trim().to_string();
 
-    let list = |extra: &[&str]| {
-        let pool = pool.clone();
-        let args: Vec<String> = ["campaign", "list", "--tenant", "camps@example.com"]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            wabcast(&pool, &args).await
-        }
-    };
+    let base = ["campaign", "list", "--tenant", "camps@example.com"];
+    let list = async |extra: &[&str]| wabcast_args(&pool, &base, extra).await;
     let ids = |out: &str| -> Vec<String> {
         out.lines()
             .filter_map(|l| l.split_whitespace().next())
@@ -1981,4 +1977,85 @@ async fn leads_list_filters_pages_and_imports_back(pool: PgPool) {
         ok && out.trim_end().ends_with("no lead matches"),
         "{out}{err}"
     );
+}
+
+/// `campaign create --dry-run`: everything is checked as for a real campaign, the message is
+/// shown as the first leads would get it (spintax drawn, an empty name's fallback), and nothing
+/// is created, not even the image.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_dry_run_shows_the_message_and_creates_nothing(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    let tenant = seed_tenant(&pool, "dry@example.com").await;
+    let d = seed_device(&pool, tenant, "north", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 4, "cars", LeadStatus::Prospect).await;
+    seed_leads(&pool, tenant, d, 10, 2, "boats", LeadStatus::Prospect).await;
+    sqlx::query("UPDATE leads SET name = CASE WHEN phone = '+601000000000' THEN '' ELSE 'Ali' END")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("promo.png");
+    let fake = dir.path().join("promo.txt");
+    std::fs::write(&png, b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
+    std::fs::write(&fake, b"not an image").unwrap();
+    let base = [
+        "campaign",
+        "create",
+        "--tenant",
+        "dry@example.com",
+        "--title",
+        "Promo",
+        "--niche",
+        "cars",
+    ];
+    let create = async |extra: &[&str]| wabcast_args(&pool, &base, extra).await;
+    let image = format!("@{}", png.display());
+    let hi = "{Hi|Hello} {name:there}!";
+    let (ok, out, err) = create(&["--template", hi, "--image", &image, "--dry-run"]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.starts_with("dry run: nothing was created"), "{out}");
+    assert!(
+        out.contains("4 lead(s) on 1 device(s) match it now"),
+        "{out}"
+    );
+    let samples: Vec<&str> = out.lines().filter(|l| l.starts_with("to +")).collect();
+    assert_eq!(samples.len(), 3, "{out}");
+    assert!(
+        samples[0].starts_with("to +601000000000 (no name, via north): ")
+            && (samples[0].ends_with(": Hi there!") || samples[0].ends_with(": Hello there!")),
+        "{out}"
+    );
+    for l in &samples[1..] {
+        assert!(
+            l.ends_with(": Hi Ali!") || l.ends_with(": Hello Ali!"),
+            "{l}"
+        );
+    }
+    let (ok, out, err) = create(&["--template", hi, "--dry-run", "10"]).await;
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("to +")).count(),
+        4,
+        "{out}"
+    );
+
+    // Checked as a real campaign is: a fake image, a template that does not parse.
+    let fake = format!("@{}", fake.display());
+    for (extra, says) in [
+        (
+            vec!["--template", hi, "--image", fake.as_str(), "--dry-run"],
+            "not a JPEG, PNG or WebP",
+        ),
+        (vec!["--template", "{Hi|Hello", "--dry-run"], "template"),
+    ] {
+        let (ok, out, err) = create(&extra).await;
+        assert!(!ok && out.is_empty(), "{extra:?}: {out}{err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+    let (campaigns, media): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM campaigns), (SELECT count(*) FROM media)")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((campaigns, media), (0, 0));
 }

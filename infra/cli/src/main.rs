@@ -410,6 +410,10 @@ enum CampaignCmd {
         /// repeat in order for {{1}}, {{2}}, ….
         #[arg(long = "wa-template-param")]
         wa_template_params: Vec<String>,
+        /// Check everything and show what it would send, creating nothing: when it is due, how
+        /// many leads it reaches now, and the message as this many of them would get it.
+        #[arg(long, value_name = "SAMPLES", num_args = 0..=1, default_missing_value = "3")]
+        dry_run: Option<u8>,
     },
     /// A tenant's campaigns, newest first: id, status, when it is (or was) due and when it
     /// finished in the tenant's local time, niche, target, title.
@@ -1201,18 +1205,7 @@ async fn leads(pool: &PgPool, cmd: LeadsCmd) -> Result<()> {
 
 /// Validates an image argument and returns what the campaign stores (`https://…` or `media:<id>`).
 pub(crate) async fn store_image(pool: &PgPool, tenant: Uuid, raw: &str) -> Result<String> {
-    let source = if let Some(path) = raw.strip_prefix('@') {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
-        if bytes.len() > shared::media::MAX_IMAGE_BYTES {
-            bail!("image is larger than 5 MB ({} bytes)", bytes.len());
-        }
-        let mime =
-            shared::media::sniff(&bytes).context("the file is not a JPEG, PNG or WebP image")?;
-        ImageSource::Inline { mime, bytes }
-    } else {
-        ImageSource::parse(raw)?
-    };
-    Ok(match source {
+    Ok(match read_image(raw)? {
         ImageSource::Remote(url) => url.to_string(),
         ImageSource::Inline { mime, bytes } => {
             let mut tx = pool.begin().await?;
@@ -1221,6 +1214,75 @@ pub(crate) async fn store_image(pool: &PgPool, tenant: Uuid, raw: &str) -> Resul
             format!("media:{id}")
         }
     })
+}
+
+/// An image argument checked (an `https://` URL that is no private address, or a `data:` URL
+/// or `@file` whose bytes are a JPEG, PNG or WebP of at most 5 MB), not yet stored.
+fn read_image(raw: &str) -> Result<ImageSource> {
+    if let Some(path) = raw.strip_prefix('@') {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
+        if bytes.len() > shared::media::MAX_IMAGE_BYTES {
+            bail!("image is larger than 5 MB ({} bytes)", bytes.len());
+        }
+        let mime =
+            shared::media::sniff(&bytes).context("the file is not a JPEG, PNG or WebP image")?;
+        Ok(ImageSource::Inline { mime, bytes })
+    } else {
+        Ok(ImageSource::parse(raw)?)
+    }
+}
+
+/// `campaign create --dry-run`: what the campaign would do if created now, creating nothing.
+/// The samples are rendered as the trigger renders them (spintax drawn per lead), from the
+/// first leads the campaign would reach.
+async fn preview_campaign(
+    pool: &PgPool,
+    tenant: Uuid,
+    template: &shared::render::Template,
+    niche: &Token,
+    target: TargetStatus,
+    due: chrono::DateTime<chrono_tz::Tz>,
+    samples: u8,
+) -> Result<()> {
+    let (leads, devices) =
+        repo::campaigns::count_campaign_recipients(pool, tenant, niche.as_str(), target).await?;
+    out!("dry run: nothing was created");
+    out!("due {}", due.format("%Y-%m-%d %H:%M %Z"));
+    out!(
+        "{leads} lead(s) on {devices} device(s) match it now (niche {}, target {})",
+        niche.as_str(),
+        target.as_str()
+    );
+    let sample = repo::campaigns::sample_campaign_recipients(
+        pool,
+        tenant,
+        niche.as_str(),
+        target,
+        i64::from(samples),
+    )
+    .await?;
+    let mut rng = rand::rng();
+    for r in &sample {
+        let text = template.render(
+            &shared::render::Recipient {
+                name: &r.name,
+                phone: &r.phone,
+            },
+            &mut rng,
+        );
+        out!(
+            "to {} ({}, via {}): {}",
+            r.phone,
+            if r.name.is_empty() {
+                "no name".to_string()
+            } else {
+                printable(&r.name)
+            },
+            printable(&r.device_label),
+            printable(&text)
+        );
+    }
+    Ok(())
 }
 
 async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
@@ -1238,15 +1300,31 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
             max_delay,
             wa_template,
             wa_template_params,
+            dry_run,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
-            shared::render::Template::parse(&template)?;
+            let parsed = shared::render::Template::parse(&template)?;
             let wa_template = parse_wa_template(wa_template, wa_template_params)?;
             let niche = Token::parse(&niche)?;
             let target: TargetStatus = target.parse()?;
             let delay = DelayRange::new(min_delay, max_delay)?;
             let zone = tenant_zone(pool, tenant).await?;
             let scheduled_at = shared::tz::resolve_schedule(zone, date, time, chrono::Utc::now())?;
+            if let Some(samples) = dry_run {
+                if let Some(raw) = &image {
+                    read_image(raw)?;
+                }
+                return preview_campaign(
+                    pool,
+                    tenant,
+                    &parsed,
+                    &niche,
+                    target,
+                    scheduled_at.with_timezone(&zone),
+                    samples,
+                )
+                .await;
+            }
             let image = match image {
                 Some(raw) => Some(store_image(pool, tenant, &raw).await?),
                 None => None,

@@ -285,6 +285,42 @@ pub async fn count_campaign_recipients(
     .await?)
 }
 
+/// A lead a campaign would reach, as a preview shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SampleRecipient {
+    pub lead_id: i64,
+    pub name: String,
+    pub phone: String,
+    pub device_label: String,
+}
+
+/// The first `limit` leads (by id) a campaign with this niche and target would reach if it were
+/// fanned out now: the same selection as [`select_campaign_recipients`].
+pub async fn sample_campaign_recipients(
+    pool: &PgPool,
+    tenant: Uuid,
+    niche: &str,
+    target: TargetStatus,
+    limit: i64,
+) -> Result<Vec<SampleRecipient>, RepoError> {
+    let mut conn = pool.acquire().await?;
+    let live = live_devices(&mut conn, tenant).await?;
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT r.lead_id, r.name, r.phone, d.label AS device_label
+         FROM (SELECT id AS lead_id, device_id, name, phone {RECIPIENTS}
+               ORDER BY id LIMIT $5) r
+         JOIN devices d ON d.id = r.device_id AND d.tenant_id = $1
+         ORDER BY r.lead_id"
+    )))
+    .bind(tenant)
+    .bind(niche)
+    .bind(target.as_str())
+    .bind(&live)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
 /// One rendered row of a campaign's fan-out.
 pub struct RenderedMessage<'a> {
     pub lead_id: i64,
