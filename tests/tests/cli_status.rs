@@ -134,6 +134,34 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
             .is_some_and(|l| l.trim_start().starts_with('└')),
         "an online device has no reason line:\n{stdout}"
     );
+    assert!(
+        stdout.contains("devices: 2 online, 1 deleted, 1 restricted; 2 need(s) attention"),
+        "{stdout}"
+    );
+
+    // `--attention`: only the held and the stale device (and the held one's reason); the same
+    // totals.
+    let out = std::process::Command::new(&cli)
+        .args(["status", "--attention"])
+        .env("DATABASE_URL", &database_url)
+        .env("QUEUE_BACKEND", "redis")
+        .env("QUEUE_PREFIX", format!("cli-status-{db_name}"))
+        .output()
+        .unwrap();
+    let brief = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{brief}");
+    let listed: Vec<&str> = brief
+        .lines()
+        .filter(|l| l.starts_with("shop-"))
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(listed, vec!["shop-held", "shop-stale"], "{brief}");
+    assert!(brief.contains(why), "{brief}");
+    assert!(
+        brief.contains("2 need(s) attention (only those are listed above)"),
+        "{brief}"
+    );
+    assert!(brief.contains("2 device(s) without a live host lease"), "{brief}");
 }
 
 /// Right after an outage of the database every lease has run out, since no host could renew

@@ -83,6 +83,10 @@ enum Command {
         /// Only this tenant (email or id).
         #[arg(long)]
         tenant: Option<String>,
+        /// Only the devices that need a person or a host: not online, without a live host
+        /// lease, or whose host the workers cannot reach (the totals still count every device).
+        #[arg(long)]
+        attention: bool,
     },
     /// The demo tenant that `infra/demo.sh` seeds and watches.
     #[command(subcommand)]
@@ -580,12 +584,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Device(cmd) => device(&pool, cmd).await?,
         Command::Leads(cmd) => leads(&pool, cmd).await?,
         Command::Campaign(cmd) => campaign(&pool, cmd).await?,
-        Command::Status { tenant } => {
+        Command::Status { tenant, attention } => {
             let tenant = match tenant {
                 Some(t) => Some(resolve_tenant(&pool, &t).await?),
                 None => None,
             };
-            status(&pool, tenant).await?;
+            status(&pool, tenant, attention).await?;
         }
         Command::Demo(cmd) => demo::run(&pool, cmd).await?,
         Command::Sequence(cmd) => sequence::run(&pool, cmd).await?,
@@ -1763,7 +1767,7 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
     Ok(())
 }
 
-async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
+async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Result<()> {
     let queue = shared::queue::QueueConfig::from_env()?.connect().await;
     let rows = repo::devices::list_device_load(pool, tenant).await?;
     let settling = repo::messages::outage_settling(pool).await?;
@@ -1778,7 +1782,13 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         "sending"
     );
     let (mut unserved, mut unreachable, mut stale, mut renewing) = (0, 0, 0, 0);
+    let mut by_status = std::collections::BTreeMap::<&str, usize>::new();
+    let mut attention = 0;
     for d in &rows {
+        *by_status.entry(d.status.as_str()).or_default() += 1;
+        // A device needs attention when it is not online, or when one of the problems counted
+        // below is its (a lease being renewed after an outage of the database mends itself).
+        let problems_before = unserved + unreachable + stale;
         // Which host serves the device; a lease that ran out means none does, except one that
         // ran out while the database was away, for as long as the hosts have to renew.
         let served = d.lease_until.is_some_and(|until| until > now) || d.lease_renewing;
@@ -1820,6 +1830,13 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         if status != d.status {
             stale += 1;
         }
+        let needs = d.status != "deleted"
+            && (d.status != "online"
+                || unserved + unreachable + stale + renewing > problems_before);
+        attention += usize::from(needs);
+        if attention_only && !needs {
+            continue;
+        }
         out!(
             "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  {host}",
             d.label,
@@ -1841,6 +1858,21 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>) -> Result<()> {
         (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending)
     });
     out!("total: {p} pending, {q} queued, {s} sending");
+    let mut counts: Vec<(&str, usize)> = by_status.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    out!(
+        "devices: {}; {attention} need(s) attention{}",
+        counts
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if attention_only {
+            " (only those are listed above)"
+        } else {
+            " (`status --attention` lists only those)"
+        }
+    );
     if unserved > 0 {
         out!(
             "{unserved} device(s) without a live host lease (a host died or stopped, none has started, or every host is full: HOST_MAX_DEVICES): their messages wait until a host takes them; once a lease has been out for OFFLINE_GRACE_S its device counts as offline and its due messages are skipped"
