@@ -161,7 +161,10 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
         brief.contains("2 need(s) attention (only those are listed above)"),
         "{brief}"
     );
-    assert!(brief.contains("2 device(s) without a live host lease"), "{brief}");
+    assert!(
+        brief.contains("2 device(s) without a live host lease"),
+        "{brief}"
+    );
 }
 
 /// Right after an outage of the database every lease has run out, since no host could renew
@@ -1713,6 +1716,27 @@ async fn device_edit_renames_a_device_and_raises_its_floor(pool: PgPool) {
     .await
     .unwrap();
     assert!((60.0..=90.5).contains(&gap), "gap {gap}");
+
+    // The campaign's progress says what pacing alone still needs: the cursor (60-90 s), then
+    // two more mean gaps of 75 s.
+    let c = campaign.to_string();
+    let (ok, out, err) = run(&["campaign", "progress", "--tenant", t, "--campaign", &c]).await;
+    assert!(ok, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("pacing alone needs at least "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("(its busiest device, Ali's phone: 3 unsent at a mean gap of 75 s)"),
+        "{line}"
+    );
+    let least = line["pacing alone needs at least ".len()..]
+        .split(" more")
+        .next()
+        .unwrap();
+    let (m, rest) = least.split_once("m ").unwrap_or_else(|| panic!("{line}"));
+    let secs = m.parse::<u64>().unwrap() * 60 + rest.trim_end_matches('s').parse::<u64>().unwrap();
+    assert!((205..=241).contains(&secs), "{line}");
 }
 
 /// `campaign list`: the tenant's own campaigns, newest first, due times in its local time (as

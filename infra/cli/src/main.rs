@@ -1561,7 +1561,95 @@ async fn set_status(pool: &PgPool, tenant: &str, campaign: Uuid, to: CampaignSta
 pub(crate) async fn print_progress(pool: &PgPool, tenant: Uuid, campaign: Uuid) -> Result<()> {
     let c = repo::campaigns::get_campaign(pool, tenant, campaign).await?;
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await?;
-    print_report(pool, tenant, &format!("{} [{}]", c.title, c.status), &p).await
+    print_report(pool, tenant, &format!("{} [{}]", c.title, c.status), &p).await?;
+    let unsent = |counts: &std::collections::BTreeMap<String, i64>| -> i64 {
+        ["pending", "queued", "sending"]
+            .iter()
+            .filter_map(|s| counts.get(*s))
+            .sum()
+    };
+    if unsent(&p.by_status) == 0 {
+        return Ok(());
+    }
+    match c.status.as_str() {
+        "paused" => out!("paused: nothing of it is sent until it resumes"),
+        "running" => {
+            let devices = repo::devices::list_devices(pool, tenant).await?;
+            let now = chrono::Utc::now();
+            let queues: Vec<DeviceQueue> = devices
+                .iter()
+                .filter(|d| d.deleted_at.is_none())
+                .filter_map(|d| {
+                    Some(DeviceQueue {
+                        label: &d.label,
+                        unsent: unsent(p.by_device.get(&d.id)?),
+                        next_in_s: (d.next_send_at - now).num_milliseconds() as f64 / 1000.0,
+                        gap: DelayRange::new(d.min_delay_s, d.max_delay_s).ok()?,
+                    })
+                })
+                .collect();
+            let campaign_gap = DelayRange::new(c.min_delay_s, c.max_delay_s)?;
+            if let Some((secs, q)) = pacing_floor(&queues, campaign_gap) {
+                out!(
+                    "pacing alone needs at least {} more (its busiest device, {}: {} unsent at a \
+                     mean gap of {:.0} s); daily caps, quiet hours and other campaigns on its \
+                     devices can only add to it",
+                    human_duration(secs),
+                    printable(q.label),
+                    q.unsent,
+                    mean_gap(q.gap, campaign_gap)
+                );
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One device's share of a campaign's unsent messages, for [`pacing_floor`].
+struct DeviceQueue<'a> {
+    label: &'a str,
+    unsent: i64,
+    /// Seconds until the device may send again (negative: it may now).
+    next_in_s: f64,
+    /// The device's own floor.
+    gap: DelayRange,
+}
+
+/// The mean gap the processor draws for a device in a campaign: uniform in the range of both
+/// floors (`repo::messages::claim_ready_messages`: the larger minimum, the largest top).
+fn mean_gap(device: DelayRange, campaign: DelayRange) -> f64 {
+    let lo = device.min_s.max(campaign.min_s);
+    let hi = device.max_s.max(campaign.max_s).max(lo);
+    (lo + hi) / 2.0
+}
+
+/// The least time pacing needs to send what is left, in seconds, and the device that sets it:
+/// each device sends its next message when its cursor allows, and each after one mean gap more.
+/// A lower bound: caps, quiet hours, other campaigns on the same devices and an offline device
+/// only lengthen it.
+fn pacing_floor<'q, 'a>(
+    queues: &'q [DeviceQueue<'a>],
+    campaign: DelayRange,
+) -> Option<(f64, &'q DeviceQueue<'a>)> {
+    queues
+        .iter()
+        .filter(|q| q.unsent > 0)
+        .map(|q| {
+            let secs = q.next_in_s.max(0.0) + (q.unsent - 1) as f64 * mean_gap(q.gap, campaign);
+            (secs, q)
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// `1h 05m`, `4m 30s`, `12s`.
+fn human_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m {s:02}s"),
+        (h, m, _) => format!("{h}h {m:02}m"),
+    }
 }
 
 /// Prints one report (a campaign, a sequence, or one of its steps).
@@ -2081,6 +2169,42 @@ mod tests {
             let err = format!("{:#}", sequence::parse_step(bad).unwrap_err());
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    /// The least time pacing needs: the busiest device's queue at its mean gap, after its
+    /// cursor; the device's floor raises the campaign's range, never lowers it.
+    #[test]
+    fn pacing_floor_is_the_busiest_devices_queue_at_its_mean_gap() {
+        let range = |a, b| DelayRange::new(a, b).unwrap();
+        let queues = [
+            DeviceQueue {
+                label: "a",
+                unsent: 10,
+                next_in_s: -5.0,
+                gap: range(0.0, 0.0),
+            },
+            DeviceQueue {
+                label: "b",
+                unsent: 4,
+                next_in_s: 20.0,
+                gap: range(100.0, 200.0),
+            },
+            DeviceQueue {
+                label: "c",
+                unsent: 0,
+                next_in_s: 999.0,
+                gap: range(500.0, 900.0),
+            },
+        ];
+        // a: 9 gaps of 60 s (campaign 30-90) = 540 s; b: 20 s + 3 gaps of 150 s = 470 s.
+        let (secs, q) = pacing_floor(&queues, range(30.0, 90.0)).unwrap();
+        assert_eq!((secs, q.label), (540.0, "a"));
+        let (secs, q) = pacing_floor(&queues, range(0.0, 0.0)).unwrap();
+        assert_eq!((secs, q.label), (470.0, "b"));
+        assert!(pacing_floor(&queues[2..], range(0.0, 0.0)).is_none());
+        assert_eq!(human_duration(540.0), "9m 00s");
+        assert_eq!(human_duration(3_725.0), "1h 02m");
+        assert_eq!(human_duration(12.4), "12s");
     }
 
     /// An operator finds every command in `--help`: each (sub)command says what it does.
