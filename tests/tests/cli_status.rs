@@ -2090,6 +2090,24 @@ async fn a_dry_run_shows_the_message_and_creates_nothing(pool: PgPool) {
         4,
         "{out}"
     );
+    let (ok, out, err) = create(&[
+        "--template",
+        hi,
+        "--wa-template",
+        "promo:ms",
+        "--wa-template-param",
+        "{name:friend}",
+        "--dry-run",
+        "1",
+    ])
+    .await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(
+            "  (a Cloud API device sends the template promo:ms with [\"friend\"] instead)"
+        ),
+        "{out}"
+    );
 
     // Checked as a real campaign is: a fake image, a template that does not parse.
     let fake = format!("@{}", fake.display());

@@ -1236,22 +1236,23 @@ fn read_image(raw: &str) -> Result<ImageSource> {
     }
 }
 
-/// `campaign create --dry-run`: what the campaign would do if created now, creating nothing.
-/// The samples are rendered as the trigger renders them (spintax drawn per lead), from the
+/// `campaign create --dry-run`, after its first lines: how many leads the campaign would reach
+/// now, and the message (and Cloud API template, if any) as the first of them would get it. The
+/// samples are rendered as the trigger renders them (spintax drawn per lead), from the
 /// first leads the campaign would reach.
 async fn preview_campaign(
     pool: &PgPool,
     tenant: Uuid,
-    template: &shared::render::Template,
+    (template, wa_template): (
+        &shared::render::Template,
+        Option<&shared::render::WaTemplate>,
+    ),
     niche: &Token,
     target: TargetStatus,
-    due: chrono::DateTime<chrono_tz::Tz>,
     samples: u8,
 ) -> Result<()> {
     let (leads, devices) =
         repo::campaigns::count_campaign_recipients(pool, tenant, niche.as_str(), target).await?;
-    out!("dry run: nothing was created");
-    out!("due {}", due.format("%Y-%m-%d %H:%M %Z"));
     out!(
         "{leads} lead(s) on {devices} device(s) match it now (niche {}, target {})",
         niche.as_str(),
@@ -1267,13 +1268,11 @@ async fn preview_campaign(
     .await?;
     let mut rng = rand::rng();
     for r in &sample {
-        let text = template.render(
-            &shared::render::Recipient {
-                name: &r.name,
-                phone: &r.phone,
-            },
-            &mut rng,
-        );
+        let to = shared::render::Recipient {
+            name: &r.name,
+            phone: &r.phone,
+        };
+        let text = template.render(&to, &mut rng);
         out!(
             "to {} ({}, via {}): {}",
             r.phone,
@@ -1285,6 +1284,15 @@ async fn preview_campaign(
             printable(&r.device_label),
             printable(&text)
         );
+        if let Some(wa) = wa_template {
+            let m = wa.render(&to, rand::Rng::random(&mut rng))?;
+            out!(
+                "  (a Cloud API device sends the template {}:{} with {:?} instead)",
+                m.name,
+                m.language,
+                m.params
+            );
+        }
     }
     Ok(())
 }
@@ -1318,13 +1326,19 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                 if let Some(raw) = &image {
                     read_image(raw)?;
                 }
+                out!("dry run: nothing was created");
+                out!(
+                    "due {}",
+                    scheduled_at
+                        .with_timezone(&zone)
+                        .format("%Y-%m-%d %H:%M %Z")
+                );
                 return preview_campaign(
                     pool,
                     tenant,
-                    &parsed,
+                    (&parsed, wa_template.as_ref()),
                     &niche,
                     target,
-                    scheduled_at.with_timezone(&zone),
                     samples,
                 )
                 .await;
