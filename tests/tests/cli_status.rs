@@ -135,7 +135,9 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
         "an online device has no reason line:\n{stdout}"
     );
     assert!(
-        stdout.contains("devices: 2 online, 1 deleted, 1 restricted; 2 need(s) attention"),
+        stdout.contains(
+            "devices: 1 deleted, 1 online, 1 online (stale), 1 restricted; 2 need(s) attention"
+        ),
         "{stdout}"
     );
 

@@ -1884,10 +1884,10 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
         "sending"
     );
     let (mut unserved, mut unreachable, mut stale, mut renewing) = (0, 0, 0, 0);
-    let mut by_status = std::collections::BTreeMap::<&str, usize>::new();
+    // Per state as the table shows it ("online (stale)" apart from "online").
+    let mut by_status = std::collections::BTreeMap::<String, usize>::new();
     let mut attention = 0;
     for d in &rows {
-        *by_status.entry(d.status.as_str()).or_default() += 1;
         // A device needs attention when it is not online, or when one of the problems counted
         // below is its (a lease being renewed after an outage of the database mends itself).
         let problems_before = unserved + unreachable + stale;
@@ -1932,6 +1932,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
         if status != d.status {
             stale += 1;
         }
+        *by_status.entry(status.clone()).or_default() += 1;
         let needs = d.status != "deleted"
             && (d.status != "online"
                 || unserved + unreachable + stale + renewing > problems_before);
@@ -1960,8 +1961,8 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
         (a.0 + d.pending, a.1 + d.queued, a.2 + d.sending)
     });
     out!("total: {p} pending, {q} queued, {s} sending");
-    let mut counts: Vec<(&str, usize)> = by_status.into_iter().collect();
-    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut counts: Vec<(String, usize)> = by_status.into_iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     out!(
         "devices: {}; {attention} need(s) attention{}",
         counts
