@@ -123,7 +123,8 @@ async fn status_shows_why_a_device_is_held(pool: PgPool) {
         "{list}"
     );
     assert!(
-        lines[at + 1].contains(why),
+        lines[at + 1].contains(why)
+            && lines[at + 1].contains("held until a person runs `wabcast device connect`"),
         "the reason follows the held device's row:\n{stdout}"
     );
     let ok = lines.iter().position(|l| l.starts_with("shop-ok")).unwrap();

@@ -1203,3 +1203,112 @@ async fn whole_outage(pool: PgPool, latency: Duration) {
     );
     drop((a, b));
 }
+
+/// A restriction outlives the session that learned it. Host A's sessions record two devices
+/// `restricted` (as a web session does on a nack 463: one until a time, one until a person acts,
+/// as a Cloud API restriction is); A stops and B takes the devices over, its sessions writing
+/// `online`. The processor still claims nothing for them: the timed one only once its time has
+/// passed, the other only once a person has connected it again. Before, B's `online` ended
+/// both restrictions, and the processor sent to new contacts inside them.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_restriction_outlives_the_host_that_recorded_it(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "restricted@example.com").await;
+    let held = seed_device(&pool, tenant, "held", 0.0, 0.0).await;
+    let timed = seed_device(&pool, tenant, "timed", 0.0, 0.0).await;
+    let free = seed_device(&pool, tenant, "free", 0.0, 0.0).await;
+    for (i, d) in [held, timed, free].into_iter().enumerate() {
+        seed_leads(
+            &pool,
+            tenant,
+            d,
+            10 * i as u64,
+            2,
+            "cars",
+            LeadStatus::Prospect,
+        )
+        .await;
+    }
+    let a = TestHost::start_as(&pool, "host-a", Duration::from_secs(30), quiet_sim()).await;
+    let why = "WhatsApp refused a message (nack 463: reach-out restriction)";
+    // (to the microsecond, as PostgreSQL keeps it)
+    let ends =
+        DateTime::from_timestamp_micros((Utc::now().timestamp_micros()) + 4_000_000).unwrap();
+    for (d, until) in [(held, None), (timed, Some(ends))] {
+        let mut tx = pool.begin().await.unwrap();
+        let written = repo::devices::set_device_status_until(
+            &mut tx,
+            Some("host-a"),
+            tenant,
+            d,
+            shared::domain::DeviceStatus::Restricted,
+            Some(why),
+            until,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert!(written);
+    }
+    // A stops; B takes the devices over, and its sessions come online.
+    a.running.leases.abort();
+    a.running.host.release_all().await.unwrap();
+    let b = TestHost::start_as(&pool, "host-b", Duration::from_secs(30), quiet_sim()).await;
+    for d in [held, timed] {
+        until_status(&pool, d, "online").await;
+    }
+    let load = repo::devices::list_device_load(&pool, Some(tenant))
+        .await
+        .unwrap();
+    for l in &load {
+        let restricted = l.id != free;
+        assert_eq!(l.restriction.is_some(), restricted, "{l:?}");
+    }
+    assert!(load
+        .iter()
+        .any(|l| l.id == held && l.restricted_until.is_none()));
+    assert!(load
+        .iter()
+        .any(|l| l.id == timed && l.restricted_until == Some(ends)));
+
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &b);
+    assert_eq!(p.trigger().await.rows_created, 6);
+    let claimed = || {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+                "SELECT device_id, count(*) FROM broadcast_messages
+                 WHERE status <> 'pending' GROUP BY device_id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows.into_iter().collect::<HashMap<_, _>>()
+        }
+    };
+    for _ in 0..3 {
+        p.tick().await;
+    }
+    assert_eq!(claimed().await, HashMap::from([(free, 2)]));
+
+    // The timed restriction ends on its own; the other holds.
+    while Utc::now() <= ends {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..3 {
+        p.tick().await;
+    }
+    assert_eq!(claimed().await, HashMap::from([(free, 2), (timed, 2)]));
+
+    // A person connects the device again: its restriction is lifted, and it sends.
+    b.client.connect_device(tenant, held).await.unwrap();
+    for _ in 0..3 {
+        p.tick().await;
+    }
+    assert_eq!(
+        claimed().await,
+        HashMap::from([(free, 2), (timed, 2), (held, 2)])
+    );
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+}

@@ -457,6 +457,7 @@ async fn events_kept_while_the_database_is_away_are_written_in_their_order(pool:
         device: device.clone(),
         status: DeviceStatus::Online,
         reason: None,
+        restricted_until: None,
     })
     .unwrap();
     tx.send(ProviderEvent::Linked {

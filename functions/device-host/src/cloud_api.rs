@@ -211,6 +211,7 @@ impl CloudApi {
                 device: device.clone(),
                 status,
                 reason,
+                restricted_until: None,
             });
         }
     }

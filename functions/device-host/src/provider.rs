@@ -67,6 +67,10 @@ pub enum ProviderEvent {
         device: DeviceRef,
         status: DeviceStatus,
         reason: Option<String>,
+        /// With `restricted`: when the restriction ends (`None`: when a person lifts it with
+        /// `wabcast device connect`). It outlives the session: see
+        /// `repo::devices::set_device_status_until`.
+        restricted_until: Option<chrono::DateTime<chrono::Utc>>,
     },
     Receipt {
         tenant_id: Uuid,

@@ -1047,6 +1047,10 @@ impl Host {
     }
 
     /// Connects the tenant's device again (new credentials, or a person resolved what stopped it).
+    /// A person connects the device again (`wabcast device connect`, `device cloud-api`), having
+    /// dealt with what stopped it: its restriction, if any, is lifted first (it outlives the
+    /// session otherwise: `repo::devices::set_device_status_until`), then the session opens.
+    /// A restriction the session still meets is recorded again by the session.
     pub async fn reconnect(
         &self,
         tenant: Uuid,
@@ -1054,6 +1058,11 @@ impl Host {
     ) -> Result<(DeviceStatus, Option<String>), SendError> {
         let device = self.device(tenant, id).await?;
         let provider = self.provider_for(&device)?.clone();
+        let mut tx = self.pool.begin().await.map_err(RepoError::from)?;
+        if repo::devices::lift_restriction(&mut tx, tenant, id).await? {
+            info!(device_id = %id, "restriction lifted by a person");
+        }
+        tx.commit().await.map_err(RepoError::from)?;
         provider.connect(&device).await;
         Ok(provider.status(&device).await)
     }
@@ -1380,8 +1389,17 @@ async fn write_event(
             device,
             status,
             reason,
+            restricted_until,
         } => {
-            if !write_status(pool, &w.host_id, device, *status, reason.as_deref()).await? {
+            if !write_status(
+                pool,
+                &w.host_id,
+                device,
+                (*status, reason.as_deref()),
+                *restricted_until,
+            )
+            .await?
+            {
                 info!(device_id = %device.id, status = %status,
                       "status of a device another host serves now: not recorded");
             }
@@ -1615,8 +1633,14 @@ async fn write_linked(
                     });
                 }
                 None => {
-                    write_status(pool, host_id, device, DeviceStatus::LoggedOut, Some(&why))
-                        .await?;
+                    write_status(
+                        pool,
+                        host_id,
+                        device,
+                        (DeviceStatus::LoggedOut, Some(&why)),
+                        None,
+                    )
+                    .await?;
                 }
             }
         }
@@ -1630,17 +1654,18 @@ async fn write_status(
     pool: &PgPool,
     host_id: &str,
     device: &DeviceRef,
-    status: DeviceStatus,
-    reason: Option<&str>,
+    (status, reason): (DeviceStatus, Option<&str>),
+    restricted_until: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
-    let written = repo::devices::set_device_status(
+    let written = repo::devices::set_device_status_until(
         &mut tx,
         Some(host_id),
         device.tenant_id,
         device.id,
         status,
         reason,
+        restricted_until,
     )
     .await?;
     tx.commit().await?;

@@ -285,6 +285,7 @@ impl Simulator {
             device: device.clone(),
             status,
             reason,
+            restricted_until: None,
         });
         Ok(status)
     }
@@ -351,6 +352,7 @@ impl Provider for Simulator {
             device: device.clone(),
             status,
             reason: (!online).then(|| "simulated disconnect".to_string()),
+            restricted_until: None,
         });
         status
     }
@@ -391,6 +393,7 @@ impl Provider for Simulator {
             device: device.clone(),
             status: DeviceStatus::Online,
             reason: Some("paired (simulated)".into()),
+            restricted_until: None,
         });
         // Paired by phone: the simulated account is that number (a QR code could be scanned by
         // any phone, so the simulator names no account for it).
@@ -493,6 +496,7 @@ impl Provider for Simulator {
             device: device.clone(),
             status: DeviceStatus::Offline,
             reason: Some("host stopped".into()),
+            restricted_until: None,
         });
     }
 
@@ -508,6 +512,7 @@ impl Provider for Simulator {
             device: device.clone(),
             status: DeviceStatus::LoggedOut,
             reason: Some(why.into()),
+            restricted_until: None,
         });
         Ok(())
     }

@@ -132,10 +132,16 @@ async fn forward(
             continue;
         };
         let out = match ev {
-            WebEvent::Status { status, reason, .. } => ProviderEvent::Status {
+            WebEvent::Status {
+                status,
+                reason,
+                until,
+                ..
+            } => ProviderEvent::Status {
                 device,
                 status,
                 reason,
+                restricted_until: until,
             },
             WebEvent::Acked { id, .. } => ProviderEvent::Accepted {
                 device,
@@ -185,6 +191,7 @@ impl Provider for WebProvider {
                 device: device.clone(),
                 status: DeviceStatus::AwaitingPairing,
                 reason: Some("not paired: run `wabcast device pair`".into()),
+                restricted_until: None,
             });
             return DeviceStatus::AwaitingPairing;
         }

@@ -751,14 +751,20 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
                 "delay (s)"
             );
             let served = repo::hosts::list_served_devices(pool, tenant).await?;
+            let now = chrono::Utc::now();
             for d in repo::devices::list_devices(pool, tenant).await? {
+                let state = if d.restricted(now) {
+                    "restricted"
+                } else {
+                    d.status.as_str()
+                };
                 out!(
                     "{:<36}  {:<16} {:<16} {:<10} {:<16} {:>5.1}-{:<5.1}",
                     d.id,
                     d.label,
                     d.phone.as_deref().unwrap_or("-"),
                     d.provider,
-                    shown_status(&d.status, served.contains(&d.id)),
+                    shown_status(state, served.contains(&d.id)),
                     d.min_delay_s,
                     d.max_delay_s
                 );
@@ -1888,6 +1894,18 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
     let mut by_status = std::collections::BTreeMap::<String, usize>::new();
     let mut attention = 0;
     for d in &rows {
+        // A restriction in force is the device's state, whatever its session says (a host that
+        // took the device over reconnects it, and the restriction still holds).
+        let (state, why) = match &d.restriction {
+            Some(r) => (
+                "restricted",
+                Some(match d.restricted_until {
+                    Some(until) => format!("{r} (held until {until})"),
+                    None => format!("{r} (held until a person runs `wabcast device connect`)"),
+                }),
+            ),
+            None => (d.status.as_str(), d.status_reason.clone()),
+        };
         // A device needs attention when it is not online, or when one of the problems counted
         // below is its (a lease being renewed after an outage of the database mends itself).
         let problems_before = unserved + unreachable + stale;
@@ -1895,7 +1913,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
         // ran out while the database was away, for as long as the hosts have to renew.
         let served = d.lease_until.is_some_and(|until| until > now) || d.lease_renewing;
         let host = match (&d.host_id, d.lease_until) {
-            _ if d.status == "deleted" => "-".to_string(),
+            _ if state == "deleted" => "-".to_string(),
             (Some(h), Some(until)) if until > now => match d.host_unreachable_since {
                 Some(since) => {
                     unreachable += 1;
@@ -1928,14 +1946,13 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
         } else {
             format!("in {next:.1}s")
         };
-        let status = shown_status(&d.status, served);
-        if status != d.status {
+        let status = shown_status(state, served);
+        if status != state {
             stale += 1;
         }
         *by_status.entry(status.clone()).or_default() += 1;
-        let needs = d.status != "deleted"
-            && (d.status != "online"
-                || unserved + unreachable + stale + renewing > problems_before);
+        let needs = state != "deleted"
+            && (state != "online" || unserved + unreachable + stale > problems_before);
         attention += usize::from(needs);
         if attention_only && !needs {
             continue;
@@ -1951,9 +1968,9 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
         );
         // Why a device is not online (a restriction and its end, a logout, a ban): the person
         // who has to act reads it here.
-        if d.status != "online" {
-            if let Some(reason) = &d.status_reason {
-                out!("  └ {reason}");
+        if state != "online" {
+            if let Some(reason) = &why {
+                out!("  └ {}", printable(reason));
             }
         }
     }

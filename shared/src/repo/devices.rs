@@ -22,6 +22,18 @@ pub struct Device {
     pub next_send_at: DateTime<Utc>,
     pub daily_cap: Option<i32>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// The device's restriction, if one was recorded (in force or ended: see
+    /// [`Device::restricted`]).
+    pub restriction: Option<String>,
+    pub restricted_until: Option<DateTime<Utc>>,
+}
+
+impl Device {
+    /// Whether a restriction is in force now: then the device is `restricted` whatever its
+    /// session's status says.
+    pub fn restricted(&self, now: DateTime<Utc>) -> bool {
+        self.restriction.is_some() && self.restricted_until.is_none_or(|until| until > now)
+    }
 }
 
 pub struct NewDevice<'a> {
@@ -33,7 +45,8 @@ pub struct NewDevice<'a> {
 }
 
 const DEVICE_COLUMNS: &str = "id, tenant_id, label, phone, provider, status, status_reason, \
-    status_changed_at, min_delay_s, max_delay_s, next_send_at, daily_cap, deleted_at";
+    status_changed_at, min_delay_s, max_delay_s, next_send_at, daily_cap, deleted_at, \
+    restriction, restricted_until";
 
 pub async fn insert_device(
     tx: &mut PgConnection,
@@ -241,6 +254,10 @@ pub async fn list_live_devices(
 /// its session there, and that session's `offline, host stopped` would otherwise land over the
 /// new owner's `online`. `Ok(false)`: not written, another host serves the device (or it is
 /// gone). `None` (an operator, a test) writes it whoever serves the device.
+///
+/// A `restricted` status also records the restriction itself (see
+/// [`set_device_status_until`]), which outlives the session: nothing but its end or
+/// [`lift_restriction`] ends it.
 pub async fn set_device_status(
     tx: &mut PgConnection,
     holder: Option<&str>,
@@ -249,10 +266,31 @@ pub async fn set_device_status(
     status: DeviceStatus,
     reason: Option<&str>,
 ) -> Result<bool, RepoError> {
+    set_device_status_until(tx, holder, tenant, device, status, reason, None).await
+}
+
+/// [`set_device_status`], with when a `restricted` status ends (`until`; `None`: when a person
+/// lifts it, [`lift_restriction`]). The restriction is kept apart from the status
+/// (`restricted_until`, `restriction`): the session that serves the device rewrites its
+/// status (a host that takes the device over writes `connecting`, then `online`), while the
+/// processor claims no device whose restriction has not ended. Another status leaves the
+/// restriction as it is.
+pub async fn set_device_status_until(
+    tx: &mut PgConnection,
+    holder: Option<&str>,
+    tenant: Uuid,
+    device: Uuid,
+    status: DeviceStatus,
+    reason: Option<&str>,
+    until: Option<DateTime<Utc>>,
+) -> Result<bool, RepoError> {
     let res = sqlx::query(
         "UPDATE devices SET
              status_changed_at = CASE WHEN status <> $3 THEN now() ELSE status_changed_at END,
              status = $3, status_reason = $4,
+             restricted_until = CASE WHEN $3 = 'restricted' THEN $6 ELSE restricted_until END,
+             restriction = CASE WHEN $3 = 'restricted' THEN COALESCE($4, 'restricted')
+                                ELSE restriction END,
              -- the warm-up ramp starts the first time a real WhatsApp number comes online
              paired_at = CASE WHEN paired_at IS NULL AND $3 = 'online' AND provider <> 'simulator'
                               THEN now() ELSE paired_at END
@@ -265,11 +303,33 @@ pub async fn set_device_status(
     .bind(status.as_str())
     .bind(reason)
     .bind(holder)
+    .bind(until)
     .execute(tx)
     .await?;
     if res.rows_affected() == 0 && holder.is_none() {
         return Err(RepoError::NotFound("device"));
     }
+    Ok(res.rows_affected() == 1)
+}
+
+/// A person lifts the device's restriction (`wabcast device connect`, once they have dealt
+/// with what caused it): the processor may claim for it again once its session is online.
+/// Returns whether there was one.
+pub async fn lift_restriction(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    device: Uuid,
+) -> Result<bool, RepoError> {
+    let res = sqlx::query(
+        "UPDATE devices SET restricted_until = NULL, restriction = NULL
+         WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL
+           AND restriction IS NOT NULL
+           AND (restricted_until IS NULL OR restricted_until > now())",
+    )
+    .bind(device)
+    .bind(tenant)
+    .execute(tx)
+    .await?;
     Ok(res.rows_affected() == 1)
 }
 
@@ -473,7 +533,15 @@ pub struct DeviceLoad {
     /// The lease ran out during an outage of the database and its host is renewing it
     /// (`hosts::LAPSED_IN_OUTAGE`): not yet a device nobody serves.
     pub lease_renewing: bool,
+    /// A restriction in force, whatever the session's status says: why, and until when
+    /// (`None`: until a person connects the device again).
+    pub restriction: Option<String>,
+    pub restricted_until: Option<DateTime<Utc>>,
 }
+
+/// A device `d`'s restriction is in force (see [`set_device_status_until`]).
+pub const RESTRICTION_IN_FORCE: &str =
+    "(d.restriction IS NOT NULL AND (d.restricted_until IS NULL OR d.restricted_until > now()))";
 
 /// The status view for one tenant, or every tenant for an operator (`None`).
 ///
@@ -491,7 +559,9 @@ pub async fn list_device_load(
         "SELECT d.id, d.tenant_id, d.label, d.status, d.status_reason, d.next_send_at,
                 p.pending, f.queued, f.sending,
                 l.host_id, l.lease_until, h.unreachable_since AS host_unreachable_since,
-                COALESCE({}, false) AS lease_renewing
+                COALESCE({}, false) AS lease_renewing,
+                CASE WHEN {RESTRICTION_IN_FORCE} THEN d.restriction END AS restriction,
+                CASE WHEN {RESTRICTION_IN_FORCE} THEN d.restricted_until END AS restricted_until
          FROM devices d
          LEFT JOIN device_leases l ON l.device_id = d.id
          LEFT JOIN hosts h ON h.id = l.host_id

@@ -106,6 +106,10 @@ pub async fn claim_ready_messages(
                  LIMIT 1
              ) w
              WHERE d.status = 'online' AND d.deleted_at IS NULL AND d.next_send_at <= now()
+               -- a restriction outlives the session: not before it ends, whatever the
+               -- session says (`devices::RESTRICTION_IN_FORCE`, `set_device_status_until`)
+               AND NOT (d.restriction IS NOT NULL
+                        AND (d.restricted_until IS NULL OR d.restricted_until > now()))
                AND NOT COALESCE(lim.quiet, false)
                -- a capped device is claimed only with its local day resolved, and while the
                -- day's allowance lasts

@@ -69,6 +69,8 @@ pub enum WebEvent {
         device: Uuid,
         status: DeviceStatus,
         reason: Option<String>,
+        /// With `restricted`: when the restriction ends (`None`: when a person lifts it).
+        until: Option<DateTime<Utc>>,
     },
     /// The server accepted one of our messages (by the id we gave it).
     Acked { device: Uuid, id: String },
@@ -422,7 +424,7 @@ impl WebSessions {
         if let Ok(mut w) = session.worker.lock() {
             *w = Some(worker);
         }
-        self.perform(device, &session, first);
+        self.perform(device, &session, first, None);
         info!(device_id = %device, paired, "web session opened");
         Ok(DeviceStatus::Connecting)
     }
@@ -432,14 +434,21 @@ impl WebSessions {
         let Some(session) = self.session(device) else {
             return;
         };
-        let actions = match session.state.lock() {
-            Ok(mut st) => st.0.on(input, Utc::now()),
+        let (actions, until) = match session.state.lock() {
+            Ok(mut st) => (st.0.on(input, Utc::now()), st.0.restricted_until()),
             Err(_) => return,
         };
-        self.perform(device, &session, actions);
+        self.perform(device, &session, actions, until);
     }
 
-    fn perform(&self, device: Uuid, session: &Arc<Session>, actions: Vec<Action>) {
+    /// `until`: the supervisor's restriction end, recorded with a `restricted` status.
+    fn perform(
+        &self,
+        device: Uuid,
+        session: &Arc<Session>,
+        actions: Vec<Action>,
+        until: Option<DateTime<Utc>>,
+    ) {
         let mut disconnect = false;
         let mut delete = false;
         for a in actions {
@@ -449,6 +458,7 @@ impl WebSessions {
                         device,
                         status,
                         reason,
+                        until: until.filter(|_| status == DeviceStatus::Restricted),
                     });
                 }
                 Action::Disconnect => disconnect = true,
@@ -490,7 +500,7 @@ impl WebSessions {
                     Err(_) => Vec::new(),
                 };
                 s.client.logout().await;
-                self.perform(device, &s, actions);
+                self.perform(device, &s, actions, None);
             }
             None => {
                 if !self.config.in_memory {
@@ -500,6 +510,7 @@ impl WebSessions {
                     device,
                     status: DeviceStatus::LoggedOut,
                     reason: Some(why.to_string()),
+                    until: None,
                 });
             }
         }
