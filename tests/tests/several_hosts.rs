@@ -1312,3 +1312,51 @@ async fn a_restriction_outlives_the_host_that_recorded_it(pool: PgPool) {
     p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
         .await;
 }
+
+/// A graceful stop marks the devices whose sessions it closes `offline, host stopped` with the
+/// leases it ends, in one transaction: the sessions' own closing statuses are written by a task
+/// a stopping process does not wait for, and left most devices showing `online` with nobody
+/// serving them. A restriction and a device awaiting pairing keep their status; another
+/// host's device is not touched.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_graceful_stop_marks_the_sessions_it_closes_offline(pool: PgPool) {
+    use shared::domain::DeviceStatus;
+    let tenant = seed_tenant(&pool, "stop@example.com").await;
+    let on = seed_device(&pool, tenant, "on", 0.0, 0.0).await;
+    let held = seed_device(&pool, tenant, "held", 0.0, 0.0).await;
+    let new = seed_device(&pool, tenant, "new", 0.0, 0.0).await;
+    let elsewhere = seed_device(&pool, tenant, "elsewhere", 0.0, 0.0).await;
+    let mut tx = pool.begin().await.unwrap();
+    for (d, status) in [
+        (held, DeviceStatus::Restricted),
+        (new, DeviceStatus::AwaitingPairing),
+    ] {
+        repo::devices::set_device_status(&mut tx, None, tenant, d, status, Some("why"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    for d in [on, held, new] {
+        hold_device(&pool, d, "host-a").await;
+    }
+    hold_device(&pool, elsewhere, "host-b").await;
+
+    assert_eq!(repo::hosts::release_all(&pool, "host-a").await.unwrap(), 3);
+    let rows: Vec<(Uuid, String, Option<String>)> =
+        sqlx::query_as("SELECT id, status, status_reason FROM devices")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let of = |d: Uuid| {
+        let r = rows.iter().find(|r| r.0 == d).unwrap();
+        (r.1.as_str(), r.2.as_deref())
+    };
+    assert_eq!(of(on), ("offline", Some("host stopped")));
+    assert_eq!(of(held), ("restricted", Some("why")));
+    assert_eq!(of(new), ("awaiting_pairing", Some("why")));
+    assert_eq!(of(elsewhere).0, "online");
+    assert_eq!(
+        owners(&pool).await.get(&elsewhere),
+        Some(&Some("host-b".into()))
+    );
+}

@@ -6,8 +6,9 @@
 //! Leases live in `device_leases`, never in `devices`: a renewal rewrites every lease of a host
 //! at once, and the `devices` rows are the ones the processor's claim locks and the worker's
 //! outcome update moves; in one table the two deadlocked at 3,000 devices (see the migration).
-//! Nothing here locks a `devices` row. Where several lease rows are locked at once, they are
-//! locked in device id order, so two hosts never deadlock on them either.
+//! Nothing here locks a `devices` row, except [`release_all`] at a graceful stop. Where several
+//! lease rows are locked at once, they are locked in device id order, so two hosts never
+//! deadlock on them either.
 
 use super::RepoError;
 use sqlx::PgPool;
@@ -160,14 +161,37 @@ pub async fn acquire_device(
 /// without waiting for the leases to run out. The leases are ended, not deleted: an ended lease
 /// is what tells the processor, once the offline grace has passed with no host taking the
 /// device over, that nobody serves it (see `messages::skip_offline_device_messages`).
+///
+/// The devices whose sessions were connected or connecting are marked `offline, host stopped`
+/// in the same transaction: the host closes their sessions as it stops, and the status its
+/// sessions report on closing is written by a task that a stopping process does not wait
+/// for (most devices were left showing their last `online`). Other statuses (a restriction, a
+/// logout, awaiting pairing) stay: they are the device's, not the session's. The device rows
+/// are locked in id order.
 pub async fn release_all(pool: &PgPool, host: &str) -> Result<u64, RepoError> {
-    Ok(sqlx::query(
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE devices d SET status = 'offline', status_reason = 'host stopped',
+                status_changed_at = now()
+         FROM (SELECT d.id FROM devices d
+               JOIN device_leases l ON l.device_id = d.id
+               WHERE l.host_id = $1 AND l.lease_until > now()
+                 AND d.status IN ('connecting', 'online', 'reconnecting')
+               ORDER BY d.id FOR UPDATE OF d) s
+         WHERE d.id = s.id",
+    )
+    .bind(host)
+    .execute(&mut *tx)
+    .await?;
+    let released = sqlx::query(
         "UPDATE device_leases SET lease_until = now() WHERE host_id = $1 AND lease_until > now()",
     )
     .bind(host)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
-    .rows_affected())
+    .rows_affected();
+    tx.commit().await?;
+    Ok(released)
 }
 
 /// Who owns the tenant's device now: (host id, its URL), if a live lease exists.
