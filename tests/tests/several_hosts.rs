@@ -1360,3 +1360,54 @@ async fn a_graceful_stop_marks_the_sessions_it_closes_offline(pool: PgPool) {
         Some(&Some("host-b".into()))
     );
 }
+
+/// A message queued before its device's restriction was recorded (or before a host that took
+/// the device over reconnected it) is not sent when its record arrives: the worker puts it back
+/// to `pending`, where it waits for the restriction to end like the device's other messages.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_message_queued_before_a_restriction_waits_for_its_end(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "queued@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 1, "cars", LeadStatus::Prospect).await;
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let campaign = seed_campaign(&pool, tenant, &CampaignSpec::default()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.trigger().await;
+    p.tick().await;
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("queued"),
+        Some(&1)
+    );
+
+    let mut tx = pool.begin().await.unwrap();
+    repo::devices::set_device_status(
+        &mut tx,
+        None,
+        tenant,
+        d,
+        shared::domain::DeviceStatus::Restricted,
+        Some("Meta restricted the number (131048)"),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(p.deliver().await, 1);
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("pending"),
+        Some(&1)
+    );
+    for _ in 0..3 {
+        p.tick().await;
+    }
+    assert_eq!(
+        status_counts(&pool, tenant, campaign).await.get("pending"),
+        Some(&1)
+    );
+    assert!(host.sends().is_empty());
+
+    // A person connects it again: the message goes, once.
+    host.client.connect_device(tenant, d).await.unwrap();
+    p.run_until_done(&[(tenant, campaign)], Duration::from_secs(30))
+        .await;
+    assert_eq!(host.sends().len(), 1);
+}

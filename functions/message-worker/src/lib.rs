@@ -188,9 +188,12 @@ async fn process(items: &[WorkItem], deps: &Deps) -> anyhow::Result<HashSet<i64>
         let held = repo::messages::hold_paused_messages(&mut conn, &rest)
             .await
             .context("failed to hold paused messages")?;
+        let restricted = repo::messages::hold_restricted_messages(&mut conn, &rest)
+            .await
+            .context("failed to hold restricted devices' messages")?;
         info!(
-            duplicates = rest.len() as u64 - held - opted_out,
-            held, opted_out, "records not sent"
+            duplicates = rest.len() as u64 - held - opted_out - restricted,
+            held, opted_out, restricted, "records not sent"
         );
     }
 

@@ -384,9 +384,10 @@ pub struct SendJob {
 }
 
 /// The worker's claim: `queued → sending` for the given items whose campaign is running, whose
-/// device is live and whose lead has not opted out. Items not returned were not `queued` (a
-/// duplicate delivery, or a row already finished), or are to be held or skipped (see
-/// [`hold_paused_messages`], [`skip_opted_out_messages`]), and must not be sent.
+/// device is live and not restricted, and whose lead has not opted out. Items not returned
+/// were not `queued` (a duplicate delivery, or a row already finished), or are to be held or
+/// skipped (see [`hold_paused_messages`], [`hold_restricted_messages`],
+/// [`skip_opted_out_messages`]), and must not be sent.
 ///
 /// The rows are found by primary key and nothing else: campaign and device are looked up per
 /// row (scalar subqueries, which the planner never reorders) instead of joined. As a join,
@@ -414,7 +415,12 @@ pub async fn claim_messages_for_send(
                AND bm.status = 'queued' COLLATE \"C\"
                AND (SELECT c.status = 'running' FROM campaigns c
                     WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)
-               AND (SELECT d.deleted_at IS NULL FROM devices d
+               -- the device is live and no restriction of it is in force (a row queued
+               -- before the restriction: see `hold_restricted_messages`)
+               AND (SELECT d.deleted_at IS NULL
+                           AND NOT (d.restriction IS NOT NULL
+                                    AND (d.restricted_until IS NULL OR d.restricted_until > now()))
+                    FROM devices d
                     WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id)
                -- the lead has not opted out (see `skip_opted_out_messages`)
                AND (SELECT l.opted_out_at FROM leads l
@@ -495,6 +501,33 @@ pub async fn hold_paused_messages(
                AND bm.status = 'queued' COLLATE \"C\" AND ",
         held_if_campaign_paused!()
     ))
+    .bind(&ids)
+    .bind(&tenants)
+    .execute(tx)
+    .await?;
+    Ok(res.rows_affected())
+}
+
+/// `queued → pending` for items whose device has a restriction in force
+/// (`devices::RESTRICTION_IN_FORCE`): rows queued before the restriction was recorded, or
+/// before a host that took the device over reconnected it. They wait with the device's other
+/// messages, which the processor claims again once the restriction has ended (or a person
+/// lifted it). Returns how many were held.
+pub async fn hold_restricted_messages(
+    tx: &mut PgConnection,
+    items: &[WorkItem],
+) -> Result<u64, RepoError> {
+    let ids: Vec<i64> = items.iter().map(|i| i.message_id).collect();
+    let tenants: Vec<Uuid> = items.iter().map(|i| i.tenant_id).collect();
+    let res = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE broadcast_messages bm SET status = 'pending', lease_until = NULL
+         FROM unnest($1::bigint[], $2::uuid[]) AS w(id, tenant)
+         WHERE bm.id = ANY($1) AND bm.id = w.id AND bm.tenant_id = w.tenant
+           AND bm.status = 'queued' COLLATE \"C\"
+           AND (SELECT {} FROM devices d
+                WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id)",
+        super::devices::RESTRICTION_IN_FORCE
+    )))
     .bind(&ids)
     .bind(&tenants)
     .execute(tx)
