@@ -67,7 +67,7 @@ pub async fn claim_ready_messages(
     let lim_ids: Vec<Uuid> = limits.iter().map(|l| l.device).collect();
     let lim_days: Vec<NaiveDate> = limits.iter().map(|l| l.local_day).collect();
     let lim_quiet: Vec<bool> = limits.iter().map(|l| l.quiet).collect();
-    let rows: Vec<(i64, Uuid, Uuid, i32, bool)> = sqlx::query_as(
+    let rows: Vec<(i64, Uuid, Uuid, i32, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH lim AS (
              SELECT * FROM unnest($4::uuid[], $5::date[], $6::bool[]) AS l(id, day, quiet)
          ), ready AS (
@@ -108,8 +108,7 @@ pub async fn claim_ready_messages(
              WHERE d.status = 'online' AND d.deleted_at IS NULL AND d.next_send_at <= now()
                -- a restriction outlives the session: not before it ends, whatever the
                -- session says (`devices::RESTRICTION_IN_FORCE`, `set_device_status_until`)
-               AND NOT (d.restriction IS NOT NULL
-                        AND (d.restricted_until IS NULL OR d.restricted_until > now()))
+               AND NOT {in_force}
                AND NOT COALESCE(lim.quiet, false)
                -- a capped device is claimed only with its local day resolved, and while the
                -- day's allowance lasts
@@ -208,7 +207,8 @@ pub async fn claim_ready_messages(
          SELECT u.id, u.tenant_id, u.device_id, u.enqueue_count,
                 count(*) OVER (PARTITION BY u.device_id) >= s.take AS took_share
          FROM upd u JOIN sized s ON s.id = u.device_id",
-    )
+        in_force = super::devices::RESTRICTION_IN_FORCE
+    )))
     .bind(size.max_devices)
     .bind(size.per_device)
     .bind(lease_s)
@@ -405,7 +405,7 @@ pub async fn claim_messages_for_send(
 ) -> Result<Vec<SendJob>, RepoError> {
     let ids: Vec<i64> = items.iter().map(|i| i.message_id).collect();
     let tenants: Vec<Uuid> = items.iter().map(|i| i.tenant_id).collect();
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH upd AS (
              UPDATE broadcast_messages bm
              SET status = 'sending', sending_at = now(), attempts = bm.attempts + 1,
@@ -417,9 +417,7 @@ pub async fn claim_messages_for_send(
                     WHERE c.id = bm.campaign_id AND c.tenant_id = bm.tenant_id)
                -- the device is live and no restriction of it is in force (a row queued
                -- before the restriction: see `hold_restricted_messages`)
-               AND (SELECT d.deleted_at IS NULL
-                           AND NOT (d.restriction IS NOT NULL
-                                    AND (d.restricted_until IS NULL OR d.restricted_until > now()))
+               AND (SELECT d.deleted_at IS NULL AND NOT {in_force}
                     FROM devices d
                     WHERE d.id = bm.device_id AND d.tenant_id = bm.tenant_id)
                -- the lead has not opted out (see `skip_opted_out_messages`)
@@ -449,7 +447,8 @@ pub async fn claim_messages_for_send(
                     END AS lead_name
              FROM campaigns c WHERE c.id = u.campaign_id AND c.tenant_id = u.tenant_id
          ) t ON true",
-    )
+        in_force = super::devices::RESTRICTION_IN_FORCE
+    )))
     .bind(&ids)
     .bind(&tenants)
     .bind(lease_s)
