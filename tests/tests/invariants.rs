@@ -1325,7 +1325,7 @@ async fn a_late_answer_is_recorded_only_on_its_own_claim(pool: PgPool) {
 /// An inbound STOP reaches the opt-out list through the device host's event writer even when
 /// its first writes fail (here the database refuses them twice with an error no retry of an
 /// abort would cover): the host writes it again in the background, while other events go on.
-/// Text that is no keyword changes nothing; a malformed sender, an unknown device and another
+/// Text that is no keyword changes nothing (the keyword inside a sentence included); a malformed sender, an unknown device and another
 /// tenant's device are refused.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn an_inbound_stop_is_recorded_even_when_its_first_writes_fail(pool: PgPool) {
@@ -1365,7 +1365,8 @@ async fn an_inbound_stop_is_recorded_even_when_its_first_writes_fail(pool: PgPoo
     c.simulate_inbound(tenant, d, phones[1].as_str(), "stop it please")
         .await
         .unwrap();
-    c.simulate_inbound(tenant, d, phones[0].as_str(), " stop ")
+    // as a person types it (before 2026-12-08 only the bare keyword counted)
+    c.simulate_inbound(tenant, d, phones[0].as_str(), " *Stop.* 🙏 ")
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -1442,10 +1442,57 @@ async fn write_event(
     Ok(())
 }
 
-/// Whether inbound text is an opt-out: the whole message (trimmed, any case) is one keyword.
+/// Words a person puts around an opt-out ("Stop please", "tolong berhenti", "unsubscribe, tq"):
+/// they neither make a message an opt-out nor keep it from being one.
+const COURTESY_WORDS: &[&str] = &[
+    "please", "pls", "plz", "now", "thanks", "thank", "you", "thx", "ty", "tq", "tolong", "terima",
+    "kasih",
+];
+
+/// A text's words for matching an opt-out: runs of letters and digits, in lower case. What
+/// people type around a keyword falls away: punctuation ("Stop."), emoji, WhatsApp's
+/// `*bold*` and `_italic_` marks, and line breaks.
+fn opt_out_words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Whether inbound text is an opt-out: its words, in any case and whatever punctuation, emoji or
+/// formatting is around them, are one keyword (or the same few said again, "STOP STOP"),
+/// with at most some [`COURTESY_WORDS`] around them. Any other word makes it a conversation,
+/// not an opt-out: "stop it please", "don't stop", "when does the promo stop?". A keyword with
+/// no letters or digits (an emoji) matches only the whole message as typed, trimmed.
 pub fn is_opt_out(keywords: &[String], text: &str) -> bool {
-    let t = text.trim();
-    keywords.iter().any(|k| k.eq_ignore_ascii_case(t))
+    let said = opt_out_words(text);
+    if said.is_empty() {
+        let t = text.trim();
+        return !t.is_empty() && keywords.iter().any(|k| k.trim() == t);
+    }
+    let keywords: Vec<Vec<String>> = keywords
+        .iter()
+        .map(|k| opt_out_words(k))
+        .filter(|k| !k.is_empty())
+        .collect();
+    // reached[i]: the first i words are keywords and courtesy words, with (1) or without (0)
+    // a keyword among them
+    let mut reached = vec![[false; 2]; said.len() + 1];
+    reached[0][0] = true;
+    for i in 0..said.len() {
+        for with in 0..2 {
+            if !reached[i][with] {
+                continue;
+            }
+            if COURTESY_WORDS.contains(&said[i].as_str()) {
+                reached[i + 1][with] = true;
+            }
+            for k in keywords.iter().filter(|k| said[i..].starts_with(k)) {
+                reached[i + k.len()][1] = true;
+            }
+        }
+    }
+    reached[said.len()][1]
 }
 
 async fn message_of(
@@ -1688,5 +1735,68 @@ async fn flush_receipts(pool: &PgPool, receipts: &mut Vec<Receipt>) {
         Err(e) => {
             warn!(error = %e, pending = receipts.len(), "could not record receipts; will retry")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_opt_out;
+
+    fn keywords(list: &[&str]) -> Vec<String> {
+        list.iter().map(|k| k.to_string()).collect()
+    }
+
+    /// What people really answer when they want no more messages is an opt-out; a message
+    /// that merely has the keyword in it is a conversation, and must not lose the business a
+    /// customer.
+    #[test]
+    fn an_opt_out_is_the_keyword_however_it_is_typed_and_nothing_more() {
+        let k = keywords(&["STOP", "UNSUBSCRIBE", "BERHENTI", "opt-out", "🛑"]);
+        for text in [
+            "STOP",
+            " stop ",
+            "Stop.",
+            "stop!!!",
+            "*STOP*",
+            "_Stop_",
+            "Stop 🙏",
+            "🙏🙏 STOP",
+            "STOP STOP STOP",
+            "stop\nstop",
+            "Stop please",
+            "pls stop",
+            "STOP NOW",
+            "Unsubscribe, thank you",
+            "tolong berhenti",
+            "Berhenti, terima kasih",
+            "stop, tq",
+            "OPT OUT",
+            "opt-out please",
+            "Stop unsubscribe",
+            "🛑",
+            " 🛑 ",
+        ] {
+            assert!(is_opt_out(&k, text), "{text:?} is an opt-out");
+        }
+        for text in [
+            "",
+            "  ",
+            "🙏",
+            "thank you",
+            "please",
+            "stop it please",
+            "don't stop",
+            "When does the promo stop?",
+            "stopped",
+            "s t o p",
+            "nonstop deals?",
+            "unsubscribe me from the other list but keep this one",
+            "opt",
+            "🛑🛑",
+            "stop 2",
+        ] {
+            assert!(!is_opt_out(&k, text), "{text:?} is not an opt-out");
+        }
+        assert!(!is_opt_out(&[], "STOP"), "no keywords, no opt-outs");
     }
 }
