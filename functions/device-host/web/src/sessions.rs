@@ -435,13 +435,14 @@ impl WebSessions {
             return;
         };
         let (actions, until) = match session.state.lock() {
-            Ok(mut st) => (st.0.on(input, Utc::now()), st.0.restricted_until()),
+            Ok(mut st) => (st.0.on(input, Utc::now()), st.0.restriction_end_to_record()),
             Err(_) => return,
         };
         self.perform(device, &session, actions, until);
     }
 
-    /// `until`: the supervisor's restriction end, recorded with a `restricted` status.
+    /// `until`: the supervisor's restriction end to record with a `restricted` status (`None`:
+    /// until a person acts).
     fn perform(
         &self,
         device: Uuid,

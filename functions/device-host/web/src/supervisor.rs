@@ -127,6 +127,19 @@ impl Supervisor {
         self.restricted_until
     }
 
+    /// The end to record with a `restricted` status in PostgreSQL, where the restriction
+    /// outlives this session and this host (`devices.restricted_until`, which the processor
+    /// reads): a nack's hold ends by itself; a temporary ban is a state only a person leaves
+    /// (time does not lift it here), so it is recorded without an end, or a host that took
+    /// the device over after the ban's end would start sending again without anyone looking.
+    pub fn restriction_end_to_record(&self) -> Option<DateTime<Utc>> {
+        if self.terminal {
+            None
+        } else {
+            self.restricted_until
+        }
+    }
+
     fn set(&mut self, status: DeviceStatus, reason: impl Into<String>) -> Vec<Action> {
         let reason = Some(reason.into());
         if self.status == status && self.reason == reason {
@@ -421,6 +434,8 @@ mod tests {
                 .is_empty());
             assert!(s.on(Input::Tick, now + Duration::days(3)).is_empty());
             assert_eq!(s.status(), status);
+            // Nor does another host: what is recorded has no end (a person lifts it).
+            assert_eq!(s.restriction_end_to_record(), None, "{input:?}");
         }
     }
 
@@ -435,6 +450,11 @@ mod tests {
         assert_eq!(statuses(&a), [DeviceStatus::Restricted]);
         assert!(!a.contains(&Action::Disconnect), "the connection stays up");
         assert!(s.reason().is_some_and(|r| r.contains("463")));
+        // recorded with its end, which every host's processor claim honours
+        assert_eq!(
+            s.restriction_end_to_record(),
+            Some(now + Duration::hours(24))
+        );
         // A reconnect inside the hold keeps the restriction.
         s.on(
             Input::Disconnected {
