@@ -1409,10 +1409,7 @@ async fn campaign(pool: &PgPool, cmd: CampaignCmd) -> Result<()> {
                 "niche",
                 "target"
             );
-            for c in repo::campaigns::list_campaigns(pool, tenant).await? {
-                if status.is_some_and(|s| s.as_str() != c.status) {
-                    continue;
-                }
+            for c in repo::campaigns::list_campaigns(pool, tenant, status).await? {
                 out!(
                     "{:<36}  {:<10} {:<16}  {:<16}  {:<12} {:<8} {}",
                     c.id,

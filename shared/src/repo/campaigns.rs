@@ -191,12 +191,19 @@ pub async fn get_campaign(pool: &PgPool, tenant: Uuid, id: Uuid) -> Result<Campa
     .ok_or(RepoError::NotFound("campaign"))
 }
 
-pub async fn list_campaigns(pool: &PgPool, tenant: Uuid) -> Result<Vec<Campaign>, RepoError> {
+/// The tenant's campaigns (not its sequences' steps), newest first, in one state or in any.
+pub async fn list_campaigns(
+    pool: &PgPool,
+    tenant: Uuid,
+    status: Option<CampaignStatus>,
+) -> Result<Vec<Campaign>, RepoError> {
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE tenant_id = $1 AND sequence_id IS NULL
-         ORDER BY created_at DESC"
+        "SELECT {CAMPAIGN_COLUMNS} FROM campaigns
+         WHERE tenant_id = $1 AND sequence_id IS NULL AND ($2::text IS NULL OR status = $2)
+         ORDER BY created_at DESC, id"
     )))
     .bind(tenant)
+    .bind(status.map(|s| s.as_str()))
     .fetch_all(pool)
     .await?)
 }

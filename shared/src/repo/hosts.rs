@@ -11,7 +11,7 @@
 //! deadlock on them either.
 
 use super::RepoError;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 /// Records (or refreshes) a host, the URL the worker reaches it at, and the device lease it
@@ -166,10 +166,29 @@ pub async fn acquire_device(
 /// in the same transaction: the host closes their sessions as it stops, and the status its
 /// sessions report on closing is written by a task that a stopping process does not wait
 /// for (most devices were left showing their last `online`). Other statuses (a restriction, a
-/// logout, awaiting pairing) stay: they are the device's, not the session's. The device rows
-/// are locked in id order.
+/// logout, awaiting pairing) stay: they are the device's, not the session's.
+///
+/// In a transaction of its own, run again while PostgreSQL aborts it as a deadlock victim: the
+/// device rows are locked in id order, but a worker's `sent` write moves the pacing cursors of
+/// its batch's devices in an order of its own. Run again after a commit whose answer was lost,
+/// it finds no live lease and changes nothing.
 pub async fn release_all(pool: &PgPool, host: &str) -> Result<u64, RepoError> {
-    let mut tx = pool.begin().await?;
+    super::retry_aborted(
+        super::ABORTED_ATTEMPTS,
+        "release a stopping host's devices",
+        || async {
+            let mut tx = pool.begin().await?;
+            let released = release_devices(&mut tx, host).await?;
+            tx.commit().await?;
+            Ok(released)
+        },
+    )
+    .await
+}
+
+/// [`release_all`]'s writes: the host's connected devices `offline, host stopped` and its live
+/// leases ended; returns how many leases.
+async fn release_devices(tx: &mut PgConnection, host: &str) -> Result<u64, RepoError> {
     sqlx::query(
         "UPDATE devices d SET status = 'offline', status_reason = 'host stopped',
                 status_changed_at = now()
@@ -183,15 +202,13 @@ pub async fn release_all(pool: &PgPool, host: &str) -> Result<u64, RepoError> {
     .bind(host)
     .execute(&mut *tx)
     .await?;
-    let released = sqlx::query(
+    Ok(sqlx::query(
         "UPDATE device_leases SET lease_until = now() WHERE host_id = $1 AND lease_until > now()",
     )
     .bind(host)
     .execute(&mut *tx)
     .await?
-    .rows_affected();
-    tx.commit().await?;
-    Ok(released)
+    .rows_affected())
 }
 
 /// Who owns the tenant's device now: (host id, its URL), if a live lease exists.
