@@ -2132,3 +2132,91 @@ async fn a_dry_run_shows_the_message_and_creates_nothing(pool: PgPool) {
             .unwrap();
     assert_eq!((campaigns, media), (0, 0));
 }
+
+/// `sequence report` of an active sequence ends, as `campaign progress` does, with the least
+/// time pacing still needs for what its due steps have left, at the sequence's delays; a
+/// paused one says that nothing of it is sent until it resumes.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn sequence_report_says_what_pacing_still_needs(pool: PgPool) {
+    use shared::domain::LeadStatus;
+    let tenant = seed_tenant(&pool, "drip@example.com").await;
+    let d = seed_device(&pool, tenant, "drip-1", 0.0, 0.0).await;
+    seed_leads(&pool, tenant, d, 0, 3, "cars", LeadStatus::Prospect).await;
+    sqlx::query("UPDATE leads SET triggers = '{cold}' WHERE tenant_id = $1")
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t = "drip@example.com";
+    // Midnight local: the first step is due whenever the test runs.
+    let (ok, out, err) = wabcast(
+        &pool,
+        &[
+            "sequence",
+            "create",
+            "--tenant",
+            t,
+            "--name",
+            "COLD",
+            "--niche",
+            "cars",
+            "--trigger",
+            "cold",
+            "--time",
+            "00:00",
+            "--min-delay",
+            "60",
+            "--max-delay",
+            "90",
+            "--step",
+            "0:Hi {first_name:there}",
+            "--step",
+            "2:Still there?",
+            "--activate",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let seq = out.trim().lines().last().unwrap().to_string();
+    let report = |pool: PgPool, seq: String| async move {
+        let (ok, out, err) = wabcast(
+            &pool,
+            &["sequence", "report", "--tenant", t, "--sequence", &seq],
+        )
+        .await;
+        assert!(ok, "{out}{err}");
+        out
+    };
+    let out = report(pool.clone(), seq.clone()).await;
+    assert!(!out.contains("pacing alone"), "nothing written yet: {out}");
+
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.trigger().await;
+    for _ in 0..5 {
+        p.tick().await;
+    }
+    // One message out, its cursor 60-90 s on, two more at a mean gap of 75 s.
+    let out = report(pool.clone(), seq.clone()).await;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("pacing alone needs at least "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("(its busiest device, drip-1: 3 unsent at a mean gap of 75 s)"),
+        "{line}"
+    );
+
+    let (ok, out, err) = wabcast(
+        &pool,
+        &["sequence", "pause", "--tenant", t, "--sequence", &seq],
+    )
+    .await;
+    assert!(ok, "{out}{err}");
+    let out = report(pool.clone(), seq.clone()).await;
+    assert!(!out.contains("pacing alone"), "{out}");
+    assert!(
+        out.contains("paused: nothing of it is sent until it resumes"),
+        "{out}"
+    );
+}

@@ -1579,46 +1579,66 @@ pub(crate) async fn print_progress(pool: &PgPool, tenant: Uuid, campaign: Uuid) 
     let c = repo::campaigns::get_campaign(pool, tenant, campaign).await?;
     let p = repo::campaigns::get_campaign_progress(pool, tenant, campaign).await?;
     print_report(pool, tenant, &format!("{} [{}]", c.title, c.status), &p).await?;
-    let unsent = |counts: &std::collections::BTreeMap<String, i64>| -> i64 {
-        ["pending", "queued", "sending"]
-            .iter()
-            .filter_map(|s| counts.get(*s))
-            .sum()
-    };
     if unsent(&p.by_status) == 0 {
         return Ok(());
     }
     match c.status.as_str() {
         "paused" => out!("paused: nothing of it is sent until it resumes"),
         "running" => {
-            let devices = repo::devices::list_devices(pool, tenant).await?;
-            let now = chrono::Utc::now();
-            let queues: Vec<DeviceQueue> = devices
-                .iter()
-                .filter(|d| d.deleted_at.is_none())
-                .filter_map(|d| {
-                    Some(DeviceQueue {
-                        label: &d.label,
-                        unsent: unsent(p.by_device.get(&d.id)?),
-                        next_in_s: (d.next_send_at - now).num_milliseconds() as f64 / 1000.0,
-                        gap: DelayRange::new(d.min_delay_s, d.max_delay_s).ok()?,
-                    })
-                })
-                .collect();
-            let campaign_gap = DelayRange::new(c.min_delay_s, c.max_delay_s)?;
-            if let Some((secs, q)) = pacing_floor(&queues, campaign_gap) {
-                out!(
-                    "pacing alone needs at least {} more (its busiest device, {}: {} unsent at a \
-                     mean gap of {:.0} s); daily caps, quiet hours and other campaigns on its \
-                     devices can only add to it",
-                    human_duration(secs),
-                    printable(q.label),
-                    q.unsent,
-                    mean_gap(q.gap, campaign_gap)
-                );
-            }
+            print_pacing_floor(
+                pool,
+                tenant,
+                &p,
+                DelayRange::new(c.min_delay_s, c.max_delay_s)?,
+            )
+            .await?
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// How many of these counts (per state) are not sent yet: pending, queued or sending.
+pub(crate) fn unsent(counts: &std::collections::BTreeMap<String, i64>) -> i64 {
+    ["pending", "queued", "sending"]
+        .iter()
+        .filter_map(|s| counts.get(*s))
+        .sum()
+}
+
+/// The closing line of a running campaign's (or an active sequence's) report: the least time
+/// pacing still needs for its unsent messages (`p`), drawn in `gap` raised by each device's
+/// floor ([`pacing_floor`]).
+pub(crate) async fn print_pacing_floor(
+    pool: &PgPool,
+    tenant: Uuid,
+    p: &repo::campaigns::Progress,
+    gap: DelayRange,
+) -> Result<()> {
+    let devices = repo::devices::list_devices(pool, tenant).await?;
+    let now = chrono::Utc::now();
+    let queues: Vec<DeviceQueue> = devices
+        .iter()
+        .filter(|d| d.deleted_at.is_none())
+        .filter_map(|d| {
+            Some(DeviceQueue {
+                label: &d.label,
+                unsent: unsent(p.by_device.get(&d.id)?),
+                next_in_s: (d.next_send_at - now).num_milliseconds() as f64 / 1000.0,
+                gap: DelayRange::new(d.min_delay_s, d.max_delay_s).ok()?,
+            })
+        })
+        .collect();
+    if let Some((secs, q)) = pacing_floor(&queues, gap) {
+        out!(
+            "pacing alone needs at least {} more (its busiest device, {}: {} unsent at a \
+             mean gap of {:.0} s); daily caps, quiet hours and other campaigns on its \
+             devices can only add to it",
+            human_duration(secs),
+            printable(q.label),
+            q.unsent,
+            mean_gap(q.gap, gap)
+        );
     }
     Ok(())
 }

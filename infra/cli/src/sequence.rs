@@ -407,6 +407,23 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
                 )
                 .await?;
             }
+            // What today's steps have left, as `campaign progress` ends a running campaign's
+            // report (later steps are not written before they are due).
+            match seq.status.as_str() {
+                "active" => {
+                    crate::print_pacing_floor(
+                        pool,
+                        tenant,
+                        &total,
+                        DelayRange::new(seq.min_delay_s, seq.max_delay_s)?,
+                    )
+                    .await?
+                }
+                "paused" if crate::unsent(&total.by_status) > 0 => {
+                    out!("paused: nothing of it is sent until it resumes")
+                }
+                _ => {}
+            }
         }
     }
     Ok(())
