@@ -418,6 +418,117 @@ async fn the_webhook_applies_signed_statuses_and_opt_outs_and_refuses_the_rest(p
     );
 }
 
+/// A person stops a Cloud API number's messages without typing a keyword: by tapping a
+/// template's quick-reply button (Meta's marketing opt-out button says "Stop promotions"), by
+/// choosing an interactive reply that is a keyword, or by turning the business's marketing
+/// messages off in WhatsApp (the `user_preferences` webhook field). Each puts the number on
+/// the tenant's opt-out list, logged with what the person did; a reply that is no keyword, a
+/// message of another kind, and turning marketing messages on again change nothing.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_tapped_stop_button_or_a_marketing_setting_turned_off_opts_the_number_out(pool: PgPool) {
+    let graph = FakeGraph::start().await;
+    graph.allow(PNID, TOKEN_A);
+    let tenant = seed_tenant(&pool, "taps@example.com").await;
+    let device = seed_cloud_device(&pool, tenant, "biz-1", PNID, TOKEN_A).await;
+    let phones = seed_leads(&pool, tenant, device, 0, 5, "cars", LeadStatus::Prospect).await;
+    let wa = |i: usize| phones[i].as_str().trim_start_matches('+').to_string();
+    let host = host(&pool, &graph).await;
+    let body = serde_json::json!({
+        "object": "whatsapp_business_account",
+        "entry": [{
+            "id": "102290129340398",
+            "changes": [
+                {
+                    "field": "messages",
+                    "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": {"display_phone_number": "15550783881", "phone_number_id": PNID},
+                        "contacts": [{"profile": {"name": "Aminah"}, "wa_id": wa(0)}],
+                        "messages": [
+                            {"context": {"from": "15550783881", "id": "wamid.promo0"},
+                             "from": wa(0), "id": "wamid.tap0", "timestamp": "1739321024",
+                             "type": "button",
+                             "button": {"payload": "Stop promotions", "text": "Stop promotions"}},
+                            {"from": wa(1), "id": "wamid.tap1", "timestamp": "1739321025",
+                             "type": "interactive",
+                             "interactive": {"type": "button_reply",
+                                             "button_reply": {"id": "more", "title": "Tell me more"}}},
+                            {"from": wa(3), "id": "wamid.tap3", "timestamp": "1739321026",
+                             "type": "interactive",
+                             "interactive": {"type": "list_reply",
+                                             "list_reply": {"id": "unsub-all", "title": "Unsubscribe",
+                                                            "description": "no more offers"}}},
+                            {"from": wa(4), "id": "wamid.react4", "timestamp": "1739321027",
+                             "type": "reaction",
+                             "reaction": {"message_id": "wamid.promo0", "emoji": "👍"}}
+                        ]
+                    }
+                },
+                {
+                    "field": "user_preferences",
+                    "value": {
+                        "messaging_product": "whatsapp",
+                        "metadata": {"display_phone_number": "15550783881", "phone_number_id": PNID},
+                        "contacts": [{"profile": {"name": "Ravi"}, "wa_id": wa(2)}],
+                        "user_preferences": [
+                            {"wa_id": wa(2), "detail": "User requested to stop marketing messages",
+                             "category": "marketing_messages", "value": "stop",
+                             "timestamp": 1731705721},
+                            {"wa_id": wa(0), "detail": "User requested to resume marketing messages",
+                             "category": "marketing_messages", "value": "resume",
+                             "timestamp": 1731705722}
+                        ]
+                    }
+                }
+            ]
+        }]
+    })
+    .to_string();
+    let resp = post_webhook(&host, &body, Some(sign(APP_SECRET, body.as_bytes()))).await;
+    assert_eq!(resp.status(), 200);
+    let report: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(report["opt_outs"], 3, "{report}");
+
+    let opted: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT phone, opted_out_at IS NOT NULL FROM leads WHERE tenant_id = $1 ORDER BY phone",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let out: Vec<bool> = phones
+        .iter()
+        .map(|p| opted.iter().find(|(q, _)| q == p.as_str()).unwrap().1)
+        .collect();
+    assert_eq!(out, [true, false, true, true, false], "{opted:?}");
+    let log: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT phone, action, source FROM opt_out_log WHERE tenant_id = $1 ORDER BY phone",
+    )
+    .bind(tenant)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut want = vec![
+        (
+            phones[0].as_str().to_string(),
+            "opt_out".into(),
+            "inbound_message".into(),
+        ),
+        (
+            phones[2].as_str().to_string(),
+            "opt_out".into(),
+            "marketing_preference".into(),
+        ),
+        (
+            phones[3].as_str().to_string(),
+            "opt_out".into(),
+            "inbound_message".into(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(log, want);
+}
+
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_webhook_cannot_touch_another_tenants_messages(pool: PgPool) {
     let graph = FakeGraph::start().await;

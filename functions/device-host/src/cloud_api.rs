@@ -59,9 +59,13 @@ impl Default for CloudApiConfig {
     }
 }
 
+/// `OPT_OUT_KEYWORDS` unless set: English and Malay, and the label of Meta's marketing opt-out
+/// quick-reply button ("Stop promotions").
+pub const DEFAULT_OPT_OUT_KEYWORDS: &str = "STOP,UNSUBSCRIBE,BERHENTI,STOP PROMOTIONS";
+
 pub fn default_opt_out_keywords() -> Vec<String> {
-    ["STOP", "UNSUBSCRIBE", "BERHENTI"]
-        .iter()
+    DEFAULT_OPT_OUT_KEYWORDS
+        .split(',')
         .map(|s| s.to_string())
         .collect()
 }
@@ -451,29 +455,60 @@ impl CloudApi {
             repo::cloud_api::confirm_host_sends(&mut tx, tenant, &confirmed).await?;
             tx.commit().await?;
         }
-        // Inbound messages: an opt-out keyword opts the lead out in this tenant only.
+        // Inbound messages: an opt-out keyword, typed or tapped (a template's quick-reply
+        // button such as Meta's "Stop promotions", an interactive reply), opts the lead out in
+        // this tenant only.
         for m in &value.messages {
-            let Some(text) = m.text.as_ref().map(|t| t.body.as_str()) else {
-                continue;
-            };
-            if !crate::service::is_opt_out(&self.config.opt_out_keywords, text) {
+            if !m
+                .said()
+                .any(|text| crate::service::is_opt_out(&self.config.opt_out_keywords, text))
+            {
                 continue;
             }
-            let Ok(phone) = PhoneE164::parse(&format!("+{}", m.from.trim_start_matches('+')))
-            else {
+            report.opt_outs += self
+                .opt_out(tenant, &m.from, repo::leads::ConsentSource::InboundMessage)
+                .await?;
+        }
+        // The person turned this business's marketing messages off in WhatsApp itself (the
+        // `user_preferences` field). Turning them on again opts nobody back in: a STOP they
+        // typed still stands, and an operator can take the number off the list (`leads
+        // opt-in`).
+        for p in &value.user_preferences {
+            if p.category != "marketing_messages" {
                 continue;
-            };
-            let n = repo::leads::opt_out_number(
-                &self.pool,
-                tenant,
-                &phone,
-                repo::leads::ConsentSource::InboundMessage,
-            )
-            .await?;
-            info!(tenant = %tenant, leads = n, "opt-out keyword received");
-            report.opt_outs += n;
+            }
+            if p.value.eq_ignore_ascii_case("stop") {
+                report.opt_outs += self
+                    .opt_out(
+                        tenant,
+                        &p.wa_id,
+                        repo::leads::ConsentSource::MarketingPreference,
+                    )
+                    .await?;
+            } else {
+                info!(tenant = %tenant, value = %p.value,
+                    "marketing messages preference changed; the opt-out list is left as it is");
+            }
         }
         Ok(())
+    }
+
+    /// Puts the sender (`from`, as the webhook gives it: digits, no `+`) on the tenant's opt-out
+    /// list; returns how many of its leads that opted out. A sender that is no phone number
+    /// changes nothing.
+    async fn opt_out(
+        &self,
+        tenant: Uuid,
+        from: &str,
+        source: repo::leads::ConsentSource,
+    ) -> Result<u64, repo::RepoError> {
+        let Ok(phone) = PhoneE164::parse(&format!("+{}", from.trim_start_matches('+'))) else {
+            warn!(tenant = %tenant, "an opt-out from a sender that is no phone number; ignored");
+            return Ok(0);
+        };
+        let n = repo::leads::opt_out_number(&self.pool, tenant, &phone, source).await?;
+        info!(tenant = %tenant, leads = n, source = source.as_str(), "opt-out received");
+        Ok(n)
     }
 }
 
@@ -695,6 +730,8 @@ struct ChangeValue {
     statuses: Vec<Status>,
     #[serde(default)]
     messages: Vec<Inbound>,
+    #[serde(default)]
+    user_preferences: Vec<UserPreference>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -720,15 +757,85 @@ struct StatusError {
     title: String,
 }
 
+/// An inbound message, of the kinds that carry words: typed text, an image's caption, a
+/// template's quick-reply button (`type: button`) and an interactive reply (`type:
+/// interactive`). Every field the webhook may leave out has a default, so that a message of
+/// another kind is passed over, never a reason to refuse the delivery.
 #[derive(Debug, Deserialize)]
 struct Inbound {
     from: String,
     text: Option<InboundText>,
+    image: Option<InboundImage>,
+    button: Option<InboundButton>,
+    interactive: Option<InboundInteractive>,
+}
+
+impl Inbound {
+    /// What the person said, in each form the message carries it: a button's label and its
+    /// payload (which is the label unless the business set one), a reply's title and id.
+    fn said(&self) -> impl Iterator<Item = &str> {
+        let text = self.text.as_ref().map(|t| t.body.as_str());
+        let caption = self.image.as_ref().and_then(|i| i.caption.as_deref());
+        let button = self
+            .button
+            .iter()
+            .flat_map(|b| [b.text.as_str(), b.payload.as_str()]);
+        let reply = self.interactive.iter().flat_map(|i| {
+            [i.button_reply.as_ref(), i.list_reply.as_ref()]
+                .into_iter()
+                .flatten()
+                .flat_map(|r| [r.title.as_str(), r.id.as_str()])
+        });
+        text.into_iter()
+            .chain(caption)
+            .chain(button)
+            .chain(reply)
+            .filter(|s| !s.is_empty())
+    }
 }
 
 #[derive(Debug, Deserialize)]
 struct InboundText {
     body: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct InboundImage {
+    caption: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InboundButton {
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    payload: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct InboundInteractive {
+    button_reply: Option<InboundReply>,
+    list_reply: Option<InboundReply>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InboundReply {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    title: String,
+}
+
+/// A change of the person's marketing messages setting for this business (the webhook's
+/// `user_preferences` field): `value` is `stop` or `resume`.
+#[derive(Debug, Deserialize)]
+struct UserPreference {
+    #[serde(default)]
+    wa_id: String,
+    #[serde(default)]
+    category: String,
+    #[serde(default)]
+    value: String,
 }
 
 /// The signature Meta puts in `X-Hub-Signature-256` for `body` (tests and the sample event use it).

@@ -107,7 +107,8 @@ impl Config {
                     .map(Secret::new),
                 timeout: Duration::from_secs(config::parsed_or("CLOUD_API_TIMEOUT_S", 20)?),
                 opt_out_keywords: {
-                    let list = config::string_or("OPT_OUT_KEYWORDS", "STOP,UNSUBSCRIBE,BERHENTI");
+                    let list =
+                        config::string_or("OPT_OUT_KEYWORDS", cloud_api::DEFAULT_OPT_OUT_KEYWORDS);
                     list.split(',')
                         .map(|k| k.trim().to_uppercase())
                         .filter(|k| !k.is_empty())

@@ -1756,6 +1756,7 @@ async fn print_number(pool: &PgPool, tenant: Uuid, phone: &PhoneE164, limit: i64
         };
         let by = match source.as_str() {
             "inbound_message" => "by the person's own message",
+            "marketing_preference" => "by the person, turning off marketing messages in WhatsApp",
             "operator" => "by an operator",
             _ => "before this log was kept",
         };

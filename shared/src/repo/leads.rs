@@ -156,6 +156,9 @@ async fn lock_opt_out_list(
 pub enum ConsentSource {
     /// The person, by an opt-out keyword sent to one of the tenant's devices.
     InboundMessage,
+    /// The person, by turning off marketing messages from the business in WhatsApp (Cloud
+    /// API numbers: the webhook's `user_preferences`).
+    MarketingPreference,
     /// An operator, through the CLI.
     Operator,
 }
@@ -164,6 +167,7 @@ impl ConsentSource {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InboundMessage => "inbound_message",
+            Self::MarketingPreference => "marketing_preference",
             Self::Operator => "operator",
         }
     }
