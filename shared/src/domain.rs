@@ -342,6 +342,8 @@ pub mod reason {
     pub const BAD_IMAGE: &str = "bad_image";
     pub const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
     pub const LEAD_OPTED_OUT: &str = "lead_opted_out";
+    /// The lead wrote back to a sequence that stops on a reply: its next steps are not sent.
+    pub const LEAD_REPLIED: &str = "lead_replied";
     /// Cloud API 131047: outside the 24-hour window only a template message may be sent.
     pub const TEMPLATE_REQUIRED: &str = "template_required";
     /// The provider refused or failed the message for a reason of its own (detail in last_error).

@@ -353,6 +353,57 @@ pub async fn seed_image(pool: &PgPool, tenant: Uuid, bytes: &[u8]) -> String {
     format!("media:{id}")
 }
 
+/// A one-step sequence of the tenant for leads of niche `cars` with the trigger `trigger`,
+/// its step `day_offset` days after enrollment at midnight local, without gaps; `active` when
+/// asked (else a draft). Returns its id.
+pub async fn seed_drip(
+    pool: &PgPool,
+    tenant: Uuid,
+    trigger: &str,
+    day_offset: i32,
+    stop_on_reply: bool,
+    active: bool,
+) -> Uuid {
+    let (niche, trigger) = (
+        shared::domain::Token::parse("cars").unwrap(),
+        shared::domain::Token::parse(trigger).unwrap(),
+    );
+    let mut tx = pool.begin().await.unwrap();
+    let seq = repo::sequences::insert_sequence(
+        &mut tx,
+        tenant,
+        &repo::sequences::NewSequence {
+            name: "drip",
+            niche: &niche,
+            target: TargetStatus::All,
+            trigger: &trigger,
+            send_time: chrono::NaiveTime::from_hms_opt(0, 0, 0).unwrap(),
+            delay: DelayRange::new(0.0, 0.0).unwrap(),
+            next_trigger: None,
+            steps: &[repo::sequences::NewStep {
+                day_offset,
+                template: "still thinking?",
+                image: None,
+            }],
+            stop_on_reply,
+        },
+    )
+    .await
+    .unwrap();
+    if active {
+        repo::sequences::change_sequence_status(
+            &mut tx,
+            tenant,
+            seq,
+            shared::domain::SequenceStatus::Active,
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    seq
+}
+
 pub async fn seed_campaign(pool: &PgPool, tenant: Uuid, spec: &CampaignSpec<'_>) -> Uuid {
     shared::render::Template::parse(spec.template).unwrap();
     let niche = Token::parse(spec.niche).unwrap();

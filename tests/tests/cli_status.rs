@@ -2220,3 +2220,86 @@ async fn sequence_report_says_what_pacing_still_needs(pool: PgPool) {
         "{out}"
     );
 }
+
+/// `sequence create --stop-on-reply` and `sequence set --stop-on-reply true|false`: what the
+/// list shows; another tenant's sequence is not found, and a bad value is refused.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_sequence_is_told_to_stop_on_a_reply_or_go_on(pool: PgPool) {
+    seed_tenant(&pool, "reply@example.com").await;
+    seed_tenant(&pool, "other@example.com").await;
+    let create = |t: &'static str, extra: &'static [&'static str]| {
+        let pool = pool.clone();
+        async move {
+            let base = [
+                "sequence",
+                "create",
+                "--tenant",
+                t,
+                "--name",
+                "COLD",
+                "--niche",
+                "cars",
+                "--trigger",
+                "cold",
+                "--time",
+                "09:00",
+                "--step",
+                "0:Hi",
+            ];
+            let (ok, out, err) = wabcast_args(&pool, &base, extra).await;
+            assert!(ok, "{out}{err}");
+            out.trim().to_string()
+        }
+    };
+    let mine = create("reply@example.com", &["--stop-on-reply"]).await;
+    let theirs = create("other@example.com", &[]).await;
+    let list = || {
+        let pool = pool.clone();
+        async move {
+            let (ok, out, err) = wabcast(
+                &pool,
+                &["sequence", "list", "--tenant", "reply@example.com"],
+            )
+            .await;
+            assert!(ok, "{out}{err}");
+            out
+        }
+    };
+    let line = |out: &str, id: &str| out.lines().find(|l| l.starts_with(id)).unwrap().to_string();
+    assert!(
+        line(&list().await, &mine).contains(" stops "),
+        "{}",
+        list().await
+    );
+    let set = |seq: String, value: &'static str| {
+        let pool = pool.clone();
+        async move {
+            wabcast(
+                &pool,
+                &[
+                    "sequence",
+                    "set",
+                    "--tenant",
+                    "reply@example.com",
+                    "--sequence",
+                    &seq,
+                    "--stop-on-reply",
+                    value,
+                ],
+            )
+            .await
+        }
+    };
+    let (ok, out, err) = set(mine.clone(), "false").await;
+    assert!(ok && out.contains("changes nothing"), "{out}{err}");
+    assert!(line(&list().await, &mine).contains(" goes on "));
+    let (ok, out, err) = set(theirs.clone(), "true").await;
+    assert!(!ok && err.contains("sequence not found"), "{out}{err}");
+    let (ok, out, err) = set(mine.clone(), "maybe").await;
+    assert!(!ok && err.contains("maybe"), "{out}{err}");
+    let stops: Vec<bool> = sqlx::query_scalar("SELECT stop_on_reply FROM sequences ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stops, [false, false], "{mine} {theirs}");
+}

@@ -423,7 +423,8 @@ async fn the_webhook_applies_signed_statuses_and_opt_outs_and_refuses_the_rest(p
 /// choosing an interactive reply that is a keyword, or by turning the business's marketing
 /// messages off in WhatsApp (the `user_preferences` webhook field). Each puts the number on
 /// the tenant's opt-out list, logged with what the person did; a reply that is no keyword, a
-/// message of another kind, and turning marketing messages on again change nothing.
+/// message of another kind, and turning marketing messages on again opt nobody out (the reply
+/// ends its lead's enrollment in a sequence that stops on a reply).
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn a_tapped_stop_button_or_a_marketing_setting_turned_off_opts_the_number_out(pool: PgPool) {
     let graph = FakeGraph::start().await;
@@ -433,6 +434,17 @@ async fn a_tapped_stop_button_or_a_marketing_setting_turned_off_opts_the_number_
     let phones = seed_leads(&pool, tenant, device, 0, 5, "cars", LeadStatus::Prospect).await;
     let wa = |i: usize| phones[i].as_str().trim_start_matches('+').to_string();
     let host = host(&pool, &graph).await;
+    // Lead 1 is in a drip that stops on a reply: its answer by button ends it.
+    sqlx::query("UPDATE leads SET triggers = '{cold}' WHERE tenant_id = $1 AND phone = $2")
+        .bind(tenant)
+        .bind(phones[1].as_str())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let seq = seed_drip(&pool, tenant, "cold", 3, true, true).await;
+    Pipeline::new(&pool, test_queue(5).await, &host)
+        .trigger()
+        .await;
     let body = serde_json::json!({
         "object": "whatsapp_business_account",
         "entry": [{
@@ -488,6 +500,13 @@ async fn a_tapped_stop_button_or_a_marketing_setting_turned_off_opts_the_number_
     assert_eq!(resp.status(), 200);
     let report: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(report["opt_outs"], 3, "{report}");
+    assert_eq!(report["replies_ended"], 1, "{report}");
+    assert_eq!(
+        repo::sequences::count_enrollments(&pool, tenant, seq)
+            .await
+            .unwrap(),
+        vec![("replied".to_string(), 1)]
+    );
 
     let opted: Vec<(String, bool)> = sqlx::query_as(
         "SELECT phone, opted_out_at IS NOT NULL FROM leads WHERE tenant_id = $1 ORDER BY phone",

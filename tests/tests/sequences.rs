@@ -47,6 +47,7 @@ async fn seed_sequence(
             delay: DelayRange::new(0.0, 0.0).unwrap(),
             next_trigger: next.as_ref(),
             steps: &steps,
+            stop_on_reply: false,
         },
     )
     .await
@@ -713,4 +714,151 @@ async fn every_transition_is_logged_and_a_retried_failure_keeps_its_history(pool
     .await
     .unwrap();
     assert_eq!(n, 0);
+}
+
+/// A lead who writes back to a sequence that stops on a reply gets none of its next steps: the
+/// enrollment ends (`replied` in the report), the step waiting to go out ends `skipped /
+/// lead_replied`, and no later step is written. The same lead's enrollment in a sequence that
+/// goes on, the other leads, and another tenant's lead with the same number are untouched; a
+/// STOP is an opt-out, not a reply.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn a_reply_ends_the_leads_enrollment_in_a_sequence_that_stops_on_reply(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "replies@example.com").await;
+    let other = seed_tenant(&pool, "replies-other@example.com").await;
+    let d = seed_device(&pool, tenant, "d", 0.0, 0.0).await;
+    let od = seed_device(&pool, other, "d", 0.0, 0.0).await;
+    let phones = seed_leads(&pool, tenant, d, 0, 3, "cars", LeadStatus::Prospect).await;
+    let theirs = seed_leads(&pool, other, od, 0, 1, "cars", LeadStatus::Prospect).await;
+    assert_eq!(theirs[0], phones[0], "the same number in both tenants");
+    set_triggers(&pool, tenant, &["cold", "news"]).await;
+    set_triggers(&pool, other, &["cold"]).await;
+    let steps = [(0, "cold 1"), (2, "cold 2")];
+    let cold = seed_sequence(&pool, tenant, "COLD", "cold", None, &steps).await;
+    let news = seed_sequence(
+        &pool,
+        tenant,
+        "NEWS",
+        "news",
+        None,
+        &[(0, "news 1"), (2, "news 2")],
+    )
+    .await;
+    let their_cold = seed_sequence(&pool, other, "COLD", "cold", None, &steps).await;
+    for (t, s) in [(tenant, cold), (other, their_cold)] {
+        let mut tx = pool.begin().await.unwrap();
+        repo::sequences::set_stop_on_reply(&mut tx, t, s, true)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let mut tx = pool.begin().await.unwrap();
+    let refused = repo::sequences::set_stop_on_reply(&mut tx, tenant, their_cold, false).await;
+    assert!(
+        matches!(refused, Err(repo::RepoError::NotFound(_))),
+        "{refused:?}"
+    );
+    drop(tx);
+
+    let host = TestHost::start(&pool, quiet_sim()).await;
+    let p = Pipeline::new(&pool, test_queue(5).await, &host);
+    p.trigger().await;
+    assert_eq!(
+        count_rows(&pool, tenant).await,
+        6,
+        "day 0 of both sequences"
+    );
+    let c = &host.client;
+    c.simulate_inbound(tenant, d, phones[0].as_str(), "Yes! How much is it?")
+        .await
+        .unwrap();
+    c.simulate_inbound(tenant, d, phones[1].as_str(), "STOP")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while enrollments(&pool, tenant, cold).await
+        != vec![("active".to_string(), 2), ("replied".to_string(), 1)]
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reply was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let state = |campaign: Uuid, phone: &str| {
+        let (pool, phone) = (pool.clone(), phone.to_string());
+        async move {
+            let row: (String, Option<String>) = sqlx::query_as(
+                "SELECT status, reason FROM broadcast_messages
+                 WHERE campaign_id = $1 AND recipient = $2",
+            )
+            .bind(campaign)
+            .bind(&phone)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            row
+        }
+    };
+    let cold_1 = step_campaign(&pool, tenant, cold, 1).await;
+    let news_1 = step_campaign(&pool, tenant, news, 1).await;
+    assert_eq!(
+        state(cold_1, phones[0].as_str()).await,
+        ("skipped".into(), Some("lead_replied".into()))
+    );
+    assert_eq!(
+        state(news_1, phones[0].as_str()).await,
+        ("pending".into(), None)
+    );
+    assert_eq!(
+        state(cold_1, phones[2].as_str()).await,
+        ("pending".into(), None)
+    );
+    // lead 1 said STOP: opted out, which is not a reply
+    let opted: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT opted_out_at FROM leads WHERE tenant_id = $1 AND phone = $2")
+            .bind(tenant)
+            .bind(phones[1].as_str())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(opted.is_some());
+    assert_eq!(
+        enrollments(&pool, tenant, news).await,
+        vec![("active".to_string(), 3)]
+    );
+    assert_eq!(
+        enrollments(&pool, other, their_cold).await,
+        vec![("active".to_string(), 1)]
+    );
+
+    // Two days on: the reply's lead gets no second COLD step; NEWS goes on for it.
+    time_travel(&pool, 2).await;
+    p.trigger().await;
+    let cold_2 = step_campaign(&pool, tenant, cold, 2).await;
+    let news_2 = step_campaign(&pool, tenant, news, 2).await;
+    let written = |campaign: Uuid| {
+        let pool = pool.clone();
+        async move {
+            let r: Vec<String> = sqlx::query_scalar(
+                "SELECT recipient FROM broadcast_messages WHERE campaign_id = $1 ORDER BY recipient",
+            )
+            .bind(campaign)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            r
+        }
+    };
+    assert!(!written(cold_2)
+        .await
+        .contains(&phones[0].as_str().to_string()));
+    assert!(written(news_2)
+        .await
+        .contains(&phones[0].as_str().to_string()));
+
+    // The same reply again ends nothing more.
+    let again = repo::sequences::end_replied_enrollments(&pool, tenant, &phones[0])
+        .await
+        .unwrap();
+    assert_eq!(again, repo::sequences::RepliesEnded::default());
 }

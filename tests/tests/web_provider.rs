@@ -592,7 +592,8 @@ async fn a_stop_is_in_the_inbox_when_keep_returns(pool: PgPool) {
 }
 
 /// The web sessions' keeper: only a STOP from a known number for a known device waits for the
-/// inbox; a STOP it could not keep fails (the session then does not acknowledge it).
+/// inbox; a STOP it could not keep fails (the session then does not acknowledge it). Other text
+/// from a known number is a reply.
 #[sqlx::test(migrator = "shared::db::MIGRATOR")]
 async fn the_web_keeper_keeps_stops_of_known_devices_before_the_ack(pool: PgPool) {
     use device_host_web::{InboundKeeper, InboundText};
@@ -632,6 +633,42 @@ async fn the_web_keeper_keeps_stops_of_known_devices_before_the_ack(pool: PgPool
         .await
         .unwrap();
     let kept = inbox();
+    // Any other text from a known number is a reply: it ends the lead's enrollment in a
+    // sequence that stops on a reply (written in the background, not kept in the inbox).
+    let lead_phone = seed_leads(&pool, tenant, device, 0, 1, "cars", LeadStatus::Prospect).await;
+    let seq = seed_drip(&pool, tenant, "cold", 1, true, false).await;
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO enrollments (tenant_id, sequence_id, lead_id, enrolled_on, next_position, next_due_at)
+         SELECT tenant_id, $2, id, current_date, 1, now() + interval '1 day' FROM leads
+         WHERE tenant_id = $1",
+    )
+    .bind(tenant)
+    .bind(seq)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    keeper
+        .keep(text(
+            Some(lead_phone[0].as_str().trim_start_matches('+')),
+            "Ok, what is the price?",
+        ))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while repo::sequences::count_enrollments(&pool, tenant, seq)
+        .await
+        .unwrap()
+        != vec![("replied".to_string(), 1)]
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reply never ended the enrollment"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(inbox().iter().all(|s| s.from != lead_phone[0].as_str()));
     // kept at once; marked done only once PostgreSQL has it (no lead has this number, the
     // opt-out list does)
     assert!(

@@ -458,11 +458,22 @@ impl CloudApi {
         // Inbound messages: an opt-out keyword, typed or tapped (a template's quick-reply
         // button such as Meta's "Stop promotions", an interactive reply), opts the lead out in
         // this tenant only.
+        // Any other message with words in it is a reply: it ends the sender's enrollments in
+        // the tenant's sequences that stop on a reply.
         for m in &value.messages {
-            if !m
-                .said()
-                .any(|text| crate::service::is_opt_out(&self.config.opt_out_keywords, text))
-            {
+            let mut said = m.said().peekable();
+            if said.peek().is_none() {
+                continue;
+            }
+            if !said.any(|text| crate::service::is_opt_out(&self.config.opt_out_keywords, text)) {
+                let Ok(phone) = PhoneE164::parse(&format!("+{}", m.from.trim_start_matches('+')))
+                else {
+                    continue;
+                };
+                report.replies_ended +=
+                    repo::sequences::end_replied_enrollments(&self.pool, tenant, &phone)
+                        .await?
+                        .enrollments;
                 continue;
             }
             report.opt_outs += self
@@ -688,6 +699,8 @@ pub struct WebhookReport {
     pub receipts: u64,
     pub failed: u64,
     pub opt_outs: u64,
+    /// Enrollments that a lead's reply ended (sequences that stop on a reply).
+    pub replies_ended: u64,
     pub ignored: u64,
     pub unknown_numbers: u64,
     pub unknown_messages: u64,

@@ -1130,7 +1130,7 @@ pub struct EventWriter {
 pub struct OptOuts {
     /// Committed durably, because the inbox forgets a STOP once it is written.
     pub pool: PgPool,
-    /// Upper case; the whole inbound text (trimmed, any case) is one of them.
+    /// The opt-out keywords, as [`is_opt_out`] reads them.
     pub keywords: Vec<String>,
     /// Every inbound STOP is kept here until PostgreSQL has it.
     pub inbox: Arc<Inbox>,
@@ -1138,7 +1138,7 @@ pub struct OptOuts {
 
 impl OptOuts {
     /// Keeps `text` from `from` if it is an opt-out keyword: `Ok(true)` once it is in the inbox,
-    /// `Ok(false)` for any other text. Either way of a STOP, its write to PostgreSQL is started
+    /// `Ok(false)` for any other text, which is a reply ([`OptOuts::replied`]). Either way of a STOP, its write to PostgreSQL is started
     /// in the background; `Err` says that the inbox could not hold it, so that a caller who can
     /// have the message delivered again (the web provider, by not acknowledging it) does.
     pub async fn keep(
@@ -1148,6 +1148,7 @@ impl OptOuts {
         text: &str,
     ) -> anyhow::Result<bool> {
         if !is_opt_out(&self.keywords, text) {
+            self.replied(device, from);
             return Ok(false);
         }
         let stop = InboundStop {
@@ -1171,7 +1172,42 @@ impl OptOuts {
         });
         kept.map(|()| true)
     }
+
+    /// `from` wrote something that is not an opt-out: a reply, which ends their enrollments in
+    /// the tenant's sequences that stop on a reply (`repo::sequences::end_replied_enrollments`),
+    /// written in the background and tried a few times. Unlike a STOP it is not kept in the
+    /// inbox: a reply lost to a long database outage costs the lead the next step of a drip
+    /// they would have had without the setting, never a message against an opt-out.
+    pub fn replied(&self, device: &DeviceRef, from: &PhoneE164) {
+        let (pool, tenant, device_id, from) =
+            (self.pool.clone(), device.tenant_id, device.id, from.clone());
+        tokio::spawn(async move {
+            let mut pause = Duration::from_secs(1);
+            for attempt in 1..=REPLY_ATTEMPTS {
+                match repo::sequences::end_replied_enrollments(&pool, tenant, &from).await {
+                    Ok(ended) => {
+                        if ended.enrollments > 0 {
+                            tracing::info!(%device_id, enrollments = ended.enrollments,
+                                messages = ended.messages, "a reply ended enrollments");
+                        }
+                        return;
+                    }
+                    Err(e) if attempt < REPLY_ATTEMPTS => {
+                        tracing::warn!(%device_id, error = %e, attempt,
+                            "could not end a replying lead's enrollments; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                    }
+                    Err(e) => tracing::error!(%device_id, error = %e,
+                        "could not end a replying lead's enrollments; its sequences go on"),
+                }
+            }
+        });
+    }
 }
+
+/// How many times [`OptOuts::replied`] writes a reply before it gives up (1 + 2 + 4 + 8 s apart).
+const REPLY_ATTEMPTS: u32 = 5;
 
 /// Writes provider events to PostgreSQL: statuses as they come, receipts in batches, acks and
 /// nacks of accepted messages, opt-out keywords of inbound text (through the inbox, see

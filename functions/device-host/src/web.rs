@@ -56,7 +56,8 @@ impl WebProvider {
 }
 
 /// The web sessions' [`InboundKeeper`]: a STOP is in the host's inbox, synced, before the
-/// session acknowledges it to WhatsApp. Other text is acknowledged at once. A STOP whose sender's
+/// session acknowledges it to WhatsApp. Other text is a reply (`OptOuts::replied`, written in
+/// the background) and is acknowledged at once. A STOP whose sender's
 /// number cannot be told is logged as an error and acknowledged (a redelivery would not tell it
 /// either); one for a device this host does not know is not acknowledged.
 pub struct KeepOptOuts {
@@ -74,24 +75,28 @@ impl KeepOptOuts {
 #[async_trait]
 impl InboundKeeper for KeepOptOuts {
     async fn keep(&self, inbound: InboundText) -> Result<(), String> {
-        if !crate::service::is_opt_out(&self.opt_outs.keywords, &inbound.text) {
-            return Ok(());
-        }
-        let Some(from) = inbound
+        let stop = crate::service::is_opt_out(&self.opt_outs.keywords, &inbound.text);
+        let from = inbound
             .from
             .as_deref()
-            .and_then(|d| PhoneE164::parse(&format!("+{d}")).ok())
-        else {
-            tracing::error!(device_id = %inbound.device, sender = ?inbound.from,
-                "an opt-out keyword from a sender whose phone number cannot be told; not recorded");
-            return Ok(());
-        };
-        let Some(device) = self
+            .and_then(|d| PhoneE164::parse(&format!("+{d}")).ok());
+        let device = self
             .devices
             .read()
             .ok()
-            .and_then(|m| m.get(&inbound.device).cloned())
-        else {
+            .and_then(|m| m.get(&inbound.device).cloned());
+        // Any other text is a reply, kept on a best effort (`OptOuts::replied`): one that
+        // cannot be told whose it is ends nothing.
+        let sender_known = from.is_some();
+        let (Some(from), Some(device)) = (from, device) else {
+            if !stop {
+                return Ok(());
+            }
+            if !sender_known {
+                tracing::error!(device_id = %inbound.device, sender = ?inbound.from,
+                    "an opt-out keyword from a sender whose phone number cannot be told; not recorded");
+                return Ok(());
+            }
             return Err(format!(
                 "an opt-out for device {}, which this host does not know",
                 inbound.device

@@ -50,6 +50,23 @@ pub enum SequenceCmd {
         /// Start it at once instead of leaving it a draft.
         #[arg(long)]
         activate: bool,
+        /// End a lead's enrollment when the lead writes back (any message to any of the
+        /// tenant's devices that is not an opt-out): its next steps are not sent
+        /// (`skipped / lead_replied`) and no next trigger is added. Off unless given.
+        #[arg(long)]
+        stop_on_reply: bool,
+    },
+    /// Change a sequence's settings.
+    Set {
+        /// The tenant, by email or id.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        sequence: Uuid,
+        /// Whether a lead's reply ends its enrollment (see `create --stop-on-reply`); from now
+        /// on, for every open enrollment: `--stop-on-reply true` or `false`.
+        #[arg(long, action = clap::ArgAction::Set)]
+        stop_on_reply: bool,
     },
     /// A tenant's sequences: id, status, time of day, trigger, next trigger, name.
     List {
@@ -192,6 +209,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             min_delay,
             max_delay,
             activate,
+            stop_on_reply,
         } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             let parsed: Vec<(i32, String)> = steps
@@ -228,6 +246,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
                     delay: DelayRange::new(min_delay, max_delay)?,
                     next_trigger: next.as_ref(),
                     steps: &new_steps,
+                    stop_on_reply,
                 },
             )
             .await?;
@@ -246,24 +265,44 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
         SequenceCmd::List { tenant } => {
             let tenant = resolve_tenant(pool, &tenant).await?;
             out!(
-                "{:<36}  {:<9} {:<6} {:<10} {:<10} name",
+                "{:<36}  {:<9} {:<6} {:<10} {:<10} {:<8} name",
                 "id",
                 "status",
                 "time",
                 "trigger",
-                "next"
+                "next",
+                "on reply"
             );
             for s in repo::sequences::list_sequences(pool, tenant).await? {
                 out!(
-                    "{:<36}  {:<9} {:<6} {:<10} {:<10} {}",
+                    "{:<36}  {:<9} {:<6} {:<10} {:<10} {:<8} {}",
                     s.id,
                     s.status,
                     s.send_time.format("%H:%M"),
                     s.trigger_token,
                     s.next_trigger.unwrap_or_default(),
+                    if s.stop_on_reply { "stops" } else { "goes on" },
                     s.name
                 );
             }
+        }
+        SequenceCmd::Set {
+            tenant,
+            sequence,
+            stop_on_reply,
+        } => {
+            let tenant = resolve_tenant(pool, &tenant).await?;
+            let mut tx = pool.begin().await?;
+            repo::sequences::set_stop_on_reply(&mut tx, tenant, sequence, stop_on_reply).await?;
+            tx.commit().await?;
+            out!(
+                "sequence {sequence}: a lead's reply {}",
+                if stop_on_reply {
+                    "ends its enrollment"
+                } else {
+                    "changes nothing"
+                }
+            );
         }
         SequenceCmd::Activate { tenant, sequence } | SequenceCmd::Resume { tenant, sequence } => {
             set(pool, &tenant, sequence, SequenceStatus::Active).await?

@@ -27,10 +27,12 @@ pub struct Sequence {
     pub max_delay_s: f64,
     pub next_trigger: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// A lead's reply ends its enrollment ([`end_replied_enrollments`]).
+    pub stop_on_reply: bool,
 }
 
 const SEQUENCE_COLUMNS: &str = "id, tenant_id, name, niche, target_status, trigger_token, status, \
-    send_time, min_delay_s, max_delay_s, next_trigger, created_at";
+    send_time, min_delay_s, max_delay_s, next_trigger, created_at, stop_on_reply";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Step {
@@ -59,6 +61,8 @@ pub struct NewSequence<'a> {
     pub next_trigger: Option<&'a Token>,
     /// In order; positions are 1, 2, … and day offsets must not decrease.
     pub steps: &'a [NewStep<'a>],
+    /// A lead's reply ends its enrollment ([`end_replied_enrollments`]).
+    pub stop_on_reply: bool,
 }
 
 /// Creates a `draft` sequence with its steps (each with its step campaign, `paused` until the
@@ -97,8 +101,8 @@ pub async fn insert_sequence(
     let id = Uuid::new_v4();
     sqlx::query(
         "INSERT INTO sequences (id, tenant_id, name, niche, target_status, trigger_token,
-                                send_time, min_delay_s, max_delay_s, next_trigger)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                send_time, min_delay_s, max_delay_s, next_trigger, stop_on_reply)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(id)
     .bind(tenant)
@@ -110,6 +114,7 @@ pub async fn insert_sequence(
     .bind(new.delay.min_s)
     .bind(new.delay.max_s)
     .bind(new.next_trigger.map(|t| t.as_str()))
+    .bind(new.stop_on_reply)
     .execute(&mut *tx)
     .await?;
     for (i, step) in new.steps.iter().enumerate() {
@@ -660,15 +665,104 @@ pub async fn complete_finished_enrollments(tx: &mut PgConnection) -> Result<u64,
     Ok(n as u64)
 }
 
-/// Counts of a sequence's enrollments per status.
+/// Whether the sequence stops for a lead who replies; `NotFound` for an unknown sequence or
+/// another tenant's.
+pub async fn set_stop_on_reply(
+    tx: &mut PgConnection,
+    tenant: Uuid,
+    sequence: Uuid,
+    stop: bool,
+) -> Result<(), RepoError> {
+    let res =
+        sqlx::query("UPDATE sequences SET stop_on_reply = $3 WHERE id = $1 AND tenant_id = $2")
+            .bind(sequence)
+            .bind(tenant)
+            .bind(stop)
+            .execute(tx)
+            .await?;
+    if res.rows_affected() == 0 {
+        return Err(RepoError::NotFound("sequence"));
+    }
+    Ok(())
+}
+
+/// What a lead's reply ended: enrollments, and their step messages not yet queued.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RepliesEnded {
+    pub enrollments: u64,
+    pub messages: u64,
+}
+
+/// The tenant's leads with this number replied: their open enrollments in sequences that stop
+/// on a reply end `cancelled` (`end_reason = 'lead_replied'`; no next trigger is added), and
+/// those enrollments' `pending` step messages end `skipped / lead_replied`. A message already
+/// queued goes out. In a transaction of its own, run again while PostgreSQL aborts it as a
+/// deadlock victim; run twice, the second finds nothing open.
+///
+/// Two statements: the trigger may hold an enrollment locked while it writes its next step.
+/// The enrollment update waits for it and sees the enrollment as the trigger left it; the
+/// messages are read after that, in a snapshot of their own, so the step the trigger has just
+/// written is skipped too.
+pub async fn end_replied_enrollments(
+    pool: &PgPool,
+    tenant: Uuid,
+    phone: &crate::domain::PhoneE164,
+) -> Result<RepliesEnded, RepoError> {
+    super::retry_aborted(
+        super::ABORTED_ATTEMPTS,
+        "end enrollments on a reply",
+        || async {
+            let mut tx = pool.begin().await?;
+            let ended: Vec<i64> = sqlx::query_scalar(
+                "UPDATE enrollments e SET status = 'cancelled', end_reason = 'lead_replied',
+                 finished_at = now(), next_position = NULL, next_due_at = NULL
+             FROM leads l, sequences q
+             WHERE l.tenant_id = $1 AND l.phone = $2
+               AND e.lead_id = l.id AND e.tenant_id = $1
+               AND q.id = e.sequence_id AND q.tenant_id = $1 AND q.stop_on_reply
+               AND e.status IN ('active', 'finishing')
+             RETURNING e.id",
+            )
+            .bind(tenant)
+            .bind(phone.as_str())
+            .fetch_all(&mut *tx)
+            .await?;
+            let messages = if ended.is_empty() {
+                0
+            } else {
+                sqlx::query(
+                    "UPDATE broadcast_messages SET status = 'skipped', reason = $3,
+                     finished_at = now(), lease_until = NULL
+                 WHERE enrollment_id = ANY($2) AND tenant_id = $1 AND status = 'pending'",
+                )
+                .bind(tenant)
+                .bind(&ended)
+                .bind(crate::domain::reason::LEAD_REPLIED)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+            };
+            tx.commit().await?;
+            Ok(RepliesEnded {
+                enrollments: ended.len() as u64,
+                messages,
+            })
+        },
+    )
+    .await
+}
+
+/// Counts of a sequence's enrollments per status; those a reply ended count as `replied`.
 pub async fn count_enrollments(
     pool: &PgPool,
     tenant: Uuid,
     sequence: Uuid,
 ) -> Result<Vec<(String, i64)>, RepoError> {
     Ok(sqlx::query_as(
-        "SELECT status, count(*) FROM enrollments WHERE sequence_id = $1 AND tenant_id = $2
-         GROUP BY status ORDER BY status",
+        "SELECT CASE WHEN end_reason = 'lead_replied' THEN 'replied' ELSE status END AS s,
+                count(*)
+         FROM enrollments WHERE sequence_id = $1 AND tenant_id = $2
+         GROUP BY 1 ORDER BY 1",
     )
     .bind(sequence)
     .bind(tenant)

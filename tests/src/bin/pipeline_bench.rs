@@ -587,6 +587,7 @@ async fn main() {
                 delay: DelayRange::new(0.0, 0.0).unwrap(),
                 next_trigger: Some(&next),
                 steps: &steps,
+                stop_on_reply: false,
             },
         )
         .await
