@@ -2303,3 +2303,26 @@ async fn a_sequence_is_told_to_stop_on_a_reply_or_go_on(pool: PgPool) {
         .unwrap();
     assert_eq!(stops, [false, false], "{mine} {theirs}");
 }
+
+/// A label written before labels were checked (or by hand in the database) may hold a
+/// terminal's escape sequence: every listing prints it with `�` in its place, never raw.
+#[sqlx::test(migrator = "shared::db::MIGRATOR")]
+async fn an_old_label_with_an_escape_sequence_prints_harmless(pool: PgPool) {
+    let tenant = seed_tenant(&pool, "escape@example.com").await;
+    let d = seed_device(&pool, tenant, "shop", 0.0, 0.0).await;
+    sqlx::query("UPDATE devices SET label = $2 WHERE id = $1")
+        .bind(d)
+        .bind("shop\u{1b}[2J")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for args in [
+        vec!["device", "list", "--tenant", "escape@example.com"],
+        vec!["status", "--tenant", "escape@example.com"],
+    ] {
+        let (ok, out, err) = wabcast(&pool, &args).await;
+        assert!(ok, "{args:?}: {out}{err}");
+        assert!(!out.contains('\u{1b}'), "{args:?}: {out:?}");
+        assert!(out.contains("shop\u{fffd}[2J"), "{args:?}: {out}");
+    }
+}

@@ -761,7 +761,7 @@ async fn device(pool: &PgPool, cmd: DeviceCmd) -> Result<()> {
                 out!(
                     "{:<36}  {:<16} {:<16} {:<10} {:<16} {:>5.1}-{:<5.1}",
                     d.id,
-                    d.label,
+                    printable(&d.label),
                     d.phone.as_deref().unwrap_or("-"),
                     d.provider,
                     shown_status(state, served.contains(&d.id)),
@@ -1718,8 +1718,8 @@ pub(crate) async fn print_report(
             let counts = p.by_device.get(&d.id)?;
             let parts: Vec<String> = counts.iter().map(|(s, n)| format!("{s}={n}")).collect();
             let label = match d.deleted_at {
-                Some(_) => format!("{} (deleted)", d.label),
-                None => d.label,
+                Some(_) => format!("{} (deleted)", printable(&d.label)),
+                None => printable(&d.label),
             };
             Some((label, parts.join(" ")))
         })
@@ -1860,9 +1860,9 @@ async fn print_history(pool: &PgPool, tenant: Uuid, message: i64) -> Result<()> 
         "message {} to {} through {} ({}), {:?}: {}{}",
         m.id,
         m.recipient,
-        device.label,
+        printable(&device.label),
         device.provider,
-        campaign.title,
+        printable(&campaign.title),
         m.status,
         m.reason.map(|r| format!(" ({r})")).unwrap_or_default()
     );
@@ -1977,7 +1977,7 @@ async fn status(pool: &PgPool, tenant: Option<Uuid>, attention_only: bool) -> Re
         }
         out!(
             "{:<16} {:<16} {:>10} {:>8} {:>7} {:>8}  {host}",
-            d.label,
+            printable(&d.label),
             status,
             next,
             d.pending,

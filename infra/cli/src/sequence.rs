@@ -282,7 +282,7 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
                     s.trigger_token,
                     s.next_trigger.unwrap_or_default(),
                     if s.stop_on_reply { "stops" } else { "goes on" },
-                    s.name
+                    crate::printable(&s.name)
                 );
             }
         }
@@ -434,7 +434,12 @@ pub async fn run(pool: &PgPool, cmd: SequenceCmd) -> Result<()> {
             }
             let enrolled = repo::sequences::count_enrollments(pool, tenant, sequence).await?;
             let e: Vec<String> = enrolled.iter().map(|(s, n)| format!("{s}={n}")).collect();
-            out!("{} [{}] enrollments: {}", seq.name, seq.status, e.join(" "));
+            out!(
+                "{} [{}] enrollments: {}",
+                crate::printable(&seq.name),
+                seq.status,
+                e.join(" ")
+            );
             print_report(pool, tenant, "all steps", &total).await?;
             for s in &steps {
                 let p = by_step.get(&s.campaign_id).cloned().unwrap_or_default();
