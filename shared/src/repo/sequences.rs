@@ -699,6 +699,10 @@ pub struct RepliesEnded {
 /// queued goes out. In a transaction of its own, run again while PostgreSQL aborts it as a
 /// deadlock victim; run twice, the second finds nothing open.
 ///
+/// The lead's enrollments are found through the unique (sequence, lead) index, one probe per
+/// sequence of the tenant that stops on a reply (0.14-0.17 ms at 100,000 enrollments; an index
+/// of open enrollments by lead made it no faster and enrolling 5-15 % slower, measured).
+///
 /// Two statements: the trigger may hold an enrollment locked while it writes its next step.
 /// The enrollment update waits for it and sees the enrollment as the trigger left it; the
 /// messages are read after that, in a snapshot of their own, so the step the trigger has just
