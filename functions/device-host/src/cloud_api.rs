@@ -59,9 +59,9 @@ impl Default for CloudApiConfig {
     }
 }
 
-/// `OPT_OUT_KEYWORDS` unless set: English and Malay, and the label of Meta's marketing opt-out
-/// quick-reply button ("Stop promotions").
-pub const DEFAULT_OPT_OUT_KEYWORDS: &str = "STOP,UNSUBSCRIBE,BERHENTI,STOP PROMOTIONS";
+/// `OPT_OUT_KEYWORDS` unless set: English, Malay and Chinese (停止 "stop", 退订 "unsubscribe"),
+/// and the label of Meta's marketing opt-out quick-reply button ("Stop promotions").
+pub const DEFAULT_OPT_OUT_KEYWORDS: &str = "STOP,UNSUBSCRIBE,BERHENTI,停止,退订,STOP PROMOTIONS";
 
 pub fn default_opt_out_keywords() -> Vec<String> {
     DEFAULT_OPT_OUT_KEYWORDS

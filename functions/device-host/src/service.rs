@@ -1478,21 +1478,44 @@ async fn write_event(
     Ok(())
 }
 
-/// Words a person puts around an opt-out ("Stop please", "tolong berhenti", "unsubscribe, tq"):
-/// they neither make a message an opt-out nor keep it from being one.
+/// Words a person puts around an opt-out ("Stop please", "tolong berhenti", "unsubscribe, tq",
+/// "请停止"): they neither make a message an opt-out nor keep it from being one. Chinese
+/// characters are words of one character each ([`opt_out_words`]): 请 is "please", 谢 (谢谢) "thanks".
 const COURTESY_WORDS: &[&str] = &[
     "please", "pls", "plz", "now", "thanks", "thank", "you", "thx", "ty", "tq", "tolong", "terima",
-    "kasih",
+    "kasih", "请", "谢",
 ];
 
 /// A text's words for matching an opt-out: runs of letters and digits, in lower case. What
-/// people type around a keyword falls away: punctuation ("Stop."), emoji, WhatsApp's
-/// `*bold*` and `_italic_` marks, and line breaks.
+/// people type around a keyword falls away: punctuation ("Stop." and "停止！"), emoji,
+/// WhatsApp's `*bold*` and `_italic_` marks, and line breaks. Chinese and Japanese are written
+/// without spaces, so each of their characters is a word of its own: "请停止" is 请 停 止, which
+/// the keyword 停止 (停 止) matches with 请 as a courtesy word.
 fn opt_out_words(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect()
+    let mut words = Vec::new();
+    let mut word = String::new();
+    for c in text.chars() {
+        if is_unspaced_script(c) {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+            words.push(c.to_string());
+        } else if c.is_alphanumeric() {
+            word.extend(c.to_lowercase());
+        } else if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// A character of a script written without spaces between words: CJK ideographs (with
+/// extension A and the compatibility block), hiragana and katakana.
+fn is_unspaced_script(c: char) -> bool {
+    matches!(c, '\u{3040}'..='\u{30ff}' | '\u{3400}'..='\u{4dbf}' | '\u{4e00}'..='\u{9fff}' | '\u{f900}'..='\u{faff}')
 }
 
 /// Whether inbound text is an opt-out: its words, in any case and whatever punctuation, emoji or
@@ -1787,7 +1810,15 @@ mod tests {
     /// customer.
     #[test]
     fn an_opt_out_is_the_keyword_however_it_is_typed_and_nothing_more() {
-        let k = keywords(&["STOP", "UNSUBSCRIBE", "BERHENTI", "opt-out", "🛑"]);
+        let k = keywords(&[
+            "STOP",
+            "UNSUBSCRIBE",
+            "BERHENTI",
+            "opt-out",
+            "🛑",
+            "停止",
+            "退订",
+        ]);
         for text in [
             "STOP",
             " stop ",
@@ -1811,6 +1842,10 @@ mod tests {
             "Stop unsubscribe",
             "🛑",
             " 🛑 ",
+            "停止",
+            "请停止。",
+            "退订，谢谢",
+            "Stop 停止",
         ] {
             assert!(is_opt_out(&k, text), "{text:?} is an opt-out");
         }
@@ -1830,6 +1865,9 @@ mod tests {
             "opt",
             "🛑🛑",
             "stop 2",
+            "不要停止",
+            "什么时候停止？",
+            "谢谢",
         ] {
             assert!(!is_opt_out(&k, text), "{text:?} is not an opt-out");
         }
